@@ -1,0 +1,216 @@
+//! Credentials: publish tokens, client secrets, and the TLS / trusted-proxy check.
+//!
+//! Tokens and secrets are kept only as SHA-256 digests and compared in constant time, so neither
+//! their values nor their lengths leak through timing, and a memory dump holds no plain token.
+
+use std::net::IpAddr;
+
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq;
+
+/// The SHA-256 digest of a credential.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Digest([u8; 32]);
+
+impl Digest {
+    /// The digest of `value`.
+    pub fn of(value: &[u8]) -> Digest {
+        Digest(Sha256::digest(value).into())
+    }
+
+    /// A digest given as 64 hex digits (the `sha256:<hex>` token form).
+    pub fn from_hex(hex_digits: &str) -> Option<Digest> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(hex_digits, &mut out).ok()?;
+        Some(Digest(out))
+    }
+
+    /// Constant-time comparison.
+    pub fn matches(&self, other: &Digest) -> bool {
+        self.0.ct_eq(&other.0).into()
+    }
+}
+
+impl std::fmt::Debug for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credential material, not even its digest.
+        f.write_str("Digest(..)")
+    }
+}
+
+/// A publish token from the config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Token {
+    /// Shown in logs and metrics instead of the token.
+    pub name: String,
+    /// The token's digest.
+    pub digest: Digest,
+    /// The paths it may publish.
+    pub scopes: Vec<PathScope>,
+}
+
+impl Token {
+    /// Whether this token may publish `path`.
+    pub fn allows(&self, path: &str) -> bool {
+        self.scopes.iter().any(|scope| scope.matches(path))
+    }
+}
+
+/// Finds the configured token equal to `presented`. Every token is compared, so the time taken does
+/// not depend on which one matched.
+pub fn find_token<'a>(tokens: &'a [Token], presented: &str) -> Option<&'a Token> {
+    let digest = Digest::of(presented.as_bytes());
+    let mut found = None;
+    for token in tokens {
+        if token.digest.matches(&digest) && found.is_none() {
+            found = Some(token);
+        }
+    }
+    found
+}
+
+/// An endpoint pattern of a token: an exact path, or a prefix ending in `/*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathScope {
+    /// Exactly this path.
+    Exact(String),
+    /// Every path below this prefix (kept with its trailing `/`).
+    Below(String),
+}
+
+impl PathScope {
+    /// Parses `/exact` or `/prefix/*`.
+    pub fn parse(pattern: &str) -> Result<PathScope, String> {
+        if let Some(prefix) = pattern.strip_suffix("/*") {
+            let prefix = format!("{prefix}/");
+            check_path(&prefix)?;
+            Ok(PathScope::Below(prefix))
+        } else {
+            check_path(pattern)?;
+            if pattern.contains('*') {
+                return Err(format!(
+                    "`{pattern}`: `*` is only allowed as a final `/*` segment"
+                ));
+            }
+            Ok(PathScope::Exact(pattern.to_string()))
+        }
+    }
+
+    /// Whether `path` is covered.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathScope::Exact(exact) => path == exact,
+            PathScope::Below(prefix) => path.len() > prefix.len() && path.starts_with(prefix),
+        }
+    }
+}
+
+/// Checks that `path` is a usable endpoint path: starts with `/`, no empty, `.` or `..` segments
+/// (so a path means the same to every client library), printable ASCII only.
+pub fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("`{path}`: an endpoint path starts with `/`"));
+    }
+    if path.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#') {
+        return Err(format!(
+            "`{}`: an endpoint path is printable ASCII without `?` or `#`",
+            path.escape_debug()
+        ));
+    }
+    if path == "/" {
+        return Ok(());
+    }
+    let inner = path.strip_suffix('/').unwrap_or(path);
+    for segment in inner[1..].split('/') {
+        if segment.is_empty() || segment == "." || segment == ".." {
+            return Err(format!(
+                "`{path}`: empty, `.` and `..` segments are not allowed"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a plain-HTTP request counts as HTTPS: it comes from a trusted proxy that says so in the
+/// first value of `X-Forwarded-Proto` (any case).
+pub fn forwarded_https(
+    trusted: &[ipnet::IpNet],
+    peer: Option<IpAddr>,
+    forwarded_proto: Option<&str>,
+) -> bool {
+    let Some(peer) = peer else { return false };
+    let peer = match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(peer, IpAddr::V4),
+        v4 => v4,
+    };
+    if !trusted.iter().any(|net| net.contains(&peer)) {
+        return false;
+    }
+    forwarded_proto
+        .and_then(|value| value.split(',').next())
+        .is_some_and(|first| first.trim().eq_ignore_ascii_case("https"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(name: &str, value: &str, scopes: &[&str]) -> Token {
+        Token {
+            name: name.into(),
+            digest: Digest::of(value.as_bytes()),
+            scopes: scopes
+                .iter()
+                .map(|s| PathScope::parse(s).expect("scope"))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn tokens_are_found_by_value_and_scoped() {
+        let tokens = vec![token("a", "ta", &["/ci"]), token("b", "tb", &["/team/*"])];
+        assert_eq!(find_token(&tokens, "tb").map(|t| t.name.as_str()), Some("b"));
+        assert!(find_token(&tokens, "tc").is_none());
+        assert!(find_token(&tokens, "").is_none());
+        let b = find_token(&tokens, "tb").expect("b");
+        assert!(b.allows("/team/x") && b.allows("/team/x/y"));
+        assert!(!b.allows("/team") && !b.allows("/team/") && !b.allows("/teams/x"));
+        let a = find_token(&tokens, "ta").expect("a");
+        assert!(a.allows("/ci") && !a.allows("/ci/x"));
+    }
+
+    #[test]
+    fn sha256_digests_match_plain_tokens() {
+        let hex_digits = hex::encode(Sha256::digest(b"secret-token"));
+        let d = Digest::from_hex(&hex_digits).expect("hex");
+        assert!(d.matches(&Digest::of(b"secret-token")));
+        assert!(Digest::from_hex("abc").is_none());
+        assert!(Digest::from_hex(&"zz".repeat(32)).is_none());
+    }
+
+    #[test]
+    fn scopes_and_paths_are_validated() {
+        assert_eq!(PathScope::parse("/*"), Ok(PathScope::Below("/".into())));
+        assert!(PathScope::parse("/*").expect("root").matches("/anything/below"));
+        for bad in ["ci", "/a/*/b", "/a*", "/a/../b", "/a//b", "/a b", "/a?x"] {
+            assert!(PathScope::parse(bad).is_err(), "{bad}");
+        }
+        assert!(check_path("/").is_ok());
+        assert!(check_path("/team/a/search").is_ok());
+        assert!(check_path("/./x").is_err());
+    }
+
+    #[test]
+    fn forwarded_proto_is_believed_only_from_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().expect("net")];
+        let proxy: Option<IpAddr> = Some("10.1.2.3".parse().expect("ip"));
+        let other: Option<IpAddr> = Some("192.0.2.1".parse().expect("ip"));
+        assert!(forwarded_https(&trusted, proxy, Some("https")));
+        assert!(forwarded_https(&trusted, proxy, Some("HTTPS, http")));
+        assert!(!forwarded_https(&trusted, proxy, Some("http, https")));
+        assert!(!forwarded_https(&trusted, proxy, None));
+        assert!(!forwarded_https(&trusted, other, Some("https")));
+        let mapped: Option<IpAddr> = Some("::ffff:10.0.0.1".parse().expect("ip"));
+        assert!(forwarded_https(&trusted, mapped, Some("https")));
+    }
+}

@@ -1,0 +1,815 @@
+//! Configuration: the YAML file format, `${ENV}` substitution, validation, and the model the
+//! gateway runs on ([`Config`]).
+//!
+//! The file format is read by serde with `deny_unknown_fields`; values are checked as they are read
+//! (addresses, durations, CIDRs, paths, tokens), so every error carries its line and column.
+//! Checks that span several entries (duplicate names, paths, tokens) run afterwards and name the
+//! entry instead.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::auth::{check_path, Digest, PathScope, Token};
+
+/// The built-in default configuration (a copy of `conf/gateway.yaml`).
+pub const BUILTIN_YAML: &str = include_str!("../conf/gateway.yaml");
+
+/// The environment variable the built-in config takes its token from.
+pub const BUILTIN_TOKEN_VAR: &str = "DUPLEX_GATEWAY_TOKEN";
+
+/// A configuration error, with the place in the file when known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// The file (or `built-in config`).
+    pub origin: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(line), Some(column)) => write!(
+                f,
+                "{}: line {line}, column {column}: {}",
+                self.origin, self.message
+            ),
+            _ => write!(f, "{}: {}", self.origin, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    /// Address to bind.
+    pub address: SocketAddr,
+    /// Certificate and key files, for a TLS listener.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and private key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// Settings of one endpoint.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EndpointConfig {
+    /// The fixed client secret (else the publisher sets it).
+    pub secret: Option<Digest>,
+    /// Clients allowed at once (else `limits.max_clients_per_endpoint`).
+    pub max_clients: Option<usize>,
+}
+
+/// The limits section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest WebSocket message.
+    pub max_message_bytes: usize,
+    /// Largest HTTP request body.
+    pub max_http_body_bytes: usize,
+    /// Clients per endpoint unless the endpoint says otherwise.
+    pub max_clients_per_endpoint: usize,
+    /// Open calls per client.
+    pub max_pending_calls_per_client: usize,
+    /// Time to send the Duplex handshake.
+    pub handshake_timeout: Duration,
+    /// Time an HTTP call waits for its reply; None waits forever.
+    pub call_timeout: Option<Duration>,
+    /// Time clients wait for a backend that left.
+    pub backend_grace: Duration,
+    /// WebSocket ping period (zero: no pings).
+    pub ping_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 1 << 20,
+            max_http_body_bytes: 1 << 20,
+            max_clients_per_endpoint: 10_000,
+            max_pending_calls_per_client: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            call_timeout: Some(Duration::from_secs(60)),
+            backend_grace: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The configuration the gateway runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Listening sockets.
+    pub listeners: Vec<Listener>,
+    /// Where `/metrics` and `/healthz` are served, if anywhere.
+    pub metrics: Option<SocketAddr>,
+    /// Plain HTTP gets 403 unless from a trusted proxy that says HTTPS.
+    pub tls_required: bool,
+    /// Proxies whose `X-Forwarded-Proto` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Publish tokens.
+    pub tokens: Vec<Token>,
+    /// Per-endpoint settings by path.
+    pub endpoints: HashMap<String, EndpointConfig>,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Config {
+    /// Settings of the endpoint at `path` (defaults if it has none).
+    pub fn endpoint(&self, path: &str) -> EndpointConfig {
+        self.endpoints.get(path).cloned().unwrap_or_default()
+    }
+
+    /// Clients allowed at once on `path`.
+    pub fn max_clients(&self, path: &str) -> usize {
+        self.endpoints
+            .get(path)
+            .and_then(|e| e.max_clients)
+            .unwrap_or(self.limits.max_clients_per_endpoint)
+    }
+}
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        line: None,
+        column: None,
+        message: format!("cannot read: {e}"),
+    })?;
+    parse(&text, &origin, &|name| std::env::var(name).ok())
+}
+
+/// Reads the built-in config; `generated_token` stands in for an unset `DUPLEX_GATEWAY_TOKEN`.
+pub fn load_builtin(generated_token: &str) -> Result<Config, ConfigError> {
+    parse(BUILTIN_YAML, "built-in config", &|name| {
+        std::env::var(name)
+            .ok()
+            .or_else(|| (name == BUILTIN_TOKEN_VAR).then(|| generated_token.to_string()))
+    })
+}
+
+type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+thread_local! {
+    /// The variable lookup in force while a config is being parsed on this thread.
+    static ENV: RefCell<Option<Box<dyn Fn(&str) -> Option<String>>>> = RefCell::new(None);
+}
+
+/// Parses config text. `env` looks up `${NAME}` variables.
+pub fn parse(text: &str, origin: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
+    // Copy the variables the text names, so the thread-local lookup owns its data.
+    let mut vars: HashMap<String, Option<String>> = HashMap::new();
+    for name in referenced_vars(text) {
+        let value = env(&name);
+        vars.insert(name, value);
+    }
+    ENV.with(|cell| {
+        *cell.borrow_mut() = Some(Box::new(move |name: &str| vars.get(name).cloned().flatten()))
+    });
+    let parsed: Result<FileConfig, serde_yaml::Error> = serde_yaml::from_str(text);
+    ENV.with(|cell| *cell.borrow_mut() = None);
+    let file = parsed.map_err(|e| {
+        let location = e.location();
+        let message = e.to_string();
+        // serde_yaml appends " at line L column C"; the location is shown in front instead.
+        let message = match message.rfind(" at line ") {
+            Some(i) if location.is_some() => message[..i].to_string(),
+            _ => message,
+        };
+        ConfigError {
+            origin: origin.to_string(),
+            line: location.as_ref().map(|l| l.line()),
+            column: location.as_ref().map(|l| l.column()),
+            message,
+        }
+    })?;
+    file.validate().map_err(|message| ConfigError {
+        origin: origin.to_string(),
+        line: None,
+        column: None,
+        message,
+    })
+}
+
+/// Every `${NAME}` in `text`.
+fn referenced_vars(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        rest = &rest[start + 2..];
+        if let Some(end) = rest.find('}') {
+            names.push(rest[..end].to_string());
+            rest = &rest[end + 1..];
+        }
+    }
+    names
+}
+
+/// Replaces `${NAME}` in `value`; an unset or malformed reference is an error.
+fn substitute(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unterminated `${{` in `{value}`"));
+        };
+        let name = &after[..end];
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(format!("`${{{name}}}` is not a valid variable name"));
+        }
+        let found = ENV.with(|cell| cell.borrow().as_ref().and_then(|lookup| lookup(name)));
+        match found {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A string with `${ENV}` substituted.
+#[derive(Debug, Clone, PartialEq)]
+struct EnvString(String);
+
+impl<'de> Deserialize<'de> for EnvString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        substitute(&raw).map(EnvString).map_err(de::Error::custom)
+    }
+}
+
+/// Implements `Deserialize` for a type parsed from an env-substituted string.
+macro_rules! from_env_string {
+    ($ty:ty, $parse:expr) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let EnvString(text) = EnvString::deserialize(d)?;
+                let parse: fn(&str) -> Result<$ty, String> = $parse;
+                parse(&text).map_err(de::Error::custom)
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Addr(SocketAddr);
+from_env_string!(Addr, |s| s
+    .parse()
+    .map(Addr)
+    .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:8080")));
+
+#[derive(Debug, Clone, PartialEq)]
+struct Cidr(ipnet::IpNet);
+from_env_string!(Cidr, |s| {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(Cidr)
+        .map_err(|_| format!("`{s}` is not an address or CIDR like 10.0.0.0/8"))
+});
+
+#[derive(Debug, Clone, PartialEq)]
+struct Scope(PathScope);
+from_env_string!(Scope, |s| PathScope::parse(s).map(Scope));
+
+#[derive(Debug, Clone, PartialEq)]
+struct EndpointPath(String);
+from_env_string!(EndpointPath, |s| check_path(s).map(|()| EndpointPath(s.to_string())));
+
+#[derive(Debug, Clone, PartialEq)]
+struct TokenValue(Digest);
+from_env_string!(TokenValue, |s| {
+    if let Some(hex_digits) = s.strip_prefix("sha256:") {
+        return Digest::from_hex(hex_digits)
+            .map(TokenValue)
+            .ok_or_else(|| "`sha256:` must be followed by 64 hex digits".to_string());
+    }
+    if s.is_empty() {
+        return Err("a token must not be empty".into());
+    }
+    if s.len() < 16 {
+        return Err("a token must have at least 16 characters".into());
+    }
+    Ok(TokenValue(Digest::of(s.as_bytes())))
+});
+
+#[derive(Debug, Clone, PartialEq)]
+struct Secret(Digest);
+from_env_string!(Secret, |s| {
+    if s.is_empty() {
+        return Err("a secret must not be empty".into());
+    }
+    Ok(Secret(Digest::of(s.as_bytes())))
+});
+
+/// A duration: `250ms`, `10s`, `5m`, `1h`, or `0`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(EnvString),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(0) => Ok(Dur(Duration::ZERO)),
+            Raw::Int(n) => Err(de::Error::custom(format!(
+                "`{n}` needs a unit: {n}ms, {n}s, {n}m or {n}h"
+            ))),
+            Raw::Text(EnvString(text)) => parse_duration(&text).map(Dur).map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h` or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 250ms, 10s, 5m or 1h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a duration like 250ms, 10s, 5m or 1h"
+            ))
+        }
+    };
+    Ok(duration)
+}
+
+/// A count that must be at least 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 0 {
+            return Err(de::Error::custom("must be at least 1"));
+        }
+        usize::try_from(n)
+            .map(Count)
+            .map_err(|_| de::Error::custom("too large"))
+    }
+}
+
+// ---- The file format -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Vec<FileListener>,
+    #[serde(default)]
+    metrics: Option<FileMetrics>,
+    #[serde(default)]
+    tls: FileTls,
+    #[serde(default)]
+    tokens: Vec<FileToken>,
+    #[serde(default)]
+    endpoints: Vec<FileEndpoint>,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    address: Addr,
+    #[serde(default)]
+    tls: Option<FileCert>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCert {
+    cert: EnvString,
+    key: EnvString,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    address: Addr,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileToken {
+    name: EnvString,
+    token: TokenValue,
+    endpoints: Vec<Scope>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    path: EndpointPath,
+    #[serde(default)]
+    secret: Option<Secret>,
+    #[serde(default)]
+    max_clients: Option<Count>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_message_bytes: Option<Count>,
+    max_http_body_bytes: Option<Count>,
+    max_clients_per_endpoint: Option<Count>,
+    max_pending_calls_per_client: Option<Count>,
+    handshake_timeout: Option<Dur>,
+    call_timeout: Option<Dur>,
+    backend_grace: Option<Dur>,
+    ping_interval: Option<Dur>,
+}
+
+impl FileConfig {
+    /// Checks across entries, and converts to the model.
+    fn validate(self) -> Result<Config, String> {
+        if self.listen.is_empty() {
+            return Err("`listen` needs at least one address".into());
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        for (i, l) in self.listen.into_iter().enumerate() {
+            if listeners.iter().any(|o| o.address == l.address.0) {
+                return Err(format!("listen[{i}]: {} is listed twice", l.address.0));
+            }
+            let tls = l.tls.map(|t| TlsFiles {
+                cert: PathBuf::from(t.cert.0),
+                key: PathBuf::from(t.key.0),
+            });
+            listeners.push(Listener {
+                address: l.address.0,
+                tls,
+            });
+        }
+        let metrics = self.metrics.map(|m| m.address.0);
+        if let Some(m) = metrics {
+            if listeners.iter().any(|l| l.address == m) {
+                return Err(format!(
+                    "metrics.address {m} is also a gateway listener address"
+                ));
+            }
+        }
+
+        let mut tokens: Vec<Token> = Vec::new();
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let name = t.name.0;
+            if name.is_empty() {
+                return Err(format!("tokens[{i}]: `name` must not be empty"));
+            }
+            if tokens.iter().any(|o| o.name == name) {
+                return Err(format!("tokens[{i}]: the name `{name}` is used twice"));
+            }
+            if let Some(other) = tokens.iter().find(|o| o.digest.matches(&t.token.0)) {
+                return Err(format!(
+                    "tokens[{i}] (`{name}`): same token value as `{}`",
+                    other.name
+                ));
+            }
+            if t.endpoints.is_empty() {
+                return Err(format!(
+                    "tokens[{i}] (`{name}`): `endpoints` needs at least one path"
+                ));
+            }
+            tokens.push(Token {
+                name,
+                digest: t.token.0,
+                scopes: t.endpoints.into_iter().map(|s| s.0).collect(),
+            });
+        }
+
+        let mut endpoints = HashMap::new();
+        for (i, e) in self.endpoints.into_iter().enumerate() {
+            let path = e.path.0;
+            if endpoints.contains_key(&path) {
+                return Err(format!("endpoints[{i}]: `{path}` is listed twice"));
+            }
+            endpoints.insert(
+                path,
+                EndpointConfig {
+                    secret: e.secret.map(|s| s.0),
+                    max_clients: e.max_clients.map(|c| c.0),
+                },
+            );
+        }
+
+        let d = Limits::default();
+        let l = self.limits;
+        let limits = Limits {
+            max_message_bytes: l.max_message_bytes.map_or(d.max_message_bytes, |c| c.0),
+            max_http_body_bytes: l.max_http_body_bytes.map_or(d.max_http_body_bytes, |c| c.0),
+            max_clients_per_endpoint: l
+                .max_clients_per_endpoint
+                .map_or(d.max_clients_per_endpoint, |c| c.0),
+            max_pending_calls_per_client: l
+                .max_pending_calls_per_client
+                .map_or(d.max_pending_calls_per_client, |c| c.0),
+            handshake_timeout: l.handshake_timeout.map_or(d.handshake_timeout, |x| x.0),
+            call_timeout: match l.call_timeout {
+                None => d.call_timeout,
+                Some(Dur(z)) if z.is_zero() => None,
+                Some(Dur(t)) => Some(t),
+            },
+            backend_grace: l.backend_grace.map_or(d.backend_grace, |x| x.0),
+            ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
+        };
+        if limits.handshake_timeout.is_zero() {
+            return Err("limits.handshake_timeout must be more than 0".into());
+        }
+
+        Ok(Config {
+            listeners,
+            metrics,
+            tls_required: self.tls.required,
+            trusted_proxies: self.tls.trusted_proxies.into_iter().map(|c| c.0).collect(),
+            tokens,
+            endpoints,
+            limits,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "0123456789abcdef-token";
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "CI_TOKEN" => Some(TOKEN.into()),
+            "CHAT_SECRET" => Some("chat-secret".into()),
+            _ => None,
+        }
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, "test.yaml", &env).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn parse_err(text: &str) -> ConfigError {
+        match parse(text, "test.yaml", &env) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e,
+        }
+    }
+
+    const FULL: &str = r#"
+listen:
+  - address: 127.0.0.1:8080
+  - address: 0.0.0.0:8443
+    tls: { cert: /etc/c.pem, key: /etc/k.pem }
+metrics:
+  address: 127.0.0.1:9100
+tls:
+  required: true
+  trusted_proxies: [10.0.0.0/8, 127.0.0.2]
+tokens:
+  - name: ci
+    token: ${CI_TOKEN}
+    endpoints: [/ci, /team/*]
+  - name: hashed
+    token: "sha256:5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8"
+    endpoints: [/h]
+endpoints:
+  - path: /chat
+    secret: ${CHAT_SECRET}
+    max_clients: 500
+limits:
+  max_message_bytes: 2048
+  max_http_body_bytes: 4096
+  max_clients_per_endpoint: 7
+  max_pending_calls_per_client: 3
+  handshake_timeout: 250ms
+  call_timeout: 0
+  backend_grace: 2m
+  ping_interval: 1h
+"#;
+
+    #[test]
+    fn the_whole_schema_is_read() {
+        let c = parse_ok(FULL);
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(
+            c.listeners[1].tls,
+            Some(TlsFiles {
+                cert: "/etc/c.pem".into(),
+                key: "/etc/k.pem".into()
+            })
+        );
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().expect("addr")));
+        assert!(c.tls_required);
+        assert_eq!(c.trusted_proxies.len(), 2);
+        assert!(crate::auth::find_token(&c.tokens, TOKEN).is_some_and(|t| t.name == "ci"
+            && t.allows("/team/x")
+            && !t.allows("/other")));
+        assert!(crate::auth::find_token(&c.tokens, "password").is_some_and(|t| t.name == "hashed"));
+        let chat = c.endpoint("/chat");
+        assert!(chat.secret.is_some_and(|s| s.matches(&Digest::of(b"chat-secret"))));
+        assert_eq!(c.max_clients("/chat"), 500);
+        assert_eq!(c.max_clients("/other"), 7);
+        assert_eq!(c.limits.max_message_bytes, 2048);
+        assert_eq!(c.limits.max_http_body_bytes, 4096);
+        assert_eq!(c.limits.max_pending_calls_per_client, 3);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_millis(250));
+        assert_eq!(c.limits.call_timeout, None);
+        assert_eq!(c.limits.backend_grace, Duration::from_secs(120));
+        assert_eq!(c.limits.ping_interval, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse_ok("listen: [{address: 127.0.0.1:1}]");
+        assert_eq!(c.limits, Limits::default());
+        assert!(!c.tls_required);
+        assert!(c.metrics.is_none());
+        assert!(c.tokens.is_empty());
+    }
+
+    #[test]
+    fn the_builtin_config_loads() {
+        let c = load_builtin("generated-token-0123456789").expect("builtin");
+        assert_eq!(c.listeners[0].address, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().expect("addr")));
+        assert!(!c.tls_required);
+        assert_eq!(c.tokens.len(), 1);
+    }
+
+    #[test]
+    fn unknown_keys_are_reported_with_line_and_column() {
+        let e = parse_err("listen:\n  - address: 127.0.0.1:1\n    adress: x\n");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(e.message.contains("adress"), "{e}");
+        let e = parse_err("listen: [{address: 127.0.0.1:1}]\nlimitz: {}\n");
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.to_string().contains("limitz"), "{e}");
+        assert!(e.to_string().starts_with("test.yaml: line 2"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_their_line() {
+        let base = "listen: [{address: 127.0.0.1:1}]\n";
+        let cases = [
+            ("limits: {call_timeout: 10}", "needs a unit"),
+            ("limits: {call_timeout: 10x}", "not a duration"),
+            ("limits: {max_message_bytes: 0}", "at least 1"),
+            ("limits: {max_message_bytes: -5}", "invalid"),
+            ("tls: {trusted_proxies: [10.0.0.0/99]}", "CIDR"),
+            ("tls: {required: maybe}", "invalid"),
+            (
+                "tokens: [{name: a, token: short, endpoints: [/a]}]",
+                "at least 16",
+            ),
+            (
+                "tokens: [{name: a, token: 'sha256:12', endpoints: [/a]}]",
+                "64 hex",
+            ),
+            (
+                "tokens: [{name: a, token: 0123456789abcdef0, endpoints: [a]}]",
+                "starts with `/`",
+            ),
+            (
+                "tokens: [{name: a, token: '${NOPE}', endpoints: [/a]}]",
+                "NOPE is not set",
+            ),
+            ("endpoints: [{path: '/a/../b'}]", "segments"),
+            ("endpoints: [{path: /a, secret: ''}]", "must not be empty"),
+            ("metrics: {address: nowhere}", "not an address"),
+        ];
+        for (extra, word) in cases {
+            let e = parse_err(&format!("{base}{extra}\n"));
+            assert!(e.to_string().contains(word), "{extra}: {e}");
+            assert_eq!(e.line, Some(2), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn cross_entry_errors_name_the_entry() {
+        let cases = [
+            ("listen: []", "at least one"),
+            (
+                "listen: [{address: 127.0.0.1:1}, {address: 127.0.0.1:1}]",
+                "twice",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nmetrics: {address: 127.0.0.1:1}",
+                "also a gateway listener",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\ntokens: [{name: a, token: 0123456789abcdef0, endpoints: [/a]}, {name: a, token: 0123456789abcdef1, endpoints: [/a]}]",
+                "used twice",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\ntokens: [{name: a, token: 0123456789abcdef0, endpoints: [/a]}, {name: b, token: 0123456789abcdef0, endpoints: [/a]}]",
+                "same token value",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\ntokens: [{name: a, token: 0123456789abcdef0, endpoints: []}]",
+                "at least one path",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nendpoints: [{path: /a}, {path: /a}]",
+                "listed twice",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {handshake_timeout: 0}",
+                "more than 0",
+            ),
+        ];
+        for (text, word) in cases {
+            let e = parse_err(text);
+            assert!(e.to_string().contains(word), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn missing_listen_and_bad_yaml_are_errors() {
+        assert!(parse_err("metrics: {address: 127.0.0.1:1}")
+            .to_string()
+            .contains("listen"));
+        let e = parse_err("listen: [\n");
+        assert!(e.line.is_some(), "{e}");
+        assert!(parse_err("").to_string().contains("listen") || parse_err("").line.is_none());
+    }
+
+    #[test]
+    fn substitution_handles_several_and_malformed_references() {
+        let c = parse_ok(
+            "listen: [{address: 127.0.0.1:1}]\ntokens: [{name: 'x-${CHAT_SECRET}', token: '${CI_TOKEN}${CI_TOKEN}', endpoints: [/a]}]",
+        );
+        assert_eq!(c.tokens[0].name, "x-chat-secret");
+        assert!(crate::auth::find_token(&c.tokens, &format!("{TOKEN}{TOKEN}")).is_some());
+        let e = parse_err(
+            "listen: [{address: 127.0.0.1:1}]\ntokens: [{name: '${BAD NAME}', token: 0123456789abcdef0, endpoints: [/a]}]",
+        );
+        assert!(e.to_string().contains("not a valid variable name"), "{e}");
+        let e = parse_err(
+            "listen: [{address: 127.0.0.1:1}]\ntokens: [{name: '${OPEN', token: 0123456789abcdef0, endpoints: [/a]}]",
+        );
+        assert!(e.to_string().contains("unterminated"), "{e}");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "s", "10", "1.5s", "-1s", "10 s", "10d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! A Duplex peer over WebSocket: connect (`ws://` or `wss://`), handshake, make calls (plain,
+//! streamed replies, streamed input, fire-and-forget) and answer calls with registered handlers.
+//!
+//! A backend is a peer that connects with `?token=...&secret=...` and registers handlers; a client
+//! is a peer that connects with `?secret=...` and calls them. Both can do both: a backend can call a
+//! method on one client by naming its route (see [`Peer::call_route`]).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), duplex_gateway::duplex::PeerError> {
+//! use duplex_gateway::duplex::Peer;
+//! use serde_json::json;
+//! let backend = Peer::builder()
+//!     .handle("echo", |call| async move { Ok(call.payload) })
+//!     .connect("ws://127.0.0.1:8080/demo?token=T&secret=S")
+//!     .await?;
+//! let client = Peer::builder().connect("ws://127.0.0.1:8080/demo?secret=S").await?;
+//! assert_eq!(client.call("echo", json!("hi")).await?, json!("hi"));
+//! # drop(backend);
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::Connector;
+
+use super::error::{code, RpcError};
+use super::handshake;
+use super::message::{Kind, Message};
+
+type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, RpcError>> + Send>>;
+type Handler = Arc<dyn Fn(Call) -> HandlerFuture + Send + Sync>;
+
+/// Why a peer operation failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PeerError {
+    /// The WebSocket connection could not be opened (includes the HTTP status of a refused upgrade).
+    #[error("connect failed: {0}")]
+    Connect(String),
+    /// The gateway refused the handshake.
+    #[error("handshake refused: {0}")]
+    Handshake(String),
+    /// The far side answered the call with an error.
+    #[error("call failed: {0}")]
+    Rpc(RpcError),
+    /// The connection is closed (with the close code the far side sent, if any).
+    #[error("connection closed (code {0:?})")]
+    Closed(Option<u16>),
+}
+
+impl PeerError {
+    /// The HTTP status of a refused WebSocket upgrade, if that is what happened.
+    pub fn http_status(&self) -> Option<u16> {
+        match self {
+            PeerError::Connect(text) => text
+                .strip_prefix("HTTP ")
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse().ok()),
+            _ => None,
+        }
+    }
+}
+
+/// A call received by a handler.
+pub struct Call {
+    /// The method called.
+    pub method: String,
+    /// The first frame's payload.
+    pub payload: Value,
+    /// The request's `ext` (a gateway puts the caller's route key in `ext.route`).
+    pub ext: Option<Map<String, Value>>,
+    input: Option<mpsc::UnboundedReceiver<Value>>,
+    id: Option<u64>,
+    out: mpsc::UnboundedSender<WsMessage>,
+}
+
+impl Call {
+    /// The next frame of streamed input, or None once the caller sent its last frame.
+    pub async fn next_input(&mut self) -> Option<Value> {
+        match &mut self.input {
+            Some(rx) => rx.recv().await,
+            None => None,
+        }
+    }
+
+    /// Sends one frame of a reply stream (`more: true`); the handler's return value ends it.
+    pub fn send(&self, payload: &Value) -> Result<(), PeerError> {
+        let mut reply = Message::reply(self.id, payload, true);
+        if let Some(ext) = &self.ext {
+            reply.set_ext(Some(ext));
+        }
+        self.out
+            .send(WsMessage::Text(reply.to_json().into()))
+            .map_err(|_| PeerError::Closed(None))
+    }
+
+    /// The caller's route key (`ext.route`), set by a gateway.
+    pub fn route(&self) -> Option<&str> {
+        self.ext.as_ref()?.get("route")?.as_str()
+    }
+}
+
+/// Configures and opens a [`Peer`].
+#[derive(Default)]
+pub struct PeerBuilder {
+    handlers: HashMap<String, Handler>,
+    headers: Vec<(String, String)>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl PeerBuilder {
+    /// Answers calls of `method` with `handler`. Unknown methods are answered with `-32601`.
+    pub fn handle<F, Fut>(mut self, method: &str, handler: F) -> Self
+    where
+        F: Fn(Call) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Value, RpcError>> + Send + 'static,
+    {
+        let handler: Handler = Arc::new(move |call| Box::pin(handler(call)));
+        self.handlers.insert(method.to_string(), handler);
+        self
+    }
+
+    /// Adds an HTTP header to the upgrade request (e.g. `Authorization` or `X-Duplex-Secret`).
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Uses this TLS configuration for `wss://` (for example one trusting a private CA).
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Opens the WebSocket and does the Duplex handshake.
+    pub async fn connect(self, url: &str) -> Result<Peer, PeerError> {
+        let mut request = url
+            .into_client_request()
+            .map_err(|e| PeerError::Connect(e.to_string()))?;
+        for (name, value) in &self.headers {
+            let name = http::header::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|e| PeerError::Connect(e.to_string()))?;
+            let value = http::header::HeaderValue::from_str(value)
+                .map_err(|e| PeerError::Connect(e.to_string()))?;
+            request.headers_mut().insert(name, value);
+        }
+        let connector = self.tls.map(Connector::Rustls);
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
+                .await
+                .map_err(|e| match e {
+                    tokio_tungstenite::tungstenite::Error::Http(resp) => PeerError::Connect(
+                        format!("HTTP {} {}", resp.status().as_u16(), body_text(resp.body())),
+                    ),
+                    other => PeerError::Connect(other.to_string()),
+                })?;
+
+        ws.send(WsMessage::Text(handshake::HANDSHAKE.into()))
+            .await
+            .map_err(|e| PeerError::Connect(e.to_string()))?;
+        loop {
+            match ws.next().await {
+                Some(Ok(WsMessage::Text(text))) if text.is_empty() => continue,
+                Some(Ok(WsMessage::Text(text))) => {
+                    if handshake::is_accepted(&text) {
+                        break;
+                    }
+                    return Err(PeerError::Handshake(text.to_string()));
+                }
+                Some(Ok(WsMessage::Close(frame))) => {
+                    return Err(PeerError::Closed(frame.map(|f| u16::from(f.code))))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(PeerError::Connect(e.to_string())),
+                None => return Err(PeerError::Closed(None)),
+            }
+        }
+
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
+        let (closed_tx, closed_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            out: out_tx.clone(),
+            closed: closed_rx,
+        });
+        let (mut sink, mut stream) = ws.split();
+
+        // Writer: everything this peer sends goes through one queue.
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = out_rx.recv().await {
+                let closing = matches!(msg, WsMessage::Close(_));
+                if sink.send(msg).await.is_err() || closing {
+                    break;
+                }
+            }
+        });
+
+        // Reader: replies go to their pending calls, requests to the handlers.
+        let reader_shared = shared.clone();
+        let handlers = self.handlers;
+        tokio::spawn(async move {
+            let mut incoming: HashMap<u64, mpsc::UnboundedSender<Value>> = HashMap::new();
+            let mut close_code = None;
+            while let Some(frame) = stream.next().await {
+                let text = match frame {
+                    Ok(WsMessage::Text(text)) => text.as_bytes().to_vec(),
+                    Ok(WsMessage::Binary(bytes)) => bytes.to_vec(),
+                    Ok(WsMessage::Close(frame)) => {
+                        close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
+                        break;
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                };
+                if text.is_empty() {
+                    continue;
+                }
+                let Ok(msg) = Message::parse(&text) else {
+                    continue;
+                };
+                match msg.kind() {
+                    Kind::Reply => reader_shared.deliver(msg),
+                    Kind::Request => {
+                        dispatch(&handlers, &mut incoming, &reader_shared.out, msg);
+                    }
+                }
+            }
+            let _ = closed_tx.send(Some(close_code));
+            // Fail every call still waiting.
+            let pending = std::mem::take(&mut *lock(&reader_shared.pending));
+            for (_, tx) in pending {
+                let _ = tx.send(Err(PeerError::Closed(close_code)));
+            }
+            writer.abort();
+        });
+
+        Ok(Peer { shared })
+    }
+}
+
+fn body_text(body: &Option<Vec<u8>>) -> String {
+    body.as_deref()
+        .map(|b| String::from_utf8_lossy(b).into_owned())
+        .unwrap_or_default()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Routes one incoming request to its handler (or to the input stream of a call in progress).
+fn dispatch(
+    handlers: &HashMap<String, Handler>,
+    incoming: &mut HashMap<u64, mpsc::UnboundedSender<Value>>,
+    out: &mpsc::UnboundedSender<WsMessage>,
+    msg: Message,
+) {
+    let id = msg.id();
+    if let Some(id) = id {
+        if let Some(input) = incoming.get(&id) {
+            let _ = input.send(msg.payload());
+            if !msg.more() {
+                incoming.remove(&id);
+            }
+            return;
+        }
+    }
+    let method = msg.method().unwrap_or_default();
+    let ext = msg.ext();
+    let Some(handler) = handlers.get(&method).cloned() else {
+        if id.is_some() {
+            let mut reply = Message::error_reply(id, &RpcError::method_not_found(&method));
+            if let Some(ext) = &ext {
+                reply.set_ext(Some(ext));
+            }
+            let _ = out.send(WsMessage::Text(reply.to_json().into()));
+        }
+        return;
+    };
+    let input = match (id, msg.more()) {
+        (Some(id), true) => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            incoming.insert(id, tx);
+            Some(rx)
+        }
+        _ => None,
+    };
+    let call = Call {
+        method,
+        payload: msg.payload(),
+        ext: ext.clone(),
+        input,
+        id,
+        out: out.clone(),
+    };
+    let out = out.clone();
+    tokio::spawn(async move {
+        let result = handler(call).await;
+        if id.is_none() {
+            return;
+        }
+        let mut reply = match result {
+            Ok(payload) => Message::reply(id, &payload, false),
+            Err(error) => Message::error_reply(id, &error),
+        };
+        if let Some(ext) = &ext {
+            reply.set_ext(Some(ext));
+        }
+        let _ = out.send(WsMessage::Text(reply.to_json().into()));
+    });
+}
+
+type ReplySender = mpsc::UnboundedSender<Result<Message, PeerError>>;
+
+struct Shared {
+    pending: Mutex<HashMap<u64, ReplySender>>,
+    next_id: AtomicU64,
+    out: mpsc::UnboundedSender<WsMessage>,
+    closed: watch::Receiver<Option<Option<u16>>>,
+}
+
+impl Shared {
+    fn deliver(&self, msg: Message) {
+        let Some(id) = msg.id() else { return };
+        let mut pending = lock(&self.pending);
+        let ends = msg.ends_call();
+        if let Some(tx) = pending.get(&id) {
+            let _ = tx.send(Ok(msg));
+        }
+        if ends {
+            pending.remove(&id);
+        }
+    }
+
+    fn send(&self, msg: &Message) -> Result<(), PeerError> {
+        if let Some(code) = *self.closed.borrow() {
+            return Err(PeerError::Closed(code));
+        }
+        self.out
+            .send(WsMessage::Text(msg.to_json().into()))
+            .map_err(|_| PeerError::Closed(None))
+    }
+}
+
+/// The replies of one call, in order. The stream ends after the frame without `more`.
+pub struct Replies {
+    rx: mpsc::UnboundedReceiver<Result<Message, PeerError>>,
+    done: bool,
+}
+
+impl Replies {
+    /// The next reply frame, decoded: `Ok(payload)`, or the error that ended the call.
+    pub async fn next(&mut self) -> Option<Result<Value, PeerError>> {
+        self.next_message().await.map(|r| {
+            r.and_then(|msg| match msg.error() {
+                Some(error) => Err(PeerError::Rpc(error)),
+                None => Ok(msg.payload()),
+            })
+        })
+    }
+
+    /// The next reply frame as it arrived (to inspect `id`, `more`, `ext` and unknown fields).
+    pub async fn next_message(&mut self) -> Option<Result<Message, PeerError>> {
+        if self.done {
+            return None;
+        }
+        let item = self.rx.recv().await;
+        match &item {
+            Some(Ok(msg)) if !msg.ends_call() => {}
+            _ => self.done = true,
+        }
+        item
+    }
+
+    /// Waits for the whole reply: the last frame's payload.
+    pub async fn last(mut self) -> Result<Value, PeerError> {
+        let mut last = Err(PeerError::Closed(None));
+        while let Some(item) = self.next().await {
+            last = item;
+            if last.is_err() {
+                break;
+            }
+        }
+        last
+    }
+}
+
+/// An open Duplex connection.
+#[derive(Clone)]
+pub struct Peer {
+    shared: Arc<Shared>,
+}
+
+impl Peer {
+    /// Starts configuring a peer.
+    pub fn builder() -> PeerBuilder {
+        PeerBuilder::default()
+    }
+
+    /// Calls `method` and waits for its (last) reply.
+    pub async fn call(&self, method: &str, payload: Value) -> Result<Value, PeerError> {
+        self.start(method, &[payload], None)?.last().await
+    }
+
+    /// Calls `method` and returns its reply stream.
+    pub fn call_stream(&self, method: &str, payload: Value) -> Result<Replies, PeerError> {
+        self.start(method, &[payload], None)
+    }
+
+    /// Calls `method` with streamed input: one request frame per item, `more: true` on all but
+    /// the last.
+    pub fn call_with_input(&self, method: &str, input: &[Value]) -> Result<Replies, PeerError> {
+        self.start(method, input, None)
+    }
+
+    /// Calls `method` on the client whose route key is `route` (for backends behind a gateway).
+    pub fn call_route(
+        &self,
+        route: &str,
+        method: &str,
+        payload: Value,
+    ) -> Result<Replies, PeerError> {
+        let mut ext = Map::new();
+        ext.insert("route".into(), Value::String(route.to_string()));
+        self.start(method, &[payload], Some(&ext))
+    }
+
+    /// Sends `method` without an id: no reply is expected.
+    pub fn notify(&self, method: &str, payload: Value) -> Result<(), PeerError> {
+        self.shared
+            .send(&Message::request(method, None, &payload, false))
+    }
+
+    /// Sends a raw frame as it is (for tests and tools that need full control).
+    pub fn send_raw(&self, text: &str) -> Result<(), PeerError> {
+        self.shared
+            .out
+            .send(WsMessage::Text(text.to_string().into()))
+            .map_err(|_| PeerError::Closed(None))
+    }
+
+    fn start(
+        &self,
+        method: &str,
+        input: &[Value],
+        ext: Option<&Map<String, Value>>,
+    ) -> Result<Replies, PeerError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        lock(&self.shared.pending).insert(id, tx);
+        let last = input.len().saturating_sub(1);
+        let null = [Value::Null];
+        let input = if input.is_empty() { &null[..] } else { input };
+        for (i, payload) in input.iter().enumerate() {
+            let mut msg = Message::request(method, Some(id), payload, i < last);
+            if ext.is_some() {
+                msg.set_ext(ext);
+            }
+            if let Err(e) = self.shared.send(&msg) {
+                lock(&self.shared.pending).remove(&id);
+                return Err(e);
+            }
+        }
+        Ok(Replies { rx, done: false })
+    }
+
+    /// Waits until the connection is closed; returns the close code the far side sent.
+    pub async fn closed(&self) -> Option<u16> {
+        let mut rx = self.shared.closed.clone();
+        loop {
+            if let Some(code) = *rx.borrow_and_update() {
+                return code;
+            }
+            if rx.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.borrow().is_some()
+    }
+
+    /// Closes the connection with code 1000.
+    pub fn close(&self) {
+        let _ = self.shared.out.send(WsMessage::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        })));
+    }
+}
+
+/// A ready-made `-32602` for handlers.
+pub fn invalid_params(message: &str) -> RpcError {
+    RpcError::new(code::INVALID_PARAMS, message)
+}

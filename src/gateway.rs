@@ -1,0 +1,364 @@
+//! The Pingora `ProxyHttp` front: every request is decided here and served inside
+//! `request_filter`; nothing is proxied upstream.
+//!
+//! ```text
+//!  request ──> TLS check (403) ──> method (405) ──┬─ GET + token ──> publish checks (401/403/400)
+//!                                                 │                  └─> upgrade? (426) ──> ws::serve_backend ──> mux
+//!                                                 ├─ GET ──────────> upgrade? (426) ──> endpoint (404) ──> secret (401)
+//!                                                 │                  └─> room (503) ──> ws::serve_client ──> mux
+//!                                                 └─ POST ─────────> http_api::serve ──> mux
+//! ```
+//!
+//! The order of the checks is the status table of SPEC section 6.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora::http::RequestHeader;
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::{Error, ErrorType};
+
+use crate::auth::{self, Digest};
+use crate::config::{Config, Limits};
+use crate::http_api::{self, respond_error};
+use crate::metrics::{metrics, Rejection};
+use crate::mux::{self, JoinError, Registry};
+use crate::ws::{self, WsSettings};
+
+/// Everything the gateway's request handling shares: the config in force and the endpoints.
+pub struct App {
+    /// The config in force; replaced as a whole on reload.
+    pub config: ArcSwap<Config>,
+    /// All endpoints.
+    pub registry: Arc<Registry>,
+}
+
+impl App {
+    /// A gateway running on `config`.
+    pub fn new(config: Config) -> Arc<App> {
+        let registry = Registry::new(mux_limits(&config.limits));
+        Arc::new(App {
+            config: ArcSwap::from_pointee(config),
+            registry,
+        })
+    }
+}
+
+/// The multiplexer's share of the limits.
+pub fn mux_limits(limits: &Limits) -> mux::Limits {
+    mux::Limits {
+        max_pending_calls_per_client: limits.max_pending_calls_per_client,
+        backend_grace: limits.backend_grace,
+        ..mux::Limits::default()
+    }
+}
+
+/// WebSocket settings from the limits.
+pub fn ws_settings(limits: &Limits) -> WsSettings {
+    WsSettings {
+        max_message_bytes: limits.max_message_bytes,
+        handshake_timeout: limits.handshake_timeout,
+        ping_interval: limits.ping_interval,
+        write_timeout: std::time::Duration::from_secs(10),
+    }
+}
+
+/// Credentials and options a request carries in its query string and headers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// Publish token (`token=` or `Authorization: Bearer`).
+    pub token: Option<String>,
+    /// Client secret (`secret=` or `X-Duplex-Secret`).
+    pub secret: Option<String>,
+    /// `async=true` on an HTTP call.
+    pub is_async: bool,
+}
+
+impl Credentials {
+    /// Reads credentials from the query string (first occurrence wins) and headers (used when the
+    /// query has none).
+    pub fn from_request(req: &RequestHeader) -> Credentials {
+        let mut creds = Credentials::default();
+        if let Some(query) = req.uri.query() {
+            for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+                match key.as_ref() {
+                    "token" if creds.token.is_none() => creds.token = Some(value.into_owned()),
+                    "secret" if creds.secret.is_none() => creds.secret = Some(value.into_owned()),
+                    "async" => creds.is_async = value == "true" || value == "1",
+                    _ => {}
+                }
+            }
+        }
+        let header = |name: &str| {
+            req.headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        if creds.token.is_none() {
+            creds.token = header("authorization")
+                .and_then(|v| {
+                    let (scheme, rest) = v.split_once(' ')?;
+                    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+                })
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+        }
+        if creds.secret.is_none() {
+            creds.secret = header("x-duplex-secret").map(str::to_string);
+        }
+        creds.token = creds.token.filter(|t| !t.is_empty());
+        creds.secret = creds.secret.filter(|s| !s.is_empty());
+        creds
+    }
+}
+
+/// The Pingora proxy: decides every request and serves it in `request_filter`.
+pub struct Gateway {
+    app: Arc<App>,
+}
+
+impl Gateway {
+    /// A proxy serving `app`.
+    pub fn new(app: Arc<App>) -> Gateway {
+        Gateway { app }
+    }
+
+    async fn serve(&self, session: &mut Session) -> pingora::Result<()> {
+        let config = self.app.config.load_full();
+
+        if config.tls_required && !is_https(session, &config) {
+            metrics().reject(Rejection::TlsRequired);
+            return respond_error(session, 403, "TLS required: use https:// or wss://", &[]).await;
+        }
+        let method = session.req_header().method.clone();
+        let is_get = method == http::Method::GET;
+        if !is_get && method != http::Method::POST {
+            return respond_error(
+                session,
+                405,
+                "only GET (WebSocket) and POST (calls) are served",
+                &[("allow", "GET, POST")],
+            )
+            .await;
+        }
+        let path = session.req_header().uri.path().to_string();
+        let creds = Credentials::from_request(session.req_header());
+        if !is_get {
+            return http_api::serve(session, &self.app, &config, &path, &creds).await;
+        }
+        match &creds.token {
+            Some(token) => self.publish(session, &config, &path, token, &creds).await,
+            None => self.connect(session, &config, &path, &creds).await,
+        }
+    }
+
+    /// `GET <path>?token=T&secret=S` with an upgrade: a backend publishing `path`.
+    async fn publish(
+        &self,
+        session: &mut Session,
+        config: &Config,
+        path: &str,
+        token: &str,
+        creds: &Credentials,
+    ) -> pingora::Result<()> {
+        let Some(token) = auth::find_token(&config.tokens, token) else {
+            metrics().reject(Rejection::BadToken);
+            tracing::info!(path, "publish refused: unknown token");
+            return respond_error(session, 401, "unknown publish token", &[]).await;
+        };
+        if let Err(why) = auth::check_path(path) {
+            tracing::info!(path, token = %token.name, "publish refused: bad path");
+            return respond_error(session, 400, &format!("invalid endpoint path: {why}"), &[])
+                .await;
+        }
+        if !token.allows(path) {
+            metrics().reject(Rejection::TokenScope);
+            tracing::info!(path, token = %token.name, "publish refused: token may not publish this path");
+            return respond_error(session, 403, "this token may not publish this path", &[]).await;
+        }
+        let fixed = config.endpoint(path).secret;
+        let secret = match (&creds.secret, fixed) {
+            (Some(given), Some(fixed)) => {
+                if !fixed.matches(&Digest::of(given.as_bytes())) {
+                    metrics().reject(Rejection::BadSecret);
+                    tracing::info!(path, token = %token.name, "publish refused: secret differs from the endpoint's fixed secret");
+                    return respond_error(
+                        session,
+                        401,
+                        "the secret differs from this endpoint's configured secret",
+                        &[],
+                    )
+                    .await;
+                }
+                fixed
+            }
+            (None, Some(fixed)) => fixed,
+            (Some(given), None) => Digest::of(given.as_bytes()),
+            (None, None) => {
+                metrics().reject(Rejection::NoSecret);
+                tracing::info!(path, token = %token.name, "publish refused: no secret");
+                return respond_error(
+                    session,
+                    400,
+                    "a publish needs a client secret: ?secret= or X-Duplex-Secret",
+                    &[],
+                )
+                .await;
+            }
+        };
+        if !ws::is_upgrade(session.req_header()) {
+            return upgrade_required(session).await;
+        }
+        let token_name = token.name.clone();
+        let registry = self.app.registry.clone();
+        let settings = ws_settings(&config.limits);
+        ws::serve_backend(session, settings, || {
+            tracing::info!(endpoint = path, token = %token_name, "backend published");
+            registry.publish(path, secret, &token_name)
+        })
+        .await;
+        tracing::info!(endpoint = path, token = %token.name, "backend disconnected");
+        Ok(())
+    }
+
+    /// `GET <path>?secret=S` with an upgrade: a client of the endpoint at `path`.
+    async fn connect(
+        &self,
+        session: &mut Session,
+        config: &Config,
+        path: &str,
+        creds: &Credentials,
+    ) -> pingora::Result<()> {
+        if !ws::is_upgrade(session.req_header()) {
+            return upgrade_required(session).await;
+        }
+        let Some(endpoint) = self.app.registry.lookup(path) else {
+            metrics().reject(Rejection::NotFound);
+            return respond_error(session, 404, "no backend is published at this path", &[])
+                .await;
+        };
+        if !creds
+            .secret
+            .as_deref()
+            .is_some_and(|s| endpoint.secret_matches(s))
+        {
+            metrics().reject(Rejection::BadSecret);
+            return respond_error(session, 401, "missing or wrong secret", &[]).await;
+        }
+        let limits = mux_limits(&config.limits);
+        let conn = match endpoint.join(true, config.max_clients(path), limits.client_queue) {
+            Ok(conn) => conn,
+            Err(JoinError::Full) => {
+                metrics().reject(Rejection::Full);
+                return respond_error(session, 503, "this endpoint has all the clients it may have", &[])
+                    .await;
+            }
+            Err(JoinError::NotFound) => {
+                metrics().reject(Rejection::NotFound);
+                return respond_error(session, 404, "no backend is published at this path", &[])
+                    .await;
+            }
+        };
+        ws::serve_client(session, conn, ws_settings(&config.limits)).await;
+        Ok(())
+    }
+}
+
+async fn upgrade_required(session: &mut Session) -> pingora::Result<()> {
+    respond_error(
+        session,
+        426,
+        "a WebSocket upgrade is required (POST <endpoint>/<method> for plain HTTP calls)",
+        &[("upgrade", "websocket")],
+    )
+    .await
+}
+
+/// Whether the request came over TLS, or from a trusted proxy that terminated TLS.
+fn is_https(session: &Session, config: &Config) -> bool {
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some();
+    if tls {
+        return true;
+    }
+    let peer: Option<IpAddr> = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    let proto = session
+        .req_header()
+        .headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok());
+    auth::forwarded_https(&config.trusted_proxies, peer, proto)
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = ();
+
+    fn new_ctx(&self) -> Self::CTX {}
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter.
+        Err(Error::explain(ErrorType::InternalError, "no upstream"))
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut Self::CTX,
+    ) -> pingora::Result<bool> {
+        self.serve(session).await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", uri.as_bytes(), None).expect("request");
+        for (k, v) in headers {
+            req.insert_header(k.to_string(), *v).expect("header");
+        }
+        req
+    }
+
+    #[test]
+    fn credentials_come_from_query_or_headers() {
+        let c = Credentials::from_request(&request("/a?token=t%2B1&secret=s&async=true", &[]));
+        assert_eq!(c.token.as_deref(), Some("t+1"));
+        assert_eq!(c.secret.as_deref(), Some("s"));
+        assert!(c.is_async);
+        let c = Credentials::from_request(&request(
+            "/a",
+            &[("authorization", "Bearer tok"), ("x-duplex-secret", "sec")],
+        ));
+        assert_eq!(c.token.as_deref(), Some("tok"));
+        assert_eq!(c.secret.as_deref(), Some("sec"));
+        assert!(!c.is_async);
+    }
+
+    #[test]
+    fn the_query_wins_and_empty_values_count_as_missing() {
+        let c = Credentials::from_request(&request(
+            "/a?secret=q&secret=second",
+            &[("x-duplex-secret", "h")],
+        ));
+        assert_eq!(c.secret.as_deref(), Some("q"));
+        let c = Credentials::from_request(&request("/a?token=&secret=", &[("authorization", "Basic x")]));
+        assert_eq!(c, Credentials::default());
+    }
+}

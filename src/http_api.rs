@@ -1,0 +1,388 @@
+//! Plain HTTP calls: `POST <endpoint>/<method>` with a JSON body. Each call is a short-lived
+//! client of the multiplexer with its own route key, so it shares the backend connection with
+//! WebSocket clients without collisions.
+//!
+//! Answers: `200` with the reply payload (`application/json`); `200` with one payload per line
+//! (`application/x-ndjson`, chunked) for a reply stream; `202` at once for `async=true`; errors as
+//! `{"error": {...}}` with the status of SPEC section 6.
+
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use serde_json::value::RawValue;
+
+use crate::config::Config;
+use crate::duplex::{code, Kind, Message, RpcError};
+use crate::gateway::{mux_limits, App, Credentials};
+use crate::metrics::{metrics, Rejection};
+use crate::mux::{ClientConn, JoinError};
+
+/// Splits `/team/a/search` into the endpoint `/team/a` and the method `search`.
+pub fn split_call_path(path: &str) -> Option<(&str, &str)> {
+    let (endpoint, method) = path.rsplit_once('/')?;
+    if method.is_empty() {
+        return None;
+    }
+    Some((if endpoint.is_empty() { "/" } else { endpoint }, method))
+}
+
+/// Serves one `POST`.
+pub async fn serve(
+    session: &mut Session,
+    app: &App,
+    config: &Config,
+    path: &str,
+    creds: &Credentials,
+) -> pingora::Result<()> {
+    let started = Instant::now();
+    let Some((endpoint_path, method)) = split_call_path(path) else {
+        metrics().reject(Rejection::NotFound);
+        return respond_error(session, 404, "POST <endpoint>/<method> calls a method", &[]).await;
+    };
+    let Some(endpoint) = app.registry.lookup(endpoint_path) else {
+        metrics().reject(Rejection::NotFound);
+        return respond_error(session, 404, "no backend is published at this endpoint", &[]).await;
+    };
+    let status = call(session, app, config, &endpoint, method, creds).await?;
+    let m = metrics();
+    m.http_requests
+        .with_label_values(&[endpoint.path(), status_label(status)])
+        .inc();
+    m.http_duration
+        .with_label_values(&[endpoint.path()])
+        .observe(started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The call itself; returns the status answered.
+async fn call(
+    session: &mut Session,
+    app: &App,
+    config: &Config,
+    endpoint: &std::sync::Arc<crate::mux::Endpoint>,
+    method: &str,
+    creds: &Credentials,
+) -> pingora::Result<u16> {
+    if !creds
+        .secret
+        .as_deref()
+        .is_some_and(|s| endpoint.secret_matches(s))
+    {
+        metrics().reject(Rejection::BadSecret);
+        respond_error(session, 401, "missing or wrong secret", &[]).await?;
+        return Ok(401);
+    }
+
+    let max = config.limits.max_http_body_bytes;
+    let body = match read_body(session, max).await? {
+        Ok(body) => body,
+        Err(status) => return Ok(status),
+    };
+    let payload: Box<RawValue> = if body.iter().all(u8::is_ascii_whitespace) {
+        RawValue::from_string("null".into()).map_err(internal)?
+    } else {
+        match serde_json::from_slice::<&RawValue>(&body) {
+            Ok(raw) => raw.to_owned(),
+            Err(e) => {
+                metrics().reject(Rejection::BadJson);
+                respond_error(session, 400, &format!("the body is not JSON: {e}"), &[]).await?;
+                return Ok(400);
+            }
+        }
+    };
+
+    let limits = mux_limits(&config.limits);
+    let conn = match endpoint.join(
+        false,
+        config.max_clients(endpoint.path()),
+        limits.client_queue,
+    ) {
+        Ok(conn) => conn,
+        Err(JoinError::Full) => {
+            metrics().reject(Rejection::Full);
+            respond_error(session, 503, "this endpoint has all the clients it may have", &[])
+                .await?;
+            return Ok(503);
+        }
+        Err(JoinError::NotFound) => {
+            metrics().reject(Rejection::NotFound);
+            respond_error(session, 404, "no backend is published at this endpoint", &[]).await?;
+            return Ok(404);
+        }
+    };
+    let _ = app;
+
+    if creds.is_async {
+        let request = Message::request_raw(method, None, payload);
+        if let Some(answer) = conn.send(request).await {
+            return respond_rpc_error(session, &answer).await;
+        }
+        respond(
+            session,
+            202,
+            "application/json",
+            Bytes::from_static(br#"{"accepted":true}"#),
+            &[],
+        )
+        .await?;
+        return Ok(202);
+    }
+
+    let request = Message::request_raw(method, Some(1), payload);
+    if let Some(answer) = conn.send(request).await {
+        return respond_rpc_error(session, &answer).await;
+    }
+    wait_for_reply(session, conn, config).await
+}
+
+/// Waits for the reply (or reply stream) of the call and writes it.
+async fn wait_for_reply(
+    session: &mut Session,
+    mut conn: ClientConn,
+    config: &Config,
+) -> pingora::Result<u16> {
+    let timeout = config.limits.call_timeout;
+    let mut streaming = false;
+    loop {
+        let next = match timeout {
+            Some(t) => tokio::time::timeout(t, next_reply(&mut conn)).await,
+            None => Ok(next_reply(&mut conn).await),
+        };
+        let msg = match next {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                // The multiplexer closed this caller: the endpoint is gone.
+                let error = RpcError::new(code::BACKEND_UNAVAILABLE, "backend unavailable");
+                return finish_with_error(session, streaming, 503, &error).await;
+            }
+            Err(_) => {
+                let error = RpcError::new(code::CALL_TIMED_OUT, "no reply in time");
+                return finish_with_error(session, streaming, 504, &error).await;
+            }
+        };
+        if msg.is_error() {
+            if streaming {
+                let line = error_body(&msg);
+                write_chunk(session, line, true).await?;
+                return Ok(200);
+            }
+            return respond_rpc_error(session, &msg).await;
+        }
+        if !streaming && !msg.more() {
+            let body = Bytes::from(msg.payload_raw().to_string());
+            respond(session, 200, "application/json", body, &[]).await?;
+            return Ok(200);
+        }
+        if !streaming {
+            streaming = true;
+            let mut resp = ResponseHeader::build(200, Some(3))?;
+            resp.insert_header("content-type", "application/x-ndjson")?;
+            resp.insert_header("transfer-encoding", "chunked")?;
+            resp.insert_header("cache-control", "no-cache")?;
+            session.write_response_header(Box::new(resp), false).await?;
+        }
+        let mut line = BytesMut::with_capacity(msg.payload_raw().len() + 1);
+        line.extend_from_slice(msg.payload_raw().as_bytes());
+        line.extend_from_slice(b"\n");
+        let last = !msg.more();
+        write_chunk(session, line.freeze(), last).await?;
+        if last {
+            return Ok(200);
+        }
+    }
+}
+
+/// The next reply for this call. Calls the backend makes to an HTTP caller are answered with
+/// `-32601`: an HTTP caller has no methods.
+async fn next_reply(conn: &mut ClientConn) -> Option<Message> {
+    loop {
+        let msg = conn.recv().await?;
+        match msg.kind() {
+            Kind::Reply => return Some(msg),
+            Kind::Request => {
+                if let Some(id) = msg.id() {
+                    let method = msg.method().unwrap_or_default();
+                    let reply = Message::error_reply(Some(id), &RpcError::method_not_found(&method));
+                    conn.send(reply).await;
+                }
+            }
+        }
+    }
+}
+
+async fn write_chunk(session: &mut Session, data: Bytes, end: bool) -> pingora::Result<()> {
+    session.write_response_body(Some(data), end).await
+}
+
+/// Ends the call with a gateway-made error: a status, or an error line in a stream.
+async fn finish_with_error(
+    session: &mut Session,
+    streaming: bool,
+    status: u16,
+    error: &RpcError,
+) -> pingora::Result<u16> {
+    let body = serde_json::json!({ "error": error }).to_string();
+    if streaming {
+        write_chunk(session, Bytes::from(body + "\n"), true).await?;
+        return Ok(200);
+    }
+    respond(session, status, "application/json", Bytes::from(body), &[]).await?;
+    Ok(status)
+}
+
+/// `{"error": <the reply's error object as the backend sent it>}`.
+fn error_body(msg: &Message) -> Bytes {
+    let raw = msg.raw_field("error").map_or("null", RawValue::get);
+    let mut body = String::with_capacity(raw.len() + 12);
+    body.push_str(r#"{"error":"#);
+    body.push_str(raw);
+    body.push_str("}\n");
+    Bytes::from(body)
+}
+
+/// The HTTP status for an error reply.
+pub fn status_for(error_code: i64) -> u16 {
+    match error_code {
+        code::METHOD_NOT_FOUND => 501,
+        code::INVALID_PARAMS => 400,
+        code::BACKEND_UNAVAILABLE | code::TOO_MANY_PENDING_CALLS => 503,
+        code::CALL_TIMED_OUT => 504,
+        _ => 500,
+    }
+}
+
+async fn respond_rpc_error(session: &mut Session, msg: &Message) -> pingora::Result<u16> {
+    let status = status_for(msg.error().map_or(0, |e| e.code));
+    respond(session, status, "application/json", error_body(msg), &[]).await?;
+    Ok(status)
+}
+
+/// Reads the request body up to `max` bytes. `Err(status)` when it has already been answered
+/// (413). A `Content-Length` over the limit is refused before reading anything.
+async fn read_body(
+    session: &mut Session,
+    max: usize,
+) -> pingora::Result<Result<Bytes, u16>> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        metrics().reject(Rejection::TooLarge);
+        respond_error(
+            session,
+            413,
+            &format!("the body is over the limit of {max} bytes"),
+            &[],
+        )
+        .await?;
+        return Ok(Err(413));
+    }
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expects_continue {
+        session.write_continue_response().await?;
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > max {
+            metrics().reject(Rejection::TooLarge);
+            respond_error(
+                session,
+                413,
+                &format!("the body is over the limit of {max} bytes"),
+                &[],
+            )
+            .await?;
+            return Ok(Err(413));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Ok(body.freeze()))
+}
+
+fn internal(e: serde_json::Error) -> Box<pingora::Error> {
+    pingora::Error::because(pingora::ErrorType::InternalError, "payload", e)
+}
+
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        413 => "413",
+        500 => "500",
+        501 => "501",
+        503 => "503",
+        504 => "504",
+        _ => "other",
+    }
+}
+
+/// Writes a whole response. A request whose body was not read to the end closes the connection
+/// afterwards, so unread bytes are never taken for the next request.
+pub async fn respond(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("content-type", content_type)?;
+    resp.insert_header("content-length", body.len().to_string())?;
+    for (name, value) in headers {
+        resp.insert_header(name.to_string(), *value)?;
+    }
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Writes `{"error": {"code": status, "message": message}}` with `status`.
+pub async fn respond_error(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    headers: &[(&str, &str)],
+) -> pingora::Result<()> {
+    let body = serde_json::json!({ "error": { "code": status, "message": message } }).to_string();
+    respond(session, status, "application/json", Bytes::from(body), headers).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_segment_is_the_method() {
+        assert_eq!(split_call_path("/team/a/search"), Some(("/team/a", "search")));
+        assert_eq!(split_call_path("/chat/echo"), Some(("/chat", "echo")));
+        assert_eq!(split_call_path("/echo"), Some(("/", "echo")));
+        assert_eq!(split_call_path("/chat/"), None);
+        assert_eq!(split_call_path(""), None);
+    }
+
+    #[test]
+    fn error_codes_map_to_statuses() {
+        assert_eq!(status_for(code::METHOD_NOT_FOUND), 501);
+        assert_eq!(status_for(code::INVALID_PARAMS), 400);
+        assert_eq!(status_for(code::BACKEND_UNAVAILABLE), 503);
+        assert_eq!(status_for(code::CALL_TIMED_OUT), 504);
+        assert_eq!(status_for(-1), 500);
+        assert_eq!(status_for(code::INVALID_MESSAGE), 500);
+    }
+}

@@ -1,0 +1,36 @@
+//! duplex-gateway publishes private Duplex RPC services on the web.
+//!
+//! A backend behind a firewall dials out to the gateway over WebSocket and publishes an endpoint;
+//! public clients reach it through the gateway as Duplex peers over WebSocket, or with plain HTTP
+//! POST calls. All traffic of all clients of an endpoint is multiplexed over the backend's single
+//! connection. The gateway is built on Cloudflare's Pingora.
+//!
+//! # Layout
+//!
+//! - [`config`]: the YAML file format, `${ENV}` substitution and validation, and the [`Config`]
+//!   model the gateway runs on.
+//! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the
+//!   trusted-proxy check.
+//! - [`gateway`]: the Pingora `ProxyHttp` implementation: the status-code decision for every
+//!   request, then the hand-off to [`ws`] or [`http_api`].
+//! - [`ws`]: WebSocket framing over a Pingora session, the Duplex handshake, pings, and the loop
+//!   between a socket and the multiplexer.
+//! - [`http_api`]: `POST <endpoint>/<method>`: sync, streamed (NDJSON) and async calls.
+//! - [`mux`]: endpoints, backends, clients and the call table (id rewriting, routes, grace). Knows
+//!   nothing about Pingora.
+//! - [`duplex`]: the protocol (messages, handshake, error codes) and a Rust peer for backends and
+//!   clients. Knows nothing about the multiplexer.
+//! - [`metrics`]: every Prometheus metric, defined once.
+//! - [`server`]: assembles the Pingora server (listeners, signals).
+//!
+//! [`Config`]: config::Config
+
+pub mod auth;
+pub mod config;
+pub mod duplex;
+pub mod gateway;
+pub mod http_api;
+pub mod metrics;
+pub mod mux;
+pub mod server;
+pub mod ws;

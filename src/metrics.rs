@@ -1,0 +1,160 @@
+//! Every Prometheus metric of the gateway, defined once, in the default registry of the
+//! `prometheus` crate (which the metrics listener serves).
+//!
+//! Label values are endpoint paths that have (or had) a backend, fixed reason words and status
+//! codes: never a token, a secret or anything else a peer chose freely.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    register_histogram_vec, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+};
+
+/// All metrics, created on first use.
+pub struct Metrics {
+    /// `duplex_gateway_backends{endpoint}`
+    pub backends: IntGaugeVec,
+    /// `duplex_gateway_clients{endpoint}`
+    pub clients: IntGaugeVec,
+    /// `duplex_gateway_pending_calls{endpoint}`
+    pub pending_calls: IntGaugeVec,
+    /// `duplex_gateway_messages_total{endpoint,direction}`
+    pub messages: IntCounterVec,
+    /// `duplex_gateway_dropped_messages_total{endpoint,reason}`
+    pub dropped: IntCounterVec,
+    /// `duplex_gateway_http_requests_total{endpoint,code}`
+    pub http_requests: IntCounterVec,
+    /// `duplex_gateway_http_request_duration_seconds{endpoint}`
+    pub http_duration: HistogramVec,
+    /// `duplex_gateway_rejected_requests_total{reason}`
+    pub rejected: IntCounterVec,
+    /// `duplex_gateway_config_reloads_total{result}`
+    pub reloads: IntCounterVec,
+    /// `duplex_gateway_config_last_reload_success_timestamp_seconds`
+    pub last_reload_success: IntGauge,
+}
+
+/// Why a request was refused: the `reason` label of `duplex_gateway_rejected_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// Plain HTTP while TLS is required.
+    TlsRequired,
+    /// A publish token that is not configured.
+    BadToken,
+    /// A token that may not publish this path.
+    TokenScope,
+    /// A publish without a secret.
+    NoSecret,
+    /// A missing or wrong client secret.
+    BadSecret,
+    /// No backend at that endpoint.
+    NotFound,
+    /// An HTTP body or frame over the limit.
+    TooLarge,
+    /// An HTTP body that is not JSON.
+    BadJson,
+    /// A refused Duplex handshake.
+    BadHandshake,
+    /// The endpoint has all the clients it may have.
+    Full,
+}
+
+impl Rejection {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TlsRequired => "tls_required",
+            Rejection::BadToken => "bad_token",
+            Rejection::TokenScope => "token_scope",
+            Rejection::NoSecret => "no_secret",
+            Rejection::BadSecret => "bad_secret",
+            Rejection::NotFound => "not_found",
+            Rejection::TooLarge => "too_large",
+            Rejection::BadJson => "bad_json",
+            Rejection::BadHandshake => "bad_handshake",
+            Rejection::Full => "full",
+        }
+    }
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn register() -> Metrics {
+        // Registration only fails for a duplicate name or a malformed definition, both fixed at
+        // compile time here; a failure is a programming error worth a loud stop.
+        let fail = |e: prometheus::Error| -> ! { panic!("metric definition: {e}") };
+        Metrics {
+            backends: register_int_gauge_vec!(
+                "duplex_gateway_backends",
+                "Live backends per endpoint",
+                &["endpoint"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            clients: register_int_gauge_vec!(
+                "duplex_gateway_clients",
+                "Connected WebSocket clients per endpoint",
+                &["endpoint"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            pending_calls: register_int_gauge_vec!(
+                "duplex_gateway_pending_calls",
+                "Client calls waiting for the backend's reply, per endpoint",
+                &["endpoint"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            messages: register_int_counter_vec!(
+                "duplex_gateway_messages_total",
+                "Messages forwarded, per endpoint and direction",
+                &["endpoint", "direction"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            dropped: register_int_counter_vec!(
+                "duplex_gateway_dropped_messages_total",
+                "Messages that could not be delivered, per endpoint and reason",
+                &["endpoint", "reason"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            http_requests: register_int_counter_vec!(
+                "duplex_gateway_http_requests_total",
+                "HTTP calls answered, per endpoint and status code",
+                &["endpoint", "code"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            http_duration: register_histogram_vec!(
+                "duplex_gateway_http_request_duration_seconds",
+                "Time to answer an HTTP call, per endpoint",
+                &["endpoint"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            rejected: register_int_counter_vec!(
+                "duplex_gateway_rejected_requests_total",
+                "Requests refused before reaching a backend, per reason",
+                &["reason"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            reloads: register_int_counter_vec!(
+                "duplex_gateway_config_reloads_total",
+                "Configuration reloads, per result",
+                &["result"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            last_reload_success: register_int_gauge!(
+                "duplex_gateway_config_last_reload_success_timestamp_seconds",
+                "Unix time of the last successful configuration load"
+            )
+            .unwrap_or_else(|e| fail(e)),
+        }
+    }
+
+    /// Counts a refused request.
+    pub fn reject(&self, reason: Rejection) {
+        self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+}

@@ -1,0 +1,824 @@
+//! One endpoint: its backend, its clients and the call table between them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use super::{close, lock, route_key, CloseReason, Limits, Registry};
+use crate::auth::Digest;
+use crate::duplex::{code, Kind, Message, RpcError};
+use crate::metrics::metrics;
+
+type Route = Arc<str>;
+type CloseCell = Arc<OnceLock<CloseReason>>;
+
+/// Why a client could not join an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JoinError {
+    /// The endpoint is gone (its grace ran out).
+    NotFound,
+    /// The endpoint has all the clients it may have.
+    Full,
+}
+
+/// Sizes of an endpoint's tables (for tests, leak checks and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EndpointStats {
+    /// Whether a backend is connected.
+    pub backend: bool,
+    /// Connected clients (WebSocket clients and HTTP calls in progress).
+    pub clients: usize,
+    /// Client calls waiting for the backend.
+    pub pending_calls: usize,
+    /// Backend calls waiting for a client.
+    pub backend_calls: usize,
+}
+
+/// An endpoint: a path with a backend (or in its grace after the backend left) and its clients.
+pub struct Endpoint {
+    path: String,
+    state: Mutex<State>,
+    /// Woken when a backend arrives or the endpoint is removed (calls made in the grace wait on it).
+    changed: Notify,
+    registry: Weak<Registry>,
+    to_backend: prometheus::IntCounter,
+    to_client: prometheus::IntCounter,
+}
+
+struct State {
+    backend: Option<BackendSlot>,
+    /// Bumped by every publish, so a replaced backend's departure is told apart.
+    generation: u64,
+    secret: Digest,
+    token_name: String,
+    clients: HashMap<Route, ClientSlot>,
+    /// Backend call id -> the client call it stands for.
+    calls: HashMap<u64, PendingCall>,
+    /// Calls the backend made to clients: backend id -> client route.
+    backend_calls: HashMap<u64, Route>,
+    next_id: u64,
+    /// Set when a backend leaves; new calls wait until then for a new one.
+    grace_until: Option<Instant>,
+    removed: bool,
+    gauges: Option<Gauges>,
+}
+
+struct BackendSlot {
+    tx: mpsc::Sender<String>,
+    close: CloseCell,
+}
+
+struct ClientSlot {
+    tx: mpsc::Sender<Message>,
+    close: CloseCell,
+    /// This client's open calls: client id -> backend id.
+    open: HashMap<u64, u64>,
+    /// WebSocket clients count in `duplex_gateway_clients`; HTTP calls do not.
+    websocket: bool,
+}
+
+struct PendingCall {
+    route: Route,
+    client_id: u64,
+    /// What `ext.route` the client itself sent, if any (restored on replies).
+    client_route: Option<Box<RawValue>>,
+    /// Whether the client sent an `ext` at all.
+    client_ext: bool,
+}
+
+struct Gauges {
+    backends: IntGauge,
+    clients: IntGauge,
+    pending: IntGauge,
+}
+
+impl State {
+    fn update_gauges(&self) {
+        if let Some(g) = &self.gauges {
+            g.clients
+                .set(self.clients.values().filter(|c| c.websocket).count() as i64);
+            g.pending.set(self.calls.len() as i64);
+        }
+    }
+
+    /// Removes a client and everything it had open. Returns the `-32001` replies owed to the
+    /// backend for its calls to this client.
+    fn remove_client(&mut self, route: &Route, reason: Option<CloseReason>) -> Vec<String> {
+        let Some(slot) = self.clients.remove(route) else {
+            return Vec::new();
+        };
+        if let Some(reason) = reason {
+            let _ = slot.close.set(reason);
+        }
+        for backend_id in slot.open.values() {
+            self.calls.remove(backend_id);
+        }
+        let mut owed = Vec::new();
+        self.backend_calls.retain(|&id, r| {
+            if r == route {
+                let mut reply = Message::error_reply(
+                    Some(id),
+                    &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+                );
+                reply.set_raw("ext", route_ext(route));
+                owed.push(reply.to_json());
+                false
+            } else {
+                true
+            }
+        });
+        self.update_gauges();
+        owed
+    }
+
+    /// Fails every pending client call with `-32000` (the backend is gone).
+    fn fail_pending_calls(&mut self, why: &str) -> Vec<(mpsc::Sender<Message>, Message)> {
+        let mut out = Vec::with_capacity(self.calls.len());
+        for (_, call) in self.calls.drain() {
+            if let Some(client) = self.clients.get(&call.route) {
+                let mut reply = Message::error_reply(
+                    Some(call.client_id),
+                    &RpcError::new(code::BACKEND_UNAVAILABLE, why),
+                );
+                restore_ext(&mut reply, call.client_route.as_deref(), call.client_ext);
+                out.push((client.tx.clone(), reply));
+            }
+        }
+        for client in self.clients.values_mut() {
+            client.open.clear();
+        }
+        self.backend_calls.clear();
+        out
+    }
+}
+
+impl Endpoint {
+    pub(super) fn new(path: &str, registry: Weak<Registry>) -> Arc<Endpoint> {
+        let m = metrics();
+        Arc::new(Endpoint {
+            path: path.to_string(),
+            state: Mutex::new(State {
+                backend: None,
+                generation: 0,
+                secret: Digest::of(b""),
+                token_name: String::new(),
+                clients: HashMap::new(),
+                calls: HashMap::new(),
+                backend_calls: HashMap::new(),
+                next_id: 1,
+                grace_until: None,
+                removed: false,
+                gauges: None,
+            }),
+            changed: Notify::new(),
+            registry,
+            to_backend: m.messages.with_label_values(&[path, "to_backend"]),
+            to_client: m.messages.with_label_values(&[path, "to_client"]),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The endpoint's path.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Whether `secret` is the one clients of this endpoint must present (constant time).
+    pub fn secret_matches(&self, secret: &str) -> bool {
+        self.state().secret.matches(&Digest::of(secret.as_bytes()))
+    }
+
+    /// The name of the token the current (or last) backend published with.
+    pub fn token_name(&self) -> String {
+        self.state().token_name.clone()
+    }
+
+    /// Whether a backend is connected now.
+    pub fn has_backend(&self) -> bool {
+        self.state().backend.is_some()
+    }
+
+    /// Table sizes.
+    pub fn stats(&self) -> EndpointStats {
+        let s = self.state();
+        EndpointStats {
+            backend: s.backend.is_some(),
+            clients: s.clients.len(),
+            pending_calls: s.calls.len(),
+            backend_calls: s.backend_calls.len(),
+        }
+    }
+
+    /// Attaches a new backend; None if the endpoint was removed meanwhile.
+    pub(super) fn attach_backend(
+        self: &Arc<Self>,
+        secret: Digest,
+        token_name: &str,
+        limits: &Limits,
+    ) -> Option<BackendConn> {
+        let (tx, rx) = mpsc::channel(limits.backend_queue.max(1));
+        let close: CloseCell = Arc::new(OnceLock::new());
+        let mut s = self.state();
+        if s.removed {
+            return None;
+        }
+        let mut failed = Vec::new();
+        if let Some(old) = s.backend.take() {
+            let _ = old.close.set(CloseReason::new(
+                close::SERVICE_RESTART,
+                "replaced by a new backend",
+            ));
+            failed = s.fail_pending_calls("backend replaced");
+            tracing::info!(endpoint = %self.path, "backend replaced by a new publish");
+        }
+        s.generation += 1;
+        s.secret = secret;
+        s.token_name = token_name.to_string();
+        s.grace_until = None;
+        s.backend = Some(BackendSlot {
+            tx,
+            close: close.clone(),
+        });
+        let m = metrics();
+        let labels = [self.path.as_str()];
+        let gauges = Gauges {
+            backends: m.backends.with_label_values(&labels),
+            clients: m.clients.with_label_values(&labels),
+            pending: m.pending_calls.with_label_values(&labels),
+        };
+        gauges.backends.set(1);
+        s.gauges = Some(gauges);
+        s.update_gauges();
+        let generation = s.generation;
+        drop(s);
+        self.deliver_all(failed);
+        self.changed.notify_waiters();
+        Some(BackendConn {
+            endpoint: self.clone(),
+            generation,
+            rx,
+            close,
+        })
+    }
+
+    /// Adds a client (a WebSocket peer, or an HTTP call when `websocket` is false).
+    pub fn join(
+        self: &Arc<Self>,
+        websocket: bool,
+        max_clients: usize,
+        queue: usize,
+    ) -> Result<ClientConn, JoinError> {
+        let mut s = self.state();
+        if s.removed || (s.backend.is_none() && s.grace_until.is_none()) {
+            return Err(JoinError::NotFound);
+        }
+        if s.clients.len() >= max_clients {
+            return Err(JoinError::Full);
+        }
+        let route = route_key();
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let close: CloseCell = Arc::new(OnceLock::new());
+        s.clients.insert(
+            route.clone(),
+            ClientSlot {
+                tx,
+                close: close.clone(),
+                open: HashMap::new(),
+                websocket,
+            },
+        );
+        s.update_gauges();
+        Ok(ClientConn {
+            endpoint: self.clone(),
+            route,
+            rx,
+            close,
+        })
+    }
+
+    /// Closes every client with `reason` (reload: the endpoint's fixed secret changed), and makes
+    /// `secret` the one new clients must present.
+    pub fn close_clients(&self, secret: Digest, reason: CloseReason) -> usize {
+        let mut s = self.state();
+        s.secret = secret;
+        let routes: Vec<Route> = s.clients.keys().cloned().collect();
+        let mut owed = Vec::new();
+        for route in &routes {
+            owed.extend(s.remove_client(route, Some(reason.clone())));
+        }
+        let backend = s.backend.as_ref().map(|b| b.tx.clone());
+        drop(s);
+        if let Some(tx) = backend {
+            send_nowait(&tx, owed);
+        }
+        routes.len()
+    }
+
+    /// Closes the backend with `reason` (reload: its token was revoked). Its departure then
+    /// follows the usual rules (pending calls fail, clients wait for the grace).
+    pub fn close_backend(self: &Arc<Self>, reason: CloseReason) -> bool {
+        let mut s = self.state();
+        match s.backend.take() {
+            Some(old) => {
+                let _ = old.close.set(reason);
+                let generation = s.generation;
+                drop(s);
+                // The connection's own departure will find no backend; run it here instead.
+                self.backend_left(generation, true);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every connection of the endpoint (shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        let mut s = self.state();
+        if let Some(old) = s.backend.take() {
+            let _ = old.close.set(reason.clone());
+        }
+        let routes: Vec<Route> = s.clients.keys().cloned().collect();
+        for route in &routes {
+            s.remove_client(route, Some(reason.clone()));
+        }
+    }
+
+    /// The backend with `generation` has gone: fail pending calls, start the grace.
+    fn backend_left(self: &Arc<Self>, generation: u64, already_detached: bool) {
+        let mut s = self.state();
+        if s.generation != generation || s.removed {
+            return;
+        }
+        if !already_detached {
+            if s.backend.is_none() {
+                return;
+            }
+            s.backend = None;
+        }
+        let failed = s.fail_pending_calls("backend unavailable");
+        if let Some(g) = s.gauges.take() {
+            let m = metrics();
+            let labels = [self.path.as_str()];
+            let _ = m.backends.remove_label_values(&labels);
+            let _ = m.clients.remove_label_values(&labels);
+            let _ = m.pending_calls.remove_label_values(&labels);
+            drop(g);
+        }
+        let grace = self
+            .registry
+            .upgrade()
+            .map_or(Duration::ZERO, |r| r.limits().backend_grace);
+        s.grace_until = Some(Instant::now() + grace);
+        drop(s);
+        tracing::info!(endpoint = %self.path, grace_ms = grace.as_millis() as u64, "backend left");
+        self.deliver_all(failed);
+        let me = self.clone();
+        let expire = async move {
+            tokio::time::sleep(grace).await;
+            me.grace_over(generation);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(expire);
+            }
+            Err(_) => self.grace_over(generation),
+        }
+    }
+
+    /// The grace after the backend `generation` left ran out: if no backend came back, remove the
+    /// endpoint and close its clients with 1013.
+    fn grace_over(self: &Arc<Self>, generation: u64) {
+        let mut s = self.state();
+        if s.generation != generation || s.backend.is_some() || s.removed {
+            return;
+        }
+        s.removed = true;
+        let routes: Vec<Route> = s.clients.keys().cloned().collect();
+        let reason = CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable");
+        for route in &routes {
+            s.remove_client(route, Some(reason.clone()));
+        }
+        drop(s);
+        tracing::info!(endpoint = %self.path, clients = routes.len(), "endpoint removed: backend did not come back");
+        self.changed.notify_waiters();
+        if let Some(registry) = self.registry.upgrade() {
+            registry.remove(self);
+        }
+    }
+
+    fn deliver_all(&self, frames: Vec<(mpsc::Sender<Message>, Message)>) {
+        for (tx, msg) in frames {
+            if tx.try_send(msg).is_ok() {
+                self.to_client.inc();
+            } else {
+                self.dropped("client_queue_full");
+            }
+        }
+    }
+
+    fn dropped(&self, reason: &str) {
+        metrics()
+            .dropped
+            .with_label_values(&[self.path.as_str(), reason])
+            .inc();
+        tracing::debug!(endpoint = %self.path, reason, "message dropped");
+    }
+
+    /// Hands a frame to a client; a client whose queue is full is not reading and is closed.
+    fn deliver(&self, route: &Route, tx: &mpsc::Sender<Message>, msg: Message) {
+        match tx.try_send(msg) {
+            Ok(()) => self.to_client.inc(),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.dropped("client_gone"),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.dropped("client_queue_full");
+                let mut s = self.state();
+                let owed = s.remove_client(
+                    route,
+                    Some(CloseReason::new(
+                        close::POLICY,
+                        "client too slow: it did not read its messages",
+                    )),
+                );
+                let backend = s.backend.as_ref().map(|b| b.tx.clone());
+                drop(s);
+                if let Some(backend) = backend {
+                    send_nowait(&backend, owed);
+                }
+                tracing::info!(endpoint = %self.path, "closed a client that did not read");
+            }
+        }
+    }
+}
+
+/// `{"route":"<key>"}` as raw JSON. Route keys are hex digits, so no escaping is needed.
+fn route_ext(route: &str) -> Box<RawValue> {
+    RawValue::from_string(format!(r#"{{"route":"{route}"}}"#))
+        .unwrap_or_else(|_| unreachable!("route keys are hex"))
+}
+
+/// Puts the client's own `ext` back on a reply: the gateway's `route` goes, the client's comes back.
+fn restore_ext(reply: &mut Message, client_route: Option<&RawValue>, client_ext: bool) {
+    if !client_ext && reply.ext_raw().is_none() {
+        return;
+    }
+    let mut ext = reply.ext().unwrap_or_default();
+    ext.remove("route");
+    if let Some(client_route) = client_route {
+        if let Ok(value) = serde_json::from_str::<Value>(client_route.get()) {
+            ext.insert("route".into(), value);
+        }
+    }
+    if ext.is_empty() && !client_ext {
+        reply.set_ext(None);
+    } else {
+        reply.set_ext(Some(&ext));
+    }
+}
+
+/// Queues frames for a backend without waiting (from places that cannot wait).
+fn send_nowait(tx: &mpsc::Sender<String>, frames: Vec<String>) {
+    for frame in frames {
+        match tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(frame)) => {
+                let tx = tx.clone();
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let _ = tx.send(frame).await;
+                    });
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// The backend side of an endpoint.
+pub struct BackendConn {
+    endpoint: Arc<Endpoint>,
+    generation: u64,
+    rx: mpsc::Receiver<String>,
+    close: CloseCell,
+}
+
+impl BackendConn {
+    /// The endpoint this backend serves.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// The next frame to write to the backend; None once the multiplexer closed this backend
+    /// (see [`BackendConn::close_reason`]).
+    pub async fn recv(&mut self) -> Option<String> {
+        self.rx.recv().await
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<String> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Why the multiplexer closed this backend.
+    pub fn close_reason(&self) -> CloseReason {
+        self.close
+            .get()
+            .cloned()
+            .unwrap_or_else(|| CloseReason::new(close::GOING_AWAY, "closed"))
+    }
+
+    /// Routes one frame from the backend. Returns a frame to answer the backend with, if any.
+    pub fn handle(&self, mut msg: Message) -> Option<Message> {
+        let ep = &self.endpoint;
+        match msg.kind() {
+            Kind::Reply => {
+                let Some(id) = msg.id() else {
+                    ep.dropped("reply_without_id");
+                    return None;
+                };
+                let mut s = ep.state();
+                let Some(call) = s.calls.get(&id) else {
+                    drop(s);
+                    ep.dropped("unknown_call");
+                    return None;
+                };
+                let route = call.route.clone();
+                let client_id = call.client_id;
+                let client_route = call.client_route.clone();
+                let client_ext = call.client_ext;
+                if msg.ends_call() {
+                    if let Some(call) = s.calls.remove(&id) {
+                        if let Some(client) = s.clients.get_mut(&call.route) {
+                            client.open.remove(&call.client_id);
+                        }
+                    }
+                    s.update_gauges();
+                }
+                let tx = s.clients.get(&route).map(|c| c.tx.clone());
+                drop(s);
+                msg.set_id(Some(client_id));
+                restore_ext(&mut msg, client_route.as_deref(), client_ext);
+                match tx {
+                    Some(tx) => ep.deliver(&route, &tx, msg),
+                    None => ep.dropped("client_gone"),
+                }
+                None
+            }
+            Kind::Request => {
+                let mut ext = msg.ext().unwrap_or_default();
+                let route: Option<Route> = match ext.remove("route") {
+                    Some(Value::String(route)) => Some(Arc::from(route)),
+                    _ => None,
+                };
+                let id = msg.id();
+                let mut s = ep.state();
+                let target = route
+                    .as_ref()
+                    .and_then(|r| s.clients.get_key_value(r))
+                    .map(|(r, c)| (r.clone(), c.tx.clone()));
+                let Some((route, tx)) = target else {
+                    drop(s);
+                    ep.dropped("client_not_connected");
+                    let id = id?;
+                    let mut reply = Message::error_reply(
+                        Some(id),
+                        &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+                    );
+                    if let Some(raw) = msg.ext_raw() {
+                        reply.set_raw("ext", raw.to_owned());
+                    }
+                    return Some(reply);
+                };
+                if let Some(id) = id {
+                    s.backend_calls.insert(id, route.clone());
+                }
+                drop(s);
+                msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
+                ep.deliver(&route, &tx, msg);
+                None
+            }
+        }
+    }
+}
+
+impl Drop for BackendConn {
+    fn drop(&mut self) {
+        self.endpoint.backend_left(self.generation, false);
+    }
+}
+
+/// A client of an endpoint: a WebSocket peer or one HTTP call.
+pub struct ClientConn {
+    endpoint: Arc<Endpoint>,
+    route: Route,
+    rx: mpsc::Receiver<Message>,
+    close: CloseCell,
+}
+
+impl ClientConn {
+    /// The endpoint.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// This client's route key.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The next frame for this client; None once the multiplexer closed it
+    /// (see [`ClientConn::close_reason`]).
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Why the multiplexer closed this client.
+    pub fn close_reason(&self) -> CloseReason {
+        self.close
+            .get()
+            .cloned()
+            .unwrap_or_else(|| CloseReason::new(close::GOING_AWAY, "closed"))
+    }
+
+    /// Sends one frame from this client to the backend. Returns the frame to answer the client
+    /// with when the gateway answers it itself (too many pending calls, backend unavailable; the
+    /// latter also for a request without an id, which then has no id either).
+    pub async fn send(&self, mut msg: Message) -> Option<Message> {
+        let ep = &self.endpoint;
+        let client_ext = msg.ext_raw().is_some();
+        let mut ext_map = if client_ext { msg.ext() } else { None };
+        let client_route: Option<Box<RawValue>> = ext_map
+            .as_mut()
+            .and_then(|m| m.remove("route"))
+            .and_then(|v| serde_json::value::to_raw_value(&v).ok());
+
+        let backend = match msg.kind() {
+            Kind::Reply => {
+                // A reply to a call the backend made to this client: it keeps its id.
+                let Some(id) = msg.id() else {
+                    ep.dropped("reply_without_id");
+                    return None;
+                };
+                let mut s = ep.state();
+                if s.backend_calls.get(&id) != Some(&self.route) {
+                    drop(s);
+                    ep.dropped("unknown_call");
+                    return None;
+                }
+                if msg.ends_call() {
+                    s.backend_calls.remove(&id);
+                }
+                match &s.backend {
+                    Some(b) => b.tx.clone(),
+                    None => {
+                        drop(s);
+                        ep.dropped("no_backend");
+                        return None;
+                    }
+                }
+            }
+            Kind::Request => {
+                let mut wait = std::pin::pin!(ep.changed.notified());
+                loop {
+                    wait.as_mut().enable();
+                    match self.admit(&mut msg, &client_route, client_ext) {
+                        Admit::Send(tx) => break tx,
+                        Admit::Answer(reply) => return reply,
+                        Admit::Wait(deadline) => {
+                            let _ = tokio::time::timeout_at(deadline, wait.as_mut()).await;
+                            wait.set(ep.changed.notified());
+                        }
+                    }
+                }
+            }
+        };
+
+        match ext_map {
+            Some(mut ext) => {
+                ext.insert("route".into(), Value::String(self.route.to_string()));
+                msg.set_ext(Some(&ext));
+            }
+            None => msg.set_raw("ext", route_ext(&self.route)),
+        }
+        if backend.send(msg.to_json()).await.is_ok() {
+            ep.to_backend.inc();
+        } else {
+            // The backend left while we queued; its departure fails the call.
+            ep.dropped("no_backend");
+        }
+        None
+    }
+}
+
+/// What to do with a client's request.
+enum Admit {
+    /// Queue it to this backend.
+    Send(mpsc::Sender<String>),
+    /// The gateway answers it itself (or drops it: None).
+    Answer(Option<Message>),
+    /// No backend yet; wait for one until this instant.
+    Wait(Instant),
+}
+
+impl ClientConn {
+    /// Decides a request under the endpoint lock: gives it a backend id (or reuses the one of the
+    /// call it continues) and picks the backend to send it to.
+    fn admit(&self, msg: &mut Message, client_route: &Option<Box<RawValue>>, client_ext: bool) -> Admit {
+        let ep = &self.endpoint;
+        let mut guard = ep.state();
+        let s = &mut *guard;
+        let backend = match (&s.backend, s.grace_until) {
+            (Some(b), _) => b.tx.clone(),
+            (None, Some(until)) if !s.removed && Instant::now() < until => {
+                return Admit::Wait(until)
+            }
+            _ => {
+                drop(guard);
+                ep.dropped("no_backend");
+                // Answered even without an id, so an HTTP caller can tell; WebSocket peers are
+                // only sent answers that carry an id.
+                return Admit::Answer(Some(local_error(
+                    msg,
+                    code::BACKEND_UNAVAILABLE,
+                    "backend unavailable",
+                )));
+            }
+        };
+        let Some(client_id) = msg.id() else {
+            return Admit::Send(backend);
+        };
+        let max_pending = ep
+            .registry
+            .upgrade()
+            .map_or(usize::MAX, |r| r.limits().max_pending_calls_per_client);
+        let Some(client) = s.clients.get_mut(&self.route) else {
+            // Closed by the multiplexer meanwhile.
+            return Admit::Answer(None);
+        };
+        let backend_id = match client.open.get(&client_id) {
+            Some(&backend_id) => backend_id,
+            None => {
+                if client.open.len() >= max_pending {
+                    drop(guard);
+                    ep.dropped("too_many_pending_calls");
+                    return Admit::Answer(Some(local_error(
+                        msg,
+                        code::TOO_MANY_PENDING_CALLS,
+                        "too many pending calls",
+                    )));
+                }
+                let backend_id = s.next_id;
+                s.next_id += 1;
+                client.open.insert(client_id, backend_id);
+                s.calls.insert(
+                    backend_id,
+                    PendingCall {
+                        route: self.route.clone(),
+                        client_id,
+                        client_route: client_route.clone(),
+                        client_ext,
+                    },
+                );
+                s.update_gauges();
+                backend_id
+            }
+        };
+        drop(guard);
+        msg.set_id(Some(backend_id));
+        Admit::Send(backend)
+    }
+}
+
+/// An error reply the gateway makes for `msg`, with its id and `ext`.
+fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
+    let mut reply = Message::error_reply(msg.id(), &RpcError::new(error_code, text));
+    if let Some(raw) = msg.ext_raw() {
+        reply.set_raw("ext", raw.to_owned());
+    }
+    reply
+}
+
+impl Drop for ClientConn {
+    fn drop(&mut self) {
+        let mut s = self.endpoint.state();
+        let owed = s.remove_client(&self.route, None);
+        let backend = s.backend.as_ref().map(|b| b.tx.clone());
+        drop(s);
+        if let Some(tx) = backend {
+            send_nowait(&tx, owed);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The in-process multiplexer: endpoints, their backend, their clients, and the call table that
+//! lets every client share the backend's one connection.
+//!
+//! The multiplexer knows nothing about Pingora or WebSocket framing. A backend connection is a
+//! [`BackendConn`] (frames in with [`BackendConn::handle`], frames out of its queue), a client
+//! connection or an HTTP call is a [`ClientConn`] (frames in with [`ClientConn::send`], frames out
+//! of its queue). Dropping either one is how it leaves; the endpoint cleans up after it.
+//!
+//! Rules (SPEC section 4): a client's request id is replaced by a fresh id unique on the backend
+//! connection, remembered until the call ends, and reused for the client's later `more` frames of
+//! the same call; every frame to the backend carries `ext.route`, the client's route key; replies
+//! come back with the client's own id and `ext`. The backend calls a client by naming its route.
+
+mod endpoint;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+pub use endpoint::{BackendConn, ClientConn, Endpoint, EndpointStats, JoinError};
+
+use crate::auth::Digest;
+
+/// The limits the multiplexer enforces; replaced as a whole on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Open calls one client may have; the next one gets `-32003`.
+    pub max_pending_calls_per_client: usize,
+    /// How long clients wait for a backend that left to come back.
+    pub backend_grace: Duration,
+    /// Frames queued for one client before it counts as not reading and is closed.
+    pub client_queue: usize,
+    /// Frames queued for a backend before clients wait for it to read.
+    pub backend_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_pending_calls_per_client: 1024,
+            backend_grace: Duration::from_secs(10),
+            client_queue: 1024,
+            backend_queue: 8192,
+        }
+    }
+}
+
+/// A close code and reason for a connection the multiplexer ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloseReason {
+    /// WebSocket close code.
+    pub code: u16,
+    /// Human-readable reason.
+    pub reason: String,
+}
+
+impl CloseReason {
+    /// A close reason.
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        CloseReason {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Close codes the multiplexer uses.
+pub mod close {
+    /// The gateway is shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Credentials no longer valid (reload).
+    pub const POLICY: u16 = 1008;
+    /// A frame over `max_message_bytes`.
+    pub const TOO_BIG: u16 = 1009;
+    /// The backend was replaced by a new one.
+    pub const SERVICE_RESTART: u16 = 1012;
+    /// The backend left and did not come back within the grace.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+/// All endpoints of the gateway.
+pub struct Registry {
+    endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
+    limits: ArcSwap<Limits>,
+    me: Weak<Registry>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(limits: Limits) -> Arc<Registry> {
+        Arc::new_cyclic(|me| Registry {
+            endpoints: Mutex::new(HashMap::new()),
+            limits: ArcSwap::from_pointee(limits),
+            me: me.clone(),
+        })
+    }
+
+    /// Replaces the limits; they apply to every message from now on.
+    pub fn set_limits(&self, limits: Limits) {
+        self.limits.store(Arc::new(limits));
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Arc<Limits> {
+        self.limits.load_full()
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Arc<Endpoint>>> {
+        lock(&self.endpoints)
+    }
+
+    /// The endpoint at `path`, if it has a backend or is in its grace.
+    pub fn lookup(&self, path: &str) -> Option<Arc<Endpoint>> {
+        self.map().get(path).cloned()
+    }
+
+    /// Every endpoint (for reload and shutdown).
+    pub fn endpoints(&self) -> Vec<Arc<Endpoint>> {
+        self.map().values().cloned().collect()
+    }
+
+    /// Makes a backend the one of `path`, replacing (closing with 1012) any backend it had.
+    /// `secret` is what clients must present from now on; `token_name` is the publishing token's.
+    pub fn publish(&self, path: &str, secret: Digest, token_name: &str) -> BackendConn {
+        let mut map = self.map();
+        if let Some(endpoint) = map.get(path) {
+            if let Some(conn) = endpoint.attach_backend(secret, token_name, &self.limits()) {
+                return conn;
+            }
+            // The endpoint was being removed as we looked: start a new one.
+        }
+        let endpoint = Endpoint::new(path, self.me.clone());
+        map.insert(path.to_string(), endpoint.clone());
+        drop(map);
+        match endpoint.attach_backend(secret, token_name, &self.limits()) {
+            Some(conn) => conn,
+            None => unreachable!("a new endpoint is not removed"),
+        }
+    }
+
+    /// Forgets `endpoint` if it is still the one registered at its path.
+    fn remove(&self, endpoint: &Arc<Endpoint>) {
+        let mut map = self.map();
+        if map
+            .get(endpoint.path())
+            .is_some_and(|e| Arc::ptr_eq(e, endpoint))
+        {
+            map.remove(endpoint.path());
+        }
+    }
+}
+
+/// Locks a mutex, carrying on if a panicking thread poisoned it (the state stays consistent:
+/// every critical section is a few map operations).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fresh route key: 128 random bits as 32 hex digits.
+fn route_key() -> Arc<str> {
+    let bits: u128 = rand::random();
+    Arc::from(format!("{bits:032x}"))
+}

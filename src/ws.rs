@@ -1,0 +1,426 @@
+//! WebSocket connections served inside a Pingora session: the upgrade answer, framing
+//! (tungstenite's `WebSocketContext` over in-memory buffers), the Duplex handshake, keepalive pings,
+//! and the loop that moves frames between the socket and the multiplexer.
+//!
+//! Pingora does not hand out the raw stream of a `ProxyHttp` session; after a `101` it reads the
+//! request body raw until close and writes the response body close-delimited, which is exactly a
+//! byte pipe. Frames are decoded from what `read_request_body` returns and encoded into
+//! `write_response_body`.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use tokio::time::{Instant, MissedTickBehavior};
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
+use tungstenite::Message as WsMessage;
+
+use crate::duplex::{handshake, Message};
+use crate::metrics::{metrics, Rejection};
+use crate::mux::{close, BackendConn, ClientConn, CloseReason};
+
+/// Settings for one WebSocket connection.
+#[derive(Debug, Clone, Copy)]
+pub struct WsSettings {
+    /// Largest message accepted; larger ones close the connection with 1009.
+    pub max_message_bytes: usize,
+    /// How long a peer has to send the Duplex handshake.
+    pub handshake_timeout: Duration,
+    /// Ping period; a peer silent for two periods is closed. Zero disables pings.
+    pub ping_interval: Duration,
+    /// How long one write to the peer may take before the connection is dropped.
+    pub write_timeout: Duration,
+}
+
+/// Whether a request asks for a WebSocket upgrade.
+pub fn is_upgrade(req: &pingora::http::RequestHeader) -> bool {
+    let has_token = |name: &str, token: &str| {
+        req.headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    has_token("upgrade", "websocket")
+        && has_token("connection", "upgrade")
+        && req.headers.contains_key("sec-websocket-key")
+}
+
+/// Bytes in from the socket and frames out to it, without any I/O of its own.
+#[derive(Default)]
+struct MemIo {
+    input: BytesMut,
+    output: Vec<u8>,
+}
+
+impl Read for MemIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input.split_to(n));
+        Ok(n)
+    }
+}
+
+impl Write for MemIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What reading the socket produced.
+enum Incoming {
+    /// A text or binary message.
+    Data(Bytes),
+    /// The peer closed (or the connection ended).
+    Closed,
+    /// The peer broke the WebSocket protocol; close with this code.
+    Broken(CloseReason),
+}
+
+/// A WebSocket connection over a Pingora session.
+pub struct WsStream<'s> {
+    session: &'s mut Session,
+    ctx: WebSocketContext,
+    io: MemIo,
+    last_heard: Instant,
+}
+
+impl<'s> WsStream<'s> {
+    /// Answers the upgrade with `101 Switching Protocols` and starts framing.
+    pub async fn accept(
+        session: &'s mut Session,
+        settings: &WsSettings,
+    ) -> pingora::Result<WsStream<'s>> {
+        let key = session
+            .req_header()
+            .headers
+            .get("sec-websocket-key")
+            .map(|v| tungstenite::handshake::derive_accept_key(v.as_bytes()))
+            .unwrap_or_default();
+        let mut resp = ResponseHeader::build(101, Some(3))?;
+        resp.insert_header("upgrade", "websocket")?;
+        resp.insert_header("connection", "Upgrade")?;
+        resp.insert_header("sec-websocket-accept", key)?;
+        session.write_response_header(Box::new(resp), false).await?;
+        // Pingora's HTTP read timeout would kill idle WebSockets; pings find dead peers instead.
+        session.set_read_timeout(None);
+        session.set_write_timeout(Some(settings.write_timeout));
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(settings.max_message_bytes))
+            .max_frame_size(Some(settings.max_message_bytes));
+        Ok(WsStream {
+            session,
+            ctx: WebSocketContext::new(Role::Server, Some(config)),
+            io: MemIo::default(),
+            last_heard: Instant::now(),
+        })
+    }
+
+    /// Reads the next text or binary message. Cancel-safe: no bytes are lost if the future is
+    /// dropped while waiting for the socket.
+    async fn read(&mut self) -> Incoming {
+        loop {
+            match self.ctx.read(&mut self.io) {
+                Ok(WsMessage::Text(text)) => {
+                    self.last_heard = Instant::now();
+                    return Incoming::Data(Bytes::from(text));
+                }
+                Ok(WsMessage::Binary(data)) => {
+                    self.last_heard = Instant::now();
+                    return Incoming::Data(data);
+                }
+                Ok(WsMessage::Close(_)) => return Incoming::Closed,
+                Ok(_) => {
+                    // Ping (the pong is queued by the context), pong, raw frame.
+                    self.last_heard = Instant::now();
+                    continue;
+                }
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
+                    metrics().reject(Rejection::TooLarge);
+                    return Incoming::Broken(CloseReason::new(
+                        close::TOO_BIG,
+                        format!("message of {size} bytes is over the limit of {max_size}"),
+                    ));
+                }
+                Err(WsError::Capacity(_)) => {
+                    metrics().reject(Rejection::TooLarge);
+                    return Incoming::Broken(CloseReason::new(close::TOO_BIG, "frame too large"));
+                }
+                Err(WsError::Utf8(_)) => {
+                    return Incoming::Broken(CloseReason::new(1007, "text frame is not UTF-8"))
+                }
+                Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))
+                | Err(WsError::ConnectionClosed)
+                | Err(WsError::AlreadyClosed) => return Incoming::Closed,
+                Err(WsError::Protocol(e)) => {
+                    return Incoming::Broken(CloseReason::new(1002, e.to_string()))
+                }
+                Err(_) => return Incoming::Closed,
+            }
+            match self.session.read_request_body().await {
+                Ok(Some(bytes)) => self.io.input.extend_from_slice(&bytes),
+                Ok(None) | Err(_) => return Incoming::Closed,
+            }
+        }
+    }
+
+    /// Queues a text message (written by the next [`WsStream::flush`]).
+    fn queue_text(&mut self, text: String) {
+        let _ = self.ctx.write(&mut self.io, WsMessage::Text(text.into()));
+    }
+
+    /// Writes everything queued to the socket.
+    async fn flush(&mut self) -> bool {
+        let _ = self.ctx.flush(&mut self.io);
+        if self.io.output.is_empty() {
+            return true;
+        }
+        let out = Bytes::from(std::mem::take(&mut self.io.output));
+        self.session
+            .write_response_body(Some(out), false)
+            .await
+            .is_ok()
+    }
+
+    /// Sends a close frame with `reason` and flushes it.
+    async fn close(&mut self, reason: &CloseReason) {
+        let frame = CloseFrame {
+            code: CloseCode::from(reason.code),
+            reason: truncate(&reason.reason, 120).into(),
+        };
+        let _ = self.ctx.close(&mut self.io, Some(frame));
+        self.flush().await;
+    }
+
+    /// Waits for the Duplex handshake and answers it. False if the peer refused, broke or
+    /// timed out (the connection has been closed).
+    pub async fn handshake(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let incoming = tokio::select! {
+                incoming = self.read() => incoming,
+                _ = tokio::time::sleep_until(deadline) => {
+                    metrics().reject(Rejection::BadHandshake);
+                    self.close(&CloseReason::new(1002, "no handshake in time")).await;
+                    return false;
+                }
+            };
+            match incoming {
+                Incoming::Data(frame) if frame.is_empty() => {
+                    self.flush().await;
+                }
+                Incoming::Data(frame) => {
+                    return match handshake::check(&frame) {
+                        Ok(()) => {
+                            self.queue_text(handshake::ACCEPT.to_string());
+                            self.flush().await
+                        }
+                        Err(reason) => {
+                            metrics().reject(Rejection::BadHandshake);
+                            self.queue_text(handshake::refusal(&reason));
+                            self.close(&CloseReason::new(1002, "bad handshake")).await;
+                            false
+                        }
+                    };
+                }
+                Incoming::Closed => {
+                    self.flush().await;
+                    return false;
+                }
+                Incoming::Broken(reason) => {
+                    self.close(&reason).await;
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Moves frames between the socket and `side` until either ends.
+    async fn pump<S: Side>(&mut self, side: &mut S, ping_interval: Duration) {
+        let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            ping_interval
+        });
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ticker.tick().await;
+        self.last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                incoming = self.read() => match incoming {
+                    Incoming::Data(frame) => {
+                        if frame.is_empty() {
+                            // Keepalive: never forwarded.
+                        } else {
+                            match Message::parse(&frame) {
+                                Ok(msg) => {
+                                    if let Some(answer) = side.on_frame(msg).await {
+                                        if answer.id().is_some() {
+                                            self.queue_text(answer.to_json());
+                                        }
+                                    }
+                                }
+                                Err(e) => {
+                                    side.on_malformed(&e);
+                                    if let Some(answer) = e.reply() {
+                                        self.queue_text(answer.to_json());
+                                    }
+                                }
+                            }
+                        }
+                        if !self.flush().await {
+                            return;
+                        }
+                    }
+                    Incoming::Closed => {
+                        self.flush().await;
+                        return;
+                    }
+                    Incoming::Broken(reason) => {
+                        self.close(&reason).await;
+                        return;
+                    }
+                },
+                out = side.next_out() => match out {
+                    Some(frame) => {
+                        self.queue_text(frame);
+                        // Batch what else is already queued into one write.
+                        for _ in 0..64 {
+                            match side.try_next_out() {
+                                Some(frame) => self.queue_text(frame),
+                                None => break,
+                            }
+                        }
+                        if !self.flush().await {
+                            return;
+                        }
+                    }
+                    None => {
+                        let reason = side.close_reason();
+                        self.close(&reason).await;
+                        return;
+                    }
+                },
+                _ = ticker.tick(), if !ping_interval.is_zero() => {
+                    if self.last_heard.elapsed() > ping_interval * 2 {
+                        tracing::debug!("peer silent for two ping intervals: closing");
+                        self.close(&CloseReason::new(close::GOING_AWAY, "ping timeout")).await;
+                        return;
+                    }
+                    let _ = self.ctx.write(&mut self.io, WsMessage::Ping(Bytes::new()));
+                    if !self.flush().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// One side of the multiplexer as seen by a WebSocket connection.
+trait Side {
+    /// A frame from the peer; returns an answer to write back to the peer, if any.
+    async fn on_frame(&mut self, msg: Message) -> Option<Message>;
+    /// A frame the peer sent that is not a valid message.
+    fn on_malformed(&mut self, error: &crate::duplex::ParseError);
+    /// The next frame for the peer; None when the multiplexer closed this connection.
+    async fn next_out(&mut self) -> Option<String>;
+    /// A frame already waiting, if any.
+    fn try_next_out(&mut self) -> Option<String>;
+    /// Why the multiplexer closed this connection.
+    fn close_reason(&self) -> CloseReason;
+}
+
+impl Side for BackendConn {
+    async fn on_frame(&mut self, msg: Message) -> Option<Message> {
+        self.handle(msg)
+    }
+    fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
+        tracing::debug!(endpoint = %self.endpoint().path(), %error, "malformed frame from backend");
+        count_malformed(self.endpoint().path());
+    }
+    async fn next_out(&mut self) -> Option<String> {
+        self.recv().await
+    }
+    fn try_next_out(&mut self) -> Option<String> {
+        self.try_recv()
+    }
+    fn close_reason(&self) -> CloseReason {
+        BackendConn::close_reason(self)
+    }
+}
+
+impl Side for ClientConn {
+    async fn on_frame(&mut self, msg: Message) -> Option<Message> {
+        self.send(msg).await
+    }
+    fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
+        tracing::debug!(endpoint = %self.endpoint().path(), %error, "malformed frame from client");
+        count_malformed(self.endpoint().path());
+    }
+    async fn next_out(&mut self) -> Option<String> {
+        self.recv().await.map(|m| m.to_json())
+    }
+    fn try_next_out(&mut self) -> Option<String> {
+        self.try_recv().map(|m| m.to_json())
+    }
+    fn close_reason(&self) -> CloseReason {
+        ClientConn::close_reason(self)
+    }
+}
+
+fn count_malformed(endpoint: &str) {
+    metrics()
+        .dropped
+        .with_label_values(&[endpoint, "malformed"])
+        .inc();
+}
+
+/// Serves a client connection that has joined its endpoint: handshake, then frames.
+pub async fn serve_client(session: &mut Session, mut conn: ClientConn, settings: WsSettings) {
+    let Ok(mut ws) = WsStream::accept(session, &settings).await else {
+        return;
+    };
+    if ws.handshake(settings.handshake_timeout).await {
+        ws.pump(&mut conn, settings.ping_interval).await;
+    }
+}
+
+/// Serves a backend connection: handshake, then `publish` registers it, then frames.
+pub async fn serve_backend(
+    session: &mut Session,
+    settings: WsSettings,
+    publish: impl FnOnce() -> BackendConn,
+) {
+    let Ok(mut ws) = WsStream::accept(session, &settings).await else {
+        return;
+    };
+    if ws.handshake(settings.handshake_timeout).await {
+        let mut conn = publish();
+        ws.pump(&mut conn, settings.ping_interval).await;
+    }
+}
