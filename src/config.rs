@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::{self, Deserializer};
+use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use crate::auth::{check_path, Digest, PathScope, Token};
@@ -256,29 +256,39 @@ fn substitute(value: &str) -> Result<String, String> {
     Ok(out)
 }
 
+/// Reads a string scalar, substitutes `${ENV}`, then parses it with the given function. Errors
+/// are raised inside the visitor, so serde_yaml marks them with the scalar's line and column.
+struct ParseVisitor<T>(fn(&str) -> Result<T, String>);
+
+impl<T> Visitor<'_> for ParseVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        let text = substitute(v).map_err(E::custom)?;
+        (self.0)(&text).map_err(E::custom)
+    }
+}
+
 /// A string with `${ENV}` substituted.
 #[derive(Debug, Clone, PartialEq)]
 struct EnvString(String);
-
-impl<'de> Deserialize<'de> for EnvString {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(d)?;
-        substitute(&raw).map(EnvString).map_err(de::Error::custom)
-    }
-}
 
 /// Implements `Deserialize` for a type parsed from an env-substituted string.
 macro_rules! from_env_string {
     ($ty:ty, $parse:expr) => {
         impl<'de> Deserialize<'de> for $ty {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let EnvString(text) = EnvString::deserialize(d)?;
-                let parse: fn(&str) -> Result<$ty, String> = $parse;
-                parse(&text).map_err(de::Error::custom)
+                d.deserialize_str(ParseVisitor::<$ty>($parse))
             }
         }
     };
 }
+
+from_env_string!(EnvString, |s| Ok(EnvString(s.to_string())));
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Addr(SocketAddr);
@@ -336,19 +346,32 @@ struct Dur(Duration);
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(EnvString),
+        struct DurVisitor;
+        impl Visitor<'_> for DurVisitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration like 250ms, 10s, 5m or 1h")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
+                if n == 0 {
+                    return Ok(Dur(Duration::ZERO));
+                }
+                Err(E::custom(format!(
+                    "`{n}` needs a unit: {n}ms, {n}s, {n}m or {n}h"
+                )))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom("a duration cannot be negative")),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                let text = substitute(v).map_err(E::custom)?;
+                parse_duration(&text).map(Dur).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(0) => Ok(Dur(Duration::ZERO)),
-            Raw::Int(n) => Err(de::Error::custom(format!(
-                "`{n}` needs a unit: {n}ms, {n}s, {n}m or {n}h"
-            ))),
-            Raw::Text(EnvString(text)) => parse_duration(&text).map(Dur).map_err(de::Error::custom),
-        }
+        d.deserialize_any(DurVisitor)
     }
 }
 

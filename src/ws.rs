@@ -205,8 +205,15 @@ impl<'s> WsStream<'s> {
         self.flush().await;
     }
 
-    /// Waits for the Duplex handshake and answers it. False if the peer refused, broke or
-    /// timed out (the connection has been closed).
+    /// Answers a valid handshake with `+OK`.
+    async fn accept_handshake(&mut self) -> bool {
+        self.queue_text(handshake::ACCEPT.to_string());
+        self.flush().await
+    }
+
+    /// Waits for the Duplex handshake; a bad one is answered with `-ERR` and closed. True when it
+    /// is valid: the caller registers the peer, then answers with [`WsStream::accept_handshake`],
+    /// so a peer that has seen `+OK` is known to the multiplexer.
     pub async fn handshake(&mut self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
@@ -224,10 +231,8 @@ impl<'s> WsStream<'s> {
                 }
                 Incoming::Data(frame) => {
                     return match handshake::check(&frame) {
-                        Ok(()) => {
-                            self.queue_text(handshake::ACCEPT.to_string());
-                            self.flush().await
-                        }
+                        // Answered by `accept_handshake`, once the peer is registered.
+                        Ok(()) => true,
                         Err(reason) => {
                             metrics().reject(Rejection::BadHandshake);
                             self.queue_text(handshake::refusal(&reason));
@@ -405,7 +410,7 @@ pub async fn serve_client(session: &mut Session, mut conn: ClientConn, settings:
     let Ok(mut ws) = WsStream::accept(session, &settings).await else {
         return;
     };
-    if ws.handshake(settings.handshake_timeout).await {
+    if ws.handshake(settings.handshake_timeout).await && ws.accept_handshake().await {
         ws.pump(&mut conn, settings.ping_interval).await;
     }
 }
@@ -421,6 +426,8 @@ pub async fn serve_backend(
     };
     if ws.handshake(settings.handshake_timeout).await {
         let mut conn = publish();
-        ws.pump(&mut conn, settings.ping_interval).await;
+        if ws.accept_handshake().await {
+            ws.pump(&mut conn, settings.ping_interval).await;
+        }
     }
 }

@@ -131,13 +131,14 @@ impl Registry {
             }
             // The endpoint was being removed as we looked: start a new one.
         }
+        // Attach first, then register, so nobody ever finds the endpoint without its secret.
         let endpoint = Endpoint::new(path, self.me.clone());
-        map.insert(path.to_string(), endpoint.clone());
-        drop(map);
-        match endpoint.attach_backend(secret, token_name, &self.limits()) {
+        let conn = match endpoint.attach_backend(secret, token_name, &self.limits()) {
             Some(conn) => conn,
             None => unreachable!("a new endpoint is not removed"),
-        }
+        };
+        map.insert(path.to_string(), endpoint);
+        conn
     }
 
     /// Forgets `endpoint` if it is still the one registered at its path.

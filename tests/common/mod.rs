@@ -1,0 +1,365 @@
+//! Test harness: starts the real `duplex-gateway` binary on free loopback ports with a config
+//! written for the test, and talks to it over real sockets.
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use duplex_gateway::duplex::{Call, Peer, PeerBuilder, RpcError};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// A token that may publish everything.
+pub const TOKEN: &str = "main-token-0123456789";
+/// A token that may publish `/team/*` only.
+pub const TEAM_TOKEN: &str = "team-token-0123456789";
+/// How long a test waits for anything before it fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A free loopback TCP port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running gateway process.
+pub struct Gateway {
+    child: Child,
+    /// The gateway listener's port.
+    pub port: u16,
+    /// The metrics listener's port.
+    pub metrics_port: u16,
+    /// The config file (rewrite it and `reload()`).
+    pub config_path: PathBuf,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// The standard config plus `extra` YAML sections (e.g. `limits:` or `endpoints:`).
+    pub fn config_text(port: u16, metrics_port: u16, extra: &str) -> String {
+        format!(
+            "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics_port}\n\
+             tokens:\n  - name: main\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
+             \x20 - name: team\n    token: {TEAM_TOKEN}\n    endpoints: [\"/team/*\"]\n{extra}\n"
+        )
+    }
+
+    /// Starts a gateway on the standard config plus `extra`.
+    pub fn start(extra: &str) -> Gateway {
+        Gateway::start_with(|port, metrics_port| Gateway::config_text(port, metrics_port, extra))
+    }
+
+    /// Starts a gateway on the config `make(port, metrics_port)` returns.
+    pub fn start_with(make: impl Fn(u16, u16) -> String) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let metrics_port = free_port();
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, make(port, metrics_port)).expect("write config");
+        let log_path = dir.path().join("gateway.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info,duplex_gateway=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start duplex-gateway");
+        let gw = Gateway {
+            child,
+            port,
+            metrics_port,
+            config_path,
+            log_path,
+            _dir: dir,
+        };
+        gw.wait_for_port(port);
+        gw
+    }
+
+    /// Waits until `port` accepts connections.
+    pub fn wait_for_port(&self, port: u16) {
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not listen on {port}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ws://127.0.0.1:PORT{path_and_query}`.
+    pub fn ws(&self, path_and_query: &str) -> String {
+        format!("ws://127.0.0.1:{}{path_and_query}", self.port)
+    }
+
+    /// `http://127.0.0.1:PORT{path_and_query}`.
+    pub fn http(&self, path_and_query: &str) -> String {
+        format!("http://127.0.0.1:{}{path_and_query}", self.port)
+    }
+
+    /// The publish URL of `path` with the main token.
+    pub fn publish_url(&self, path: &str, secret: &str) -> String {
+        self.ws(&format!("{path}?token={TOKEN}&secret={secret}"))
+    }
+
+    /// The client URL of `path`.
+    pub fn client_url(&self, path: &str, secret: &str) -> String {
+        self.ws(&format!("{path}?secret={secret}"))
+    }
+
+    /// What the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Sends a signal to the gateway.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Rewrites the config file.
+    pub fn rewrite_config(&self, text: &str) {
+        let mut f = std::fs::File::create(&self.config_path).expect("config");
+        f.write_all(text.as_bytes()).expect("write config");
+    }
+
+    /// Waits for the process to exit; returns how long it took, or None after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of metric `name{labels}` in Prometheus text (labels as written, e.g.
+/// `endpoint="/a"`), or None when the series is absent.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, rest) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric_name != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
+            let count = if rest.is_empty() { 0 } else { rest.split(',').count() };
+            (all && count == labels.len()).then(|| value.parse().ok())?
+        })
+}
+
+/// A backend peer with the test methods: `echo`, `count` (streams 1..=n), `add` (sums streamed
+/// input), `route` (answers with the caller's route), `fail` (answers with the error in its
+/// payload), `slow` (waits payload ms, then echoes).
+pub fn test_backend() -> PeerBuilder {
+    Peer::builder()
+        .handle("echo", |call: Call| async move { Ok(call.payload) })
+        .handle("count", |call: Call| async move {
+            let n = call.payload.as_u64().unwrap_or(0);
+            for i in 1..n {
+                let _ = call.send(&json!(i));
+            }
+            Ok(json!(n))
+        })
+        .handle("add", |mut call: Call| async move {
+            let mut sum = call.payload.as_i64().unwrap_or(0);
+            while let Some(v) = call.next_input().await {
+                sum += v.as_i64().unwrap_or(0);
+            }
+            Ok(json!(sum))
+        })
+        .handle("route", |call: Call| async move {
+            Ok(json!(call.route().map(str::to_string)))
+        })
+        .handle("fail", |call: Call| async move {
+            let code = call.payload["code"].as_i64().unwrap_or(-1);
+            let message = call.payload["message"].as_str().unwrap_or("failed").to_string();
+            Err(RpcError::new(code, message))
+        })
+        .handle("slow", |call: Call| async move {
+            let ms = call.payload.as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(call.payload)
+        })
+}
+
+/// Publishes the test backend at `path` with the main token.
+pub async fn publish(gw: &Gateway, path: &str, secret: &str) -> Peer {
+    test_backend()
+        .connect(&gw.publish_url(path, secret))
+        .await
+        .unwrap_or_else(|e| panic!("publish {path}: {e}\n{}", gw.log()))
+}
+
+/// Connects a library client to `path`.
+pub async fn client(gw: &Gateway, path: &str, secret: &str) -> Peer {
+    Peer::builder()
+        .connect(&gw.client_url(path, secret))
+        .await
+        .unwrap_or_else(|e| panic!("connect {path}: {e}\n{}", gw.log()))
+}
+
+/// A raw WebSocket peer: every frame is written and read as it is.
+pub struct Raw {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What a raw peer saw next.
+#[derive(Debug, PartialEq)]
+pub enum Seen {
+    /// A text frame.
+    Text(String),
+    /// A close frame with its code (None: no code, or the TCP connection ended).
+    Close(Option<u16>),
+}
+
+impl Raw {
+    /// Opens a WebSocket (no Duplex handshake). Err holds the HTTP status of a refusal.
+    pub async fn connect(url: &str, headers: &[(&str, &str)]) -> Result<Raw, u16> {
+        let mut request = url.into_client_request().expect("request");
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                http::header::HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                v.parse().expect("value"),
+            );
+        }
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((ws, _)) => Ok(Raw { ws }),
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("connect {url}: {e}"),
+        }
+    }
+
+    /// Opens a WebSocket and does the Duplex handshake.
+    pub async fn open(url: &str) -> Raw {
+        let mut raw = Raw::connect(url, &[])
+            .await
+            .unwrap_or_else(|s| panic!("connect {url}: HTTP {s}"));
+        raw.send("SIMPLEX/1.0;json").await;
+        assert_eq!(raw.next().await, Seen::Text("+OK".into()));
+        raw
+    }
+
+    /// Sends a text frame.
+    pub async fn send(&mut self, text: &str) {
+        self.ws
+            .send(WsMessage::Text(text.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a binary frame.
+    pub async fn send_binary(&mut self, data: &[u8]) {
+        self.ws
+            .send(WsMessage::Binary(data.to_vec().into()))
+            .await
+            .expect("send");
+    }
+
+    /// Sends a JSON value as a text frame.
+    pub async fn send_json(&mut self, value: &Value) {
+        self.send(&value.to_string()).await;
+    }
+
+    /// The next text frame or close (pings and pongs are skipped). Fails after [`WAIT`].
+    pub async fn next(&mut self) -> Seen {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let frame = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("nothing arrived in time");
+            match frame {
+                Some(Ok(WsMessage::Text(t))) => return Seen::Text(t.to_string()),
+                Some(Ok(WsMessage::Binary(b))) => {
+                    return Seen::Text(String::from_utf8_lossy(&b).into_owned())
+                }
+                Some(Ok(WsMessage::Close(f))) => return Seen::Close(f.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Seen::Close(None),
+            }
+        }
+    }
+
+    /// The next frame, parsed as JSON.
+    pub async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Seen::Text(t) => serde_json::from_str(&t).unwrap_or_else(|e| panic!("{e}: {t}")),
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Reads until the close frame; returns its code.
+    pub async fn closed(&mut self) -> Option<u16> {
+        loop {
+            if let Seen::Close(code) = self.next().await {
+                return code;
+            }
+        }
+    }
+
+    /// Asserts nothing but pings arrive for `ms` milliseconds.
+    pub async fn silent_for(&mut self, ms: u64) {
+        let end = tokio::time::Instant::now() + Duration::from_millis(ms);
+        loop {
+            match tokio::time::timeout_at(end, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_)))) => continue,
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+}
+
+/// The HTTP status of a plain GET (no upgrade) or of a refused WebSocket upgrade.
+pub async fn ws_status(url: &str, headers: &[(&str, &str)]) -> u16 {
+    match Raw::connect(url, headers).await {
+        Ok(_) => 101,
+        Err(status) => status,
+    }
+}
