@@ -49,7 +49,8 @@ async fn count(call: Call) -> Result<Value, RpcError> {
         .filter(|n| (1..=1_000_000).contains(n))
         .ok_or_else(|| RpcError::invalid_params("count takes an integer from 1 to 1000000"))?;
     for i in 1..n {
-        call.send(&json!(i)).map_err(|e| RpcError::new(-32000, e.to_string()))?;
+        call.send(&json!(i))
+            .map_err(|e| RpcError::new(-32000, e.to_string()))?;
     }
     Ok(json!(n))
 }
@@ -88,7 +89,9 @@ impl Sum {
                 Ok(())
             }
             Value::Null => Ok(()),
-            _ => Err(RpcError::invalid_params("add takes numbers or arrays of numbers")),
+            _ => Err(RpcError::invalid_params(
+                "add takes numbers or arrays of numbers",
+            )),
         }
     }
 

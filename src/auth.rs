@@ -111,7 +111,10 @@ pub fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("`{path}`: an endpoint path starts with `/`"));
     }
-    if path.bytes().any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#') {
+    if path
+        .bytes()
+        .any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#')
+    {
         return Err(format!(
             "`{}`: an endpoint path is printable ASCII without `?` or `#`",
             path.escape_debug()
@@ -169,7 +172,10 @@ mod tests {
     #[test]
     fn tokens_are_found_by_value_and_scoped() {
         let tokens = vec![token("a", "ta", &["/ci"]), token("b", "tb", &["/team/*"])];
-        assert_eq!(find_token(&tokens, "tb").map(|t| t.name.as_str()), Some("b"));
+        assert_eq!(
+            find_token(&tokens, "tb").map(|t| t.name.as_str()),
+            Some("b")
+        );
         assert!(find_token(&tokens, "tc").is_none());
         assert!(find_token(&tokens, "").is_none());
         let b = find_token(&tokens, "tb").expect("b");
@@ -191,7 +197,9 @@ mod tests {
     #[test]
     fn scopes_and_paths_are_validated() {
         assert_eq!(PathScope::parse("/*"), Ok(PathScope::Below("/".into())));
-        assert!(PathScope::parse("/*").expect("root").matches("/anything/below"));
+        assert!(PathScope::parse("/*")
+            .expect("root")
+            .matches("/anything/below"));
         for bad in ["ci", "/a/*/b", "/a*", "/a/../b", "/a//b", "/a b", "/a?x"] {
             assert!(PathScope::parse(bad).is_err(), "{bad}");
         }

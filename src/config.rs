@@ -173,23 +173,23 @@ pub fn load_builtin(generated_token: &str) -> Result<Config, ConfigError> {
 type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 thread_local! {
-    /// The variable lookup in force while a config is being parsed on this thread.
-    static ENV: RefCell<Option<Box<dyn Fn(&str) -> Option<String>>>> = RefCell::new(None);
+    /// The variables the config being parsed on this thread names, with their values.
+    static ENV: RefCell<HashMap<String, Option<String>>> = RefCell::new(HashMap::new());
 }
 
 /// Parses config text. `env` looks up `${NAME}` variables.
 pub fn parse(text: &str, origin: &str, env: EnvLookup<'_>) -> Result<Config, ConfigError> {
-    // Copy the variables the text names, so the thread-local lookup owns its data.
-    let mut vars: HashMap<String, Option<String>> = HashMap::new();
-    for name in referenced_vars(text) {
-        let value = env(&name);
-        vars.insert(name, value);
-    }
-    ENV.with(|cell| {
-        *cell.borrow_mut() = Some(Box::new(move |name: &str| vars.get(name).cloned().flatten()))
-    });
+    // Look up every variable the text names first: the deserializers below read this copy.
+    let vars: HashMap<String, Option<String>> = referenced_vars(text)
+        .into_iter()
+        .map(|name| {
+            let value = env(&name);
+            (name, value)
+        })
+        .collect();
+    ENV.with(|cell| *cell.borrow_mut() = vars);
     let parsed: Result<FileConfig, serde_yaml::Error> = serde_yaml::from_str(text);
-    ENV.with(|cell| *cell.borrow_mut() = None);
+    ENV.with(|cell| cell.borrow_mut().clear());
     let file = parsed.map_err(|e| {
         let location = e.location();
         let message = e.to_string();
@@ -238,14 +238,10 @@ fn substitute(value: &str) -> Result<String, String> {
             return Err(format!("unterminated `${{` in `{value}`"));
         };
         let name = &after[..end];
-        if name.is_empty()
-            || !name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-        {
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(format!("`${{{name}}}` is not a valid variable name"));
         }
-        let found = ENV.with(|cell| cell.borrow().as_ref().and_then(|lookup| lookup(name)));
+        let found = ENV.with(|cell| cell.borrow().get(name).cloned().flatten());
         match found {
             Some(v) => out.push_str(&v),
             None => return Err(format!("environment variable {name} is not set")),
@@ -312,7 +308,8 @@ from_env_string!(Scope, |s| PathScope::parse(s).map(Scope));
 
 #[derive(Debug, Clone, PartialEq)]
 struct EndpointPath(String);
-from_env_string!(EndpointPath, |s| check_path(s).map(|()| EndpointPath(s.to_string())));
+from_env_string!(EndpointPath, |s| check_path(s)
+    .map(|()| EndpointPath(s.to_string())));
 
 #[derive(Debug, Clone, PartialEq)]
 struct TokenValue(Digest);
@@ -675,12 +672,13 @@ limits:
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().expect("addr")));
         assert!(c.tls_required);
         assert_eq!(c.trusted_proxies.len(), 2);
-        assert!(crate::auth::find_token(&c.tokens, TOKEN).is_some_and(|t| t.name == "ci"
-            && t.allows("/team/x")
-            && !t.allows("/other")));
+        assert!(crate::auth::find_token(&c.tokens, TOKEN)
+            .is_some_and(|t| t.name == "ci" && t.allows("/team/x") && !t.allows("/other")));
         assert!(crate::auth::find_token(&c.tokens, "password").is_some_and(|t| t.name == "hashed"));
         let chat = c.endpoint("/chat");
-        assert!(chat.secret.is_some_and(|s| s.matches(&Digest::of(b"chat-secret"))));
+        assert!(chat
+            .secret
+            .is_some_and(|s| s.matches(&Digest::of(b"chat-secret"))));
         assert_eq!(c.max_clients("/chat"), 500);
         assert_eq!(c.max_clients("/other"), 7);
         assert_eq!(c.limits.max_message_bytes, 2048);
@@ -704,7 +702,10 @@ limits:
     #[test]
     fn the_builtin_config_loads() {
         let c = load_builtin("generated-token-0123456789").expect("builtin");
-        assert_eq!(c.listeners[0].address, "127.0.0.1:8080".parse().expect("addr"));
+        assert_eq!(
+            c.listeners[0].address,
+            "127.0.0.1:8080".parse().expect("addr")
+        );
         assert_eq!(c.metrics, Some("127.0.0.1:9100".parse().expect("addr")));
         assert!(!c.tls_required);
         assert_eq!(c.tokens.len(), 1);

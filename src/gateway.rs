@@ -238,8 +238,7 @@ impl Gateway {
         }
         let Some(endpoint) = self.app.registry.lookup(path) else {
             metrics().reject(Rejection::NotFound);
-            return respond_error(session, 404, "no backend is published at this path", &[])
-                .await;
+            return respond_error(session, 404, "no backend is published at this path", &[]).await;
         };
         if !creds
             .secret
@@ -254,8 +253,13 @@ impl Gateway {
             Ok(conn) => conn,
             Err(JoinError::Full) => {
                 metrics().reject(Rejection::Full);
-                return respond_error(session, 503, "this endpoint has all the clients it may have", &[])
-                    .await;
+                return respond_error(
+                    session,
+                    503,
+                    "this endpoint has all the clients it may have",
+                    &[],
+                )
+                .await;
             }
             Err(JoinError::NotFound) => {
                 metrics().reject(Rejection::NotFound);
@@ -358,7 +362,10 @@ mod tests {
             &[("x-duplex-secret", "h")],
         ));
         assert_eq!(c.secret.as_deref(), Some("q"));
-        let c = Credentials::from_request(&request("/a?token=&secret=", &[("authorization", "Basic x")]));
+        let c = Credentials::from_request(&request(
+            "/a?token=&secret=",
+            &[("authorization", "Basic x")],
+        ));
         assert_eq!(c, Credentials::default());
     }
 }

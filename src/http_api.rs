@@ -43,7 +43,13 @@ pub async fn serve(
     };
     let Some(endpoint) = app.registry.lookup(endpoint_path) else {
         metrics().reject(Rejection::NotFound);
-        return respond_error(session, 404, "no backend is published at this endpoint", &[]).await;
+        return respond_error(
+            session,
+            404,
+            "no backend is published at this endpoint",
+            &[],
+        )
+        .await;
     };
     let status = call(session, app, config, &endpoint, method, creds).await?;
     let m = metrics();
@@ -102,13 +108,24 @@ async fn call(
         Ok(conn) => conn,
         Err(JoinError::Full) => {
             metrics().reject(Rejection::Full);
-            respond_error(session, 503, "this endpoint has all the clients it may have", &[])
-                .await?;
+            respond_error(
+                session,
+                503,
+                "this endpoint has all the clients it may have",
+                &[],
+            )
+            .await?;
             return Ok(503);
         }
         Err(JoinError::NotFound) => {
             metrics().reject(Rejection::NotFound);
-            respond_error(session, 404, "no backend is published at this endpoint", &[]).await?;
+            respond_error(
+                session,
+                404,
+                "no backend is published at this endpoint",
+                &[],
+            )
+            .await?;
             return Ok(404);
         }
     };
@@ -204,7 +221,8 @@ async fn next_reply(conn: &mut ClientConn) -> Option<Message> {
             Kind::Request => {
                 if let Some(id) = msg.id() {
                     let method = msg.method().unwrap_or_default();
-                    let reply = Message::error_reply(Some(id), &RpcError::method_not_found(&method));
+                    let reply =
+                        Message::error_reply(Some(id), &RpcError::method_not_found(&method));
                     conn.send(reply).await;
                 }
             }
@@ -261,10 +279,7 @@ async fn respond_rpc_error(session: &mut Session, msg: &Message) -> pingora::Res
 
 /// Reads the request body up to `max` bytes. `Err(status)` when it has already been answered
 /// (413). A `Content-Length` over the limit is refused before reading anything.
-async fn read_body(
-    session: &mut Session,
-    max: usize,
-) -> pingora::Result<Result<Bytes, u16>> {
+async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<Bytes, u16>> {
     let declared = session
         .req_header()
         .headers
@@ -288,6 +303,9 @@ async fn read_body(
         .get(http::header::EXPECT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    // Pingora turns keep-alive off when any response header, the interim 100 included, is
+    // written before the body is read; it is turned back on once the body has been read whole.
+    let keepalive = session.get_keepalive();
     if expects_continue {
         session.write_continue_response().await?;
     }
@@ -305,6 +323,9 @@ async fn read_body(
             return Ok(Err(413));
         }
         body.extend_from_slice(&chunk);
+    }
+    if expects_continue {
+        session.set_keepalive(keepalive);
     }
     Ok(Ok(body.freeze()))
 }
@@ -360,7 +381,14 @@ pub async fn respond_error(
     headers: &[(&str, &str)],
 ) -> pingora::Result<()> {
     let body = serde_json::json!({ "error": { "code": status, "message": message } }).to_string();
-    respond(session, status, "application/json", Bytes::from(body), headers).await
+    respond(
+        session,
+        status,
+        "application/json",
+        Bytes::from(body),
+        headers,
+    )
+    .await
 }
 
 #[cfg(test)]
@@ -369,7 +397,10 @@ mod tests {
 
     #[test]
     fn the_last_segment_is_the_method() {
-        assert_eq!(split_call_path("/team/a/search"), Some(("/team/a", "search")));
+        assert_eq!(
+            split_call_path("/team/a/search"),
+            Some(("/team/a", "search"))
+        );
         assert_eq!(split_call_path("/chat/echo"), Some(("/chat", "echo")));
         assert_eq!(split_call_path("/echo"), Some(("/", "echo")));
         assert_eq!(split_call_path("/chat/"), None);

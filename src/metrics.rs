@@ -7,8 +7,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    register_histogram_vec, register_int_counter_vec, register_int_gauge,
-    register_int_gauge_vec, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    register_histogram_vec, register_int_counter_vec, register_int_gauge, register_int_gauge_vec,
+    HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// All metrics, created on first use.
@@ -156,5 +156,42 @@ impl Metrics {
     /// Counts a refused request.
     pub fn reject(&self, reason: Rejection) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
+    }
+}
+
+/// The metrics listener: `GET /metrics` (Prometheus text) and `GET /healthz`.
+pub struct MetricsApp;
+
+#[async_trait::async_trait]
+impl pingora::apps::http_app::ServeHttp for MetricsApp {
+    async fn response(
+        &self,
+        session: &mut pingora::protocols::http::ServerSession,
+    ) -> http::Response<Vec<u8>> {
+        // Make sure every metric exists, so the first scrape lists them all.
+        let _ = metrics();
+        let path = session.req_header().uri.path();
+        let (status, content_type, body) = match path {
+            "/metrics" => {
+                let encoder = prometheus::TextEncoder::new();
+                let mut body = Vec::new();
+                match prometheus::Encoder::encode(&encoder, &prometheus::gather(), &mut body) {
+                    Ok(()) => (200, prometheus::TEXT_FORMAT, body),
+                    Err(e) => (500, "text/plain", e.to_string().into_bytes()),
+                }
+            }
+            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
+            _ => (
+                404,
+                "text/plain",
+                b"not found: try /metrics or /healthz\n".to_vec(),
+            ),
+        };
+        http::Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("content-length", body.len())
+            .body(body)
+            .unwrap_or_else(|_| http::Response::new(Vec::new()))
     }
 }

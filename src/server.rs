@@ -55,6 +55,16 @@ pub fn run(app: Arc<App>, config: &Config) -> Result<(), String> {
     }
     server.add_service(proxy);
 
+    if let Some(addr) = config.metrics {
+        let mut service = pingora::services::listening::Service::new(
+            "metrics".to_string(),
+            crate::metrics::MetricsApp,
+        );
+        service.add_tcp(&addr.to_string());
+        service.threads = Some(1);
+        server.add_service(service);
+    }
+
     tracing::info!(
         listeners = ?config.listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
         threads,

@@ -35,10 +35,22 @@ async fn every_websocket_row_of_the_status_table() {
         assert_eq!(body["error"]["code"], 405, "{body}");
     }
     // Publishing: 401 unknown token, 403 path not allowed, 400 no secret, 426 no upgrade.
-    assert_eq!(ws_status(&gw.ws("/p?token=not-configured-token&secret=s"), &[]).await, 401);
-    assert_eq!(ws_status(&gw.ws(&format!("/other?token={TEAM_TOKEN}&secret=s")), &[]).await, 403);
-    assert_eq!(ws_status(&gw.ws(&format!("/team?token={TEAM_TOKEN}&secret=s")), &[]).await, 403);
-    assert_eq!(ws_status(&gw.ws(&format!("/p?token={TOKEN}")), &[]).await, 400);
+    assert_eq!(
+        ws_status(&gw.ws("/p?token=not-configured-token&secret=s"), &[]).await,
+        401
+    );
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/other?token={TEAM_TOKEN}&secret=s")), &[]).await,
+        403
+    );
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/team?token={TEAM_TOKEN}&secret=s")), &[]).await,
+        403
+    );
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/p?token={TOKEN}")), &[]).await,
+        400
+    );
     let (status, _, body) = status_of("GET", &gw.http(&format!("/p?token={TOKEN}&secret=s"))).await;
     assert_eq!(status, 426);
     assert!(body["error"]["message"].is_string(), "{body}");
@@ -70,14 +82,22 @@ async fn every_websocket_row_of_the_status_table() {
 fn check_reports_an_unknown_key_with_its_line() {
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, "listen:\n  - address: 127.0.0.1:1\nlimits:\n  call_timout: 5s\n").expect("write");
+    std::fs::write(
+        &path,
+        "listen:\n  - address: 127.0.0.1:1\nlimits:\n  call_timout: 5s\n",
+    )
+    .expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
         .args(["--check", "--config"])
         .arg(&path)
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("call_timout"), "{text}");
     assert!(text.contains("line 4"), "{text}");
 
@@ -87,7 +107,12 @@ fn check_reports_an_unknown_key_with_its_line() {
         .arg(&path)
         .output()
         .expect("run");
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -106,5 +131,8 @@ fn a_config_naming_an_unset_variable_does_not_start() {
         .expect("run");
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(text.contains("DUPLEX_TEST_SURELY_UNSET is not set") && text.contains("line 5"), "{text}");
+    assert!(
+        text.contains("DUPLEX_TEST_SURELY_UNSET is not set") && text.contains("line 5"),
+        "{text}"
+    );
 }

@@ -13,9 +13,18 @@ async fn publish_and_call_round_trip() {
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/chat", "s1").await;
     let c = client(&gw, "/chat", "s1").await;
-    assert_eq!(c.call("echo", json!({"hello": [1, 2]})).await, Ok(json!({"hello": [1, 2]})));
-    let err = c.call("nope", json!(null)).await.expect_err("unknown method");
-    assert!(matches!(err, PeerError::Rpc(ref e) if e.code == -32601), "{err:?}");
+    assert_eq!(
+        c.call("echo", json!({"hello": [1, 2]})).await,
+        Ok(json!({"hello": [1, 2]}))
+    );
+    let err = c
+        .call("nope", json!(null))
+        .await
+        .expect_err("unknown method");
+    assert!(
+        matches!(err, PeerError::Rpc(ref e) if e.code == -32601),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -29,8 +38,10 @@ async fn five_clients_with_the_same_ids_get_their_own_replies() {
     // Every client uses ids 1..=20, all in flight at once.
     for (c, raw) in raws.iter_mut().enumerate() {
         for id in 1..=20 {
-            raw.send_json(&json!({"type":"req","method":"echo","id":id,"payload":format!("c{c}-{id}")}))
-                .await;
+            raw.send_json(
+                &json!({"type":"req","method":"echo","id":id,"payload":format!("c{c}-{id}")}),
+            )
+            .await;
         }
     }
     for (c, raw) in raws.iter_mut().enumerate() {
@@ -56,15 +67,27 @@ async fn two_clients_streaming_input_on_the_same_id_get_separate_results() {
     let mut b = Raw::open(&gw.client_url("/sum", "s")).await;
     // Interleave the two input streams, both on id 7.
     for i in 1..=5 {
-        a.send_json(&json!({"type":"req","method":"add","id":7,"payload":i,"more":true})).await;
-        b.send_json(&json!({"type":"req","method":"add","id":7,"payload":i * 100,"more":true})).await;
+        a.send_json(&json!({"type":"req","method":"add","id":7,"payload":i,"more":true}))
+            .await;
+        b.send_json(&json!({"type":"req","method":"add","id":7,"payload":i * 100,"more":true}))
+            .await;
     }
-    a.send_json(&json!({"type":"req","method":"add","id":7,"payload":0})).await;
-    b.send_json(&json!({"type":"req","method":"add","id":7,"payload":0})).await;
+    a.send_json(&json!({"type":"req","method":"add","id":7,"payload":0}))
+        .await;
+    b.send_json(&json!({"type":"req","method":"add","id":7,"payload":0}))
+        .await;
     let ra = a.recv().await;
     let rb = b.recv().await;
-    assert_eq!((ra["id"].clone(), ra["payload"].clone()), (json!(7), json!(15)), "{ra}");
-    assert_eq!((rb["id"].clone(), rb["payload"].clone()), (json!(7), json!(1500)), "{rb}");
+    assert_eq!(
+        (ra["id"].clone(), ra["payload"].clone()),
+        (json!(7), json!(15)),
+        "{ra}"
+    );
+    assert_eq!(
+        (rb["id"].clone(), rb["payload"].clone()),
+        (json!(7), json!(1500)),
+        "{rb}"
+    );
 }
 
 #[tokio::test]
@@ -72,7 +95,8 @@ async fn streamed_replies_keep_the_client_id_and_more_flags() {
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/count", "s").await;
     let mut raw = Raw::open(&gw.client_url("/count", "s")).await;
-    raw.send_json(&json!({"type":"req","method":"count","id":42,"payload":4})).await;
+    raw.send_json(&json!({"type":"req","method":"count","id":42,"payload":4}))
+        .await;
     for i in 1..=4 {
         let reply = raw.recv().await;
         assert_eq!(reply["id"], json!(42), "{reply}");
@@ -95,7 +119,10 @@ async fn unknown_fields_big_numbers_and_ext_reach_the_backend_intact_and_route_n
     };
     assert!(seen.contains("123456789012345678901234567890"), "{seen}");
     assert!(seen.contains(r#""f":1.50"#), "{seen}");
-    assert!(seen.contains(r#""x-custom":{"keep":[true,null]}"#), "{seen}");
+    assert!(
+        seen.contains(r#""x-custom":{"keep":[true,null]}"#),
+        "{seen}"
+    );
     let seen: Value = serde_json::from_str(&seen).expect("json");
     let route = seen["ext"]["route"].as_str().expect("route").to_string();
     assert_eq!(route.len(), 32, "128-bit route key in hex: {route}");
@@ -105,13 +132,18 @@ async fn unknown_fields_big_numbers_and_ext_reach_the_backend_intact_and_route_n
 
     // The backend copies ext onto its reply, adds a field of its own.
     backend
-        .send_json(&json!({"type":"rep","id":backend_id,"payload":{"n":1},"ext":seen["ext"],"x-extra":1}))
+        .send_json(
+            &json!({"type":"rep","id":backend_id,"payload":{"n":1},"ext":seen["ext"],"x-extra":1}),
+        )
         .await;
     let reply = match c.next().await {
         Seen::Text(t) => t,
         other => panic!("{other:?}"),
     };
-    assert!(!reply.contains(&route), "route leaked to the client: {reply}");
+    assert!(
+        !reply.contains(&route),
+        "route leaked to the client: {reply}"
+    );
     let reply: Value = serde_json::from_str(&reply).expect("json");
     assert_eq!(reply["id"], json!(5));
     assert_eq!(reply["ext"], json!({"trace":"abc","route":"client-own"}));
@@ -134,7 +166,10 @@ async fn the_backend_calls_a_method_on_a_client() {
     let mut backend = Raw::open(&gw.publish_url("/cb", "s")).await;
     let client = Peer::builder()
         .handle("greet", |call| async move {
-            Ok(json!(format!("hello {}", call.payload.as_str().unwrap_or("?"))))
+            Ok(json!(format!(
+                "hello {}",
+                call.payload.as_str().unwrap_or("?")
+            )))
         })
         .connect(&gw.client_url("/cb", "s"))
         .await
@@ -142,7 +177,10 @@ async fn the_backend_calls_a_method_on_a_client() {
     // The client announces itself so the backend learns its route.
     client.notify("hello", json!(null)).expect("notify");
     let hello = backend.recv().await;
-    assert!(hello.get("id").is_none(), "a request without id stays without id: {hello}");
+    assert!(
+        hello.get("id").is_none(),
+        "a request without id stays without id: {hello}"
+    );
     let route = hello["ext"]["route"].as_str().expect("route").to_string();
 
     backend
@@ -150,7 +188,11 @@ async fn the_backend_calls_a_method_on_a_client() {
         .await;
     let answer = backend.recv().await;
     assert_eq!(answer["type"], "rep");
-    assert_eq!(answer["id"], json!(900), "the backend's own id comes back: {answer}");
+    assert_eq!(
+        answer["id"],
+        json!(900),
+        "the backend's own id comes back: {answer}"
+    );
     assert_eq!(answer["payload"], json!("hello backend"));
     assert_eq!(answer["ext"]["route"], json!(route));
 }
@@ -236,9 +278,16 @@ async fn header_credentials_work_like_query_parameters() {
         .await
         .expect("connect with header secret");
     assert_eq!(c.call("echo", json!(1)).await, Ok(json!(1)));
-    assert_eq!(ws_status(&gw.ws("/hdr"), &[("x-duplex-secret", "wrong")]).await, 401);
     assert_eq!(
-        ws_status(&gw.ws("/x?secret=s"), &[("authorization", "Bearer not-a-token-at-all")]).await,
+        ws_status(&gw.ws("/hdr"), &[("x-duplex-secret", "wrong")]).await,
+        401
+    );
+    assert_eq!(
+        ws_status(
+            &gw.ws("/x?secret=s"),
+            &[("authorization", "Bearer not-a-token-at-all")]
+        )
+        .await,
         401
     );
 }
@@ -247,7 +296,10 @@ async fn header_credentials_work_like_query_parameters() {
 async fn a_fixed_endpoint_secret_is_enforced() {
     let gw = Gateway::start("endpoints:\n  - path: /fixed\n    secret: the-fixed-one\n");
     // A publisher naming another secret is refused; naming none is fine.
-    assert_eq!(ws_status(&gw.publish_url("/fixed", "other"), &[]).await, 401);
+    assert_eq!(
+        ws_status(&gw.publish_url("/fixed", "other"), &[]).await,
+        401
+    );
     let _backend = test_backend()
         .connect(&gw.ws(&format!("/fixed?token={TOKEN}")))
         .await
@@ -262,8 +314,15 @@ async fn a_refused_handshake_closes_only_that_peer() {
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/hs", "s").await;
     let good = client(&gw, "/hs", "s").await;
-    for bad in ["SIMPLEX/2.0;json", "SIMPLEX/1.0;msgpack", "HELLO", "{\"type\":\"req\"}"] {
-        let mut raw = Raw::connect(&gw.client_url("/hs", "s"), &[]).await.expect("upgrade");
+    for bad in [
+        "SIMPLEX/2.0;json",
+        "SIMPLEX/1.0;msgpack",
+        "HELLO",
+        "{\"type\":\"req\"}",
+    ] {
+        let mut raw = Raw::connect(&gw.client_url("/hs", "s"), &[])
+            .await
+            .expect("upgrade");
         raw.send(bad).await;
         match raw.next().await {
             Seen::Text(t) => assert!(t.starts_with("-ERR"), "{bad}: {t}"),
@@ -271,14 +330,19 @@ async fn a_refused_handshake_closes_only_that_peer() {
         }
         assert_eq!(raw.closed().await, Some(1002), "{bad}");
     }
-    assert_eq!(good.call("echo", json!("still here")).await, Ok(json!("still here")));
+    assert_eq!(
+        good.call("echo", json!("still here")).await,
+        Ok(json!("still here"))
+    );
 }
 
 #[tokio::test]
 async fn a_peer_without_handshake_is_closed_after_the_timeout() {
     let gw = Gateway::start("limits:\n  handshake_timeout: 300ms\n");
     let _backend = publish(&gw, "/slow", "s").await;
-    let mut raw = Raw::connect(&gw.client_url("/slow", "s"), &[]).await.expect("upgrade");
+    let mut raw = Raw::connect(&gw.client_url("/slow", "s"), &[])
+        .await
+        .expect("upgrade");
     let started = std::time::Instant::now();
     assert_eq!(raw.closed().await, Some(1002));
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -303,7 +367,9 @@ async fn a_second_publish_replaces_the_first_and_clients_carry_on() {
         .await
         .expect("second");
     assert_eq!(
-        tokio::time::timeout(WAIT, first.closed()).await.expect("first closed"),
+        tokio::time::timeout(WAIT, first.closed())
+            .await
+            .expect("first closed"),
         Some(1012)
     );
     match pending.last().await {
@@ -344,7 +410,9 @@ async fn after_the_grace_clients_are_closed_with_1013_and_the_endpoint_is_gone()
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(ws_status(&gw.client_url("/bye", "s"), &[]).await, 101);
     assert_eq!(
-        tokio::time::timeout(WAIT, c.closed()).await.expect("closed"),
+        tokio::time::timeout(WAIT, c.closed())
+            .await
+            .expect("closed"),
         Some(1013)
     );
     assert_eq!(ws_status(&gw.client_url("/bye", "s"), &[]).await, 404);
@@ -354,7 +422,9 @@ async fn after_the_grace_clients_are_closed_with_1013_and_the_endpoint_is_gone()
 async fn empty_frames_are_ignored() {
     let gw = Gateway::start("");
     let mut backend = Raw::open(&gw.publish_url("/empty", "s")).await;
-    let mut raw = Raw::connect(&gw.client_url("/empty", "s"), &[]).await.expect("upgrade");
+    let mut raw = Raw::connect(&gw.client_url("/empty", "s"), &[])
+        .await
+        .expect("upgrade");
     // Before the handshake too.
     raw.send("").await;
     raw.send("SIMPLEX/1.0;json").await;
@@ -363,7 +433,10 @@ async fn empty_frames_are_ignored() {
     raw.send_binary(b"").await;
     raw.send(r#"{"type":"req","method":"after","id":1}"#).await;
     let first = backend.recv().await;
-    assert_eq!(first["method"], "after", "the empty frames were not forwarded: {first}");
+    assert_eq!(
+        first["method"], "after",
+        "the empty frames were not forwarded: {first}"
+    );
     // And from the backend's side.
     backend.send("").await;
     backend
@@ -377,9 +450,13 @@ async fn binary_frames_holding_json_are_accepted() {
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/bin", "s").await;
     let mut raw = Raw::open(&gw.client_url("/bin", "s")).await;
-    raw.send_binary(br#"{"type":"req","method":"echo","id":1,"payload":"b"}"#).await;
+    raw.send_binary(br#"{"type":"req","method":"echo","id":1,"payload":"b"}"#)
+        .await;
     let reply = raw.recv().await;
-    assert_eq!((reply["id"].clone(), reply["payload"].clone()), (json!(1), json!("b")));
+    assert_eq!(
+        (reply["id"].clone(), reply["payload"].clone()),
+        (json!(1), json!("b"))
+    );
 }
 
 #[tokio::test]
@@ -389,11 +466,13 @@ async fn malformed_frames_get_an_error_and_harm_nobody() {
     let good = client(&gw, "/bad", "s").await;
     let mut raw = Raw::open(&gw.client_url("/bad", "s")).await;
     raw.send("not json").await;
-    raw.send(r#"{"type":"req","method":"echo","id":9,"ext":[1]}"#).await;
+    raw.send(r#"{"type":"req","method":"echo","id":9,"ext":[1]}"#)
+        .await;
     let answer = raw.recv().await;
     assert_eq!(answer["id"], json!(9));
     assert_eq!(answer["error"]["code"], json!(-32600), "{answer}");
-    raw.send(r#"{"type":"req","method":"echo","id":10,"payload":"fine"}"#).await;
+    raw.send(r#"{"type":"req","method":"echo","id":10,"payload":"fine"}"#)
+        .await;
     assert_eq!(raw.recv().await["payload"], "fine");
     assert_eq!(good.call("echo", json!(1)).await, Ok(json!(1)));
 }

@@ -49,7 +49,10 @@ impl RpcError {
 
     /// `-32601`: the method does not exist.
     pub fn method_not_found(method: &str) -> Self {
-        RpcError::new(code::METHOD_NOT_FOUND, format!("method not found: {method}"))
+        RpcError::new(
+            code::METHOD_NOT_FOUND,
+            format!("method not found: {method}"),
+        )
     }
 
     /// `-32602`: the arguments were refused.

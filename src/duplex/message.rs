@@ -56,10 +56,8 @@ impl ParseError {
     pub fn reply(&self) -> Option<Message> {
         match (self.kind, self.id) {
             (Some(Kind::Request), Some(id)) => {
-                let mut reply = Message::error_reply(
-                    Some(id),
-                    &RpcError::new(self.code, self.message.clone()),
-                );
+                let mut reply =
+                    Message::error_reply(Some(id), &RpcError::new(self.code, self.message.clone()));
                 if let Some(ext) = &self.ext {
                     reply.set_raw("ext", ext.clone());
                 }
@@ -122,12 +120,7 @@ impl Message {
                 return Err(ParseError::invalid(format!("duplicate field `{key}`")));
             }
         }
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.get())
-        };
+        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.get());
         let mut err = ParseError::invalid("");
 
         // Read what identifies the call first, so that errors below can still be answered.
@@ -443,8 +436,7 @@ fn to_raw<T: serde::Serialize + ?Sized>(value: &T) -> Box<RawValue> {
 }
 
 fn write_json_string(out: &mut String, s: &str) {
-    if s
-        .bytes()
+    if s.bytes()
         .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
     {
         out.push('"');
@@ -538,7 +530,14 @@ mod tests {
 
     #[test]
     fn bad_ids_are_invalid_messages() {
-        for id in ["-1", "1.5", "\"1\"", "1e3", "true", "99999999999999999999999"] {
+        for id in [
+            "-1",
+            "1.5",
+            "\"1\"",
+            "1e3",
+            "true",
+            "99999999999999999999999",
+        ] {
             let text = format!(r#"{{"type":"req","method":"m","id":{id}}}"#);
             let err = parse(&text).expect_err(&text);
             assert_eq!(err.code, code::INVALID_MESSAGE, "{text}");
@@ -549,7 +548,11 @@ mod tests {
     #[test]
     fn not_json_is_a_parse_error() {
         for text in ["{", "hello", "{\"type\":}", "\u{0}"] {
-            assert_eq!(parse(text).expect_err(text).code, code::PARSE_ERROR, "{text}");
+            assert_eq!(
+                parse(text).expect_err(text).code,
+                code::PARSE_ERROR,
+                "{text}"
+            );
         }
     }
 
@@ -645,7 +648,10 @@ mod tests {
         let mut ext = m.ext().expect("ext");
         ext.insert("route".into(), json!("r1"));
         m.set_ext(Some(&ext));
-        assert_eq!(m.ext().expect("ext"), *json!({"trace":"t1","route":"r1"}).as_object().unwrap());
+        assert_eq!(
+            m.ext().expect("ext"),
+            *json!({"trace":"t1","route":"r1"}).as_object().unwrap()
+        );
         m.set_ext(None);
         assert!(m.ext_raw().is_none());
     }

@@ -736,7 +736,12 @@ enum Admit {
 impl ClientConn {
     /// Decides a request under the endpoint lock: gives it a backend id (or reuses the one of the
     /// call it continues) and picks the backend to send it to.
-    fn admit(&self, msg: &mut Message, client_route: &Option<Box<RawValue>>, client_ext: bool) -> Admit {
+    fn admit(
+        &self,
+        msg: &mut Message,
+        client_route: &Option<Box<RawValue>>,
+        client_ext: bool,
+    ) -> Admit {
         let ep = &self.endpoint;
         let mut guard = ep.state();
         let s = &mut *guard;

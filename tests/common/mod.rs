@@ -189,7 +189,11 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
             let all = labels
                 .iter()
                 .all(|(k, v)| rest.split(',').any(|kv| kv == format!("{k}=\"{v}\"")));
-            let count = if rest.is_empty() { 0 } else { rest.split(',').count() };
+            let count = if rest.is_empty() {
+                0
+            } else {
+                rest.split(',').count()
+            };
             (all && count == labels.len()).then(|| value.parse().ok())?
         })
 }
@@ -219,7 +223,10 @@ pub fn test_backend() -> PeerBuilder {
         })
         .handle("fail", |call: Call| async move {
             let code = call.payload["code"].as_i64().unwrap_or(-1);
-            let message = call.payload["message"].as_str().unwrap_or("failed").to_string();
+            let message = call.payload["message"]
+                .as_str()
+                .unwrap_or("failed")
+                .to_string();
             Err(RpcError::new(code, message))
         })
         .handle("slow", |call: Call| async move {
