@@ -170,6 +170,29 @@ pub fn load_builtin(generated_token: &str) -> Result<Config, ConfigError> {
     })
 }
 
+/// Where the config comes from, so a reload reads the same place.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A file given with `--config`.
+    File(PathBuf),
+    /// The built-in default; the token that stands in for an unset `DUPLEX_GATEWAY_TOKEN` is kept
+    /// so a reload does not change it.
+    Builtin {
+        /// The generated token.
+        generated_token: String,
+    },
+}
+
+impl Source {
+    /// Reads and validates the config.
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        match self {
+            Source::File(path) => load_file(path),
+            Source::Builtin { generated_token } => load_builtin(generated_token),
+        }
+    }
+}
+
 type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 thread_local! {

@@ -11,7 +11,8 @@
 //!
 //! The order of the checks is the status table of SPEC section 6.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -22,27 +23,69 @@ use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 
 use crate::auth::{self, Digest};
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, Source};
 use crate::http_api::{self, respond_error};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{self, JoinError, Registry};
+use crate::tls::CertResolver;
 use crate::ws::{self, WsSettings};
+use rustls::sign::CertifiedKey;
 
 /// Everything the gateway's request handling shares: the config in force and the endpoints.
 pub struct App {
     /// The config in force; replaced as a whole on reload.
     pub config: ArcSwap<Config>,
+    /// Where the config comes from (reload reads it again).
+    pub source: Source,
     /// All endpoints.
     pub registry: Arc<Registry>,
+    /// The certificate of each TLS listener, by address.
+    pub certs: Vec<(SocketAddr, Arc<CertResolver>)>,
+    /// Requests in progress, for the graceful stop.
+    pub active: Active,
+}
+
+/// Counts requests in progress, so a graceful stop can wait for them.
+#[derive(Default)]
+pub struct Active {
+    /// Set when the gateway stops: new requests get 503.
+    pub draining: AtomicBool,
+    /// HTTP calls in progress.
+    pub http: AtomicUsize,
+    /// WebSocket connections open.
+    pub websockets: AtomicUsize,
+}
+
+/// Decrements its counter when dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl App {
-    /// A gateway running on `config`.
-    pub fn new(config: Config) -> Arc<App> {
+    /// A gateway running on `config`, read from `source`, with the certificates `keys` of its
+    /// TLS listeners (see [`crate::tls::load_all`]).
+    pub fn new(config: Config, source: Source, keys: Vec<(SocketAddr, CertifiedKey)>) -> Arc<App> {
         let registry = Registry::new(mux_limits(&config.limits));
         Arc::new(App {
             config: ArcSwap::from_pointee(config),
+            source,
             registry,
+            certs: keys
+                .into_iter()
+                .map(|(addr, key)| (addr, CertResolver::new(key)))
+                .collect(),
+            active: Active::default(),
         })
     }
 }
@@ -129,6 +172,10 @@ impl Gateway {
 
     async fn serve(&self, session: &mut Session) -> pingora::Result<()> {
         let config = self.app.config.load_full();
+        if self.app.active.draining.load(Ordering::SeqCst) {
+            session.set_keepalive(None);
+            return respond_error(session, 503, "the gateway is shutting down", &[]).await;
+        }
 
         if config.tls_required && !is_https(session, &config) {
             metrics().reject(Rejection::TlsRequired);
@@ -148,8 +195,10 @@ impl Gateway {
         let path = session.req_header().uri.path().to_string();
         let creds = Credentials::from_request(session.req_header());
         if !is_get {
+            let _counted = Counted::new(&self.app.active.http);
             return http_api::serve(session, &self.app, &config, &path, &creds).await;
         }
+        let _counted = Counted::new(&self.app.active.websockets);
         match &creds.token {
             Some(token) => self.publish(session, &config, &path, token, &creds).await,
             None => self.connect(session, &config, &path, &creds).await,
@@ -214,11 +263,12 @@ impl Gateway {
             return upgrade_required(session).await;
         }
         let token_name = token.name.clone();
+        let token_digest = token.digest;
         let registry = self.app.registry.clone();
         let settings = ws_settings(&config.limits);
         ws::serve_backend(session, settings, || {
             tracing::info!(endpoint = path, token = %token_name, "backend published");
-            registry.publish(path, secret, &token_name)
+            registry.publish(path, secret, (&token_name, token_digest))
         })
         .await;
         tracing::info!(endpoint = path, token = %token.name, "backend disconnected");

@@ -21,7 +21,9 @@
 //! - [`duplex`]: the protocol (messages, handshake, error codes) and a Rust peer for backends and
 //!   clients. Knows nothing about the multiplexer.
 //! - [`metrics`]: every Prometheus metric, defined once.
-//! - [`server`]: assembles the Pingora server (listeners, signals).
+//! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
+//! - [`tls`]: certificates, checked before listeners start and swapped on reload.
+//! - [`server`]: assembles the Pingora server (listeners, metrics, reload, shutdown).
 //!
 //! [`Config`]: config::Config
 
@@ -32,5 +34,7 @@ pub mod gateway;
 pub mod http_api;
 pub mod metrics;
 pub mod mux;
+pub mod reload;
 pub mod server;
+pub mod tls;
 pub mod ws;

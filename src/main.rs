@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use duplex_gateway::config::{self, Config, ConfigError, BUILTIN_TOKEN_VAR};
+use duplex_gateway::config::{Config, ConfigError, Source, BUILTIN_TOKEN_VAR};
 use duplex_gateway::gateway::App;
 use tracing_subscriber::EnvFilter;
 
@@ -29,21 +29,36 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
 
-    let loaded: Result<Config, ConfigError> = match &args.config {
-        Some(path) => config::load_file(path),
+    // SIGHUP's default action ends the process; take it over before anything else, so a reload
+    // signal that comes early is never fatal (the reload service listens for it later).
+    if let Err(e) = take_over_sighup() {
+        eprintln!("error: cannot handle SIGHUP: {e}");
+        return ExitCode::from(1);
+    }
+
+    let source = match &args.config {
+        Some(path) => Source::File(path.clone()),
         None => {
-            let generated = if std::env::var_os(BUILTIN_TOKEN_VAR).is_none() && !args.check {
-                let token = random_token();
-                println!("publish token (random; set {BUILTIN_TOKEN_VAR} to choose one): {token}");
-                token
-            } else {
-                random_token()
-            };
-            config::load_builtin(&generated)
+            let unset = std::env::var_os(BUILTIN_TOKEN_VAR).is_none();
+            let generated_token = random_token();
+            if unset && !args.check {
+                println!(
+                    "publish token (random; set {BUILTIN_TOKEN_VAR} to choose one): {generated_token}"
+                );
+            }
+            Source::Builtin { generated_token }
         }
     };
+    let loaded: Result<Config, ConfigError> = source.load();
     let config = match loaded {
         Ok(config) => config,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let keys = match duplex_gateway::tls::load_all(&config) {
+        Ok(keys) => keys,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(1);
@@ -54,8 +69,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let app = App::new(config.clone());
-    match duplex_gateway::server::run(app, &config) {
+    let app = App::new(config, source, keys);
+    match duplex_gateway::server::run(app) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -68,4 +83,14 @@ fn main() -> ExitCode {
 fn random_token() -> String {
     let bytes: [u8; 32] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Registers a SIGHUP handler for the life of the process (tokio keeps it installed once made).
+fn take_over_sighup() -> std::io::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)
+    })
 }

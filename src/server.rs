@@ -1,7 +1,9 @@
 //! Assembles the Pingora server: the gateway's listeners, the metrics listener, the reload
 //! watcher, and the shutdown sequence.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
@@ -12,8 +14,9 @@ use crate::config::Config;
 use crate::gateway::{App, Gateway};
 use crate::mux::{close, CloseReason};
 
-/// Starts the gateway on `config` and runs until SIGTERM or SIGINT.
-pub fn run(app: Arc<App>, config: &Config) -> Result<(), String> {
+/// Starts the gateway and runs until SIGTERM or SIGINT.
+pub fn run(app: Arc<App>) -> Result<(), String> {
+    let config: Arc<Config> = app.config.load_full();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let tmp = std::env::temp_dir();
     let id = std::process::id();
@@ -27,9 +30,10 @@ pub fn run(app: Arc<App>, config: &Config) -> Result<(), String> {
             .join(format!("duplex-gateway-{id}.sock"))
             .display()
             .to_string(),
-        // WebSockets are closed by the shutdown watch below; HTTP calls get up to 10 s.
+        // The shutdown watch below drains connections itself (HTTP calls get up to 10 s), so
+        // Pingora's own grace (300 s by default) must not add to it.
         grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(10),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
@@ -44,11 +48,18 @@ pub fn run(app: Arc<App>, config: &Config) -> Result<(), String> {
         let addr = listener.address.to_string();
         match &listener.tls {
             None => proxy.add_tcp(&addr),
-            Some(files) => {
-                let cert = files.cert.display().to_string();
-                let key = files.key.display().to_string();
-                let settings = pingora::listeners::tls::TlsSettings::intermediate(&cert, &key)
+            Some(_) => {
+                // The certificate was loaded and checked at start-up; the resolver serves it and
+                // takes the new one on reload.
+                let resolver = app
+                    .certs
+                    .iter()
+                    .find(|(a, _)| *a == listener.address)
+                    .map(|(_, r)| r.clone())
+                    .ok_or_else(|| format!("TLS listener {addr}: certificate not loaded"))?;
+                let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
                     .map_err(|e| format!("TLS listener {addr}: {e}"))?;
+                settings.set_cert_resolver(resolver);
                 proxy.add_tls_with_settings(&addr, None, settings);
             }
         }
@@ -64,6 +75,12 @@ pub fn run(app: Arc<App>, config: &Config) -> Result<(), String> {
         service.threads = Some(1);
         server.add_service(service);
     }
+
+    server.add_service(pingora::services::background::background_service(
+        "reload",
+        crate::reload::Reloader { app: app.clone() },
+    ));
+    crate::reload::record_success();
 
     tracing::info!(
         listeners = ?config.listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
@@ -94,15 +111,46 @@ impl ShutdownSignalWatch for Shutdown {
         };
         tokio::select! {
             _ = term.recv() => {
-                tracing::info!("SIGTERM: closing WebSockets, letting HTTP calls finish");
-                let reason = CloseReason::new(close::GOING_AWAY, "gateway shutting down");
-                for endpoint in self.app.registry.endpoints() {
-                    endpoint.close_all(reason.clone());
-                }
+                drain(&self.app).await;
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         }
+    }
+}
+
+/// How long HTTP calls in progress may take to finish on SIGTERM.
+const HTTP_DRAIN: Duration = Duration::from_secs(10);
+/// How long WebSockets get to send their close frames.
+const WS_DRAIN: Duration = Duration::from_secs(2);
+
+/// The graceful stop: refuse new requests, close WebSocket clients with 1001, let HTTP calls
+/// finish (their backends stay up for them), then close the backends with 1001.
+async fn drain(app: &App) {
+    tracing::info!("SIGTERM: closing WebSockets, letting HTTP calls finish");
+    let active = &app.active;
+    active.draining.store(true, Ordering::SeqCst);
+    let reason = CloseReason::new(close::GOING_AWAY, "gateway shutting down");
+    for endpoint in app.registry.endpoints() {
+        endpoint.close_websocket_clients(reason.clone());
+    }
+    wait_for_zero(&active.http, HTTP_DRAIN).await;
+    for endpoint in app.registry.endpoints() {
+        endpoint.close_backend(reason.clone());
+        endpoint.close_websocket_clients(reason.clone());
+    }
+    wait_for_zero(&active.websockets, WS_DRAIN).await;
+    tracing::info!(
+        http_calls_left = active.http.load(Ordering::SeqCst),
+        websockets_left = active.websockets.load(Ordering::SeqCst),
+        "stopping"
+    );
+}
+
+async fn wait_for_zero(counter: &AtomicUsize, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while counter.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

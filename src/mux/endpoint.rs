@@ -57,6 +57,8 @@ struct State {
     generation: u64,
     secret: Digest,
     token_name: String,
+    /// The digest of the token the backend published with.
+    token: Option<Digest>,
     clients: HashMap<Route, ClientSlot>,
     /// Backend call id -> the client call it stands for.
     calls: HashMap<u64, PendingCall>,
@@ -168,6 +170,7 @@ impl Endpoint {
                 generation: 0,
                 secret: Digest::of(b""),
                 token_name: String::new(),
+                token: None,
                 clients: HashMap::new(),
                 calls: HashMap::new(),
                 backend_calls: HashMap::new(),
@@ -202,6 +205,12 @@ impl Endpoint {
         self.state().token_name.clone()
     }
 
+    /// The digest of the token the connected backend published with (None without a backend).
+    pub fn backend_token(&self) -> Option<Digest> {
+        let s = self.state();
+        s.backend.as_ref().and(s.token)
+    }
+
     /// Whether a backend is connected now.
     pub fn has_backend(&self) -> bool {
         self.state().backend.is_some()
@@ -222,9 +231,10 @@ impl Endpoint {
     pub(super) fn attach_backend(
         self: &Arc<Self>,
         secret: Digest,
-        token_name: &str,
+        token: (&str, Digest),
         limits: &Limits,
     ) -> Option<BackendConn> {
+        let (token_name, token) = token;
         let (tx, rx) = mpsc::channel(limits.backend_queue.max(1));
         let close: CloseCell = Arc::new(OnceLock::new());
         let mut s = self.state();
@@ -243,6 +253,7 @@ impl Endpoint {
         s.generation += 1;
         s.secret = secret;
         s.token_name = token_name.to_string();
+        s.token = Some(token);
         s.grace_until = None;
         s.backend = Some(BackendSlot {
             tx,
@@ -306,10 +317,12 @@ impl Endpoint {
     }
 
     /// Closes every client with `reason` (reload: the endpoint's fixed secret changed), and makes
-    /// `secret` the one new clients must present.
-    pub fn close_clients(&self, secret: Digest, reason: CloseReason) -> usize {
+    /// `secret` (if given) the one new clients must present.
+    pub fn close_clients(&self, secret: Option<Digest>, reason: CloseReason) -> usize {
         let mut s = self.state();
-        s.secret = secret;
+        if let Some(secret) = secret {
+            s.secret = secret;
+        }
         let routes: Vec<Route> = s.clients.keys().cloned().collect();
         let mut owed = Vec::new();
         for route in &routes {
@@ -340,16 +353,26 @@ impl Endpoint {
         }
     }
 
-    /// Closes every connection of the endpoint (shutdown).
-    pub fn close_all(&self, reason: CloseReason) {
+    /// Closes every WebSocket client with `reason` (shutdown, first step: HTTP calls in progress
+    /// keep running). Returns how many were closed.
+    pub fn close_websocket_clients(&self, reason: CloseReason) -> usize {
         let mut s = self.state();
-        if let Some(old) = s.backend.take() {
-            let _ = old.close.set(reason.clone());
-        }
-        let routes: Vec<Route> = s.clients.keys().cloned().collect();
+        let routes: Vec<Route> = s
+            .clients
+            .iter()
+            .filter(|(_, c)| c.websocket)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut owed = Vec::new();
         for route in &routes {
-            s.remove_client(route, Some(reason.clone()));
+            owed.extend(s.remove_client(route, Some(reason.clone())));
         }
+        let backend = s.backend.as_ref().map(|b| b.tx.clone());
+        drop(s);
+        if let Some(tx) = backend {
+            send_nowait(&tx, owed);
+        }
+        routes.len()
     }
 
     /// The backend with `generation` has gone: fail pending calls, start the grace.

@@ -122,18 +122,19 @@ impl Registry {
     }
 
     /// Makes a backend the one of `path`, replacing (closing with 1012) any backend it had.
-    /// `secret` is what clients must present from now on; `token_name` is the publishing token's.
-    pub fn publish(&self, path: &str, secret: Digest, token_name: &str) -> BackendConn {
+    /// `secret` is what clients must present from now on; `token` is the publishing token's name
+    /// and digest (kept so a reload can tell whether the backend may stay).
+    pub fn publish(&self, path: &str, secret: Digest, token: (&str, Digest)) -> BackendConn {
         let mut map = self.map();
         if let Some(endpoint) = map.get(path) {
-            if let Some(conn) = endpoint.attach_backend(secret, token_name, &self.limits()) {
+            if let Some(conn) = endpoint.attach_backend(secret, token, &self.limits()) {
                 return conn;
             }
             // The endpoint was being removed as we looked: start a new one.
         }
         // Attach first, then register, so nobody ever finds the endpoint without its secret.
         let endpoint = Endpoint::new(path, self.me.clone());
-        let conn = match endpoint.attach_backend(secret, token_name, &self.limits()) {
+        let conn = match endpoint.attach_backend(secret, token, &self.limits()) {
             Some(conn) => conn,
             None => unreachable!("a new endpoint is not removed"),
         };

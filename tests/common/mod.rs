@@ -71,7 +71,10 @@ impl Gateway {
         let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "info,duplex_gateway=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info,duplex_gateway=debug".into()),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -276,7 +279,8 @@ impl Raw {
                 v.parse().expect("value"),
             );
         }
-        match tokio_tungstenite::connect_async(request).await {
+        // Nagle off, as the peer library does: small frames must not wait for a delayed ACK.
+        match tokio_tungstenite::connect_async_with_config(request, None, true).await {
             Ok((ws, _)) => Ok(Raw { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
             Err(e) => panic!("connect {url}: {e}"),

@@ -1,0 +1,512 @@
+//! Operations against the real binary: SIGHUP reload without dropping connections, TLS, trusted
+//! proxies, Prometheus metrics, graceful stop.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use duplex_gateway::duplex::Peer;
+use serde_json::json;
+
+/// Polls `check` until it is true or [`WAIT`] passes.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn reloads(gw: &Gateway, result: &str) -> f64 {
+    metric(
+        &gw.metrics().await,
+        "duplex_gateway_config_reloads_total",
+        &[("result", result)],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_sighup_that_adds_a_token_keeps_backends_and_clients_up() {
+    let gw = Gateway::start("");
+    let backend = publish(&gw, "/keep", "s").await;
+    let c = client(&gw, "/keep", "s").await;
+    let text = Gateway::config_text(
+        gw.port,
+        gw.metrics_port,
+        "  - name: extra\n    token: extra-token-0123456789\n    endpoints: [\"/extra\"]\n",
+    );
+    // The extra token is appended to the tokens list (the last section of the standard text).
+    gw.rewrite_config(&text);
+    gw.signal("HUP");
+    eventually("the reload", || async {
+        reloads(&gw, "success").await >= 1.0
+    })
+    .await;
+    let extra = test_backend()
+        .connect(&gw.ws("/extra?token=extra-token-0123456789&secret=x"))
+        .await
+        .expect("the new token publishes");
+    assert_eq!(c.call("echo", json!("still")).await, Ok(json!("still")));
+    assert!(!backend.is_closed() && !c.is_closed());
+    drop(extra);
+}
+
+#[tokio::test]
+async fn a_sighup_that_removes_a_token_closes_only_its_backend() {
+    let gw = Gateway::start("");
+    let main_backend = publish(&gw, "/main", "s").await;
+    let main_client = client(&gw, "/main", "s").await;
+    let team_backend = test_backend()
+        .connect(&gw.ws(&format!("/team/x?token={TEAM_TOKEN}&secret=t")))
+        .await
+        .expect("team publish");
+    let team_client = client(&gw, "/team/x", "t").await;
+
+    // The team token is replaced by a new one.
+    let text = Gateway::config_text(gw.port, gw.metrics_port, "")
+        .replace(TEAM_TOKEN, "team-token-rotated-0123");
+    gw.rewrite_config(&text);
+    gw.signal("HUP");
+    assert_eq!(
+        tokio::time::timeout(WAIT, team_backend.closed())
+            .await
+            .expect("closed"),
+        Some(1008)
+    );
+    // The other endpoint carries on.
+    assert_eq!(main_client.call("echo", json!(1)).await, Ok(json!(1)));
+    assert!(!main_backend.is_closed());
+    // The team client stays for the grace; its calls wait for a backend.
+    assert!(!team_client.is_closed());
+    // The old token is refused, the new one works.
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/team/x?token={TEAM_TOKEN}&secret=t")), &[]).await,
+        401
+    );
+    let _again = test_backend()
+        .connect(&gw.ws("/team/x?token=team-token-rotated-0123&secret=t"))
+        .await
+        .expect("new token");
+    assert_eq!(team_client.call("echo", json!(2)).await, Ok(json!(2)));
+    assert!(!gw.log().contains("team-token-rotated-0123"));
+}
+
+#[tokio::test]
+async fn a_sighup_that_changes_a_fixed_secret_closes_that_endpoints_clients() {
+    let gw = Gateway::start("endpoints:\n  - path: /fx\n    secret: first-secret\n");
+    let backend = publish(&gw, "/fx", "first-secret").await;
+    let fx = client(&gw, "/fx", "first-secret").await;
+    let _other_backend = publish(&gw, "/other", "o").await;
+    let other = client(&gw, "/other", "o").await;
+    gw.rewrite_config(&Gateway::config_text(
+        gw.port,
+        gw.metrics_port,
+        "endpoints:\n  - path: /fx\n    secret: second-secret\n",
+    ));
+    gw.signal("HUP");
+    assert_eq!(
+        tokio::time::timeout(WAIT, fx.closed())
+            .await
+            .expect("closed"),
+        Some(1008)
+    );
+    assert_eq!(other.call("echo", json!(3)).await, Ok(json!(3)));
+    assert!(!backend.is_closed());
+    assert_eq!(
+        ws_status(&gw.client_url("/fx", "first-secret"), &[]).await,
+        401
+    );
+    let fx2 = client(&gw, "/fx", "second-secret").await;
+    assert_eq!(fx2.call("echo", json!(4)).await, Ok(json!(4)));
+}
+
+#[tokio::test]
+async fn an_invalid_config_on_sighup_changes_nothing_and_counts_a_failure() {
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/inv", "s").await;
+    let c = client(&gw, "/inv", "s").await;
+    gw.rewrite_config(&format!(
+        "{}limits:\n  bogus_key: 1\n",
+        Gateway::config_text(gw.port, gw.metrics_port, "")
+    ));
+    gw.signal("HUP");
+    eventually("the failed reload", || async {
+        reloads(&gw, "failure").await >= 1.0
+    })
+    .await;
+    assert_eq!(reloads(&gw, "success").await, 0.0);
+    assert!(gw.log().contains("bogus_key"));
+    assert!(gw.log().contains("line "));
+    assert_eq!(c.call("echo", json!(5)).await, Ok(json!(5)));
+    // The old tokens still work.
+    let _more = publish(&gw, "/inv2", "s").await;
+}
+
+fn write_cert(dir: &std::path::Path, name: &str) -> (String, String, rcgen::Certificate) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("cert");
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    (
+        cert.display().to_string(),
+        key.display().to_string(),
+        ck.cert,
+    )
+}
+
+fn trusting(cert: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("root");
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+#[tokio::test]
+async fn a_tls_listener_serves_wss_and_https_while_plain_http_gets_403() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key, ca) = write_cert(dir.path(), "one");
+    let tls_port = free_port();
+    let gw = Gateway::start_with(|port, metrics_port| {
+        Gateway::config_text(port, metrics_port, "tls:\n  required: true\n").replacen(
+            "listen:\n",
+            &format!("listen:\n  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {cert}, key: {key} }}\n"),
+            1,
+        )
+    });
+    gw.wait_for_port(tls_port);
+    let tls = trusting(&ca);
+    let _backend = test_backend()
+        .tls_config(tls.clone())
+        .connect(&format!(
+            "wss://localhost:{tls_port}/sec?token={TOKEN}&secret=s"
+        ))
+        .await
+        .expect("publish over wss");
+    let c = Peer::builder()
+        .tls_config(tls.clone())
+        .connect(&format!("wss://localhost:{tls_port}/sec?secret=s"))
+        .await
+        .expect("client over wss");
+    assert_eq!(c.call("echo", json!("tls")).await, Ok(json!("tls")));
+
+    let https = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("pem"))
+        .build()
+        .expect("client");
+    let resp = https
+        .post(format!("https://localhost:{tls_port}/sec/echo?secret=s"))
+        .body("7")
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.text().await.expect("body"), "7");
+
+    // Plain HTTP and ws:// on the plain listener are refused.
+    let resp = reqwest::Client::new()
+        .post(gw.http("/sec/echo?secret=s"))
+        .body("7")
+        .send()
+        .await
+        .expect("http");
+    assert_eq!(resp.status().as_u16(), 403);
+    assert_eq!(ws_status(&gw.client_url("/sec", "s"), &[]).await, 403);
+
+    // A reload re-reads the certificate files.
+    let (_, _, ca2) = {
+        let fresh = write_cert(dir.path(), "two");
+        std::fs::copy(&fresh.0, &cert).expect("copy cert");
+        std::fs::copy(&fresh.1, &key).expect("copy key");
+        fresh
+    };
+    gw.signal("HUP");
+    eventually("the reload", || async {
+        reloads(&gw, "success").await >= 1.0
+    })
+    .await;
+    let c2 = Peer::builder()
+        .tls_config(trusting(&ca2))
+        .connect(&format!("wss://localhost:{tls_port}/sec?secret=s"))
+        .await
+        .expect("client trusting only the new certificate");
+    assert_eq!(c2.call("echo", json!(8)).await, Ok(json!(8)));
+    assert_eq!(
+        c.call("echo", json!(9)).await,
+        Ok(json!(9)),
+        "open connections stay up"
+    );
+}
+
+#[test]
+fn a_bad_certificate_is_a_clear_start_up_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gw.yaml");
+    std::fs::write(
+        &path,
+        "listen:\n  - address: 127.0.0.1:1\n    tls: { cert: /nonexistent/c.pem, key: /nonexistent/k.pem }\n",
+    )
+    .expect("write");
+    for args in [vec!["--config"], vec!["--check", "--config"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
+            .args(&args)
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/c.pem"));
+    }
+}
+
+async fn status_from(source: &str, port: u16, proto: Option<&str>) -> u16 {
+    let client = reqwest::Client::builder()
+        .local_address(source.parse::<std::net::IpAddr>().expect("ip"))
+        .build()
+        .expect("client");
+    let mut req = client.post(format!("http://127.0.0.1:{port}/nobody/echo?secret=s"));
+    if let Some(proto) = proto {
+        req = req.header("x-forwarded-proto", proto);
+    }
+    req.send().await.expect("request").status().as_u16()
+}
+
+#[tokio::test]
+async fn a_trusted_proxys_forwarded_proto_is_believed_and_others_are_not() {
+    let gw = Gateway::start("tls:\n  required: true\n  trusted_proxies: [127.0.0.2/32]\n");
+    // Past the TLS check, the request meets the next one: no endpoint (404).
+    assert_eq!(status_from("127.0.0.2", gw.port, Some("https")).await, 404);
+    assert_eq!(
+        status_from("127.0.0.2", gw.port, Some("HTTPS, http")).await,
+        404
+    );
+    assert_eq!(status_from("127.0.0.2", gw.port, Some("http")).await, 403);
+    assert_eq!(status_from("127.0.0.2", gw.port, None).await, 403);
+    assert_eq!(status_from("127.0.0.1", gw.port, Some("https")).await, 403);
+}
+
+#[tokio::test]
+async fn metrics_show_every_series_with_the_right_values_and_no_secret() {
+    let gw = Gateway::start("");
+    let mut backend = Raw::open(&gw.publish_url("/m", "metric-secret")).await;
+    let mut c1 = Raw::open(&gw.client_url("/m", "metric-secret")).await;
+    let _c2 = Raw::open(&gw.client_url("/m", "metric-secret")).await;
+
+    // Three WebSocket calls, answered.
+    for id in 1..=3 {
+        c1.send_json(&json!({"type":"req","method":"echo","id":id,"payload":id}))
+            .await;
+        let req = backend.recv().await;
+        let text = metric(
+            &gw.metrics().await,
+            "duplex_gateway_pending_calls",
+            &[("endpoint", "/m")],
+        );
+        assert_eq!(text, Some(1.0));
+        backend
+            .send_json(&json!({"type":"rep","id":req["id"],"payload":id,"ext":req["ext"]}))
+            .await;
+        c1.recv().await;
+    }
+    // Two HTTP calls: one answered, one refused by the backend with -32601.
+    let url = gw.http("/m/echo?secret=metric-secret");
+    let http = tokio::spawn(async move { reqwest::Client::new().post(url).body("1").send().await });
+    let req = backend.recv().await;
+    backend
+        .send_json(&json!({"type":"rep","id":req["id"],"payload":1,"ext":req["ext"]}))
+        .await;
+    assert_eq!(
+        http.await.expect("join").expect("post").status().as_u16(),
+        200
+    );
+    let url = gw.http("/m/nope?secret=metric-secret");
+    let http = tokio::spawn(async move { reqwest::Client::new().post(url).body("1").send().await });
+    let req = backend.recv().await;
+    backend
+        .send_json(&json!({"type":"rep","id":req["id"],"error":{"code":-32601,"message":"no"},"ext":req["ext"]}))
+        .await;
+    assert_eq!(
+        http.await.expect("join").expect("post").status().as_u16(),
+        501
+    );
+    // A reply nobody waits for is dropped.
+    backend
+        .send_json(&json!({"type":"rep","id":999,"payload":0}))
+        .await;
+    // Rejections.
+    assert_eq!(
+        ws_status(&gw.ws("/m?token=wrong-token-0123456789&secret=x"), &[]).await,
+        401
+    );
+    assert_eq!(
+        ws_status(&gw.client_url("/m", "wrong-secret"), &[]).await,
+        401
+    );
+    assert_eq!(ws_status(&gw.client_url("/none", "x"), &[]).await, 404);
+    let mut bad = Raw::connect(&gw.client_url("/m", "metric-secret"), &[])
+        .await
+        .expect("upgrade");
+    bad.send("NOPE/1.0;json").await;
+    assert_eq!(bad.closed().await, Some(1002));
+    gw.signal("HUP");
+    eventually("the reload", || async {
+        reloads(&gw, "success").await >= 1.0
+    })
+    .await;
+
+    let text = gw.metrics().await;
+    let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
+    let ep = ("endpoint", "/m");
+    assert_eq!(m("duplex_gateway_backends", &[ep]), Some(1.0));
+    assert_eq!(
+        m("duplex_gateway_clients", &[ep]),
+        Some(2.0),
+        "HTTP calls are not WebSocket clients"
+    );
+    assert_eq!(m("duplex_gateway_pending_calls", &[ep]), Some(0.0));
+    assert_eq!(
+        m(
+            "duplex_gateway_messages_total",
+            &[ep, ("direction", "to_backend")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_messages_total",
+            &[ep, ("direction", "to_client")]
+        ),
+        Some(5.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_dropped_messages_total",
+            &[ep, ("reason", "unknown_call")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m("duplex_gateway_http_requests_total", &[ep, ("code", "200")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m("duplex_gateway_http_requests_total", &[ep, ("code", "501")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m("duplex_gateway_http_request_duration_seconds_count", &[ep]),
+        Some(2.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "bad_token")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "bad_secret")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "not_found")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "bad_handshake")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m(
+            "duplex_gateway_config_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(1.0)
+    );
+    let stamp = m(
+        "duplex_gateway_config_last_reload_success_timestamp_seconds",
+        &[],
+    )
+    .expect("stamp");
+    assert!(stamp > 1.7e9, "{stamp}");
+    for secret in [
+        "metric-secret",
+        "wrong-secret",
+        TOKEN,
+        TEAM_TOKEN,
+        "wrong-token-0123456789",
+    ] {
+        assert!(!text.contains(secret), "{secret} in /metrics");
+    }
+    // An endpoint without a live backend drops out of the gauges.
+    drop(backend);
+    eventually("the backend's gauges to go", || async {
+        metric(&gw.metrics().await, "duplex_gateway_backends", &[ep]).is_none()
+    })
+    .await;
+    let health = reqwest::get(format!("http://127.0.0.1:{}/healthz", gw.metrics_port))
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_with_1001_lets_http_calls_finish_and_exits_promptly() {
+    let mut gw = Gateway::start("");
+    let backend = publish(&gw, "/term", "s").await;
+    let c = client(&gw, "/term", "s").await;
+    assert_eq!(c.call("echo", json!(1)).await, Ok(json!(1)));
+    let url = gw.http("/term/slow?secret=s");
+    let call =
+        tokio::spawn(async move { reqwest::Client::new().post(url).body("1500").send().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    gw.signal("TERM");
+    assert_eq!(
+        tokio::time::timeout(WAIT, c.closed())
+            .await
+            .expect("client closed"),
+        Some(1001)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "clients are closed at once"
+    );
+    // The HTTP call in progress still gets its reply.
+    let resp = call.await.expect("join").expect("the call finishes");
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.text().await.expect("body"), "1500");
+    assert_eq!(
+        tokio::time::timeout(WAIT, backend.closed())
+            .await
+            .expect("backend closed"),
+        Some(1001)
+    );
+    gw.wait_exit(Duration::from_secs(15))
+        .expect("exited within 15 s");
+    assert!(started.elapsed() < Duration::from_secs(15));
+}
