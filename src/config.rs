@@ -735,6 +735,21 @@ limits:
     }
 
     #[test]
+    fn the_production_example_is_valid() {
+        let text = include_str!("../conf/production.yaml");
+        let c = parse(text, "production.yaml", &|name| match name {
+            "CI_PUBLISH_TOKEN" => Some("ci-token-0123456789".into()),
+            "SEARCH_TOKEN_SHA256" => Some("ab".repeat(32)),
+            "CHAT_SECRET" => Some("chat".into()),
+            _ => None,
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.tls_required);
+        assert_eq!(c.tokens.len(), 2);
+        assert!(c.listeners[0].tls.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_reported_with_line_and_column() {
         let e = parse_err("listen:\n  - address: 127.0.0.1:1\n    adress: x\n");
         assert_eq!(e.line, Some(3), "{e}");

@@ -24,8 +24,8 @@ use pingora::{Error, ErrorType};
 
 use crate::auth::{self, Digest};
 use crate::config::{Config, Limits, Source};
-use crate::http_api::{self, respond_error};
-use crate::metrics::{metrics, Rejection};
+use crate::http_api::{self, refuse};
+use crate::metrics::Rejection;
 use crate::mux::{self, JoinError, Registry};
 use crate::tls::CertResolver;
 use crate::ws::{self, WsSettings};
@@ -174,19 +174,36 @@ impl Gateway {
         let config = self.app.config.load_full();
         if self.app.active.draining.load(Ordering::SeqCst) {
             session.set_keepalive(None);
-            return respond_error(session, 503, "the gateway is shutting down", &[]).await;
+            return refuse(
+                session,
+                503,
+                None,
+                None,
+                "the gateway is shutting down",
+                &[],
+            )
+            .await;
         }
 
         if config.tls_required && !is_https(session, &config) {
-            metrics().reject(Rejection::TlsRequired);
-            return respond_error(session, 403, "TLS required: use https:// or wss://", &[]).await;
+            return refuse(
+                session,
+                403,
+                Some(Rejection::TlsRequired),
+                None,
+                "TLS required: use https:// or wss://",
+                &[],
+            )
+            .await;
         }
         let method = session.req_header().method.clone();
         let is_get = method == http::Method::GET;
         if !is_get && method != http::Method::POST {
-            return respond_error(
+            return refuse(
                 session,
                 405,
+                None,
+                None,
                 "only GET (WebSocket) and POST (calls) are served",
                 &[("allow", "GET, POST")],
             )
@@ -215,29 +232,47 @@ impl Gateway {
         creds: &Credentials,
     ) -> pingora::Result<()> {
         let Some(token) = auth::find_token(&config.tokens, token) else {
-            metrics().reject(Rejection::BadToken);
-            tracing::info!(path, "publish refused: unknown token");
-            return respond_error(session, 401, "unknown publish token", &[]).await;
+            return refuse(
+                session,
+                401,
+                Some(Rejection::BadToken),
+                None,
+                "unknown publish token",
+                &[],
+            )
+            .await;
         };
         if let Err(why) = auth::check_path(path) {
-            tracing::info!(path, token = %token.name, "publish refused: bad path");
-            return respond_error(session, 400, &format!("invalid endpoint path: {why}"), &[])
-                .await;
+            return refuse(
+                session,
+                400,
+                None,
+                Some(&token.name),
+                &format!("invalid endpoint path: {why}"),
+                &[],
+            )
+            .await;
         }
         if !token.allows(path) {
-            metrics().reject(Rejection::TokenScope);
-            tracing::info!(path, token = %token.name, "publish refused: token may not publish this path");
-            return respond_error(session, 403, "this token may not publish this path", &[]).await;
+            return refuse(
+                session,
+                403,
+                Some(Rejection::TokenScope),
+                Some(&token.name),
+                "this token may not publish this path",
+                &[],
+            )
+            .await;
         }
         let fixed = config.endpoint(path).secret;
         let secret = match (&creds.secret, fixed) {
             (Some(given), Some(fixed)) => {
                 if !fixed.matches(&Digest::of(given.as_bytes())) {
-                    metrics().reject(Rejection::BadSecret);
-                    tracing::info!(path, token = %token.name, "publish refused: secret differs from the endpoint's fixed secret");
-                    return respond_error(
+                    return refuse(
                         session,
                         401,
+                        Some(Rejection::BadSecret),
+                        Some(&token.name),
                         "the secret differs from this endpoint's configured secret",
                         &[],
                     )
@@ -248,11 +283,11 @@ impl Gateway {
             (None, Some(fixed)) => fixed,
             (Some(given), None) => Digest::of(given.as_bytes()),
             (None, None) => {
-                metrics().reject(Rejection::NoSecret);
-                tracing::info!(path, token = %token.name, "publish refused: no secret");
-                return respond_error(
+                return refuse(
                     session,
                     400,
+                    Some(Rejection::NoSecret),
+                    Some(&token.name),
                     "a publish needs a client secret: ?secret= or X-Duplex-Secret",
                     &[],
                 )
@@ -287,34 +322,55 @@ impl Gateway {
             return upgrade_required(session).await;
         }
         let Some(endpoint) = self.app.registry.lookup(path) else {
-            metrics().reject(Rejection::NotFound);
-            return respond_error(session, 404, "no backend is published at this path", &[]).await;
+            return refuse(
+                session,
+                404,
+                Some(Rejection::NotFound),
+                None,
+                "no backend is published at this path",
+                &[],
+            )
+            .await;
         };
         if !creds
             .secret
             .as_deref()
             .is_some_and(|s| endpoint.secret_matches(s))
         {
-            metrics().reject(Rejection::BadSecret);
-            return respond_error(session, 401, "missing or wrong secret", &[]).await;
+            return refuse(
+                session,
+                401,
+                Some(Rejection::BadSecret),
+                None,
+                "missing or wrong secret",
+                &[],
+            )
+            .await;
         }
         let limits = mux_limits(&config.limits);
         let conn = match endpoint.join(true, config.max_clients(path), limits.client_queue) {
             Ok(conn) => conn,
             Err(JoinError::Full) => {
-                metrics().reject(Rejection::Full);
-                return respond_error(
+                return refuse(
                     session,
                     503,
+                    Some(Rejection::Full),
+                    None,
                     "this endpoint has all the clients it may have",
                     &[],
                 )
                 .await;
             }
             Err(JoinError::NotFound) => {
-                metrics().reject(Rejection::NotFound);
-                return respond_error(session, 404, "no backend is published at this path", &[])
-                    .await;
+                return refuse(
+                    session,
+                    404,
+                    Some(Rejection::NotFound),
+                    None,
+                    "no backend is published at this path",
+                    &[],
+                )
+                .await;
             }
         };
         ws::serve_client(session, conn, ws_settings(&config.limits)).await;
@@ -323,9 +379,11 @@ impl Gateway {
 }
 
 async fn upgrade_required(session: &mut Session) -> pingora::Result<()> {
-    respond_error(
+    refuse(
         session,
         426,
+        None,
+        None,
         "a WebSocket upgrade is required (POST <endpoint>/<method> for plain HTTP calls)",
         &[("upgrade", "websocket")],
     )

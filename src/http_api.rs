@@ -38,14 +38,22 @@ pub async fn serve(
 ) -> pingora::Result<()> {
     let started = Instant::now();
     let Some((endpoint_path, method)) = split_call_path(path) else {
-        metrics().reject(Rejection::NotFound);
-        return respond_error(session, 404, "POST <endpoint>/<method> calls a method", &[]).await;
-    };
-    let Some(endpoint) = app.registry.lookup(endpoint_path) else {
-        metrics().reject(Rejection::NotFound);
-        return respond_error(
+        return refuse(
             session,
             404,
+            Some(Rejection::NotFound),
+            None,
+            "POST <endpoint>/<method> calls a method",
+            &[],
+        )
+        .await;
+    };
+    let Some(endpoint) = app.registry.lookup(endpoint_path) else {
+        return refuse(
+            session,
+            404,
+            Some(Rejection::NotFound),
+            None,
             "no backend is published at this endpoint",
             &[],
         )
@@ -76,8 +84,15 @@ async fn call(
         .as_deref()
         .is_some_and(|s| endpoint.secret_matches(s))
     {
-        metrics().reject(Rejection::BadSecret);
-        respond_error(session, 401, "missing or wrong secret", &[]).await?;
+        refuse(
+            session,
+            401,
+            Some(Rejection::BadSecret),
+            None,
+            "missing or wrong secret",
+            &[],
+        )
+        .await?;
         return Ok(401);
     }
 
@@ -92,8 +107,15 @@ async fn call(
         match serde_json::from_slice::<&RawValue>(&body) {
             Ok(raw) => raw.to_owned(),
             Err(e) => {
-                metrics().reject(Rejection::BadJson);
-                respond_error(session, 400, &format!("the body is not JSON: {e}"), &[]).await?;
+                refuse(
+                    session,
+                    400,
+                    Some(Rejection::BadJson),
+                    None,
+                    &format!("the body is not JSON: {e}"),
+                    &[],
+                )
+                .await?;
                 return Ok(400);
             }
         }
@@ -107,10 +129,11 @@ async fn call(
     ) {
         Ok(conn) => conn,
         Err(JoinError::Full) => {
-            metrics().reject(Rejection::Full);
-            respond_error(
+            refuse(
                 session,
                 503,
+                Some(Rejection::Full),
+                None,
                 "this endpoint has all the clients it may have",
                 &[],
             )
@@ -118,10 +141,11 @@ async fn call(
             return Ok(503);
         }
         Err(JoinError::NotFound) => {
-            metrics().reject(Rejection::NotFound);
-            respond_error(
+            refuse(
                 session,
                 404,
+                Some(Rejection::NotFound),
+                None,
                 "no backend is published at this endpoint",
                 &[],
             )
@@ -287,10 +311,11 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|len| len > max as u64) {
-        metrics().reject(Rejection::TooLarge);
-        respond_error(
+        refuse(
             session,
             413,
+            Some(Rejection::TooLarge),
+            None,
             &format!("the body is over the limit of {max} bytes"),
             &[],
         )
@@ -312,10 +337,11 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
     let mut body = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if body.len() + chunk.len() > max {
-            metrics().reject(Rejection::TooLarge);
-            respond_error(
+            refuse(
                 session,
                 413,
+                Some(Rejection::TooLarge),
+                None,
                 &format!("the body is over the limit of {max} bytes"),
                 &[],
             )
@@ -371,6 +397,32 @@ pub async fn respond(
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+/// Refuses a request: counts it (when `reason` is given), logs one line (with the publishing
+/// token's name when known; never a credential, never the query string), and answers
+/// `{"error": {...}}` with `status`.
+pub async fn refuse(
+    session: &mut Session,
+    status: u16,
+    reason: Option<Rejection>,
+    token: Option<&str>,
+    message: &str,
+    headers: &[(&str, &str)],
+) -> pingora::Result<()> {
+    if let Some(reason) = reason {
+        metrics().reject(reason);
+    }
+    let req = session.req_header();
+    tracing::info!(
+        status,
+        reason = reason.map_or("-", Rejection::as_str),
+        token = token.unwrap_or("-"),
+        method = %req.method,
+        path = ?req.uri.path(),
+        "refused: {message}"
+    );
+    respond_error(session, status, message, headers).await
 }
 
 /// Writes `{"error": {"code": status, "message": message}}` with `status`.
