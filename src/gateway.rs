@@ -121,11 +121,18 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Reads credentials from the query string (first occurrence wins) and headers (used when the
-    /// query has none).
+    /// Reads credentials from a request's query string and headers.
     pub fn from_request(req: &RequestHeader) -> Credentials {
+        Credentials::parse(req.uri.query(), |name| {
+            req.headers.get(name).and_then(|v| v.to_str().ok())
+        })
+    }
+
+    /// Reads credentials from a query string (first occurrence wins) and headers (used when the
+    /// query has none): `header(name)` gives a header's value. Empty values count as missing.
+    pub fn parse<'h>(query: Option<&str>, header: impl Fn(&str) -> Option<&'h str>) -> Credentials {
         let mut creds = Credentials::default();
-        if let Some(query) = req.uri.query() {
+        if let Some(query) = query {
             for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
                 match key.as_ref() {
                     "token" if creds.token.is_none() => creds.token = Some(value.into_owned()),
@@ -135,23 +142,17 @@ impl Credentials {
                 }
             }
         }
-        let header = |name: &str| {
-            req.headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-        };
         if creds.token.is_none() {
             creds.token = header("authorization")
+                .map(str::trim)
                 .and_then(|v| {
                     let (scheme, rest) = v.split_once(' ')?;
                     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
                 })
-                .filter(|t| !t.is_empty())
                 .map(str::to_string);
         }
         if creds.secret.is_none() {
-            creds.secret = header("x-duplex-secret").map(str::to_string);
+            creds.secret = header("x-duplex-secret").map(|s| s.trim().to_string());
         }
         creds.token = creds.token.filter(|t| !t.is_empty());
         creds.secret = creds.secret.filter(|s| !s.is_empty());
@@ -300,7 +301,8 @@ impl Gateway {
         let token_name = token.name.clone();
         let token_digest = token.digest;
         let registry = self.app.registry.clone();
-        let settings = ws_settings(&config.limits);
+        let app = self.app.clone();
+        let settings = move || ws_settings(&app.config.load().limits);
         ws::serve_backend(session, settings, || {
             tracing::info!(endpoint = path, token = %token_name, "backend published");
             registry.publish(path, secret, (&token_name, token_digest))
@@ -373,7 +375,11 @@ impl Gateway {
                 .await;
             }
         };
-        ws::serve_client(session, conn, ws_settings(&config.limits)).await;
+        let app = self.app.clone();
+        ws::serve_client(session, conn, move || {
+            ws_settings(&app.config.load().limits)
+        })
+        .await;
         Ok(())
     }
 }

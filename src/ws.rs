@@ -253,17 +253,26 @@ impl<'s> WsStream<'s> {
         }
     }
 
-    /// Moves frames between the socket and `side` until either ends.
-    async fn pump<S: Side>(&mut self, side: &mut S, ping_interval: Duration) {
-        let mut ticker = tokio::time::interval(if ping_interval.is_zero() {
-            Duration::from_secs(3600)
-        } else {
-            ping_interval
-        });
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker.tick().await;
+    /// Moves frames between the socket and `side` until either ends. `settings` is read again
+    /// between frames, so a reload's new limits apply to open connections too.
+    async fn pump<S: Side>(&mut self, side: &mut S, settings: &impl Fn() -> WsSettings) {
+        let mut current = settings();
+        let mut ping_interval = current.ping_interval;
+        let mut ticker = ping_ticker(ping_interval);
         self.last_heard = Instant::now();
         loop {
+            let now = settings();
+            if now.max_message_bytes != current.max_message_bytes {
+                self.ctx.set_config(|c| {
+                    c.max_message_size = Some(now.max_message_bytes);
+                    c.max_frame_size = Some(now.max_message_bytes);
+                });
+            }
+            if now.ping_interval != ping_interval {
+                ping_interval = now.ping_interval;
+                ticker = ping_ticker(ping_interval);
+            }
+            current = now;
             tokio::select! {
                 incoming = self.read() => match incoming {
                     Incoming::Data(frame) => {
@@ -333,6 +342,18 @@ impl<'s> WsStream<'s> {
             }
         }
     }
+}
+
+/// A ticker for pings every `period` (zero: effectively never), first tick one period from now.
+fn ping_ticker(period: Duration) -> tokio::time::Interval {
+    let period = if period.is_zero() {
+        Duration::from_secs(24 * 3600)
+    } else {
+        period
+    };
+    let mut ticker = tokio::time::interval_at(Instant::now() + period, period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
 }
 
 fn truncate(text: &str, max: usize) -> &str {
@@ -406,28 +427,35 @@ fn count_malformed(endpoint: &str) {
 }
 
 /// Serves a client connection that has joined its endpoint: handshake, then frames.
-pub async fn serve_client(session: &mut Session, mut conn: ClientConn, settings: WsSettings) {
-    let Ok(mut ws) = WsStream::accept(session, &settings).await else {
+/// `settings` gives the limits in force (read again between frames).
+pub async fn serve_client(
+    session: &mut Session,
+    mut conn: ClientConn,
+    settings: impl Fn() -> WsSettings,
+) {
+    let first = settings();
+    let Ok(mut ws) = WsStream::accept(session, &first).await else {
         return;
     };
-    if ws.handshake(settings.handshake_timeout).await && ws.accept_handshake().await {
-        ws.pump(&mut conn, settings.ping_interval).await;
+    if ws.handshake(first.handshake_timeout).await && ws.accept_handshake().await {
+        ws.pump(&mut conn, &settings).await;
     }
 }
 
 /// Serves a backend connection: handshake, then `publish` registers it, then frames.
 pub async fn serve_backend(
     session: &mut Session,
-    settings: WsSettings,
+    settings: impl Fn() -> WsSettings,
     publish: impl FnOnce() -> BackendConn,
 ) {
-    let Ok(mut ws) = WsStream::accept(session, &settings).await else {
+    let first = settings();
+    let Ok(mut ws) = WsStream::accept(session, &first).await else {
         return;
     };
-    if ws.handshake(settings.handshake_timeout).await {
+    if ws.handshake(first.handshake_timeout).await {
         let mut conn = publish();
         if ws.accept_handshake().await {
-            ws.pump(&mut conn, settings.ping_interval).await;
+            ws.pump(&mut conn, &settings).await;
         }
     }
 }

@@ -466,6 +466,9 @@ async fn malformed_frames_get_an_error_and_harm_nobody() {
     let good = client(&gw, "/bad", "s").await;
     let mut raw = Raw::open(&gw.client_url("/bad", "s")).await;
     raw.send("not json").await;
+    let answer = raw.recv().await;
+    assert_eq!(answer["error"]["code"], json!(-32700), "{answer}");
+    assert!(answer.get("id").is_none(), "{answer}");
     raw.send(r#"{"type":"req","method":"echo","id":9,"ext":[1]}"#)
         .await;
     let answer = raw.recv().await;

@@ -52,19 +52,23 @@ impl ParseError {
         }
     }
 
-    /// The error reply to send back for this frame, if it was a request with an id.
+    /// The error reply to send back for this frame: with the call's id when it was a request
+    /// whose id could be read, without an id when even that was unreadable (as JSON-RPC answers
+    /// with `id: null`). A malformed reply gets no answer: replies are never answered.
     pub fn reply(&self) -> Option<Message> {
-        match (self.kind, self.id) {
-            (Some(Kind::Request), Some(id)) => {
-                let mut reply =
-                    Message::error_reply(Some(id), &RpcError::new(self.code, self.message.clone()));
-                if let Some(ext) = &self.ext {
-                    reply.set_raw("ext", ext.clone());
-                }
-                Some(reply)
-            }
-            _ => None,
+        if self.kind == Some(Kind::Reply) {
+            return None;
         }
+        let id = if self.kind == Some(Kind::Request) {
+            self.id
+        } else {
+            None
+        };
+        let mut reply = Message::error_reply(id, &RpcError::new(self.code, self.message.clone()));
+        if let Some(ext) = &self.ext {
+            reply.set_raw("ext", ext.clone());
+        }
+        Some(reply)
     }
 }
 

@@ -313,6 +313,14 @@ impl Raw {
             .expect("send");
     }
 
+    /// Sends a text frame whose bytes are not UTF-8 (a protocol violation).
+    pub async fn send_invalid_utf8_text(&mut self, data: &[u8]) {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        let frame = Frame::message(data.to_vec(), OpCode::Data(Data::Text), true);
+        self.ws.send(WsMessage::Frame(frame)).await.expect("send");
+    }
+
     /// Sends a JSON value as a text frame.
     pub async fn send_json(&mut self, value: &Value) {
         self.send(&value.to_string()).await;

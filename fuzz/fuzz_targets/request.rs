@@ -1,0 +1,38 @@
+//! The request classifier: query strings, headers and paths from the network, as the gateway
+//! reads them (credentials, endpoint and method of a call, path checks, proxy headers).
+#![no_main]
+
+use duplex_gateway::auth::{check_path, forwarded_https, PathScope};
+use duplex_gateway::gateway::Credentials;
+use duplex_gateway::http_api::split_call_path;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let mut parts = text.split('\n');
+    let path = parts.next().unwrap_or("");
+    let query = parts.next();
+    let authorization = parts.next();
+    let secret = parts.next();
+    let proto = parts.next();
+    let creds = Credentials::parse(query, |name| match name {
+        "authorization" => authorization,
+        "x-duplex-secret" => secret,
+        _ => None,
+    });
+    if let Some(token) = &creds.token {
+        assert!(!token.is_empty());
+    }
+    if let Some((endpoint, method)) = split_call_path(path) {
+        assert!(!method.is_empty() && endpoint.starts_with('/') || endpoint == "/");
+        let _ = check_path(endpoint);
+    }
+    if check_path(path).is_ok() {
+        assert!(path.starts_with('/'));
+    }
+    if let Ok(scope) = PathScope::parse(path) {
+        let _ = scope.matches(path);
+    }
+    let trusted = ["10.0.0.0/8".parse().expect("net")];
+    let _ = forwarded_https(&trusted, Some("10.1.1.1".parse().expect("ip")), proto);
+});
