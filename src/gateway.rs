@@ -95,6 +95,9 @@ pub fn mux_limits(limits: &Limits) -> mux::Limits {
     mux::Limits {
         max_pending_calls_per_client: limits.max_pending_calls_per_client,
         backend_grace: limits.backend_grace,
+        // A client may fall behind by 16 messages of the largest size before it counts as not
+        // reading (16 MiB with the default limit).
+        client_queue_bytes: limits.max_message_bytes.saturating_mul(16).max(64 << 10),
         ..mux::Limits::default()
     }
 }
@@ -349,8 +352,7 @@ impl Gateway {
             )
             .await;
         }
-        let limits = mux_limits(&config.limits);
-        let conn = match endpoint.join(true, config.max_clients(path), limits.client_queue) {
+        let conn = match endpoint.join(true, config.max_clients(path)) {
             Ok(conn) => conn,
             Err(JoinError::Full) => {
                 return refuse(

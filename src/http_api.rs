@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
-use crate::gateway::{mux_limits, App, Credentials};
+use crate::gateway::{App, Credentials};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{ClientConn, JoinError};
 
@@ -121,12 +121,7 @@ async fn call(
         }
     };
 
-    let limits = mux_limits(&config.limits);
-    let conn = match endpoint.join(
-        false,
-        config.max_clients(endpoint.path()),
-        limits.client_queue,
-    ) {
+    let conn = match endpoint.join(false, config.max_clients(endpoint.path())) {
         Ok(conn) => conn,
         Err(JoinError::Full) => {
             refuse(

@@ -28,6 +28,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // Every connection is a descriptor: take all the system allows (10,000 idle clients need it).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("cannot raise the open-file limit: {e}");
+    }
 
     // SIGHUP's default action ends the process; take it over before anything else, so a reload
     // signal that comes early is never fatal (the reload service listens for it later).

@@ -270,13 +270,14 @@ async fn malformed_input_from_the_backend_gets_its_error_and_harms_nobody() {
 
 #[tokio::test]
 async fn a_client_that_never_reads_is_closed_and_the_others_keep_going() {
-    let gw = Gateway::start("");
+    // 16 x 4096 bytes is this client's budget of undelivered frames (the minimum is 64 KiB).
+    let gw = Gateway::start("limits:\n  max_message_bytes: 4096\n");
     let _backend = publish(&gw, "/slow", "s").await;
     let good = client(&gw, "/slow", "s").await;
     let mut stuck = Raw::open(&gw.client_url("/slow", "s")).await;
     // Ask for far more than socket buffers hold, then never read.
     stuck
-        .send_json(&json!({"type":"req","method":"count","id":1,"payload":300000}))
+        .send_json(&json!({"type":"req","method":"count","id":1,"payload":200000}))
         .await;
     let started = Instant::now();
     for i in 0..300 {
@@ -417,4 +418,28 @@ async fn churn_leaves_no_client_or_call_behind() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn a_long_burst_reaches_clients_that_read() {
+    // A burst far longer than any frame count limit, well within the default byte budget.
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/burst", "s").await;
+    let c = client(&gw, "/burst", "s").await;
+    let mut replies = c.call_stream("count", json!(20000)).expect("call");
+    let mut n = 0u64;
+    while let Some(item) = replies.next().await {
+        n += 1;
+        assert_eq!(item, Ok(json!(n)));
+    }
+    assert_eq!(n, 20000);
+    let resp = reqwest::Client::new()
+        .post(gw.http("/burst/count?secret=s"))
+        .body("20000")
+        .send()
+        .await
+        .expect("post");
+    let text = resp.text().await.expect("body");
+    assert_eq!(text.lines().count(), 20000);
+    assert_eq!(text.lines().last(), Some("20000"));
 }

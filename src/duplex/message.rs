@@ -377,14 +377,18 @@ impl Message {
         self.fields.retain(|(k, _)| k != name);
     }
 
-    /// The message as one JSON object, fields in their original order.
-    pub fn to_json(&self) -> String {
-        let len: usize = self
+    /// About how many bytes [`Message::to_json`] writes (exact unless keys need escaping).
+    pub fn approx_len(&self) -> usize {
+        2 + self
             .fields
             .iter()
             .map(|(k, v)| k.len() + v.get().len() + 4)
-            .sum();
-        let mut out = String::with_capacity(len + 2);
+            .sum::<usize>()
+    }
+
+    /// The message as one JSON object, fields in their original order.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(self.approx_len());
         out.push('{');
         for (i, (key, value)) in self.fields.iter().enumerate() {
             if i > 0 {

@@ -27,12 +27,13 @@ use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::Connector;
+use tokio_tungstenite::{Connector, WebSocketStream};
 
 use super::error::{code, RpcError};
 use super::handshake;
@@ -154,7 +155,7 @@ impl PeerBuilder {
                 .map_err(|e| PeerError::Connect(e.to_string()))?;
             request.headers_mut().insert(name, value);
         }
-        let connector = self.tls.map(Connector::Rustls);
+        let connector = self.tls.clone().map(Connector::Rustls);
         let (mut ws, _) =
             tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
                 .await
@@ -186,6 +187,59 @@ impl PeerBuilder {
             }
         }
 
+        Ok(self.run(ws))
+    }
+
+    /// Serves a WebSocket connection this side accepted: waits for the peer's handshake, answers
+    /// `+OK` (or `-ERR` and close 1002 for another protocol, version or codec), then answers calls
+    /// with the registered handlers and can make calls too. This is a Duplex server without a
+    /// gateway (the benchmarks' "direct" baseline uses it).
+    pub async fn accept<S>(self, mut ws: WebSocketStream<S>) -> Result<Peer, PeerError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        loop {
+            let frame = match ws.next().await {
+                Some(Ok(WsMessage::Text(text))) => text.as_bytes().to_vec(),
+                Some(Ok(WsMessage::Binary(bytes))) => bytes.to_vec(),
+                Some(Ok(WsMessage::Close(frame))) => {
+                    return Err(PeerError::Closed(frame.map(|f| u16::from(f.code))))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(PeerError::Connect(e.to_string())),
+                None => return Err(PeerError::Closed(None)),
+            };
+            if frame.is_empty() {
+                continue;
+            }
+            match handshake::check(&frame) {
+                Ok(()) => break,
+                Err(reason) => {
+                    let _ = ws
+                        .send(WsMessage::Text(handshake::refusal(&reason).into()))
+                        .await;
+                    let _ = ws
+                        .send(WsMessage::Close(Some(CloseFrame {
+                            code: CloseCode::Protocol,
+                            reason: "bad handshake".into(),
+                        })))
+                        .await;
+                    return Err(PeerError::Handshake(reason));
+                }
+            }
+        }
+        ws.send(WsMessage::Text(handshake::ACCEPT.into()))
+            .await
+            .map_err(|e| PeerError::Connect(e.to_string()))?;
+        Ok(self.run(ws))
+    }
+
+    /// Runs an open, handshaken connection: a writer task, and a reader task that routes replies
+    /// to pending calls and requests to the handlers.
+    fn run<S>(self, ws: WebSocketStream<S>) -> Peer
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (out_tx, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
         let (closed_tx, closed_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
@@ -245,7 +299,7 @@ impl PeerBuilder {
             writer.abort();
         });
 
-        Ok(Peer { shared })
+        Peer { shared }
     }
 }
 

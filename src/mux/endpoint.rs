@@ -1,6 +1,7 @@
 //! One endpoint: its backend, its clients and the call table between them.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
@@ -77,7 +78,7 @@ struct BackendSlot {
 }
 
 struct ClientSlot {
-    tx: mpsc::Sender<Message>,
+    tx: ClientTx,
     close: CloseCell,
     /// This client's open calls: client id -> backend id.
     open: HashMap<u64, u64>,
@@ -140,7 +141,7 @@ impl State {
     }
 
     /// Fails every pending client call with `-32000` (the backend is gone).
-    fn fail_pending_calls(&mut self, why: &str) -> Vec<(mpsc::Sender<Message>, Message)> {
+    fn fail_pending_calls(&mut self, why: &str) -> Vec<(ClientTx, Message)> {
         let mut out = Vec::with_capacity(self.calls.len());
         for (_, call) in self.calls.drain() {
             if let Some(client) = self.clients.get(&call.route) {
@@ -286,8 +287,13 @@ impl Endpoint {
         self: &Arc<Self>,
         websocket: bool,
         max_clients: usize,
-        queue: usize,
     ) -> Result<ClientConn, JoinError> {
+        let budget = self
+            .registry
+            .upgrade()
+            .map_or(Limits::default().client_queue_bytes, |r| {
+                r.limits().client_queue_bytes
+            });
         let mut s = self.state();
         if s.removed || (s.backend.is_none() && s.grace_until.is_none()) {
             return Err(JoinError::NotFound);
@@ -296,12 +302,17 @@ impl Endpoint {
             return Err(JoinError::Full);
         }
         let route = route_key();
-        let (tx, rx) = mpsc::channel(queue.max(1));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let close: CloseCell = Arc::new(OnceLock::new());
         s.clients.insert(
             route.clone(),
             ClientSlot {
-                tx,
+                tx: ClientTx {
+                    tx,
+                    queued: queued.clone(),
+                    budget,
+                },
                 close: close.clone(),
                 open: HashMap::new(),
                 websocket,
@@ -312,6 +323,7 @@ impl Endpoint {
             endpoint: self.clone(),
             route,
             rx,
+            queued,
             close,
         })
     }
@@ -438,9 +450,9 @@ impl Endpoint {
         }
     }
 
-    fn deliver_all(&self, frames: Vec<(mpsc::Sender<Message>, Message)>) {
+    fn deliver_all(&self, frames: Vec<(ClientTx, Message)>) {
         for (tx, msg) in frames {
-            if tx.try_send(msg).is_ok() {
+            if tx.push(msg) == Push::Sent {
                 self.to_client.inc();
             } else {
                 self.dropped("client_queue_full");
@@ -456,12 +468,13 @@ impl Endpoint {
         tracing::debug!(endpoint = %self.path, reason, "message dropped");
     }
 
-    /// Hands a frame to a client; a client whose queue is full is not reading and is closed.
-    fn deliver(&self, route: &Route, tx: &mpsc::Sender<Message>, msg: Message) {
-        match tx.try_send(msg) {
-            Ok(()) => self.to_client.inc(),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.dropped("client_gone"),
-            Err(mpsc::error::TrySendError::Full(_)) => {
+    /// Hands a frame to a client; a client whose queue is over its budget is not reading (fast
+    /// enough) and is closed.
+    fn deliver(&self, route: &Route, tx: &ClientTx, msg: Message) {
+        match tx.push(msg) {
+            Push::Sent => self.to_client.inc(),
+            Push::Gone => self.dropped("client_gone"),
+            Push::Full => {
                 self.dropped("client_queue_full");
                 let mut s = self.state();
                 let owed = s.remove_client(
@@ -478,6 +491,36 @@ impl Endpoint {
                 }
                 tracing::info!(endpoint = %self.path, "closed a client that did not read");
             }
+        }
+    }
+}
+
+/// The sending side of a client's queue. The queue is bounded in bytes, not frames, so a burst
+/// of small frames to a client that reads is fine, while a client that stops reading is found.
+#[derive(Clone)]
+struct ClientTx {
+    tx: mpsc::UnboundedSender<(Message, usize)>,
+    queued: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Push {
+    Sent,
+    Gone,
+    Full,
+}
+
+impl ClientTx {
+    fn push(&self, msg: Message) -> Push {
+        let size = msg.approx_len();
+        if self.queued.load(Ordering::Relaxed) + size > self.budget {
+            return Push::Full;
+        }
+        self.queued.fetch_add(size, Ordering::Relaxed);
+        match self.tx.send((msg, size)) {
+            Ok(()) => Push::Sent,
+            Err(_) => Push::Gone,
         }
     }
 }
@@ -642,7 +685,9 @@ impl Drop for BackendConn {
 pub struct ClientConn {
     endpoint: Arc<Endpoint>,
     route: Route,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::UnboundedReceiver<(Message, usize)>,
+    /// Bytes queued in `rx` (shared with the endpoint's side of the queue).
+    queued: Arc<AtomicUsize>,
     close: CloseCell,
 }
 
@@ -660,12 +705,16 @@ impl ClientConn {
     /// The next frame for this client; None once the multiplexer closed it
     /// (see [`ClientConn::close_reason`]).
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        let (msg, size) = self.rx.recv().await?;
+        self.queued.fetch_sub(size, Ordering::Relaxed);
+        Some(msg)
     }
 
     /// A frame already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        let (msg, size) = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(size, Ordering::Relaxed);
+        Some(msg)
     }
 
     /// Why the multiplexer closed this client.

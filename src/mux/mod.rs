@@ -30,8 +30,8 @@ pub struct Limits {
     pub max_pending_calls_per_client: usize,
     /// How long clients wait for a backend that left to come back.
     pub backend_grace: Duration,
-    /// Frames queued for one client before it counts as not reading and is closed.
-    pub client_queue: usize,
+    /// Bytes of frames queued for one client before it counts as not reading and is closed.
+    pub client_queue_bytes: usize,
     /// Frames queued for a backend before clients wait for it to read.
     pub backend_queue: usize,
 }
@@ -41,7 +41,7 @@ impl Default for Limits {
         Limits {
             max_pending_calls_per_client: 1024,
             backend_grace: Duration::from_secs(10),
-            client_queue: 1024,
+            client_queue_bytes: 16 << 20,
             backend_queue: 8192,
         }
     }

@@ -1,0 +1,656 @@
+//! The load tool: measures the gateway against the physical limit, side by side, in one run.
+//!
+//! ```text
+//! cargo bench --bench load                      # full run (about 3 minutes after the build)
+//! cargo bench --bench load -- --quick --json out.json
+//! cargo bench --bench load -- --url ws://host:8080 --token T   # another running Duplex gateway
+//! ```
+//!
+//! Scenarios (see BENCHMARKS.md): `ws_rpc`, `ws_rpc_direct`, `http_rpc`, `http_direct`,
+//! `http_nginx` (when nginx is installed), `stream`, `idle`, and their ratios.
+//!
+//! Every server runs in a process of its own: the gateway (the release binary), and this binary
+//! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
+//! HTTP server. This process only generates load.
+
+use std::convert::Infallible;
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use duplex_gateway::duplex::{Call, Peer, PeerBuilder};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1 as server_http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Map, Value};
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN: &str = "bench-token-0123456789";
+const SECRET: &str = "bench-secret";
+const ENDPOINT: &str = "/bench";
+
+/// What to run.
+#[derive(Clone)]
+struct Options {
+    clients: usize,
+    seconds: f64,
+    idle: usize,
+    stream_frames: u64,
+    json: Option<String>,
+    url: Option<String>,
+    token: String,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Options {
+        let quick = args.iter().any(|a| a == "--quick");
+        let value = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .cloned()
+        };
+        let num =
+            |name: &str, default: f64| value(name).and_then(|v| v.parse().ok()).unwrap_or(default);
+        Options {
+            clients: num("--clients", if quick { 16.0 } else { 64.0 }) as usize,
+            seconds: num("--seconds", if quick { 3.0 } else { 10.0 }),
+            idle: num("--idle", if quick { 1000.0 } else { 10_000.0 }) as usize,
+            stream_frames: num("--stream-frames", if quick { 20_000.0 } else { 100_000.0 }) as u64,
+            json: value("--json"),
+            url: value("--url").map(|u| u.trim_end_matches('/').to_string()),
+            token: value("--token").unwrap_or_else(|| TOKEN.to_string()),
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    if let Some(i) = args.iter().position(|a| a == "--role") {
+        let role = args.get(i + 1).cloned().unwrap_or_default();
+        let arg = args.get(i + 2).cloned().unwrap_or_default();
+        return run_role(&role, &arg);
+    }
+    let options = Options::parse(&args);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(bench(options));
+}
+
+// ---- Servers (separate processes) ----------------------------------------------------------
+
+/// The handlers every echo server has: `echo`, and `count` (a reply stream of 1..=n).
+fn echo_handlers() -> PeerBuilder {
+    Peer::builder()
+        .handle("echo", |call: Call| async move { Ok(call.payload) })
+        .handle("count", |call: Call| async move {
+            let n = call.payload.as_u64().unwrap_or(0);
+            for i in 1..n {
+                let _ = call.send(&json!(i));
+            }
+            Ok(json!(n))
+        })
+}
+
+fn run_role(role: &str, arg: &str) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        match role {
+            // Publishes the echo handlers at the URL (a gateway), publishing again if dropped.
+            "echo-backend" => loop {
+                if let Ok(peer) = echo_handlers().connect(arg).await {
+                    peer.closed().await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            },
+            // Serves the echo handlers directly over WebSocket on 127.0.0.1:PORT.
+            "ws-server" => {
+                let listener = TcpListener::bind(("127.0.0.1", port(arg)))
+                    .await
+                    .expect("bind");
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(async move {
+                        if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                            if let Ok(peer) = echo_handlers().accept(ws).await {
+                                peer.closed().await;
+                            }
+                        }
+                    });
+                }
+            }
+            // A minimal HTTP echo server (hyper) on 127.0.0.1:PORT.
+            "http-server" => {
+                let listener = TcpListener::bind(("127.0.0.1", port(arg)))
+                    .await
+                    .expect("bind");
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(async move {
+                        let service =
+                            service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                Ok::<_, Infallible>(
+                                    hyper::Response::builder()
+                                        .header("content-type", "application/json")
+                                        .body(Full::new(body))
+                                        .unwrap_or_default(),
+                                )
+                            });
+                        let _ = server_http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), service)
+                            .await;
+                    });
+                }
+            }
+            other => eprintln!("unknown role {other}"),
+        }
+    });
+}
+
+fn port(arg: &str) -> u16 {
+    arg.parse().expect("port")
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_role(role: &str, arg: &str) -> Proc {
+    let exe = std::env::current_exe().expect("exe");
+    Proc(
+        Command::new(exe)
+            .args(["--role", role, arg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn role"),
+    )
+}
+
+async fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Starts our gateway (the release binary) on free ports; returns it, its base URLs and pid.
+async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32) {
+    let port = free_port();
+    let metrics = free_port();
+    let config = dir.join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics}\n\
+             tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
+             limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n"
+        ),
+    )
+    .expect("config");
+    let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the gateway");
+    let pid = child.id();
+    wait_port(port).await;
+    (Proc(child), format!("ws://127.0.0.1:{port}"), pid)
+}
+
+/// Starts nginx in front of the HTTP echo server on `upstream`, if nginx is installed.
+async fn start_nginx(dir: &std::path::Path, upstream: u16) -> Option<(Proc, u16)> {
+    let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    let port = free_port();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs")).ok()?;
+    let user = if std::env::var("USER").as_deref() == Ok("root") || is_root() {
+        "user root;"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{user}\nworker_processes auto;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
+         events {{ worker_connections 8192; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+           fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
+           upstream echo {{ server 127.0.0.1:{upstream}; keepalive 256; }}\n\
+           server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://echo;\n\
+               proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
+        p = prefix.display()
+    );
+    let conf_path = prefix.join("nginx.conf");
+    std::fs::write(&conf_path, conf).ok()?;
+    let child = Command::new(nginx)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf_path)
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .ok()?;
+    let proc = Proc(child);
+    wait_port(port).await;
+    Some((proc, port))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+// ---- Measurements ---------------------------------------------------------------------------
+
+/// Calls per second and latency percentiles of a closed-loop run.
+struct RpcResult {
+    calls: u64,
+    errors: u64,
+    seconds: f64,
+    hist: Histogram<u64>,
+}
+
+impl RpcResult {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.seconds
+    }
+
+    fn to_json(&self, clients: usize) -> Value {
+        json!({
+            "clients": clients,
+            "seconds": round(self.seconds, 2),
+            "calls": self.calls,
+            "errors": self.errors,
+            "calls_per_sec": round(self.rate(), 0),
+            "p50_us": self.hist.value_at_quantile(0.50),
+            "p99_us": self.hist.value_at_quantile(0.99),
+            "p99.9_us": self.hist.value_at_quantile(0.999),
+        })
+    }
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn new_hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram")
+}
+
+/// The payload of every call: a JSON string of 100 bytes.
+fn payload() -> Value {
+    Value::String("x".repeat(98))
+}
+
+/// C clients, each calling in a loop for `seconds` (after a short warm-up that is not counted).
+async fn closed_loop<F, Fut>(clients: usize, seconds: f64, make: F) -> RpcResult
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Box<dyn FnMut() -> CallFuture + Send>>,
+{
+    let mut callers = Vec::with_capacity(clients);
+    for i in 0..clients {
+        callers.push(make(i).await);
+    }
+    let warmup = Duration::from_millis(500);
+    let start = Instant::now() + warmup;
+    let end = start + Duration::from_secs_f64(seconds);
+    let tasks: Vec<_> = callers
+        .into_iter()
+        .map(|mut call| {
+            tokio::spawn(async move {
+                let mut hist = new_hist();
+                let (mut calls, mut errors) = (0u64, 0u64);
+                loop {
+                    let t0 = Instant::now();
+                    if t0 >= end {
+                        break;
+                    }
+                    let ok = call().await;
+                    if t0 >= start {
+                        if ok {
+                            calls += 1;
+                            let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
+                        } else {
+                            errors += 1;
+                        }
+                    }
+                }
+                (calls, errors, hist)
+            })
+        })
+        .collect();
+    let mut total = RpcResult {
+        calls: 0,
+        errors: 0,
+        seconds,
+        hist: new_hist(),
+    };
+    for t in tasks {
+        let (calls, errors, hist) = t.await.expect("caller");
+        total.calls += calls;
+        total.errors += errors;
+        let _ = total.hist.add(hist);
+    }
+    total
+}
+
+type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+/// A WebSocket Duplex client calling `echo`.
+async fn ws_caller(url: String) -> Box<dyn FnMut() -> CallFuture + Send> {
+    let peer = Peer::builder().connect(&url).await.expect("connect");
+    let payload = payload();
+    Box::new(move || {
+        let peer = peer.clone();
+        let payload = payload.clone();
+        Box::pin(async move { peer.call("echo", payload.clone()).await.as_ref() == Ok(&payload) })
+    })
+}
+
+/// A keep-alive HTTP/1.1 connection POSTing the payload to `path` on 127.0.0.1:`port`.
+async fn http_caller(port: u16, path: String) -> Box<dyn FnMut() -> CallFuture + Send> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let _ = tcp.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let body = Bytes::from(payload().to_string());
+    Box::new(move || {
+        let sender = sender.clone();
+        let body = body.clone();
+        let path = path.clone();
+        Box::pin(async move {
+            let req = hyper::Request::post(path)
+                .header("host", "127.0.0.1")
+                .header("content-type", "application/json")
+                .body(Full::new(body.clone()))
+                .expect("request");
+            let mut sender = sender.lock().await;
+            let Ok(resp) = sender.send_request(req).await else {
+                return false;
+            };
+            let ok = resp.status() == 200;
+            match resp.into_body().collect().await {
+                Ok(got) => ok && got.to_bytes() == body,
+                Err(_) => false,
+            }
+        })
+    })
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+async fn stream_scenario(client_url: &str, frames: u64) -> Value {
+    let peer = Peer::builder().connect(client_url).await.expect("connect");
+    let start = Instant::now();
+    let mut replies = peer.call_stream("count", json!(frames)).expect("call");
+    let mut got = 0u64;
+    while let Some(item) = replies.next().await {
+        if item.is_err() {
+            break;
+        }
+        got += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    json!({
+        "frames": got,
+        "seconds": round(secs, 3),
+        "frames_per_sec": round(got as f64 / secs, 0),
+    })
+}
+
+async fn idle_scenario(client_url: &str, n: usize, gateway_pid: Option<u32>) -> Value {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = gateway_pid.and_then(rss_kib);
+    let mut peers = Vec::with_capacity(n);
+    let start = Instant::now();
+    for chunk in 0..n.div_ceil(200) {
+        let batch =
+            (chunk * 200..((chunk + 1) * 200).min(n)).map(|_| Peer::builder().connect(client_url));
+        for p in futures_util::future::join_all(batch).await {
+            peers.push(p.expect("idle client connects"));
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gateway_pid.and_then(rss_kib);
+    let calls = peers.iter().enumerate().map(|(i, p)| {
+        let p = p.clone();
+        async move { p.call("echo", json!(i)).await == Ok(json!(i)) }
+    });
+    let answered = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+    let mut out = Map::new();
+    out.insert("clients".into(), json!(n));
+    out.insert("answered".into(), json!(answered));
+    out.insert("connect_seconds".into(), json!(round(connect_secs, 2)));
+    if let (Some(b), Some(a)) = (before, after) {
+        out.insert("rss_before_kib".into(), json!(b));
+        out.insert("rss_after_kib".into(), json!(a));
+        out.insert(
+            "bytes_per_client".into(),
+            json!(((a.saturating_sub(b)) * 1024) / n.max(1) as u64),
+        );
+    }
+    drop(peers);
+    Value::Object(out)
+}
+
+fn print_rpc(name: &str, r: &RpcResult) {
+    println!(
+        "{name:<14} {:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us   p99.9 {:>6} us   errors {}",
+        r.rate(),
+        r.hist.value_at_quantile(0.5),
+        r.hist.value_at_quantile(0.99),
+        r.hist.value_at_quantile(0.999),
+        r.errors
+    );
+}
+
+async fn bench(o: Options) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut report = Map::new();
+    let started = Instant::now();
+    println!(
+        "duplex-gateway load: {} clients, {} s per scenario, {} idle, {} stream frames",
+        o.clients, o.seconds, o.idle, o.stream_frames
+    );
+
+    // The gateway: ours, or the one given with --url.
+    let (_gateway, base, gateway_pid) = match &o.url {
+        Some(url) => (None, url.clone(), None),
+        None => {
+            let (p, url, pid) = start_gateway(dir.path()).await;
+            (Some(p), url, Some(pid))
+        }
+    };
+    let http_base = base.replacen("ws://", "http://", 1);
+    let gw_port: u16 = http_base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("gateway URL with a port");
+    let _backend = spawn_role(
+        "echo-backend",
+        &format!("{base}{ENDPOINT}?token={}&secret={SECRET}", o.token),
+    );
+    let client_url = format!("{base}{ENDPOINT}?secret={SECRET}");
+    // Wait until the backend is published.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(p) = Peer::builder().connect(&client_url).await {
+            if p.call("echo", json!(1)).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the echo backend did not publish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // ws_rpc / ws_rpc_direct
+    let ws_rpc = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+    print_rpc("ws_rpc", &ws_rpc);
+    let ws_port = free_port();
+    let _ws_server = spawn_role("ws-server", &ws_port.to_string());
+    wait_port(ws_port).await;
+    let direct_url = format!("ws://127.0.0.1:{ws_port}/");
+    let ws_direct = closed_loop(o.clients, o.seconds, |_| ws_caller(direct_url.clone())).await;
+    print_rpc("ws_rpc_direct", &ws_direct);
+    drop(_ws_server);
+
+    // http_rpc / http_direct / http_nginx
+    let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let http_rpc = closed_loop(o.clients, o.seconds, |_| {
+        http_caller(gw_port, call_path.clone())
+    })
+    .await;
+    print_rpc("http_rpc", &http_rpc);
+    let http_port = free_port();
+    let _http_server = spawn_role("http-server", &http_port.to_string());
+    wait_port(http_port).await;
+    let http_direct = closed_loop(o.clients, o.seconds, |_| {
+        http_caller(http_port, "/echo".to_string())
+    })
+    .await;
+    print_rpc("http_direct", &http_direct);
+    let nginx = match start_nginx(dir.path(), http_port).await {
+        Some((proc, port)) => {
+            let r = closed_loop(o.clients, o.seconds, |_| {
+                http_caller(port, "/echo".to_string())
+            })
+            .await;
+            print_rpc("http_nginx", &r);
+            drop(proc);
+            Some(r)
+        }
+        None => {
+            println!("http_nginx     skipped: nginx is not installed");
+            None
+        }
+    };
+    drop(_http_server);
+
+    // stream, idle
+    let stream = stream_scenario(&client_url, o.stream_frames).await;
+    println!("stream         {} frames/s", stream["frames_per_sec"]);
+    let idle = idle_scenario(&client_url, o.idle, gateway_pid).await;
+    println!(
+        "idle           {} clients, {} answered, {} bytes of gateway RSS per client",
+        idle["clients"],
+        idle["answered"],
+        idle.get("bytes_per_client").cloned().unwrap_or(Value::Null)
+    );
+
+    let mut ratios = Map::new();
+    ratios.insert(
+        "ws_rpc / ws_rpc_direct".into(),
+        json!(round(ws_rpc.rate() / ws_direct.rate(), 3)),
+    );
+    ratios.insert(
+        "http_rpc / http_direct".into(),
+        json!(round(http_rpc.rate() / http_direct.rate(), 3)),
+    );
+    if let Some(n) = &nginx {
+        ratios.insert(
+            "http_rpc / http_nginx".into(),
+            json!(round(http_rpc.rate() / n.rate(), 3)),
+        );
+    }
+    println!("ratios         {}", Value::Object(ratios.clone()));
+
+    report.insert("ws_rpc".into(), ws_rpc.to_json(o.clients));
+    report.insert("ws_rpc_direct".into(), ws_direct.to_json(o.clients));
+    report.insert("http_rpc".into(), http_rpc.to_json(o.clients));
+    report.insert("http_direct".into(), http_direct.to_json(o.clients));
+    report.insert(
+        "http_nginx".into(),
+        nginx.as_ref().map_or(Value::Null, |n| n.to_json(o.clients)),
+    );
+    report.insert("stream".into(), stream);
+    report.insert("idle".into(), idle);
+    report.insert("ratios".into(), Value::Object(ratios));
+    report.insert(
+        "machine".into(),
+        json!({
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "target": if o.url.is_some() { "external gateway" } else { "duplex-gateway (release)" },
+        }),
+    );
+    report.insert(
+        "total_seconds".into(),
+        json!(round(started.elapsed().as_secs_f64(), 1)),
+    );
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+    if let Some(path) = &o.json {
+        let text = serde_json::to_string_pretty(&Value::Object(report)).expect("json");
+        std::fs::write(path, text).expect("write --json file");
+        println!("wrote {path}");
+    }
+}
