@@ -228,12 +228,78 @@ pub fn parse(text: &str, origin: &str, env: EnvLookup<'_>) -> Result<Config, Con
             message,
         }
     })?;
-    file.validate().map_err(|message| ConfigError {
-        origin: origin.to_string(),
-        line: None,
-        column: None,
-        message,
+    file.validate().map_err(|invalid| {
+        let place = invalid.locate(text);
+        ConfigError {
+            origin: origin.to_string(),
+            line: place.map(|p| p.0),
+            column: place.map(|p| p.1),
+            message: invalid.message,
+        }
     })
+}
+
+/// An error that spans entries, with what to look for in the text to point at its place.
+struct Invalid {
+    message: String,
+    /// The top-level section the error is in.
+    section: &'static str,
+    /// Text to find in that section (the section key itself when None) ...
+    needle: Option<String>,
+    /// ... and which occurrence of it (0-based).
+    nth: usize,
+}
+
+impl Invalid {
+    fn at(
+        message: impl Into<String>,
+        section: &'static str,
+        needle: Option<&str>,
+        nth: usize,
+    ) -> Self {
+        Invalid {
+            message: message.into(),
+            section,
+            needle: needle.map(str::to_string),
+            nth,
+        }
+    }
+
+    /// The 1-based line and column of the place in `text`, if it can be found.
+    fn locate(&self, text: &str) -> Option<(usize, usize)> {
+        // The section starts at a line beginning with its key and ends at the next top-level key.
+        let mut offset = 0;
+        let mut start = None;
+        let mut end = text.len();
+        for line in text.split_inclusive('\n') {
+            let top_level = line
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_whitespace() && c != '#');
+            if start.is_some() && top_level {
+                end = offset;
+                break;
+            }
+            if start.is_none() && line.starts_with(&format!("{}:", self.section)) {
+                start = Some(offset);
+            }
+            offset += line.len();
+        }
+        let start = start?;
+        let at = match &self.needle {
+            None => start,
+            Some(needle) => {
+                let found: Vec<usize> = text[start..end]
+                    .match_indices(needle.as_str())
+                    .map(|(i, _)| start + i)
+                    .collect();
+                *found.get(self.nth).or(found.last())?
+            }
+        };
+        let line = text[..at].matches('\n').count() + 1;
+        let column = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+        Some((line, column))
+    }
 }
 
 /// Every `${NAME}` in `text`.
@@ -519,14 +585,25 @@ struct FileLimits {
 
 impl FileConfig {
     /// Checks across entries, and converts to the model.
-    fn validate(self) -> Result<Config, String> {
+    fn validate(self) -> Result<Config, Invalid> {
         if self.listen.is_empty() {
-            return Err("`listen` needs at least one address".into());
+            return Err(Invalid::at(
+                "`listen` needs at least one address",
+                "listen",
+                None,
+                0,
+            ));
         }
         let mut listeners: Vec<Listener> = Vec::new();
         for (i, l) in self.listen.into_iter().enumerate() {
             if listeners.iter().any(|o| o.address == l.address.0) {
-                return Err(format!("listen[{i}]: {} is listed twice", l.address.0));
+                let addr = l.address.0.to_string();
+                return Err(Invalid::at(
+                    format!("listen[{i}]: {addr} is listed twice"),
+                    "listen",
+                    Some(&addr),
+                    1,
+                ));
             }
             let tls = l.tls.map(|t| TlsFiles {
                 cert: PathBuf::from(t.cert.0),
@@ -540,8 +617,11 @@ impl FileConfig {
         let metrics = self.metrics.map(|m| m.address.0);
         if let Some(m) = metrics {
             if listeners.iter().any(|l| l.address == m) {
-                return Err(format!(
-                    "metrics.address {m} is also a gateway listener address"
+                return Err(Invalid::at(
+                    format!("metrics.address {m} is also a gateway listener address"),
+                    "metrics",
+                    Some(&m.to_string()),
+                    0,
                 ));
             }
         }
@@ -550,20 +630,38 @@ impl FileConfig {
         for (i, t) in self.tokens.into_iter().enumerate() {
             let name = t.name.0;
             if name.is_empty() {
-                return Err(format!("tokens[{i}]: `name` must not be empty"));
+                return Err(Invalid::at(
+                    format!("tokens[{i}]: `name` must not be empty"),
+                    "tokens",
+                    Some("name"),
+                    i,
+                ));
             }
             if tokens.iter().any(|o| o.name == name) {
-                return Err(format!("tokens[{i}]: the name `{name}` is used twice"));
+                return Err(Invalid::at(
+                    format!("tokens[{i}]: the name `{name}` is used twice"),
+                    "tokens",
+                    Some(&name),
+                    1,
+                ));
             }
             if let Some(other) = tokens.iter().find(|o| o.digest.matches(&t.token.0)) {
-                return Err(format!(
-                    "tokens[{i}] (`{name}`): same token value as `{}`",
-                    other.name
+                return Err(Invalid::at(
+                    format!(
+                        "tokens[{i}] (`{name}`): same token value as `{}`",
+                        other.name
+                    ),
+                    "tokens",
+                    Some("token"),
+                    i,
                 ));
             }
             if t.endpoints.is_empty() {
-                return Err(format!(
-                    "tokens[{i}] (`{name}`): `endpoints` needs at least one path"
+                return Err(Invalid::at(
+                    format!("tokens[{i}] (`{name}`): `endpoints` needs at least one path"),
+                    "tokens",
+                    Some("endpoints"),
+                    i,
                 ));
             }
             tokens.push(Token {
@@ -577,7 +675,12 @@ impl FileConfig {
         for (i, e) in self.endpoints.into_iter().enumerate() {
             let path = e.path.0;
             if endpoints.contains_key(&path) {
-                return Err(format!("endpoints[{i}]: `{path}` is listed twice"));
+                return Err(Invalid::at(
+                    format!("endpoints[{i}]: `{path}` is listed twice"),
+                    "endpoints",
+                    Some(&path),
+                    1,
+                ));
             }
             endpoints.insert(
                 path,
@@ -609,7 +712,12 @@ impl FileConfig {
             ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
         };
         if limits.handshake_timeout.is_zero() {
-            return Err("limits.handshake_timeout must be more than 0".into());
+            return Err(Invalid::at(
+                "limits.handshake_timeout must be more than 0",
+                "limits",
+                Some("handshake_timeout"),
+                0,
+            ));
         }
 
         Ok(Config {
@@ -833,7 +941,15 @@ limits:
         for (text, word) in cases {
             let e = parse_err(text);
             assert!(e.to_string().contains(word), "{text}: {e}");
+            assert!(e.line.is_some(), "{text}: {e}");
         }
+        // The second of two entries is the one pointed at.
+        let e = parse_err(
+            "listen:\n  - address: 127.0.0.1:1\nendpoints:\n  - path: /a\n  - path: /a\n",
+        );
+        assert_eq!((e.line, e.column), (Some(5), Some(11)), "{e}");
+        let e = parse_err("listen:\n  - address: 127.0.0.1:1\nlimits:\n  handshake_timeout: 0\n");
+        assert_eq!(e.line, Some(4), "{e}");
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct App {
     pub certs: Vec<(SocketAddr, Arc<CertResolver>)>,
     /// Requests in progress, for the graceful stop.
     pub active: Active,
+    /// Held by a reload while it swaps the config and decides what it revokes, and by a publish
+    /// while it checks its token against the config in force and registers: so no backend slips
+    /// in with a token the reload just revoked.
+    pub publish_lock: std::sync::Mutex<()>,
 }
 
 /// Counts requests in progress, so a graceful stop can wait for them.
@@ -86,6 +90,7 @@ impl App {
                 .map(|(addr, key)| (addr, CertResolver::new(key)))
                 .collect(),
             active: Active::default(),
+            publish_lock: std::sync::Mutex::new(()),
         })
     }
 }
@@ -138,8 +143,12 @@ impl Credentials {
         if let Some(query) = query {
             for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
                 match key.as_ref() {
-                    "token" if creds.token.is_none() => creds.token = Some(value.into_owned()),
-                    "secret" if creds.secret.is_none() => creds.secret = Some(value.into_owned()),
+                    "token" if creds.token.is_none() && !value.is_empty() => {
+                        creds.token = Some(value.into_owned())
+                    }
+                    "secret" if creds.secret.is_none() && !value.is_empty() => {
+                        creds.secret = Some(value.into_owned())
+                    }
                     "async" => creds.is_async = value == "true" || value == "1",
                     _ => {}
                 }
@@ -246,17 +255,6 @@ impl Gateway {
             )
             .await;
         };
-        if let Err(why) = auth::check_path(path) {
-            return refuse(
-                session,
-                400,
-                None,
-                Some(&token.name),
-                &format!("invalid endpoint path: {why}"),
-                &[],
-            )
-            .await;
-        }
         if !token.allows(path) {
             return refuse(
                 session,
@@ -264,6 +262,17 @@ impl Gateway {
                 Some(Rejection::TokenScope),
                 Some(&token.name),
                 "this token may not publish this path",
+                &[],
+            )
+            .await;
+        }
+        if let Err(why) = auth::check_path(path) {
+            return refuse(
+                session,
+                400,
+                None,
+                Some(&token.name),
+                &format!("invalid endpoint path: {why}"),
                 &[],
             )
             .await;
@@ -306,9 +315,31 @@ impl Gateway {
         let registry = self.app.registry.clone();
         let app = self.app.clone();
         let settings = move || ws_settings(&app.config.load().limits);
+        let app = self.app.clone();
         ws::serve_backend(session, settings, || {
+            // The handshake took time: a reload may have revoked the token meanwhile.
+            let _lock = app
+                .publish_lock
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let now = app.config.load();
+            let allowed = now
+                .tokens
+                .iter()
+                .any(|t| t.digest.matches(&token_digest) && t.allows(path));
+            let secret_ok = now
+                .endpoint(path)
+                .secret
+                .is_none_or(|fixed| fixed.matches(&secret));
+            if !allowed || !secret_ok {
+                tracing::info!(endpoint = path, token = %token_name, "publish refused: credentials revoked by a reload");
+                return Err(mux::CloseReason::new(
+                    mux::close::POLICY,
+                    "credentials revoked by a config reload",
+                ));
+            }
             tracing::info!(endpoint = path, token = %token_name, "backend published");
-            registry.publish(path, secret, (&token_name, token_digest))
+            Ok(registry.publish(path, secret, (&token_name, token_digest)))
         })
         .await;
         tracing::info!(endpoint = path, token = %token.name, "backend disconnected");
@@ -337,11 +368,8 @@ impl Gateway {
             )
             .await;
         };
-        if !creds
-            .secret
-            .as_deref()
-            .is_some_and(|s| endpoint.secret_matches(s))
-        {
+        let secret = creds.secret.as_deref().map(|s| Digest::of(s.as_bytes()));
+        if !secret.is_some_and(|d| endpoint.secret_matches(&d)) {
             return refuse(
                 session,
                 401,
@@ -352,7 +380,8 @@ impl Gateway {
             )
             .await;
         }
-        let conn = match endpoint.join(true, config.max_clients(path)) {
+        let secret = secret.unwrap_or_else(|| Digest::of(b""));
+        let conn = match endpoint.join(true, config.max_clients(path), &secret) {
             Ok(conn) => conn,
             Err(JoinError::Full) => {
                 return refuse(
@@ -372,6 +401,17 @@ impl Gateway {
                     Some(Rejection::NotFound),
                     None,
                     "no backend is published at this path",
+                    &[],
+                )
+                .await;
+            }
+            Err(JoinError::BadSecret) => {
+                return refuse(
+                    session,
+                    401,
+                    Some(Rejection::BadSecret),
+                    None,
+                    "missing or wrong secret",
                     &[],
                 )
                 .await;
@@ -483,5 +523,12 @@ mod tests {
             &[("authorization", "Basic x")],
         ));
         assert_eq!(c, Credentials::default());
+        // An empty query value does not hide the header.
+        let c = Credentials::from_request(&request(
+            "/a?token=&secret=",
+            &[("authorization", "Bearer tok"), ("x-duplex-secret", "h")],
+        ));
+        assert_eq!(c.token.as_deref(), Some("tok"));
+        assert_eq!(c.secret.as_deref(), Some("h"));
     }
 }

@@ -13,14 +13,25 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::value::RawValue;
 
+use crate::auth::Digest;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
 use crate::gateway::{App, Credentials};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{ClientConn, JoinError};
 
-/// Splits `/team/a/search` into the endpoint `/team/a` and the method `search`.
+/// The status recorded for a call whose caller hung up before the reply (nginx's 499).
+const CLIENT_CLOSED: u16 = 499;
+
+/// How long one write of a response may take.
+const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Splits `/team/a/search` into the endpoint `/team/a` and the method `search`. None for a
+/// path that is not absolute or has no method segment.
 pub fn split_call_path(path: &str) -> Option<(&str, &str)> {
+    if !path.starts_with('/') {
+        return None;
+    }
     let (endpoint, method) = path.rsplit_once('/')?;
     if method.is_empty() {
         return None;
@@ -37,6 +48,8 @@ pub async fn serve(
     creds: &Credentials,
 ) -> pingora::Result<()> {
     let started = Instant::now();
+    // A caller that stops reading its reply must not hold the call forever.
+    session.set_write_timeout(Some(WRITE_TIMEOUT));
     let Some((endpoint_path, method)) = split_call_path(path) else {
         return refuse(
             session,
@@ -79,11 +92,12 @@ async fn call(
     method: &str,
     creds: &Credentials,
 ) -> pingora::Result<u16> {
-    if !creds
+    let secret = creds
         .secret
         .as_deref()
-        .is_some_and(|s| endpoint.secret_matches(s))
-    {
+        .map(|s| Digest::of(s.as_bytes()))
+        .filter(|d| endpoint.secret_matches(d));
+    let Some(secret) = secret else {
         refuse(
             session,
             401,
@@ -94,7 +108,7 @@ async fn call(
         )
         .await?;
         return Ok(401);
-    }
+    };
 
     let max = config.limits.max_http_body_bytes;
     let body = match read_body(session, max).await? {
@@ -121,7 +135,7 @@ async fn call(
         }
     };
 
-    let conn = match endpoint.join(false, config.max_clients(endpoint.path())) {
+    let conn = match endpoint.join(false, config.max_clients(endpoint.path()), &secret) {
         Ok(conn) => conn,
         Err(JoinError::Full) => {
             refuse(
@@ -146,6 +160,18 @@ async fn call(
             )
             .await?;
             return Ok(404);
+        }
+        Err(JoinError::BadSecret) => {
+            refuse(
+                session,
+                401,
+                Some(Rejection::BadSecret),
+                None,
+                "missing or wrong secret",
+                &[],
+            )
+            .await?;
+            return Ok(401);
         }
     };
     let _ = app;
@@ -181,10 +207,27 @@ async fn wait_for_reply(
 ) -> pingora::Result<u16> {
     let timeout = config.limits.call_timeout;
     let mut streaming = false;
+    let mut watch_caller = true;
     loop {
-        let next = match timeout {
-            Some(t) => tokio::time::timeout(t, next_reply(&mut conn)).await,
-            None => Ok(next_reply(&mut conn).await),
+        let wait = async {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, next_reply(&mut conn)).await,
+                None => Ok(next_reply(&mut conn).await),
+            }
+        };
+        let next = tokio::select! {
+            next = wait => next,
+            // The caller hanging up ends the call at once: nothing is left waiting for it.
+            idle = session.read_body_or_idle(true), if watch_caller => {
+                match idle {
+                    Err(_) => return Ok(CLIENT_CLOSED),
+                    // Bytes of a next request: stop watching, keep waiting for the reply.
+                    Ok(_) => {
+                        watch_caller = false;
+                        continue;
+                    }
+                }
+            }
         };
         let msg = match next {
             Ok(Some(msg)) => msg,
@@ -284,8 +327,7 @@ pub fn status_for(error_code: i64) -> u16 {
     match error_code {
         code::METHOD_NOT_FOUND => 501,
         code::INVALID_PARAMS => 400,
-        code::BACKEND_UNAVAILABLE | code::TOO_MANY_PENDING_CALLS => 503,
-        code::CALL_TIMED_OUT => 504,
+        code::BACKEND_UNAVAILABLE => 503,
         _ => 500,
     }
 }
@@ -368,6 +410,7 @@ fn status_label(status: u16) -> &'static str {
         501 => "501",
         503 => "503",
         504 => "504",
+        499 => "499",
         _ => "other",
     }
 }
@@ -452,6 +495,9 @@ mod tests {
         assert_eq!(split_call_path("/echo"), Some(("/", "echo")));
         assert_eq!(split_call_path("/chat/"), None);
         assert_eq!(split_call_path(""), None);
+        // Found by the fuzzer: a path that is not absolute has no endpoint.
+        assert_eq!(split_call_path("*\u{fffd}/*"), None);
+        assert_eq!(split_call_path("a/b"), None);
     }
 
     #[test]
@@ -459,7 +505,9 @@ mod tests {
         assert_eq!(status_for(code::METHOD_NOT_FOUND), 501);
         assert_eq!(status_for(code::INVALID_PARAMS), 400);
         assert_eq!(status_for(code::BACKEND_UNAVAILABLE), 503);
-        assert_eq!(status_for(code::CALL_TIMED_OUT), 504);
+        // A backend's own -32002 or -32003 is "any other error".
+        assert_eq!(status_for(code::CALL_TIMED_OUT), 500);
+        assert_eq!(status_for(code::TOO_MANY_PENDING_CALLS), 500);
         assert_eq!(status_for(-1), 500);
         assert_eq!(status_for(code::INVALID_MESSAGE), 500);
     }

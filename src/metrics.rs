@@ -61,6 +61,20 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every reason.
+    pub const ALL: [Rejection; 10] = [
+        Rejection::TlsRequired,
+        Rejection::BadToken,
+        Rejection::TokenScope,
+        Rejection::NoSecret,
+        Rejection::BadSecret,
+        Rejection::NotFound,
+        Rejection::TooLarge,
+        Rejection::BadJson,
+        Rejection::BadHandshake,
+        Rejection::Full,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -153,6 +167,17 @@ impl Metrics {
         }
     }
 
+    /// Creates the series that have fixed label values, so they show (at 0) from the first
+    /// scrape on instead of appearing with their first event.
+    pub fn touch(&self) {
+        for result in ["success", "failure"] {
+            let _ = self.reloads.with_label_values(&[result]);
+        }
+        for reason in Rejection::ALL {
+            let _ = self.rejected.with_label_values(&[reason.as_str()]);
+        }
+    }
+
     /// Counts a refused request.
     pub fn reject(&self, reason: Rejection) {
         self.rejected.with_label_values(&[reason.as_str()]).inc();
@@ -168,7 +193,6 @@ impl pingora::apps::http_app::ServeHttp for MetricsApp {
         &self,
         session: &mut pingora::protocols::http::ServerSession,
     ) -> http::Response<Vec<u8>> {
-        // Make sure every metric exists, so the first scrape lists them all.
         let _ = metrics();
         let path = session.req_header().uri.path();
         let (status, content_type, body) = match path {

@@ -108,6 +108,11 @@ pub fn reload(app: &App) -> Result<(), String> {
     for warning in restart_needed(&old, &new) {
         tracing::warn!("reload: {warning}");
     }
+    // No publish registers between the swap and the snapshot below (see `App::publish_lock`).
+    let lock = app
+        .publish_lock
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let live: Vec<Live> = app
         .registry
         .endpoints()
@@ -122,6 +127,7 @@ pub fn reload(app: &App) -> Result<(), String> {
     // Swap first: from here on every request is checked against the new config.
     app.registry.set_limits(mux_limits(&new.limits));
     app.config.store(Arc::new(new));
+    drop(lock);
     for (addr, key) in keys {
         if let Some((_, resolver)) = app.certs.iter().find(|(a, _)| *a == addr) {
             resolver.replace(key);

@@ -30,9 +30,9 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
             .join(format!("duplex-gateway-{id}.sock"))
             .display()
             .to_string(),
-        // The shutdown watch below drains connections itself (HTTP calls get up to 10 s), so
-        // Pingora's own grace (300 s by default) must not add to it.
-        grace_period_seconds: Some(0),
+        // On SIGTERM Pingora stops the listeners, then waits this long with the services still
+        // running: our drain (below) uses that time and exits as soon as it is done.
+        grace_period_seconds: Some(HTTP_DRAIN.as_secs() + WS_DRAIN.as_secs() + 1),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
@@ -81,6 +81,7 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
         crate::reload::Reloader { app: app.clone() },
     ));
     crate::reload::record_success();
+    crate::metrics::metrics().touch();
 
     tracing::info!(
         listeners = ?config.listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
@@ -111,7 +112,23 @@ impl ShutdownSignalWatch for Shutdown {
         };
         tokio::select! {
             _ = term.recv() => {
-                drain(&self.app).await;
+                // Pingora stops accepting once this returns; the drain runs meanwhile on a
+                // thread of its own and ends the process when it is done.
+                let app = self.app.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("drain".into())
+                    .spawn(move || {
+                        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                        {
+                            rt.block_on(drain(&app));
+                        }
+                        std::process::exit(0);
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start the drain: {e}");
+                }
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,
@@ -125,8 +142,9 @@ const HTTP_DRAIN: Duration = Duration::from_secs(10);
 /// How long WebSockets get to send their close frames.
 const WS_DRAIN: Duration = Duration::from_secs(2);
 
-/// The graceful stop: refuse new requests, close WebSocket clients with 1001, let HTTP calls
-/// finish (their backends stay up for them), then close the backends with 1001.
+/// The graceful stop: refuse new requests (on connections already open; the listeners are
+/// closed), close WebSocket clients with 1001, let HTTP calls finish (their backends stay up for
+/// them), then close the backends with 1001.
 async fn drain(app: &App) {
     tracing::info!("SIGTERM: closing WebSockets, letting HTTP calls finish");
     let active = &app.active;

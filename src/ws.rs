@@ -83,6 +83,8 @@ impl Write for MemIo {
 enum Incoming {
     /// A text or binary message.
     Data(Bytes),
+    /// A ping: its pong is queued and must be flushed.
+    Control,
     /// The peer closed (or the connection ended).
     Closed,
     /// The peer broke the WebSocket protocol; close with this code.
@@ -117,7 +119,11 @@ impl<'s> WsStream<'s> {
         // Pingora's HTTP read timeout would kill idle WebSockets; pings find dead peers instead.
         session.set_read_timeout(None);
         session.set_write_timeout(Some(settings.write_timeout));
+        // Small buffers: an idle connection should cost little memory. Frames are written
+        // straight into our own output buffer (no write buffer of tungstenite's own).
         let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));
         Ok(WsStream {
@@ -142,8 +148,13 @@ impl<'s> WsStream<'s> {
                     return Incoming::Data(data);
                 }
                 Ok(WsMessage::Close(_)) => return Incoming::Closed,
+                Ok(WsMessage::Ping(_)) => {
+                    // The context queued the pong; the caller flushes it now.
+                    self.last_heard = Instant::now();
+                    return Incoming::Control;
+                }
                 Ok(_) => {
-                    // Ping (the pong is queued by the context), pong, raw frame.
+                    // Pong, raw frame.
                     self.last_heard = Instant::now();
                     continue;
                 }
@@ -229,6 +240,9 @@ impl<'s> WsStream<'s> {
                 Incoming::Data(frame) if frame.is_empty() => {
                     self.flush().await;
                 }
+                Incoming::Control => {
+                    self.flush().await;
+                }
                 Incoming::Data(frame) => {
                     return match handshake::check(&frame) {
                         // Answered by `accept_handshake`, once the peer is registered.
@@ -295,6 +309,11 @@ impl<'s> WsStream<'s> {
                                 }
                             }
                         }
+                        if !self.flush().await {
+                            return;
+                        }
+                    }
+                    Incoming::Control => {
                         if !self.flush().await {
                             return;
                         }
@@ -443,19 +462,25 @@ pub async fn serve_client(
 }
 
 /// Serves a backend connection: handshake, then `publish` registers it, then frames.
+/// `publish` may refuse (the credentials were revoked while the handshake was under way): the
+/// connection is then closed with that reason.
 pub async fn serve_backend(
     session: &mut Session,
     settings: impl Fn() -> WsSettings,
-    publish: impl FnOnce() -> BackendConn,
+    publish: impl FnOnce() -> Result<BackendConn, CloseReason>,
 ) {
     let first = settings();
     let Ok(mut ws) = WsStream::accept(session, &first).await else {
         return;
     };
     if ws.handshake(first.handshake_timeout).await {
-        let mut conn = publish();
-        if ws.accept_handshake().await {
-            ws.pump(&mut conn, &settings).await;
+        match publish() {
+            Ok(mut conn) => {
+                if ws.accept_handshake().await {
+                    ws.pump(&mut conn, &settings).await;
+                }
+            }
+            Err(reason) => ws.close(&reason).await,
         }
     }
 }

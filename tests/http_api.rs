@@ -376,3 +376,46 @@ async fn no_http_call_leaves_state_behind() {
     let _again = publish(&gw, "/leak", "s").await;
     wait_pending_zero(&gw, "/leak", "backend gone").await;
 }
+
+#[tokio::test]
+async fn a_caller_hanging_up_ends_its_call_at_once() {
+    let gw = Gateway::start("limits:\n  call_timeout: 60s\n");
+    let _backend = publish(&gw, "/hang", "s").await;
+    let mut conn = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    conn.write_all(
+        b"POST /hang/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n30000",
+    )
+    .await
+    .expect("write");
+    let deadline = Instant::now() + WAIT;
+    while pending(&gw, "/hang").await != Some(1.0) {
+        assert!(Instant::now() < deadline, "the call never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(conn);
+    // Well before the backend's 30 s reply or the 60 s timeout, the call is gone.
+    wait_pending_zero(&gw, "/hang", "hang-up").await;
+    let text = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "duplex_gateway_http_requests_total",
+            &[("endpoint", "/hang"), ("code", "499")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn backend_errors_other_than_the_mapped_ones_are_500() {
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/codes", "s").await;
+    for code in [-32002, -32003, -32700, 42] {
+        let body = json!({"code": code, "message": "m"}).to_string();
+        let (status, _, text) = post(&gw.http("/codes/fail?secret=s"), &body).await;
+        assert_eq!(status, 500, "{code}: {text}");
+        assert_eq!(json_of(&text)["error"]["code"], json!(code));
+    }
+}

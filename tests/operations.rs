@@ -303,6 +303,32 @@ async fn a_trusted_proxys_forwarded_proto_is_believed_and_others_are_not() {
 #[tokio::test]
 async fn metrics_show_every_series_with_the_right_values_and_no_secret() {
     let gw = Gateway::start("");
+    // Series with fixed labels are there from the first scrape.
+    let first = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &first,
+            "duplex_gateway_config_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &first,
+            "duplex_gateway_config_reloads_total",
+            &[("result", "failure")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &first,
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "full")]
+        ),
+        Some(0.0)
+    );
     let mut backend = Raw::open(&gw.publish_url("/m", "metric-secret")).await;
     let mut c1 = Raw::open(&gw.client_url("/m", "metric-secret")).await;
     let _c2 = Raw::open(&gw.client_url("/m", "metric-secret")).await;
@@ -497,6 +523,21 @@ async fn sigterm_closes_websockets_with_1001_lets_http_calls_finish_and_exits_pr
         "clients are closed at once"
     );
     // The HTTP call in progress still gets its reply.
+    // The listeners are closed: a new connection is refused (or never answered).
+    let refused = match tokio::time::timeout(
+        Duration::from_millis(500),
+        reqwest::Client::new()
+            .post(gw.http("/term/echo?secret=s"))
+            .body("1")
+            .send(),
+    )
+    .await
+    {
+        Err(_) => true,
+        Ok(Err(_)) => true,
+        Ok(Ok(resp)) => resp.status().as_u16() == 503,
+    };
+    assert!(refused, "a new request was served after SIGTERM");
     let resp = call.await.expect("join").expect("the call finishes");
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(resp.text().await.expect("body"), "1500");

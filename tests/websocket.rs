@@ -479,3 +479,43 @@ async fn malformed_frames_get_an_error_and_harm_nobody() {
     assert_eq!(raw.recv().await["payload"], "fine");
     assert_eq!(good.call("echo", json!(1)).await, Ok(json!(1)));
 }
+
+#[tokio::test]
+async fn pings_from_a_peer_are_answered_at_once() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/ping", "s").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.client_url("/ping", "s"))
+        .await
+        .expect("connect");
+    ws.send(WsMessage::Text("SIMPLEX/1.0;json".into()))
+        .await
+        .expect("send");
+    assert!(matches!(ws.next().await, Some(Ok(WsMessage::Text(t))) if t.as_str() == "+OK"));
+    ws.send(WsMessage::Ping(b"hello".to_vec().into()))
+        .await
+        .expect("ping");
+    // The default ping interval is 30 s: the pong must not wait for anything else.
+    match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+        Ok(Some(Ok(WsMessage::Pong(data)))) => assert_eq!(&data[..], b"hello"),
+        other => panic!("no pong: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_scoped_token_publishing_elsewhere_gets_403_even_for_a_malformed_path() {
+    let gw = Gateway::start("");
+    assert_eq!(
+        ws_status(
+            &gw.ws(&format!("/other//x?token={TEAM_TOKEN}&secret=s")),
+            &[]
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/team/a/../b?token={TOKEN}&secret=s")), &[]).await,
+        400
+    );
+}

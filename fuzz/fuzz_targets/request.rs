@@ -24,7 +24,9 @@ fuzz_target!(|data: &[u8]| {
         assert!(!token.is_empty());
     }
     if let Some((endpoint, method)) = split_call_path(path) {
-        assert!(!method.is_empty() && endpoint.starts_with('/') || endpoint == "/");
+        assert!(!method.is_empty() && !method.contains('/'));
+        assert!(endpoint.starts_with('/'));
+        assert!(path.len() == endpoint.len() + method.len() + 1 || endpoint == "/");
         let _ = check_path(endpoint);
     }
     if check_path(path).is_ok() {

@@ -26,6 +26,8 @@ pub enum JoinError {
     NotFound,
     /// The endpoint has all the clients it may have.
     Full,
+    /// The secret is not (or no longer) the endpoint's.
+    BadSecret,
 }
 
 /// Sizes of an endpoint's tables (for tests, leak checks and metrics).
@@ -196,9 +198,10 @@ impl Endpoint {
         &self.path
     }
 
-    /// Whether `secret` is the one clients of this endpoint must present (constant time).
-    pub fn secret_matches(&self, secret: &str) -> bool {
-        self.state().secret.matches(&Digest::of(secret.as_bytes()))
+    /// Whether `secret` (a digest) is the one clients of this endpoint must present (constant
+    /// time).
+    pub fn secret_matches(&self, secret: &Digest) -> bool {
+        self.state().secret.matches(secret)
     }
 
     /// The name of the token the current (or last) backend published with.
@@ -283,10 +286,13 @@ impl Endpoint {
     }
 
     /// Adds a client (a WebSocket peer, or an HTTP call when `websocket` is false).
+    /// The secret is checked again here, under the endpoint's lock, so a client cannot join with a
+    /// secret that a reload has just replaced.
     pub fn join(
         self: &Arc<Self>,
         websocket: bool,
         max_clients: usize,
+        secret: &Digest,
     ) -> Result<ClientConn, JoinError> {
         let budget = self
             .registry
@@ -297,6 +303,9 @@ impl Endpoint {
         let mut s = self.state();
         if s.removed || (s.backend.is_none() && s.grace_until.is_none()) {
             return Err(JoinError::NotFound);
+        }
+        if !s.secret.matches(secret) {
+            return Err(JoinError::BadSecret);
         }
         if s.clients.len() >= max_clients {
             return Err(JoinError::Full);
