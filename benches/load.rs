@@ -253,9 +253,9 @@ async fn start_nginx(dir: &std::path::Path, upstream: u16) -> Option<(Proc, u16)
     let conf = format!(
         "{user}\nworker_processes auto;\nerror_log {p}/logs/error.log warn;\npid {p}/nginx.pid;\n\
          events {{ worker_connections 8192; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
+         http {{\n  access_log off;\n  keepalive_requests 100000000;\n  keepalive_timeout 600s;\n  client_body_temp_path {p}/body;\n  proxy_temp_path {p}/proxy;\n\
            fastcgi_temp_path {p}/fastcgi;\n  uwsgi_temp_path {p}/uwsgi;\n  scgi_temp_path {p}/scgi;\n\
-           upstream echo {{ server 127.0.0.1:{upstream}; keepalive 256; }}\n\
+           upstream echo {{ server 127.0.0.1:{upstream}; keepalive 256; keepalive_requests 100000000; }}\n\
            server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://echo;\n\
                proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
         p = prefix.display()

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pingora::listeners::ListenerConfig;
+use pingora::protocols::l4::stream::L4BufferSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
@@ -47,7 +49,7 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     for listener in &config.listeners {
         let addr = listener.address.to_string();
         match &listener.tls {
-            None => proxy.add_tcp(&addr),
+            None => proxy.add_listener(ListenerConfig::tcp(addr.clone()).l4_buffer(l4_buffer())),
             Some(_) => {
                 // The certificate was loaded and checked at start-up; the resolver serves it and
                 // takes the new one on reload.
@@ -60,7 +62,11 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
                 let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
                     .map_err(|e| format!("TLS listener {addr}: {e}"))?;
                 settings.set_cert_resolver(resolver);
-                proxy.add_tls_with_settings(&addr, None, settings);
+                proxy.add_listener(
+                    ListenerConfig::tcp(addr.clone())
+                        .tls(settings)
+                        .l4_buffer(l4_buffer()),
+                );
             }
         }
     }
@@ -135,6 +141,13 @@ impl ShutdownSignalWatch for Shutdown {
             _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         }
     }
+}
+
+/// Socket buffers for every accepted connection. Pingora's default read buffer is 64 KiB per
+/// connection, which dominated the memory of idle WebSockets; large reads bypass this buffer
+/// anyway (request bodies are read straight into their own buffer).
+fn l4_buffer() -> L4BufferSettings {
+    L4BufferSettings::new(4096, 1460)
 }
 
 /// How long HTTP calls in progress may take to finish on SIGTERM.

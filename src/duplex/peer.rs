@@ -250,11 +250,22 @@ impl PeerBuilder {
         });
         let (mut sink, mut stream) = ws.split();
 
-        // Writer: everything this peer sends goes through one queue.
+        // Writer: everything this peer sends goes through one queue. What is already queued is
+        // written with one flush, so a busy backend does not pay a system call per reply.
         let writer = tokio::spawn(async move {
-            while let Some(msg) = out_rx.recv().await {
-                let closing = matches!(msg, WsMessage::Close(_));
-                if sink.send(msg).await.is_err() || closing {
+            'outer: while let Some(msg) = out_rx.recv().await {
+                let mut closing = matches!(msg, WsMessage::Close(_));
+                if sink.feed(msg).await.is_err() {
+                    break;
+                }
+                while !closing {
+                    let Ok(msg) = out_rx.try_recv() else { break };
+                    closing = matches!(msg, WsMessage::Close(_));
+                    if sink.feed(msg).await.is_err() {
+                        break 'outer;
+                    }
+                }
+                if sink.flush().await.is_err() || closing {
                     break;
                 }
             }
