@@ -226,12 +226,14 @@ impl Gateway {
         let creds = Credentials::from_request(session.req_header());
         if !is_get {
             let _counted = Counted::new(&self.app.active.http);
-            return http_api::serve(session, &self.app, &config, &path, &creds).await;
+            // Each path's future is boxed on its own, so a request only allocates (and moves)
+            // the state of the path it takes.
+            return Box::pin(http_api::serve(session, &self.app, &config, &path, &creds)).await;
         }
         let _counted = Counted::new(&self.app.active.websockets);
         match &creds.token {
-            Some(token) => self.publish(session, &config, &path, token, &creds).await,
-            None => self.connect(session, &config, &path, &creds).await,
+            Some(token) => Box::pin(self.publish(session, &config, &path, token, &creds)).await,
+            None => Box::pin(self.connect(session, &config, &path, &creds)).await,
         }
     }
 
