@@ -115,58 +115,58 @@ fn run_role(role: &str, arg: &str) {
             },
             // Serves the echo handlers directly over WebSocket on 127.0.0.1:PORT.
             "ws-server" => {
-                let listener = TcpListener::bind(("127.0.0.1", port(arg)))
-                    .await
-                    .expect("bind");
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    tokio::spawn(async move {
-                        if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
-                            if let Ok(peer) = echo_handlers().accept(ws).await {
-                                peer.closed().await;
-                            }
+                serve_tcp(port(arg), |tcp| async move {
+                    if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                        if let Ok(peer) = echo_handlers().accept(ws).await {
+                            peer.closed().await;
                         }
-                    });
-                }
+                    }
+                })
+                .await
             }
             // A minimal HTTP echo server (hyper) on 127.0.0.1:PORT.
             "http-server" => {
-                let listener = TcpListener::bind(("127.0.0.1", port(arg)))
-                    .await
-                    .expect("bind");
-                loop {
-                    let Ok((tcp, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    tokio::spawn(async move {
-                        let service =
-                            service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                                let body = req
-                                    .into_body()
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                Ok::<_, Infallible>(
-                                    hyper::Response::builder()
-                                        .header("content-type", "application/json")
-                                        .body(Full::new(body))
-                                        .unwrap_or_default(),
-                                )
-                            });
-                        let _ = server_http1::Builder::new()
-                            .serve_connection(TokioIo::new(tcp), service)
-                            .await;
-                    });
-                }
+                serve_tcp(port(arg), |tcp| async move {
+                    let service =
+                        service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .header("content-type", "application/json")
+                                    .body(Full::new(body))
+                                    .unwrap_or_default(),
+                            )
+                        });
+                    let _ = server_http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                })
+                .await
             }
             other => eprintln!("unknown role {other}"),
         }
     });
+}
+
+/// Accepts connections on 127.0.0.1:`port` forever, each served by `serve` in a task of its own.
+async fn serve_tcp<F, Fut>(port: u16, serve: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(serve(tcp));
+    }
 }
 
 fn port(arg: &str) -> u16 {

@@ -24,9 +24,9 @@ use pingora::{Error, ErrorType};
 
 use crate::auth::{self, Digest};
 use crate::config::{Config, Limits, Source};
-use crate::http_api::{self, refuse};
+use crate::http_api::{self, refuse, refuse_join};
 use crate::metrics::Rejection;
-use crate::mux::{self, JoinError, Registry};
+use crate::mux::{self, Registry};
 use crate::tls::CertResolver;
 use crate::ws::{self, WsSettings};
 use rustls::sign::CertifiedKey;
@@ -385,39 +385,7 @@ impl Gateway {
         let secret = secret.unwrap_or_else(|| Digest::of(b""));
         let conn = match endpoint.join(true, config.max_clients(path), &secret) {
             Ok(conn) => conn,
-            Err(JoinError::Full) => {
-                return refuse(
-                    session,
-                    503,
-                    Some(Rejection::Full),
-                    None,
-                    "this endpoint has all the clients it may have",
-                    &[],
-                )
-                .await;
-            }
-            Err(JoinError::NotFound) => {
-                return refuse(
-                    session,
-                    404,
-                    Some(Rejection::NotFound),
-                    None,
-                    "no backend is published at this path",
-                    &[],
-                )
-                .await;
-            }
-            Err(JoinError::BadSecret) => {
-                return refuse(
-                    session,
-                    401,
-                    Some(Rejection::BadSecret),
-                    None,
-                    "missing or wrong secret",
-                    &[],
-                )
-                .await;
-            }
+            Err(e) => return refuse_join(session, e).await,
         };
         let app = self.app.clone();
         ws::serve_client(session, conn, move || {

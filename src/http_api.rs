@@ -137,41 +137,10 @@ async fn call(
 
     let conn = match endpoint.join(false, config.max_clients(endpoint.path()), &secret) {
         Ok(conn) => conn,
-        Err(JoinError::Full) => {
-            refuse(
-                session,
-                503,
-                Some(Rejection::Full),
-                None,
-                "this endpoint has all the clients it may have",
-                &[],
-            )
-            .await?;
-            return Ok(503);
-        }
-        Err(JoinError::NotFound) => {
-            refuse(
-                session,
-                404,
-                Some(Rejection::NotFound),
-                None,
-                "no backend is published at this endpoint",
-                &[],
-            )
-            .await?;
-            return Ok(404);
-        }
-        Err(JoinError::BadSecret) => {
-            refuse(
-                session,
-                401,
-                Some(Rejection::BadSecret),
-                None,
-                "missing or wrong secret",
-                &[],
-            )
-            .await?;
-            return Ok(401);
+        Err(e) => {
+            let status = join_refusal(e).0;
+            refuse_join(session, e).await?;
+            return Ok(status);
         }
     };
     let _ = app;
@@ -461,6 +430,29 @@ pub async fn refuse(
         "refused: {message}"
     );
     respond_error(session, status, message, headers).await
+}
+
+/// The status, reason and message for a client that could not join its endpoint.
+fn join_refusal(e: JoinError) -> (u16, Rejection, &'static str) {
+    match e {
+        JoinError::NotFound => (
+            404,
+            Rejection::NotFound,
+            "no backend is published at this endpoint",
+        ),
+        JoinError::BadSecret => (401, Rejection::BadSecret, "missing or wrong secret"),
+        JoinError::Full => (
+            503,
+            Rejection::Full,
+            "this endpoint has all the clients it may have",
+        ),
+    }
+}
+
+/// Refuses a client (WebSocket or HTTP call) that could not join its endpoint.
+pub async fn refuse_join(session: &mut Session, e: JoinError) -> pingora::Result<()> {
+    let (status, reason, message) = join_refusal(e);
+    refuse(session, status, Some(reason), None, message, &[]).await
 }
 
 /// Writes `{"error": {"code": status, "message": message}}` with `status`.

@@ -340,14 +340,27 @@ impl Endpoint {
     /// Closes every client with `reason` (reload: the endpoint's fixed secret changed), and makes
     /// `secret` (if given) the one new clients must present.
     pub fn close_clients(&self, secret: Option<Digest>, reason: CloseReason) -> usize {
+        self.remove_clients(Some(&reason), |s| {
+            if let Some(secret) = secret {
+                s.secret = secret;
+            }
+            s.clients.keys().cloned().collect()
+        })
+    }
+
+    /// Removes the clients `pick` chooses (under the lock, after any change it makes), closing
+    /// them with `reason`; the backend's calls to them are answered with `-32001`. Returns how
+    /// many were removed.
+    fn remove_clients(
+        &self,
+        reason: Option<&CloseReason>,
+        pick: impl FnOnce(&mut State) -> Vec<Route>,
+    ) -> usize {
         let mut s = self.state();
-        if let Some(secret) = secret {
-            s.secret = secret;
-        }
-        let routes: Vec<Route> = s.clients.keys().cloned().collect();
+        let routes = pick(&mut s);
         let mut owed = Vec::new();
         for route in &routes {
-            owed.extend(s.remove_client(route, Some(reason.clone())));
+            owed.extend(s.remove_client(route, reason.cloned()));
         }
         let backend = s.backend.as_ref().map(|b| b.tx.clone());
         drop(s);
@@ -377,23 +390,13 @@ impl Endpoint {
     /// Closes every WebSocket client with `reason` (shutdown, first step: HTTP calls in progress
     /// keep running). Returns how many were closed.
     pub fn close_websocket_clients(&self, reason: CloseReason) -> usize {
-        let mut s = self.state();
-        let routes: Vec<Route> = s
-            .clients
-            .iter()
-            .filter(|(_, c)| c.websocket)
-            .map(|(r, _)| r.clone())
-            .collect();
-        let mut owed = Vec::new();
-        for route in &routes {
-            owed.extend(s.remove_client(route, Some(reason.clone())));
-        }
-        let backend = s.backend.as_ref().map(|b| b.tx.clone());
-        drop(s);
-        if let Some(tx) = backend {
-            send_nowait(&tx, owed);
-        }
-        routes.len()
+        self.remove_clients(Some(&reason), |s| {
+            s.clients
+                .iter()
+                .filter(|(_, c)| c.websocket)
+                .map(|(r, _)| r.clone())
+                .collect()
+        })
     }
 
     /// The backend with `generation` has gone: fail pending calls, start the grace.
@@ -485,19 +488,11 @@ impl Endpoint {
             Push::Gone => self.dropped("client_gone"),
             Push::Full => {
                 self.dropped("client_queue_full");
-                let mut s = self.state();
-                let owed = s.remove_client(
-                    route,
-                    Some(CloseReason::new(
-                        close::POLICY,
-                        "client too slow: it did not read its messages",
-                    )),
+                let reason = CloseReason::new(
+                    close::POLICY,
+                    "client too slow: it did not read its messages",
                 );
-                let backend = s.backend.as_ref().map(|b| b.tx.clone());
-                drop(s);
-                if let Some(backend) = backend {
-                    send_nowait(&backend, owed);
-                }
+                self.remove_clients(Some(&reason), |_| vec![route.clone()]);
                 tracing::info!(endpoint = %self.path, "closed a client that did not read");
             }
         }
@@ -899,12 +894,7 @@ fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
 
 impl Drop for ClientConn {
     fn drop(&mut self) {
-        let mut s = self.endpoint.state();
-        let owed = s.remove_client(&self.route, None);
-        let backend = s.backend.as_ref().map(|b| b.tx.clone());
-        drop(s);
-        if let Some(tx) = backend {
-            send_nowait(&tx, owed);
-        }
+        let route = self.route.clone();
+        self.endpoint.remove_clients(None, |_| vec![route]);
     }
 }
