@@ -26,7 +26,7 @@ use crate::auth::{self, Digest};
 use crate::config::{Config, Limits, Source};
 use crate::http_api::{self, refuse, refuse_join};
 use crate::metrics::Rejection;
-use crate::mux::{self, Registry};
+use crate::mux::{self, Endpoint, JoinError, Registry};
 use crate::tls::CertResolver;
 use crate::ws::{self, WsSettings};
 use rustls::sign::CertifiedKey;
@@ -129,6 +129,14 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// The digest of the client secret, if it is the one `endpoint` wants.
+    pub fn secret_for(&self, endpoint: &Endpoint) -> Option<Digest> {
+        self.secret
+            .as_deref()
+            .map(|s| Digest::of(s.as_bytes()))
+            .filter(|d| endpoint.secret_matches(d))
+    }
+
     /// Reads credentials from a request's query string and headers.
     pub fn from_request(req: &RequestHeader) -> Credentials {
         Credentials::parse(req.uri.query(), |name| {
@@ -370,19 +378,9 @@ impl Gateway {
             )
             .await;
         };
-        let secret = creds.secret.as_deref().map(|s| Digest::of(s.as_bytes()));
-        if !secret.is_some_and(|d| endpoint.secret_matches(&d)) {
-            return refuse(
-                session,
-                401,
-                Some(Rejection::BadSecret),
-                None,
-                "missing or wrong secret",
-                &[],
-            )
-            .await;
-        }
-        let secret = secret.unwrap_or_else(|| Digest::of(b""));
+        let Some(secret) = creds.secret_for(&endpoint) else {
+            return refuse_join(session, JoinError::BadSecret).await;
+        };
         let conn = match endpoint.join(true, config.max_clients(path), &secret) {
             Ok(conn) => conn,
             Err(e) => return refuse_join(session, e).await,

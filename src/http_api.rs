@@ -13,7 +13,6 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::value::RawValue;
 
-use crate::auth::Digest;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
 use crate::gateway::{App, Credentials};
@@ -92,21 +91,8 @@ async fn call(
     method: &str,
     creds: &Credentials,
 ) -> pingora::Result<u16> {
-    let secret = creds
-        .secret
-        .as_deref()
-        .map(|s| Digest::of(s.as_bytes()))
-        .filter(|d| endpoint.secret_matches(d));
-    let Some(secret) = secret else {
-        refuse(
-            session,
-            401,
-            Some(Rejection::BadSecret),
-            None,
-            "missing or wrong secret",
-            &[],
-        )
-        .await?;
+    let Some(secret) = creds.secret_for(endpoint) else {
+        refuse_join(session, JoinError::BadSecret).await?;
         return Ok(401);
     };
 
@@ -316,13 +302,14 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let too_large = format!("the body is over the limit of {max} bytes");
     if declared.is_some_and(|len| len > max as u64) {
         refuse(
             session,
             413,
             Some(Rejection::TooLarge),
             None,
-            &format!("the body is over the limit of {max} bytes"),
+            &too_large,
             &[],
         )
         .await?;
@@ -348,7 +335,7 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
                 413,
                 Some(Rejection::TooLarge),
                 None,
-                &format!("the body is over the limit of {max} bytes"),
+                &too_large,
                 &[],
             )
             .await?;
