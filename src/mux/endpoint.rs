@@ -151,7 +151,12 @@ impl State {
                     Some(call.client_id),
                     &RpcError::new(code::BACKEND_UNAVAILABLE, why),
                 );
-                restore_ext(&mut reply, call.client_route.as_deref(), call.client_ext);
+                restore_ext(
+                    &mut reply,
+                    &call.route,
+                    call.client_route.as_deref(),
+                    call.client_ext,
+                );
                 out.push((client.tx.clone(), reply));
             }
         }
@@ -330,6 +335,7 @@ impl Endpoint {
         s.update_gauges();
         Ok(ClientConn {
             endpoint: self.clone(),
+            route_ext: route_ext(&route),
             route,
             rx,
             queued,
@@ -536,9 +542,27 @@ fn route_ext(route: &str) -> Box<RawValue> {
 }
 
 /// Puts the client's own `ext` back on a reply: the gateway's `route` goes, the client's comes back.
-fn restore_ext(reply: &mut Message, client_route: Option<&RawValue>, client_ext: bool) {
-    if !client_ext && reply.ext_raw().is_none() {
-        return;
+fn restore_ext(
+    reply: &mut Message,
+    route: &str,
+    client_route: Option<&RawValue>,
+    client_ext: bool,
+) {
+    if !client_ext {
+        match reply.ext_raw().map(RawValue::get) {
+            None => return,
+            // The common case, a backend copying back exactly the ext we sent: no parsing.
+            Some(raw)
+                if raw
+                    .strip_prefix(r#"{"route":""#)
+                    .and_then(|r| r.strip_suffix(r#""}"#))
+                    == Some(route) =>
+            {
+                reply.set_ext(None);
+                return;
+            }
+            Some(_) => {}
+        }
     }
     let mut ext = reply.ext().unwrap_or_default();
     ext.remove("route");
@@ -635,7 +659,7 @@ impl BackendConn {
                 let tx = s.clients.get(&route).map(|c| c.tx.clone());
                 drop(s);
                 msg.set_id(Some(client_id));
-                restore_ext(&mut msg, client_route.as_deref(), client_ext);
+                restore_ext(&mut msg, &route, client_route.as_deref(), client_ext);
                 match tx {
                     Some(tx) => ep.deliver(&route, &tx, msg),
                     None => ep.dropped("client_gone"),
@@ -689,6 +713,8 @@ impl Drop for BackendConn {
 pub struct ClientConn {
     endpoint: Arc<Endpoint>,
     route: Route,
+    /// `{"route":"<route>"}`, made once.
+    route_ext: Box<RawValue>,
     rx: mpsc::UnboundedReceiver<(Message, usize)>,
     /// Bytes queued in `rx` (shared with the endpoint's side of the queue).
     queued: Arc<AtomicUsize>,
@@ -787,7 +813,7 @@ impl ClientConn {
                 ext.insert("route".into(), Value::String(self.route.to_string()));
                 msg.set_ext(Some(&ext));
             }
-            None => msg.set_raw("ext", route_ext(&self.route)),
+            None => msg.set_raw("ext", self.route_ext.clone()),
         }
         if backend.send(msg.to_json()).await.is_ok() {
             ep.to_backend.inc();
