@@ -633,7 +633,7 @@ impl FileConfig {
                 return Err(Invalid::at(
                     format!("tokens[{i}]: `name` must not be empty"),
                     "tokens",
-                    Some("name"),
+                    Some("name:"),
                     i,
                 ));
             }
@@ -652,7 +652,7 @@ impl FileConfig {
                         other.name
                     ),
                     "tokens",
-                    Some("token"),
+                    Some("token:"),
                     i,
                 ));
             }
@@ -660,7 +660,7 @@ impl FileConfig {
                 return Err(Invalid::at(
                     format!("tokens[{i}] (`{name}`): `endpoints` needs at least one path"),
                     "tokens",
-                    Some("endpoints"),
+                    Some("endpoints:"),
                     i,
                 ));
             }

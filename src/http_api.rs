@@ -175,9 +175,13 @@ async fn wait_for_reply(
             // The caller hanging up ends the call at once: nothing is left waiting for it.
             idle = session.read_body_or_idle(true), if watch_caller => {
                 match idle {
-                    Err(_) => return Ok(CLIENT_CLOSED),
-                    // Bytes of a next request: stop watching, keep waiting for the reply.
-                    Ok(_) => {
+                    Err(e) if matches!(
+                        e.etype(),
+                        pingora::ErrorType::ConnectionClosed | pingora::ErrorType::ReadError
+                    ) => return Ok(CLIENT_CLOSED),
+                    // Anything else (say, a pipelined next request): stop watching, keep waiting
+                    // for the reply.
+                    _ => {
                         watch_caller = false;
                         continue;
                     }

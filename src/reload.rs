@@ -108,7 +108,8 @@ pub fn reload(app: &App) -> Result<(), String> {
     for warning in restart_needed(&old, &new) {
         tracing::warn!("reload: {warning}");
     }
-    // No publish registers between the swap and the snapshot below (see `App::publish_lock`).
+    // No publish registers from the snapshot below until the revocations are applied (see
+    // `App::publish_lock`).
     let lock = app
         .publish_lock
         .lock()
@@ -127,7 +128,6 @@ pub fn reload(app: &App) -> Result<(), String> {
     // Swap first: from here on every request is checked against the new config.
     app.registry.set_limits(mux_limits(&new.limits));
     app.config.store(Arc::new(new));
-    drop(lock);
     for (addr, key) in keys {
         if let Some((_, resolver)) = app.certs.iter().find(|(a, _)| *a == addr) {
             resolver.replace(key);
@@ -160,6 +160,9 @@ pub fn reload(app: &App) -> Result<(), String> {
             }
         }
     }
+    // Held until here: a backend publishing meanwhile with a token the new config allows must
+    // not be the one an action closes.
+    drop(lock);
     Ok(())
 }
 

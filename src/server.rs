@@ -124,11 +124,26 @@ impl ShutdownSignalWatch for Shutdown {
                 let spawned = std::thread::Builder::new()
                     .name("drain".into())
                     .spawn(move || {
-                        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                        match tokio::runtime::Builder::new_current_thread()
                             .enable_all()
                             .build()
                         {
-                            rt.block_on(drain(&app));
+                            Ok(rt) => rt.block_on(async {
+                                // SIGINT still means "stop now", drain or not.
+                                let interrupt = async {
+                                    match signal(SignalKind::interrupt()) {
+                                        Ok(mut s) => {
+                                            s.recv().await;
+                                        }
+                                        Err(_) => std::future::pending::<()>().await,
+                                    }
+                                };
+                                tokio::select! {
+                                    _ = drain(&app) => {}
+                                    _ = interrupt => tracing::info!("SIGINT: stopping now"),
+                                }
+                            }),
+                            Err(e) => tracing::error!("cannot drain ({e}): stopping now"),
                         }
                         std::process::exit(0);
                     });

@@ -97,6 +97,8 @@ pub struct WsStream<'s> {
     ctx: WebSocketContext,
     io: MemIo,
     last_heard: Instant,
+    /// The message size limit the framing enforces now.
+    max_message: usize,
 }
 
 impl<'s> WsStream<'s> {
@@ -131,13 +133,27 @@ impl<'s> WsStream<'s> {
             ctx: WebSocketContext::new(Role::Server, Some(config)),
             io: MemIo::default(),
             last_heard: Instant::now(),
+            max_message: settings.max_message_bytes,
         })
     }
 
-    /// Reads the next text or binary message. Cancel-safe: no bytes are lost if the future is
-    /// dropped while waiting for the socket.
-    async fn read(&mut self) -> Incoming {
+    /// Applies a message size limit to the frames read from now on.
+    fn set_max_message(&mut self, max: usize) {
+        if max != self.max_message {
+            self.max_message = max;
+            self.ctx.set_config(|c| {
+                c.max_message_size = Some(max);
+                c.max_frame_size = Some(max);
+            });
+        }
+    }
+
+    /// Reads the next text or binary message, under the size limit `max_message()` gives when
+    /// the bytes arrive (a reload applies to a read already waiting). Cancel-safe: no bytes are
+    /// lost if the future is dropped while waiting for the socket.
+    async fn read(&mut self, max_message: &impl Fn() -> usize) -> Incoming {
         loop {
+            self.set_max_message(max_message());
             match self.ctx.read(&mut self.io) {
                 Ok(WsMessage::Text(text)) => {
                     self.last_heard = Instant::now();
@@ -226,10 +242,12 @@ impl<'s> WsStream<'s> {
     /// is valid: the caller registers the peer, then answers with [`WsStream::accept_handshake`],
     /// so a peer that has seen `+OK` is known to the multiplexer.
     pub async fn handshake(&mut self, timeout: Duration) -> bool {
+        let self_max = self.max_message;
+        let max_message = move || self_max;
         let deadline = Instant::now() + timeout;
         loop {
             let incoming = tokio::select! {
-                incoming = self.read() => incoming,
+                incoming = self.read(&max_message) => incoming,
                 _ = tokio::time::sleep_until(deadline) => {
                     metrics().reject(Rejection::BadHandshake);
                     self.close(&CloseReason::new(1002, "no handshake in time")).await;
@@ -270,25 +288,18 @@ impl<'s> WsStream<'s> {
     /// Moves frames between the socket and `side` until either ends. `settings` is read again
     /// between frames, so a reload's new limits apply to open connections too.
     async fn pump<S: Side>(&mut self, side: &mut S, settings: &impl Fn() -> WsSettings) {
-        let mut current = settings();
-        let mut ping_interval = current.ping_interval;
+        let mut ping_interval = settings().ping_interval;
         let mut ticker = ping_ticker(ping_interval);
         self.last_heard = Instant::now();
+        let max_message = || settings().max_message_bytes;
         loop {
-            let now = settings();
-            if now.max_message_bytes != current.max_message_bytes {
-                self.ctx.set_config(|c| {
-                    c.max_message_size = Some(now.max_message_bytes);
-                    c.max_frame_size = Some(now.max_message_bytes);
-                });
-            }
-            if now.ping_interval != ping_interval {
-                ping_interval = now.ping_interval;
+            let now = settings().ping_interval;
+            if now != ping_interval {
+                ping_interval = now;
                 ticker = ping_ticker(ping_interval);
             }
-            current = now;
             tokio::select! {
-                incoming = self.read() => match incoming {
+                incoming = self.read(&max_message) => match incoming {
                     Incoming::Data(frame) => {
                         if frame.is_empty() {
                             // Keepalive: never forwarded.

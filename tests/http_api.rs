@@ -353,16 +353,19 @@ async fn no_http_call_leaves_state_behind() {
     wait_pending_zero(&gw, "/leak", "stream").await;
     assert_eq!(post(&url("fail"), r#"{"code":1}"#).await.0, 500);
     wait_pending_zero(&gw, "/leak", "error").await;
-    assert_eq!(post(&url("slow"), "2000").await.0, 504);
+    // The backend would answer only after the test is over: only the gateway can clean up.
+    assert_eq!(post(&url("slow"), "30000").await.0, 504);
     wait_pending_zero(&gw, "/leak", "timeout").await;
 
     // The caller hangs up before the reply.
     let mut conn = TcpStream::connect(("127.0.0.1", gw.port))
         .await
         .expect("connect");
-    conn.write_all(b"POST /leak/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n200")
-        .await
-        .expect("write");
+    conn.write_all(
+        b"POST /leak/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n30000",
+    )
+    .await
+    .expect("write");
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(conn);
     wait_pending_zero(&gw, "/leak", "hang-up").await;
@@ -418,4 +421,32 @@ async fn backend_errors_other_than_the_mapped_ones_are_500() {
         assert_eq!(status, 500, "{code}: {text}");
         assert_eq!(json_of(&text)["error"]["code"], json!(code));
     }
+}
+
+#[tokio::test]
+async fn stream_lines_are_written_as_they_arrive() {
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/tick", "s").await;
+    let started = Instant::now();
+    let mut resp = reqwest::Client::new()
+        .post(gw.http("/tick/ticks?secret=s"))
+        .body("4")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.headers()["content-type"], "application/x-ndjson");
+    let first = resp.chunk().await.expect("chunk").expect("a first chunk");
+    let first_at = started.elapsed();
+    assert_eq!(&first[..], b"1\n");
+    let mut rest = Vec::new();
+    while let Some(chunk) = resp.chunk().await.expect("chunk") {
+        rest.extend_from_slice(&chunk);
+    }
+    assert_eq!(String::from_utf8_lossy(&rest), "2\n3\n4\n");
+    // The backend takes 900 ms for the whole stream; the first line came long before.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(
+        first_at < Duration::from_millis(600),
+        "first line after {first_at:?}"
+    );
 }

@@ -551,3 +551,48 @@ async fn sigterm_closes_websockets_with_1001_lets_http_calls_finish_and_exits_pr
         .expect("exited within 15 s");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+#[tokio::test]
+async fn a_reload_applies_new_limits_to_open_connections() {
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/lim", "s").await;
+    let mut c = Raw::open(&gw.client_url("/lim", "s")).await;
+    let frame = format!(
+        r#"{{"type":"req","method":"echo","id":1,"payload":"{}"}}"#,
+        "x".repeat(2000)
+    );
+    c.send(&frame).await;
+    assert_eq!(c.recv().await["id"], json!(1));
+    gw.rewrite_config(&Gateway::config_text(
+        gw.port,
+        gw.metrics_port,
+        "limits:\n  max_message_bytes: 1000\n",
+    ));
+    gw.signal("HUP");
+    eventually("the reload", || async {
+        reloads(&gw, "success").await >= 1.0
+    })
+    .await;
+    c.send(&frame).await;
+    assert_eq!(c.closed().await, Some(1009));
+}
+
+#[tokio::test]
+async fn a_token_revoked_during_the_handshake_does_not_publish() {
+    let gw = Gateway::start("");
+    // Upgraded with a valid token, the handshake not sent yet.
+    let mut raw = Raw::connect(&gw.ws(&format!("/team/x?token={TEAM_TOKEN}&secret=s")), &[])
+        .await
+        .expect("upgrade");
+    let text = Gateway::config_text(gw.port, gw.metrics_port, "")
+        .replace(TEAM_TOKEN, "team-token-rotated-0123");
+    gw.rewrite_config(&text);
+    gw.signal("HUP");
+    eventually("the reload", || async {
+        reloads(&gw, "success").await >= 1.0
+    })
+    .await;
+    raw.send("SIMPLEX/1.0;json").await;
+    assert_eq!(raw.closed().await, Some(1008));
+    assert_eq!(ws_status(&gw.client_url("/team/x", "s"), &[]).await, 404);
+}

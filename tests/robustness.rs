@@ -344,6 +344,7 @@ async fn a_dead_client_is_closed_and_live_ones_stay() {
     let _backend = publish(&gw, "/dc", "s").await;
     let live = client(&gw, "/dc", "s").await;
     let frozen = Raw::open(&gw.client_url("/dc", "s")).await;
+    let started = Instant::now();
     let deadline = Instant::now() + WAIT;
     loop {
         let clients = metric(
@@ -360,6 +361,12 @@ async fn a_dead_client_is_closed_and_live_ones_stay() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Three intervals (600 ms), with room for a slow machine.
+    assert!(
+        started.elapsed() < Duration::from_millis(600 + 700),
+        "{:?}",
+        started.elapsed()
+    );
     // Idle for several intervals, the live client is still there.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(!live.is_closed());

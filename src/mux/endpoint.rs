@@ -143,7 +143,7 @@ impl State {
     }
 
     /// Fails every pending client call with `-32000` (the backend is gone).
-    fn fail_pending_calls(&mut self, why: &str) -> Vec<(ClientTx, Message)> {
+    fn fail_pending_calls(&mut self, why: &str) -> Vec<(Route, ClientTx, Message)> {
         let mut out = Vec::with_capacity(self.calls.len());
         for (_, call) in self.calls.drain() {
             if let Some(client) = self.clients.get(&call.route) {
@@ -157,7 +157,7 @@ impl State {
                     call.client_route.as_deref(),
                     call.client_ext,
                 );
-                out.push((client.tx.clone(), reply));
+                out.push((call.route.clone(), client.tx.clone(), reply));
             }
         }
         for client in self.clients.values_mut() {
@@ -468,13 +468,9 @@ impl Endpoint {
         }
     }
 
-    fn deliver_all(&self, frames: Vec<(ClientTx, Message)>) {
-        for (tx, msg) in frames {
-            if tx.push(msg) == Push::Sent {
-                self.to_client.inc();
-            } else {
-                self.dropped("client_queue_full");
-            }
+    fn deliver_all(&self, frames: Vec<(Route, ClientTx, Message)>) {
+        for (route, tx, msg) in frames {
+            self.deliver(&route, &tx, msg);
         }
     }
 
@@ -524,10 +520,14 @@ enum Push {
 impl ClientTx {
     fn push(&self, msg: Message) -> Push {
         let size = msg.approx_len();
-        if self.queued.load(Ordering::Relaxed) + size > self.budget {
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                (queued + size <= self.budget).then_some(queued + size)
+            });
+        if reserved.is_err() {
             return Push::Full;
         }
-        self.queued.fetch_add(size, Ordering::Relaxed);
         match self.tx.send((msg, size)) {
             Ok(()) => Push::Sent,
             Err(_) => Push::Gone,
@@ -735,6 +735,9 @@ impl ClientConn {
     /// The next frame for this client; None once the multiplexer closed it
     /// (see [`ClientConn::close_reason`]).
     pub async fn recv(&mut self) -> Option<Message> {
+        if self.dropped_out() {
+            return None;
+        }
         let (msg, size) = self.rx.recv().await?;
         self.queued.fetch_sub(size, Ordering::Relaxed);
         Some(msg)
@@ -742,9 +745,19 @@ impl ClientConn {
 
     /// A frame already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
+        if self.dropped_out() {
+            return None;
+        }
         let (msg, size) = self.rx.try_recv().ok()?;
         self.queued.fetch_sub(size, Ordering::Relaxed);
         Some(msg)
+    }
+
+    /// Whether this client was put out for policy (it did not read, or its secret was revoked):
+    /// then what is still queued for it is not delivered. Other closes (grace over, shutdown)
+    /// deliver what is queued first.
+    fn dropped_out(&self) -> bool {
+        self.close.get().is_some_and(|r| r.code == close::POLICY)
     }
 
     /// Why the multiplexer closed this client.

@@ -203,7 +203,7 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 /// A backend peer with the test methods: `echo`, `count` (streams 1..=n), `add` (sums streamed
 /// input), `route` (answers with the caller's route), `fail` (answers with the error in its
-/// payload), `slow` (waits payload ms, then echoes).
+/// payload), `slow` (waits payload ms, then echoes), `ticks` (streams 1..=n, 300 ms apart).
 pub fn test_backend() -> PeerBuilder {
     Peer::builder()
         .handle("echo", |call: Call| async move { Ok(call.payload) })
@@ -231,6 +231,14 @@ pub fn test_backend() -> PeerBuilder {
                 .unwrap_or("failed")
                 .to_string();
             Err(RpcError::new(code, message))
+        })
+        .handle("ticks", |call: Call| async move {
+            let n = call.payload.as_u64().unwrap_or(0);
+            for i in 1..n {
+                let _ = call.send(&json!(i));
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok(json!(n))
         })
         .handle("slow", |call: Call| async move {
             let ms = call.payload.as_u64().unwrap_or(0);
