@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use prometheus::IntGauge;
 use serde_json::value::RawValue;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
@@ -91,10 +91,8 @@ struct ClientSlot {
 struct PendingCall {
     route: Route,
     client_id: u64,
-    /// What `ext.route` the client itself sent, if any (restored on replies).
-    client_route: Option<Box<RawValue>>,
-    /// Whether the client sent an `ext` at all.
-    client_ext: bool,
+    /// The `ext` the client sent, as it sent it (restored on replies).
+    client_ext: Option<Box<RawValue>>,
 }
 
 struct Gauges {
@@ -151,12 +149,7 @@ impl State {
                     Some(call.client_id),
                     &RpcError::new(code::BACKEND_UNAVAILABLE, why),
                 );
-                restore_ext(
-                    &mut reply,
-                    &call.route,
-                    call.client_route.as_deref(),
-                    call.client_ext,
-                );
+                restore_ext(&mut reply, &call.route, call.client_ext.as_deref());
                 out.push((call.route.clone(), client.tx.clone(), reply));
             }
         }
@@ -541,16 +534,13 @@ fn route_ext(route: &str) -> Box<RawValue> {
         .unwrap_or_else(|_| unreachable!("route keys are hex"))
 }
 
-/// Puts the client's own `ext` back on a reply: the gateway's `route` goes, the client's comes back.
-fn restore_ext(
-    reply: &mut Message,
-    route: &str,
-    client_route: Option<&RawValue>,
-    client_ext: bool,
-) {
-    if !client_ext {
+/// Puts the client's own `ext` back on a reply: the gateway's `route` goes; every key the client
+/// sent comes back as the client sent it (its own `route` included); keys the backend added stay.
+/// A reply the gateway makes itself (no `ext`) gets exactly the client's `ext`.
+fn restore_ext(reply: &mut Message, route: &str, client_ext: Option<&RawValue>) {
+    let Some(client_ext) = client_ext else {
         match reply.ext_raw().map(RawValue::get) {
-            None => return,
+            None => {}
             // The common case, a backend copying back exactly the ext we sent: no parsing.
             Some(raw)
                 if raw
@@ -559,23 +549,21 @@ fn restore_ext(
                     == Some(route) =>
             {
                 reply.set_ext(None);
-                return;
             }
-            Some(_) => {}
+            Some(_) => {
+                let mut ext = reply.ext().unwrap_or_default();
+                ext.remove("route");
+                reply.set_ext(if ext.is_empty() { None } else { Some(&ext) });
+            }
         }
-    }
+        return;
+    };
     let mut ext = reply.ext().unwrap_or_default();
     ext.remove("route");
-    if let Some(client_route) = client_route {
-        if let Ok(value) = serde_json::from_str::<Value>(client_route.get()) {
-            ext.insert("route".into(), value);
-        }
+    if let Ok(own) = serde_json::from_str::<Map<String, Value>>(client_ext.get()) {
+        ext.extend(own);
     }
-    if ext.is_empty() && !client_ext {
-        reply.set_ext(None);
-    } else {
-        reply.set_ext(Some(&ext));
-    }
+    reply.set_ext(Some(&ext));
 }
 
 /// Queues frames for a backend without waiting (from places that cannot wait).
@@ -646,8 +634,7 @@ impl BackendConn {
                 };
                 let route = call.route.clone();
                 let client_id = call.client_id;
-                let client_route = call.client_route.clone();
-                let client_ext = call.client_ext;
+                let client_ext = call.client_ext.clone();
                 if msg.ends_call() {
                     if let Some(call) = s.calls.remove(&id) {
                         if let Some(client) = s.clients.get_mut(&call.route) {
@@ -659,7 +646,7 @@ impl BackendConn {
                 let tx = s.clients.get(&route).map(|c| c.tx.clone());
                 drop(s);
                 msg.set_id(Some(client_id));
-                restore_ext(&mut msg, &route, client_route.as_deref(), client_ext);
+                restore_ext(&mut msg, &route, client_ext.as_deref());
                 match tx {
                     Some(tx) => ep.deliver(&route, &tx, msg),
                     None => ep.dropped("client_gone"),
@@ -773,12 +760,12 @@ impl ClientConn {
     /// latter also for a request without an id, which then has no id either).
     pub async fn send(&self, mut msg: Message) -> Option<Message> {
         let ep = &self.endpoint;
-        let client_ext = msg.ext_raw().is_some();
-        let mut ext_map = if client_ext { msg.ext() } else { None };
-        let client_route: Option<Box<RawValue>> = ext_map
-            .as_mut()
-            .and_then(|m| m.remove("route"))
-            .and_then(|v| serde_json::value::to_raw_value(&v).ok());
+        let client_ext: Option<Box<RawValue>> = msg.ext_raw().map(|raw| raw.to_owned());
+        let ext_map = if client_ext.is_some() {
+            msg.ext()
+        } else {
+            None
+        };
 
         let backend = match msg.kind() {
             Kind::Reply => {
@@ -809,7 +796,7 @@ impl ClientConn {
                 let mut wait = std::pin::pin!(ep.changed.notified());
                 loop {
                     wait.as_mut().enable();
-                    match self.admit(&mut msg, &client_route, client_ext) {
+                    match self.admit(&mut msg, &client_ext) {
                         Admit::Send(tx) => break tx,
                         Admit::Answer(reply) => return reply,
                         Admit::Wait(deadline) => {
@@ -851,12 +838,7 @@ enum Admit {
 impl ClientConn {
     /// Decides a request under the endpoint lock: gives it a backend id (or reuses the one of the
     /// call it continues) and picks the backend to send it to.
-    fn admit(
-        &self,
-        msg: &mut Message,
-        client_route: &Option<Box<RawValue>>,
-        client_ext: bool,
-    ) -> Admit {
+    fn admit(&self, msg: &mut Message, client_ext: &Option<Box<RawValue>>) -> Admit {
         let ep = &self.endpoint;
         let mut guard = ep.state();
         let s = &mut *guard;
@@ -908,8 +890,7 @@ impl ClientConn {
                     PendingCall {
                         route: self.route.clone(),
                         client_id,
-                        client_route: client_route.clone(),
-                        client_ext,
+                        client_ext: client_ext.clone(),
                     },
                 );
                 s.update_gauges();

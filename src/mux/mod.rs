@@ -165,3 +165,145 @@ fn route_key() -> Arc<str> {
     let bits: u128 = rand::random();
     Arc::from(format!("{bits:032x}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::duplex::{Kind, Message};
+    use serde_json::{json, Value};
+
+    fn setup(limits: Limits) -> (Arc<Registry>, BackendConn, Arc<Endpoint>) {
+        let registry = Registry::new(limits);
+        let backend = registry.publish("/t", Digest::of(b"s"), ("t", Digest::of(b"tok")));
+        let endpoint = registry.lookup("/t").expect("endpoint");
+        (registry, backend, endpoint)
+    }
+
+    fn join(endpoint: &Arc<Endpoint>) -> ClientConn {
+        endpoint.join(true, 100, &Digest::of(b"s")).expect("join")
+    }
+
+    fn parse(text: &str) -> Message {
+        Message::parse(text.as_bytes()).expect("message")
+    }
+
+    async fn to_backend(backend: &mut BackendConn) -> Value {
+        let text = backend.recv().await.expect("frame for the backend");
+        serde_json::from_str(&text).expect("json")
+    }
+
+    #[tokio::test]
+    async fn clients_using_the_same_id_get_distinct_backend_ids_and_their_own_replies() {
+        let (_r, mut backend, endpoint) = setup(Limits::default());
+        let (mut a, mut b) = (join(&endpoint), join(&endpoint));
+        for c in [&a, &b] {
+            let req = parse(r#"{"type":"req","method":"m","id":1}"#);
+            assert!(c.send(req).await.is_none());
+        }
+        let (fa, fb) = (
+            to_backend(&mut backend).await,
+            to_backend(&mut backend).await,
+        );
+        assert_ne!(fa["id"], fb["id"]);
+        assert_ne!(fa["ext"]["route"], fb["ext"]["route"]);
+        for (f, payload) in [(&fb, "for b"), (&fa, "for a")] {
+            let reply = json!({"type":"rep","id":f["id"],"payload":payload,"ext":f["ext"]});
+            assert!(backend.handle(parse(&reply.to_string())).is_none());
+        }
+        let (ra, rb) = (a.recv().await.expect("a"), b.recv().await.expect("b"));
+        assert_eq!((ra.id(), ra.payload()), (Some(1), json!("for a")));
+        assert_eq!((rb.id(), rb.payload()), (Some(1), json!("for b")));
+        assert!(ra.ext_raw().is_none(), "the route does not leak back");
+        assert_eq!(endpoint.stats().pending_calls, 0);
+    }
+
+    #[tokio::test]
+    async fn streamed_input_reuses_one_backend_id_until_the_call_ends() {
+        let (_r, mut backend, endpoint) = setup(Limits::default());
+        let a = join(&endpoint);
+        for more in [true, true, false] {
+            let req = Message::request("add", Some(5), &json!(1), more);
+            a.send(req).await;
+        }
+        let ids: Vec<Value> = vec![
+            to_backend(&mut backend).await["id"].clone(),
+            to_backend(&mut backend).await["id"].clone(),
+            to_backend(&mut backend).await["id"].clone(),
+        ];
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        backend.handle(parse(
+            &json!({"type":"rep","id":ids[0],"payload":3}).to_string(),
+        ));
+        a.send(Message::request("add", Some(5), &json!(1), false))
+            .await;
+        assert_ne!(
+            to_backend(&mut backend).await["id"],
+            ids[0],
+            "a new call, a new id"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_over_its_byte_budget_is_closed_and_its_calls_forgotten() {
+        let limits = Limits {
+            client_queue_bytes: 500,
+            ..Limits::default()
+        };
+        let (_r, mut backend, endpoint) = setup(limits);
+        let mut a = join(&endpoint);
+        a.send(parse(r#"{"type":"req","method":"count","id":1}"#))
+            .await;
+        let f = to_backend(&mut backend).await;
+        for i in 0..20 {
+            let rep = json!({"type":"rep","id":f["id"],"payload":i,"more":true,"ext":f["ext"]});
+            backend.handle(parse(&rep.to_string()));
+        }
+        assert_eq!(endpoint.stats().clients, 0);
+        assert_eq!(endpoint.stats().pending_calls, 0);
+        assert!(a.recv().await.is_none(), "the backlog is not delivered");
+        assert_eq!(a.close_reason().code, close::POLICY);
+    }
+
+    #[tokio::test]
+    async fn a_backend_leaving_fails_pending_calls_then_the_grace_ends_the_endpoint() {
+        let limits = Limits {
+            backend_grace: Duration::ZERO,
+            ..Limits::default()
+        };
+        let (registry, mut backend, endpoint) = setup(limits);
+        let mut a = join(&endpoint);
+        a.send(parse(r#"{"type":"req","method":"m","id":9,"ext":{"k":1}}"#))
+            .await;
+        to_backend(&mut backend).await;
+        drop(backend);
+        let failed = a.recv().await.expect("the -32000 reply");
+        assert_eq!(failed.kind(), Kind::Reply);
+        assert_eq!(failed.id(), Some(9));
+        assert_eq!(failed.error().map(|e| e.code), Some(-32000));
+        assert_eq!(failed.ext(), json!({"k": 1}).as_object().cloned());
+        assert!(a.recv().await.is_none());
+        assert_eq!(a.close_reason().code, close::TRY_AGAIN_LATER);
+        assert!(registry.lookup("/t").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_client_cannot_answer_a_call_the_backend_made_to_another_client() {
+        let (_r, mut backend, endpoint) = setup(Limits::default());
+        let (mut a, b) = (join(&endpoint), join(&endpoint));
+        let call = json!({"type":"req","method":"hi","id":77,"ext":{"route":a.route()}});
+        assert!(backend.handle(parse(&call.to_string())).is_none());
+        let got = a.recv().await.expect("the call");
+        assert!(
+            got.ext_raw().is_none(),
+            "the route is not shown to the client"
+        );
+        // b forges an answer to a's call: dropped.
+        b.send(parse(r#"{"type":"rep","id":77,"payload":"forged"}"#))
+            .await;
+        a.send(parse(r#"{"type":"rep","id":77,"payload":"real"}"#))
+            .await;
+        let answer = to_backend(&mut backend).await;
+        assert_eq!(answer["payload"], "real");
+        assert_eq!(answer["ext"]["route"], json!(a.route()));
+    }
+}
