@@ -415,7 +415,7 @@ pub async fn refuse(
     tracing::info!(
         status,
         reason = reason.map_or("-", Rejection::as_str),
-        token = token.unwrap_or("-"),
+        token = %token.unwrap_or("-"),
         method = %req.method,
         path = ?req.uri.path(),
         "refused: {message}"

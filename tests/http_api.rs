@@ -450,3 +450,16 @@ async fn stream_lines_are_written_as_they_arrive() {
         "first line after {first_at:?}"
     );
 }
+
+#[tokio::test]
+async fn an_async_call_without_a_backend_is_503_not_202() {
+    let gw = Gateway::start("limits:\n  backend_grace: 300ms\n");
+    let backend = publish(&gw, "/gone", "s").await;
+    backend.close();
+    tokio::time::timeout(WAIT, backend.closed())
+        .await
+        .expect("closed");
+    // In the grace the call waits for a backend; none comes, so nothing was sent.
+    let (status, _, body) = post(&gw.http("/gone/m?secret=s&async=true"), "1").await;
+    assert_eq!(status, 503, "{body}");
+}

@@ -596,3 +596,98 @@ async fn a_token_revoked_during_the_handshake_does_not_publish() {
     assert_eq!(raw.closed().await, Some(1008));
     assert_eq!(ws_status(&gw.client_url("/team/x", "s"), &[]).await, 404);
 }
+
+#[tokio::test]
+async fn every_rejection_reason_is_counted_and_only_published_endpoints_get_a_label() {
+    let gw = Gateway::start(
+        "endpoints:\n  - path: /one\n    max_clients: 1\nlimits:\n  max_http_body_bytes: 10\n",
+    );
+    let _backend = publish(&gw, "/one", "s").await;
+    let _only = client(&gw, "/one", "s").await;
+    let http = reqwest::Client::new();
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/x?token={TEAM_TOKEN}&secret=s")), &[]).await,
+        403
+    );
+    assert_eq!(
+        ws_status(&gw.ws(&format!("/x?token={TOKEN}")), &[]).await,
+        400
+    );
+    assert_eq!(ws_status(&gw.client_url("/one", "s"), &[]).await, 503);
+    let post = |path: &str, body: &'static str| http.post(gw.http(path)).body(body).send();
+    assert_eq!(
+        post("/one/echo?secret=s", "[1,2,3,4,5,6]")
+            .await
+            .expect("post")
+            .status(),
+        413
+    );
+    assert_eq!(
+        post("/one/echo?secret=s", "{nope")
+            .await
+            .expect("post")
+            .status(),
+        400
+    );
+    assert_eq!(
+        post("/random/x?secret=s", "1")
+            .await
+            .expect("post")
+            .status(),
+        404
+    );
+    let text = gw.metrics().await;
+    for reason in [
+        "token_scope",
+        "no_secret",
+        "full",
+        "too_large",
+        "bad_json",
+        "not_found",
+    ] {
+        assert_eq!(
+            metric(
+                &text,
+                "duplex_gateway_rejected_requests_total",
+                &[("reason", reason)]
+            ),
+            Some(1.0),
+            "{reason}"
+        );
+    }
+    assert!(
+        !text.contains("/random"),
+        "an unpublished path became a label"
+    );
+    assert!(
+        !text.contains("endpoint=\"/x\""),
+        "a refused publish path became a label"
+    );
+
+    // One log line per publish and per refusal, naming the token, never its value.
+    let log = gw.log();
+    assert!(
+        log.contains("backend published") && log.contains("token=main"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refused") && log.contains("token=team"),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN) && !log.contains(TEAM_TOKEN));
+}
+
+#[tokio::test]
+async fn a_tls_required_gateway_counts_plain_requests() {
+    let gw = Gateway::start("tls:\n  required: true\n");
+    assert_eq!(ws_status(&gw.client_url("/a", "s"), &[]).await, 403);
+    let text = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "tls_required")]
+        ),
+        Some(1.0)
+    );
+}

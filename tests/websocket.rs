@@ -519,3 +519,19 @@ async fn a_scoped_token_publishing_elsewhere_gets_403_even_for_a_malformed_path(
         400
     );
 }
+
+#[tokio::test]
+async fn a_backend_call_reaches_the_client_without_the_gateway_route() {
+    let gw = Gateway::start("");
+    let mut backend = Raw::open(&gw.publish_url("/nr", "s")).await;
+    let mut c = Raw::open(&gw.client_url("/nr", "s")).await;
+    c.send(r#"{"type":"req","method":"hi"}"#).await;
+    let route = backend.recv().await["ext"]["route"].clone();
+    backend
+        .send_json(&json!({"type":"req","method":"ask","id":5,"ext":{"route":route,"trace":"t"}}))
+        .await;
+    let got = c.recv().await;
+    assert_eq!(got["method"], "ask");
+    assert_eq!(got["id"], json!(5));
+    assert_eq!(got["ext"], json!({"trace":"t"}), "{got}");
+}
