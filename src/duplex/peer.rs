@@ -35,7 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{Connector, WebSocketStream};
 
-use super::error::{code, RpcError};
+use super::error::RpcError;
 use super::handshake;
 use super::message::{Kind, Message};
 
@@ -565,9 +565,4 @@ impl Peer {
             reason: "".into(),
         })));
     }
-}
-
-/// A ready-made `-32602` for handlers.
-pub fn invalid_params(message: &str) -> RpcError {
-    RpcError::new(code::INVALID_PARAMS, message)
 }

@@ -213,11 +213,6 @@ impl Endpoint {
         s.backend.as_ref().and(s.token)
     }
 
-    /// Whether a backend is connected now.
-    pub fn has_backend(&self) -> bool {
-        self.state().backend.is_some()
-    }
-
     /// Table sizes.
     pub fn stats(&self) -> EndpointStats {
         let s = self.state();
