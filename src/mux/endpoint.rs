@@ -213,6 +213,13 @@ impl Endpoint {
         s.backend.as_ref().and(s.token)
     }
 
+    /// Whether a call waiting for a backend can stop waiting: one is there, or the endpoint is
+    /// gone.
+    fn waiting_is_over(&self) -> bool {
+        let s = self.state();
+        s.backend.is_some() || s.removed
+    }
+
     /// Table sizes.
     pub fn stats(&self) -> EndpointStats {
         let s = self.state();
@@ -788,15 +795,21 @@ impl ClientConn {
                 }
             }
             Kind::Request => {
-                let mut wait = std::pin::pin!(ep.changed.notified());
                 loop {
-                    wait.as_mut().enable();
                     match self.admit(&mut msg, &client_ext) {
                         Admit::Send(tx) => break tx,
                         Admit::Answer(reply) => return reply,
                         Admit::Wait(deadline) => {
-                            let _ = tokio::time::timeout_at(deadline, wait.as_mut()).await;
-                            wait.set(ep.changed.notified());
+                            // Only a call that has to wait registers for the wake-up (the common
+                            // path takes no extra lock); after registering, look again, so a
+                            // backend that came in between is not missed.
+                            let wait = ep.changed.notified();
+                            let mut wait = std::pin::pin!(wait);
+                            wait.as_mut().enable();
+                            if ep.waiting_is_over() {
+                                continue;
+                            }
+                            let _ = tokio::time::timeout_at(deadline, wait).await;
                         }
                     }
                 }
