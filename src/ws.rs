@@ -306,7 +306,11 @@ impl<'s> WsStream<'s> {
                         } else {
                             match Message::parse(&frame) {
                                 Ok(msg) => {
-                                    if let Some(answer) = side.on_frame(msg).await {
+                                    let answer = side.on_frame(msg).await;
+                                    // A call can wait (for a backend in its grace); the peer's
+                                    // silence meanwhile is ours, not a sign it is dead.
+                                    self.last_heard = Instant::now();
+                                    if let Some(answer) = answer {
                                         if answer.id().is_some() {
                                             self.queue_text(answer.to_json());
                                         }

@@ -450,3 +450,25 @@ async fn a_long_burst_reaches_clients_that_read() {
     assert_eq!(text.lines().count(), 20000);
     assert_eq!(text.lines().last(), Some("20000"));
 }
+
+#[tokio::test]
+async fn a_call_waiting_in_the_grace_does_not_count_as_a_silent_peer() {
+    let gw = Gateway::start("limits:\n  ping_interval: 200ms\n  backend_grace: 5s\n");
+    let backend = publish(&gw, "/wait", "s").await;
+    let c = client(&gw, "/wait", "s").await;
+    backend.close();
+    tokio::time::timeout(WAIT, backend.closed())
+        .await
+        .expect("closed");
+    // This call waits for the next backend, far longer than two ping intervals.
+    let waiting = c.call_stream("echo", json!("later")).expect("call");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _again = publish(&gw, "/wait", "s").await;
+    assert_eq!(waiting.last().await, Ok(json!("later")));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !c.is_closed(),
+        "the client was taken for dead while the gateway held its call"
+    );
+    still_serves(&c, "a long wait").await;
+}
