@@ -691,3 +691,14 @@ async fn a_tls_required_gateway_counts_plain_requests() {
         Some(1.0)
     );
 }
+
+#[tokio::test]
+async fn sigint_stops_at_once() {
+    let mut gw = Gateway::start("");
+    let _backend = publish(&gw, "/int", "s").await;
+    let c = client(&gw, "/int", "s").await;
+    gw.signal("INT");
+    gw.wait_exit(Duration::from_secs(5))
+        .expect("exited within 5 s");
+    assert!(tokio::time::timeout(WAIT, c.closed()).await.is_ok());
+}

@@ -136,3 +136,19 @@ fn a_config_naming_an_unset_variable_does_not_start() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_endpoints_own_max_clients_replaces_the_global_limit_and_a_post_needs_a_method() {
+    let gw = Gateway::start(
+        "endpoints:\n  - path: /big\n    max_clients: 3\nlimits:\n  max_clients_per_endpoint: 1\n",
+    );
+    let _backend = publish(&gw, "/big", "s").await;
+    let _clients = [
+        client(&gw, "/big", "s").await,
+        client(&gw, "/big", "s").await,
+        client(&gw, "/big", "s").await,
+    ];
+    assert_eq!(ws_status(&gw.client_url("/big", "s"), &[]).await, 503);
+    let (status, _, body) = status_of("POST", &gw.http("/big/?secret=s")).await;
+    assert_eq!(status, 404, "{body}");
+}

@@ -23,12 +23,20 @@ pub const TEAM_TOKEN: &str = "team-token-0123456789";
 /// How long a test waits for anything before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A free loopback TCP port.
+/// A free loopback TCP port, never the same one twice in this process.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running gateway process.
@@ -59,8 +67,21 @@ impl Gateway {
         Gateway::start_with(|port, metrics_port| Gateway::config_text(port, metrics_port, extra))
     }
 
-    /// Starts a gateway on the config `make(port, metrics_port)` returns.
+    /// Starts a gateway on the config `make(port, metrics_port)` returns. A port another test
+    /// process took in the meantime makes the gateway fail to start: it is tried again on others.
     pub fn start_with(make: impl Fn(u16, u16) -> String) -> Gateway {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match Gateway::try_start(&make) {
+                Ok(gw) => return gw,
+                Err(log) if attempt < 5 => eprintln!("gateway did not start, retrying: {log}"),
+                Err(log) => panic!("gateway did not start:\n{log}"),
+            }
+        }
+    }
+
+    fn try_start(make: &impl Fn(u16, u16) -> String) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let metrics_port = free_port();
@@ -79,7 +100,7 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("start duplex-gateway");
-        let gw = Gateway {
+        let mut gw = Gateway {
             child,
             port,
             metrics_port,
@@ -87,8 +108,22 @@ impl Gateway {
             log_path,
             _dir: dir,
         };
-        gw.wait_for_port(port);
-        gw
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let up = [port, metrics_port]
+                .iter()
+                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
+            if up {
+                return Ok(gw);
+            }
+            if let Ok(Some(_)) = gw.child.try_wait() {
+                return Err(gw.log());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("not listening after {WAIT:?}: {}", gw.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits until `port` accepts connections.
