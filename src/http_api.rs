@@ -71,7 +71,7 @@ pub async fn serve(
         )
         .await;
     };
-    let status = call(session, app, config, &endpoint, method, creds).await?;
+    let status = call(session, config, &endpoint, method, creds).await?;
     let m = metrics();
     m.http_requests
         .with_label_values(&[endpoint.path(), status_label(status)])
@@ -85,7 +85,6 @@ pub async fn serve(
 /// The call itself; returns the status answered.
 async fn call(
     session: &mut Session,
-    app: &App,
     config: &Config,
     endpoint: &std::sync::Arc<crate::mux::Endpoint>,
     method: &str,
@@ -129,7 +128,6 @@ async fn call(
             return Ok(status);
         }
     };
-    let _ = app;
 
     if creds.is_async {
         let request = Message::request_raw(method, None, payload);

@@ -762,8 +762,7 @@ impl ClientConn {
     /// latter also for a request without an id, which then has no id either).
     pub async fn send(&self, mut msg: Message) -> Option<Message> {
         let ep = &self.endpoint;
-        let client_ext: Option<Box<RawValue>> = msg.ext_raw().map(|raw| raw.to_owned());
-        let ext_map = if client_ext.is_some() {
+        let ext_map = if msg.ext_raw().is_some() {
             msg.ext()
         } else {
             None
@@ -796,8 +795,13 @@ impl ClientConn {
             }
             Kind::Request => {
                 loop {
-                    match self.admit(&mut msg, &client_ext) {
-                        Admit::Send(tx) => break tx,
+                    match self.admit(&msg) {
+                        Admit::Send(tx, backend_id) => {
+                            if backend_id.is_some() {
+                                msg.set_id(backend_id);
+                            }
+                            break tx;
+                        }
                         Admit::Answer(reply) => return reply,
                         Admit::Wait(deadline) => {
                             // Only a call that has to wait registers for the wake-up (the common
@@ -835,8 +839,8 @@ impl ClientConn {
 
 /// What to do with a client's request.
 enum Admit {
-    /// Queue it to this backend.
-    Send(mpsc::Sender<String>),
+    /// Queue it to this backend, under this backend id (None: it has no id).
+    Send(mpsc::Sender<String>, Option<u64>),
     /// The gateway answers it itself (or drops it: None).
     Answer(Option<Message>),
     /// No backend yet; wait for one until this instant.
@@ -846,7 +850,7 @@ enum Admit {
 impl ClientConn {
     /// Decides a request under the endpoint lock: gives it a backend id (or reuses the one of the
     /// call it continues) and picks the backend to send it to.
-    fn admit(&self, msg: &mut Message, client_ext: &Option<Box<RawValue>>) -> Admit {
+    fn admit(&self, msg: &Message) -> Admit {
         let ep = &self.endpoint;
         let mut guard = ep.state();
         let s = &mut *guard;
@@ -868,7 +872,7 @@ impl ClientConn {
             }
         };
         let Some(client_id) = msg.id() else {
-            return Admit::Send(backend);
+            return Admit::Send(backend, None);
         };
         let max_pending = ep
             .registry
@@ -898,7 +902,8 @@ impl ClientConn {
                     PendingCall {
                         route: self.route.clone(),
                         client_id,
-                        client_ext: client_ext.clone(),
+                        // Copied only for a call that opens: the rest never need it.
+                        client_ext: msg.ext_raw().map(|raw| raw.to_owned()),
                     },
                 );
                 s.update_gauges();
@@ -906,8 +911,7 @@ impl ClientConn {
             }
         };
         drop(guard);
-        msg.set_id(Some(backend_id));
-        Admit::Send(backend)
+        Admit::Send(backend, Some(backend_id))
     }
 }
 
