@@ -28,7 +28,7 @@ use crate::http_api::{self, refuse, refuse_join};
 use crate::metrics::Rejection;
 use crate::mux::{self, Endpoint, JoinError, Registry};
 use crate::tls::CertResolver;
-use crate::ws::{self, WsSettings};
+use crate::ws::{self, WsSettings, WsStream};
 use rustls::sign::CertifiedKey;
 
 /// Everything the gateway's request handling shares: the config in force and the endpoints.
@@ -55,22 +55,22 @@ pub struct Active {
     /// Set when the gateway stops: new requests get 503.
     pub draining: AtomicBool,
     /// HTTP calls in progress.
-    pub http: AtomicUsize,
-    /// WebSocket connections open.
-    pub websockets: AtomicUsize,
+    pub http: Arc<AtomicUsize>,
+    /// WebSocket connections open (they outlive their request: see [`crate::ws`]).
+    pub websockets: Arc<AtomicUsize>,
 }
 
-/// Decrements its counter when dropped.
-struct Counted<'a>(&'a AtomicUsize);
+/// Counts one request or connection while it lives.
+struct Counted(Arc<AtomicUsize>);
 
-impl<'a> Counted<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
+impl Counted {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
         counter.fetch_add(1, Ordering::SeqCst);
-        Counted(counter)
+        Counted(counter.clone())
     }
 }
 
-impl Drop for Counted<'_> {
+impl Drop for Counted {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
@@ -238,7 +238,6 @@ impl Gateway {
             // the state of the path it takes.
             return Box::pin(http_api::serve(session, &self.app, &config, &path, &creds)).await;
         }
-        let _counted = Counted::new(&self.app.active.websockets);
         match &creds.token {
             Some(token) => Box::pin(self.publish(session, &config, &path, token, &creds)).await,
             None => Box::pin(self.connect(session, &config, &path, &creds)).await,
@@ -320,39 +319,50 @@ impl Gateway {
         if !ws::is_upgrade(session.req_header()) {
             return upgrade_required(session).await;
         }
-        let token_name = token.name.clone();
-        let token_digest = token.digest;
-        let registry = self.app.registry.clone();
-        let app = self.app.clone();
-        let settings = move || ws_settings(&app.config.load().limits);
-        let app = self.app.clone();
-        ws::serve_backend(session, settings, || {
-            // The handshake took time: a reload may have revoked the token meanwhile.
-            let _lock = app
-                .publish_lock
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let now = app.config.load();
-            let allowed = now
-                .tokens
-                .iter()
-                .any(|t| t.digest.matches(&token_digest) && t.allows(path));
-            let secret_ok = now
-                .endpoint(path)
-                .secret
-                .is_none_or(|fixed| fixed.matches(&secret));
-            if !allowed || !secret_ok {
-                tracing::info!(endpoint = path, token = %token_name, "publish refused: credentials revoked by a reload");
-                return Err(mux::CloseReason::new(
-                    mux::close::POLICY,
-                    "credentials revoked by a config reload",
-                ));
-            }
-            tracing::info!(endpoint = path, token = %token_name, "backend published");
-            Ok(registry.publish(path, secret, (&token_name, token_digest)))
-        })
-        .await;
-        tracing::info!(endpoint = path, token = %token.name, "backend disconnected");
+        let settings = ws_settings(&config.limits);
+        let counted = Counted::new(&self.app.active.websockets);
+        let Some(ws) = WsStream::upgrade(session, &settings).await else {
+            return Ok(());
+        };
+        let (app, path, token_name, token_digest) = (
+            self.app.clone(),
+            path.to_string(),
+            token.name.clone(),
+            token.digest,
+        );
+        tokio::spawn(async move {
+            let _counted = counted;
+            let settings = || ws_settings(&app.config.load().limits);
+            ws::serve_backend(ws, settings, || {
+                // The handshake took time: a reload may have revoked the token meanwhile.
+                let _lock = app
+                    .publish_lock
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                let now = app.config.load();
+                let allowed = now
+                    .tokens
+                    .iter()
+                    .any(|t| t.digest.matches(&token_digest) && t.allows(&path));
+                let secret_ok = now
+                    .endpoint(&path)
+                    .secret
+                    .is_none_or(|fixed| fixed.matches(&secret));
+                if !allowed || !secret_ok {
+                    tracing::info!(endpoint = %path, token = %token_name, "publish refused: credentials revoked by a reload");
+                    return Err(mux::CloseReason::new(
+                        mux::close::POLICY,
+                        "credentials revoked by a config reload",
+                    ));
+                }
+                tracing::info!(endpoint = %path, token = %token_name, "backend published");
+                Ok(app
+                    .registry
+                    .publish(&path, secret, (&token_name, token_digest)))
+            })
+            .await;
+            tracing::info!(endpoint = %path, token = %token_name, "backend disconnected");
+        });
         Ok(())
     }
 
@@ -385,11 +395,15 @@ impl Gateway {
             Ok(conn) => conn,
             Err(e) => return refuse_join(session, e).await,
         };
+        let counted = Counted::new(&self.app.active.websockets);
+        let Some(ws) = WsStream::upgrade(session, &ws_settings(&config.limits)).await else {
+            return Ok(());
+        };
         let app = self.app.clone();
-        ws::serve_client(session, conn, move || {
-            ws_settings(&app.config.load().limits)
-        })
-        .await;
+        tokio::spawn(async move {
+            let _counted = counted;
+            ws::serve_client(ws, conn, || ws_settings(&app.config.load().limits)).await;
+        });
         Ok(())
     }
 }

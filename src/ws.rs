@@ -1,18 +1,23 @@
-//! WebSocket connections served inside a Pingora session: the upgrade answer, framing
-//! (tungstenite's `WebSocketContext` over in-memory buffers), the Duplex handshake, keepalive pings,
-//! and the loop that moves frames between the socket and the multiplexer.
+//! WebSocket connections: the upgrade answer, framing (tungstenite's `WebSocketContext` over
+//! in-memory buffers), the Duplex handshake, keepalive pings, and the loop that moves frames
+//! between the socket and the multiplexer.
 //!
-//! Pingora does not hand out the raw stream of a `ProxyHttp` session; after a `101` it reads the
-//! request body raw until close and writes the response body close-delimited, which is exactly a
-//! byte pipe. Frames are decoded from what `read_request_body` returns and encoded into
-//! `write_response_body`.
+//! The upgrade is decided and answered inside Pingora's `request_filter`. Right after the `101`,
+//! the connection leaves Pingora: [`WsStream::upgrade`] takes the socket out of the session (with
+//! any bytes the peer sent behind its request) and the caller serves it in a task of its own, so
+//! Pingora's request task, its per-request state and its HTTP buffers are freed. An idle
+//! WebSocket then costs only its socket buffers, its framing state and its multiplexer slot.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
 use pingora::proxy::Session;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -22,6 +27,12 @@ use tungstenite::Message as WsMessage;
 use crate::duplex::{handshake, Message};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{close, BackendConn, ClientConn, CloseReason};
+
+/// How much is read from the socket at a time.
+const READ_CHUNK: usize = 4096;
+/// An output buffer grown past this by a large message is released once written, so a
+/// connection that once carried a big message does not keep its buffer while idle.
+const KEEP_OUTPUT: usize = 16 << 10;
 
 /// Settings for one WebSocket connection.
 #[derive(Debug, Clone, Copy)]
@@ -63,7 +74,8 @@ impl Read for MemIo {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = buf.len().min(self.input.len());
-        buf[..n].copy_from_slice(&self.input.split_to(n));
+        buf[..n].copy_from_slice(&self.input[..n]);
+        self.input.advance(n);
         Ok(n)
     }
 }
@@ -91,49 +103,61 @@ enum Incoming {
     Broken(CloseReason),
 }
 
-/// A WebSocket connection over a Pingora session.
-pub struct WsStream<'s> {
-    session: &'s mut Session,
+/// A WebSocket connection on a socket taken out of its Pingora session.
+pub struct WsStream {
+    stream: Stream,
     ctx: WebSocketContext,
     io: MemIo,
     last_heard: Instant,
     /// The message size limit the framing enforces now.
     max_message: usize,
+    /// How long one write may take before the connection is dropped.
+    write_timeout: Duration,
 }
 
-impl<'s> WsStream<'s> {
-    /// Answers the upgrade with `101 Switching Protocols` and starts framing.
-    pub async fn accept(
-        session: &'s mut Session,
-        settings: &WsSettings,
-    ) -> pingora::Result<WsStream<'s>> {
+impl WsStream {
+    /// Answers the upgrade with `101 Switching Protocols`, then takes the connection out of
+    /// Pingora's session (see the module documentation). None when the connection is gone (or
+    /// is not HTTP/1, which has no upgrade); the session is then finished as usual.
+    pub async fn upgrade(session: &mut Session, settings: &WsSettings) -> Option<WsStream> {
         let key = session
             .req_header()
             .headers
             .get("sec-websocket-key")
             .map(|v| tungstenite::handshake::derive_accept_key(v.as_bytes()))
             .unwrap_or_default();
-        let mut resp = ResponseHeader::build(101, Some(3))?;
-        resp.insert_header("upgrade", "websocket")?;
-        resp.insert_header("connection", "Upgrade")?;
-        resp.insert_header("sec-websocket-accept", key)?;
-        session.write_response_header(Box::new(resp), false).await?;
-        // Pingora's HTTP read timeout would kill idle WebSockets; pings find dead peers instead.
-        session.set_read_timeout(None);
+        let mut resp = ResponseHeader::build(101, Some(3)).ok()?;
+        resp.insert_header("upgrade", "websocket").ok()?;
+        resp.insert_header("connection", "Upgrade").ok()?;
+        resp.insert_header("sec-websocket-accept", key).ok()?;
         session.set_write_timeout(Some(settings.write_timeout));
+        session
+            .write_response_header(Box::new(resp), false)
+            .await
+            .ok()?;
+        let (mut stream, preread) = detach(session)?;
+        // Pingora may still hold the 101 in its write buffer.
+        tokio::time::timeout(settings.write_timeout, stream.flush())
+            .await
+            .ok()?
+            .ok()?;
         // Small buffers: an idle connection should cost little memory. Frames are written
         // straight into our own output buffer (no write buffer of tungstenite's own).
         let config = WebSocketConfig::default()
-            .read_buffer_size(4096)
+            .read_buffer_size(READ_CHUNK)
             .write_buffer_size(0)
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));
-        Ok(WsStream {
-            session,
+        Some(WsStream {
+            stream,
             ctx: WebSocketContext::new(Role::Server, Some(config)),
-            io: MemIo::default(),
+            io: MemIo {
+                input: preread,
+                output: Vec::new(),
+            },
             last_heard: Instant::now(),
             max_message: settings.max_message_bytes,
+            write_timeout: settings.write_timeout,
         })
     }
 
@@ -197,9 +221,10 @@ impl<'s> WsStream<'s> {
                 }
                 Err(_) => return Incoming::Closed,
             }
-            match self.session.read_request_body().await {
-                Ok(Some(bytes)) => self.io.input.extend_from_slice(&bytes),
-                Ok(None) | Err(_) => return Incoming::Closed,
+            self.io.input.reserve(READ_CHUNK);
+            match self.stream.read_buf(&mut self.io.input).await {
+                Ok(0) | Err(_) => return Incoming::Closed,
+                Ok(_) => {}
             }
         }
     }
@@ -215,11 +240,18 @@ impl<'s> WsStream<'s> {
         if self.io.output.is_empty() {
             return true;
         }
-        let out = Bytes::from(std::mem::take(&mut self.io.output));
-        self.session
-            .write_response_body(Some(out), false)
-            .await
-            .is_ok()
+        let stream = &mut self.stream;
+        let out = &self.io.output;
+        let written = tokio::time::timeout(self.write_timeout, async {
+            stream.write_all(out).await?;
+            stream.flush().await
+        })
+        .await;
+        self.io.output.clear();
+        if self.io.output.capacity() > KEEP_OUTPUT {
+            self.io.output = Vec::new();
+        }
+        matches!(written, Ok(Ok(())))
     }
 
     /// Sends a close frame with `reason` and flushes it.
@@ -460,34 +492,50 @@ fn count_malformed(endpoint: &str) {
         .inc();
 }
 
-/// Serves a client connection that has joined its endpoint: handshake, then frames.
-/// `settings` gives the limits in force (read again between frames).
+/// Takes the connection out of an upgraded session: its socket, and the bytes the peer sent
+/// right behind its request (Pingora read them with the header and holds them as the start of
+/// the upgraded body). A placeholder session, reading nothing and writing nowhere, is left behind
+/// for Pingora to finish.
+fn detach(session: &mut Session) -> Option<(Stream, BytesMut)> {
+    let downstream = &mut *session.downstream_session;
+    if !matches!(downstream, ServerSession::H1(_)) {
+        return None;
+    }
+    let mut preread = BytesMut::new();
+    // What Pingora holds comes back at once; a read that would wait is left to the socket's new
+    // owner (dropping it loses nothing).
+    if let Some(Ok(Some(bytes))) = downstream.read_request_body().now_or_never() {
+        preread.extend_from_slice(&bytes);
+    }
+    let placeholder = ServerSession::new_http1(Box::new(io::Cursor::new(Vec::<u8>::new())));
+    match std::mem::replace(downstream, placeholder) {
+        ServerSession::H1(h1) => Some((h1.into_inner(), preread)),
+        _ => None,
+    }
+}
+
+/// Serves a client that has joined its endpoint: handshake, then frames. `settings` gives the
+/// limits in force (read again between frames).
 pub async fn serve_client(
-    session: &mut Session,
+    mut ws: WsStream,
     mut conn: ClientConn,
     settings: impl Fn() -> WsSettings,
 ) {
     let first = settings();
-    let Ok(mut ws) = WsStream::accept(session, &first).await else {
-        return;
-    };
     if ws.handshake(first.handshake_timeout).await && ws.accept_handshake().await {
         ws.pump(&mut conn, &settings).await;
     }
 }
 
-/// Serves a backend connection: handshake, then `publish` registers it, then frames.
-/// `publish` may refuse (the credentials were revoked while the handshake was under way): the
-/// connection is then closed with that reason.
+/// Serves a backend: handshake, then `publish` registers it, then frames. `publish` may refuse
+/// (the credentials were revoked while the handshake was under way): the connection is then
+/// closed with that reason.
 pub async fn serve_backend(
-    session: &mut Session,
+    mut ws: WsStream,
     settings: impl Fn() -> WsSettings,
     publish: impl FnOnce() -> Result<BackendConn, CloseReason>,
 ) {
     let first = settings();
-    let Ok(mut ws) = WsStream::accept(session, &first).await else {
-        return;
-    };
     if ws.handshake(first.handshake_timeout).await {
         match publish() {
             Ok(mut conn) => {

@@ -535,3 +535,55 @@ async fn a_backend_call_reaches_the_client_without_the_gateway_route() {
     assert_eq!(got["id"], json!(5));
     assert_eq!(got["ext"], json!({"trace":"t"}), "{got}");
 }
+
+/// A masked client text frame (payloads under 126 bytes).
+fn client_text_frame(text: &str) -> Vec<u8> {
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    assert!(text.len() < 126);
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn frames_sent_in_the_same_packet_as_the_upgrade_are_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/chat", "s1").await;
+    // The upgrade request, the Duplex handshake and a call in one write: the gateway reads them
+    // together with the request header and must hand them to the WebSocket, in order.
+    let mut bytes = format!(
+        "GET /chat?secret=s1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend(client_text_frame("SIMPLEX/1.0;json"));
+    bytes.extend(client_text_frame(
+        r#"{"type":"req","method":"echo","id":7,"payload":"early"}"#,
+    ));
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    tcp.write_all(&bytes).await.expect("write");
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("the reply in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen).to_string();
+        if text.contains("\"early\"") {
+            break text;
+        }
+    };
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let ok = text.find("+OK").expect("+OK");
+    let reply = text.find(r#""id":7"#).expect("the reply to id 7");
+    assert!(ok < reply, "{text}");
+}
