@@ -49,7 +49,9 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     for listener in &config.listeners {
         let addr = listener.address.to_string();
         match &listener.tls {
-            None => proxy.add_listener(ListenerConfig::tcp(addr.clone()).l4_buffer(l4_buffer())),
+            None => {
+                proxy.add_listener(ListenerConfig::tcp(addr.clone()).l4_buffer(l4_buffer(false)))
+            }
             Some(_) => {
                 // The certificate was loaded and checked at start-up; the resolver serves it and
                 // takes the new one on reload.
@@ -65,7 +67,7 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
                 proxy.add_listener(
                     ListenerConfig::tcp(addr.clone())
                         .tls(settings)
-                        .l4_buffer(l4_buffer()),
+                        .l4_buffer(l4_buffer(true)),
                 );
             }
         }
@@ -159,10 +161,12 @@ impl ShutdownSignalWatch for Shutdown {
 }
 
 /// Socket buffers for every accepted connection. Pingora's default read buffer is 64 KiB per
-/// connection, which dominated the memory of idle WebSockets; large reads bypass this buffer
-/// anyway (request bodies are read straight into their own buffer).
-fn l4_buffer() -> L4BufferSettings {
-    L4BufferSettings::new(4096, 1460)
+/// connection, which dominated the memory of idle WebSockets. On plain TCP there is none at all:
+/// request headers and bodies are read straight into Pingora's own buffers, and WebSocket frames
+/// into the framing's. TLS keeps a small one, because the TLS layer reads in small pieces. The
+/// write buffer lets a response header and its body go out in one write.
+fn l4_buffer(tls: bool) -> L4BufferSettings {
+    L4BufferSettings::new(if tls { 4096 } else { 0 }, 1460)
 }
 
 /// How long HTTP calls in progress may take to finish on SIGTERM.

@@ -9,15 +9,17 @@
 //! WebSocket then costs only its socket buffers, its framing state and its multiplexer slot.
 
 use std::io::{self, Read, Write};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::FutureExt;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, MissedTickBehavior};
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -61,26 +63,40 @@ pub fn is_upgrade(req: &pingora::http::RequestHeader) -> bool {
         && req.headers.contains_key("sec-websocket-key")
 }
 
-/// Bytes in from the socket and frames out to it, without any I/O of its own.
-#[derive(Default)]
-struct MemIo {
-    input: BytesMut,
-    output: Vec<u8>,
+/// What tungstenite's (blocking-style) framing reads from and writes to. Reads come straight
+/// from the socket when a task context is given (`WouldBlock` when it has nothing, with the task
+/// registered for wake-up), so no buffer of ours sits between the socket and the framing's
+/// own. Writes only ever append to `output`; [`WsStream::flush`] sends it.
+struct Io<'a, 'c> {
+    socket: Option<(&'a mut Stream, &'a mut Context<'c>)>,
+    output: &'a mut Vec<u8>,
 }
 
-impl Read for MemIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.input.is_empty() {
-            return Err(io::ErrorKind::WouldBlock.into());
+impl<'a> Io<'a, 'static> {
+    /// For writing only: frames go to `output`, nothing is read.
+    fn writer(output: &'a mut Vec<u8>) -> Self {
+        Io {
+            socket: None,
+            output,
         }
-        let n = buf.len().min(self.input.len());
-        buf[..n].copy_from_slice(&self.input[..n]);
-        self.input.advance(n);
-        Ok(n)
     }
 }
 
-impl Write for MemIo {
+impl Read for Io<'_, '_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some((stream, cx)) = self.socket.as_mut() else {
+            return Err(io::ErrorKind::WouldBlock.into());
+        };
+        let mut buf = ReadBuf::new(buf);
+        match Pin::new(&mut **stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => Ok(buf.filled().len()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+}
+
+impl Write for Io<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.output.extend_from_slice(buf);
         Ok(buf.len())
@@ -107,7 +123,8 @@ enum Incoming {
 pub struct WsStream {
     stream: Stream,
     ctx: WebSocketContext,
-    io: MemIo,
+    /// Frames waiting to be written.
+    output: Vec<u8>,
     last_heard: Instant,
     /// The message size limit the framing enforces now.
     max_message: usize,
@@ -150,11 +167,8 @@ impl WsStream {
             .max_frame_size(Some(settings.max_message_bytes));
         Some(WsStream {
             stream,
-            ctx: WebSocketContext::new(Role::Server, Some(config)),
-            io: MemIo {
-                input: preread,
-                output: Vec::new(),
-            },
+            ctx: WebSocketContext::from_partially_read(preread, Role::Server, Some(config)),
+            output: Vec::new(),
             last_heard: Instant::now(),
             max_message: settings.max_message_bytes,
             write_timeout: settings.write_timeout,
@@ -176,80 +190,88 @@ impl WsStream {
     /// the bytes arrive (a reload applies to a read already waiting). Cancel-safe: no bytes are
     /// lost if the future is dropped while waiting for the socket.
     async fn read(&mut self, max_message: &impl Fn() -> usize) -> Incoming {
+        std::future::poll_fn(|cx| self.poll_read(cx, max_message)).await
+    }
+
+    fn poll_read(
+        &mut self,
+        cx: &mut Context<'_>,
+        max_message: &impl Fn() -> usize,
+    ) -> Poll<Incoming> {
         loop {
             self.set_max_message(max_message());
-            match self.ctx.read(&mut self.io) {
-                Ok(WsMessage::Text(text)) => {
-                    self.last_heard = Instant::now();
-                    return Incoming::Data(Bytes::from(text));
-                }
-                Ok(WsMessage::Binary(data)) => {
-                    self.last_heard = Instant::now();
-                    return Incoming::Data(data);
-                }
-                Ok(WsMessage::Close(_)) => return Incoming::Closed,
-                Ok(WsMessage::Ping(_)) => {
-                    // The context queued the pong; the caller flushes it now.
-                    self.last_heard = Instant::now();
-                    return Incoming::Control;
-                }
+            let mut io = Io {
+                socket: Some((&mut self.stream, cx)),
+                output: &mut self.output,
+            };
+            let incoming = match self.ctx.read(&mut io) {
+                Ok(WsMessage::Text(text)) => Incoming::Data(Bytes::from(text)),
+                Ok(WsMessage::Binary(data)) => Incoming::Data(data),
+                Ok(WsMessage::Close(_)) => return Poll::Ready(Incoming::Closed),
+                // The context queued the pong; the caller flushes it now.
+                Ok(WsMessage::Ping(_)) => Incoming::Control,
                 Ok(_) => {
                     // Pong, raw frame.
                     self.last_heard = Instant::now();
                     continue;
                 }
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // The socket has nothing more for now; this task is woken when it has.
+                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Poll::Pending
+                }
                 Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size })) => {
                     metrics().reject(Rejection::TooLarge);
-                    return Incoming::Broken(CloseReason::new(
+                    Incoming::Broken(CloseReason::new(
                         close::TOO_BIG,
                         format!("message of {size} bytes is over the limit of {max_size}"),
-                    ));
+                    ))
                 }
                 Err(WsError::Capacity(_)) => {
                     metrics().reject(Rejection::TooLarge);
-                    return Incoming::Broken(CloseReason::new(close::TOO_BIG, "frame too large"));
+                    Incoming::Broken(CloseReason::new(close::TOO_BIG, "frame too large"))
                 }
                 Err(WsError::Utf8(_)) => {
-                    return Incoming::Broken(CloseReason::new(1007, "text frame is not UTF-8"))
+                    Incoming::Broken(CloseReason::new(1007, "text frame is not UTF-8"))
                 }
                 Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))
                 | Err(WsError::ConnectionClosed)
-                | Err(WsError::AlreadyClosed) => return Incoming::Closed,
+                | Err(WsError::AlreadyClosed) => Incoming::Closed,
                 Err(WsError::Protocol(e)) => {
-                    return Incoming::Broken(CloseReason::new(1002, e.to_string()))
+                    Incoming::Broken(CloseReason::new(1002, e.to_string()))
                 }
-                Err(_) => return Incoming::Closed,
+                Err(_) => Incoming::Closed,
+            };
+            if matches!(incoming, Incoming::Data(_) | Incoming::Control) {
+                self.last_heard = Instant::now();
             }
-            self.io.input.reserve(READ_CHUNK);
-            match self.stream.read_buf(&mut self.io.input).await {
-                Ok(0) | Err(_) => return Incoming::Closed,
-                Ok(_) => {}
-            }
+            return Poll::Ready(incoming);
         }
     }
 
     /// Queues a text message (written by the next [`WsStream::flush`]).
     fn queue_text(&mut self, text: String) {
-        let _ = self.ctx.write(&mut self.io, WsMessage::Text(text.into()));
+        let _ = self.ctx.write(
+            &mut Io::writer(&mut self.output),
+            WsMessage::Text(text.into()),
+        );
     }
 
     /// Writes everything queued to the socket.
     async fn flush(&mut self) -> bool {
-        let _ = self.ctx.flush(&mut self.io);
-        if self.io.output.is_empty() {
+        let _ = self.ctx.flush(&mut Io::writer(&mut self.output));
+        if self.output.is_empty() {
             return true;
         }
         let stream = &mut self.stream;
-        let out = &self.io.output;
+        let out = &self.output;
         let written = tokio::time::timeout(self.write_timeout, async {
             stream.write_all(out).await?;
             stream.flush().await
         })
         .await;
-        self.io.output.clear();
-        if self.io.output.capacity() > KEEP_OUTPUT {
-            self.io.output = Vec::new();
+        self.output.clear();
+        if self.output.capacity() > KEEP_OUTPUT {
+            self.output = Vec::new();
         }
         matches!(written, Ok(Ok(())))
     }
@@ -260,7 +282,9 @@ impl WsStream {
             code: CloseCode::from(reason.code),
             reason: truncate(&reason.reason, 120).into(),
         };
-        let _ = self.ctx.close(&mut self.io, Some(frame));
+        let _ = self
+            .ctx
+            .close(&mut Io::writer(&mut self.output), Some(frame));
         self.flush().await;
     }
 
@@ -400,7 +424,7 @@ impl WsStream {
                         self.close(&CloseReason::new(close::GOING_AWAY, "ping timeout")).await;
                         return;
                     }
-                    let _ = self.ctx.write(&mut self.io, WsMessage::Ping(Bytes::new()));
+                    let _ = self.ctx.write(&mut Io::writer(&mut self.output), WsMessage::Ping(Bytes::new()));
                     if !self.flush().await {
                         return;
                     }
@@ -496,12 +520,12 @@ fn count_malformed(endpoint: &str) {
 /// right behind its request (Pingora read them with the header and holds them as the start of
 /// the upgraded body). A placeholder session, reading nothing and writing nowhere, is left behind
 /// for Pingora to finish.
-fn detach(session: &mut Session) -> Option<(Stream, BytesMut)> {
+fn detach(session: &mut Session) -> Option<(Stream, Vec<u8>)> {
     let downstream = &mut *session.downstream_session;
     if !matches!(downstream, ServerSession::H1(_)) {
         return None;
     }
-    let mut preread = BytesMut::new();
+    let mut preread = Vec::new();
     // What Pingora holds comes back at once; a read that would wait is left to the socket's new
     // owner (dropping it loses nothing).
     if let Some(Ok(Some(bytes))) = downstream.read_request_body().now_or_never() {

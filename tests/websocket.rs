@@ -553,12 +553,10 @@ async fn frames_sent_in_the_same_packet_as_the_upgrade_are_not_lost() {
     let _backend = publish(&gw, "/chat", "s1").await;
     // The upgrade request, the Duplex handshake and a call in one write: the gateway reads them
     // together with the request header and must hand them to the WebSocket, in order.
-    let mut bytes = format!(
-        "GET /chat?secret=s1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .into_bytes();
+    let mut bytes = b"GET /chat?secret=s1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
     bytes.extend(client_text_frame("SIMPLEX/1.0;json"));
     bytes.extend(client_text_frame(
         r#"{"type":"req","method":"echo","id":7,"payload":"early"}"#,
