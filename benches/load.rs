@@ -180,11 +180,23 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
-/// A child process, killed when dropped.
+/// A child process, stopped when dropped: SIGTERM first (nginx's master then stops its
+/// workers; a SIGKILL would leave them running), SIGKILL if it has not exited within 2 s.
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill(2) on our own child's pid has no memory effects.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -447,6 +447,10 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Self::CTX {}
 
+    /// No modules: the default adds a (disabled) compression module that would still run on
+    /// every request. The gateway's answers are small JSON, written here.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     async fn upstream_peer(
         &self,
         _session: &mut Session,

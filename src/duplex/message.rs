@@ -6,9 +6,10 @@
 //! `more`, `method`, `error`, `ext`) are decoded and validated; `id` and `ext` can be replaced
 //! before the message is written out again with [`Message::to_json`].
 
+use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::{to_raw_value, RawValue};
 use serde_json::{Map, Value};
 
@@ -80,11 +81,16 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+/// A field name: the protocol's own names are static (no allocation per message).
+type Key = Cow<'static, str>;
+/// A field value as raw JSON; constant values (`"req"`, `true`, ...) are static.
+type Val = Cow<'static, RawValue>;
+
 /// One Duplex message.
 #[derive(Debug, Clone)]
 pub struct Message {
     /// Every field of the frame in its original order, values as raw JSON.
-    fields: Vec<(String, Box<RawValue>)>,
+    fields: Vec<(Key, Val)>,
     kind: Kind,
     id: Option<u64>,
     more: bool,
@@ -117,10 +123,10 @@ impl Message {
         Self::from_fields(fields)
     }
 
-    fn from_fields(fields: Vec<(String, Box<RawValue>)>) -> Result<Message, ParseError> {
+    fn from_fields(fields: Vec<(Key, Val)>) -> Result<Message, ParseError> {
         // Duplicate protocol fields would make the meaning of the frame ambiguous.
         for (i, (key, _)) in fields.iter().enumerate() {
-            if KNOWN.contains(&key.as_str()) && fields[..i].iter().any(|(k, _)| k == key) {
+            if KNOWN.contains(&key.as_ref()) && fields[..i].iter().any(|(k, _)| k == key) {
                 return Err(ParseError::invalid(format!("duplicate field `{key}`")));
             }
         }
@@ -152,7 +158,7 @@ impl Message {
                 err.ext = fields
                     .iter()
                     .find(|(k, _)| k == "ext")
-                    .map(|(_, v)| v.clone());
+                    .map(|(_, v)| v.clone().into_owned());
             }
         }
 
@@ -219,8 +225,8 @@ impl Message {
     /// A request for `method` with `payload`. `id` None makes it fire-and-forget.
     pub fn request(method: &str, id: Option<u64>, payload: &Value, more: bool) -> Message {
         let mut msg = Message::empty(Kind::Request);
-        msg.set_raw("type", raw(r#""req""#));
-        msg.set_raw("method", to_raw(&method));
+        msg.set_field("type", fixed(r#""req""#));
+        msg.set_raw("method", raw_string(method));
         msg.set_raw("payload", to_raw(payload));
         msg.set_id(id);
         msg.set_more(more);
@@ -230,8 +236,8 @@ impl Message {
     /// A request whose payload is already JSON text.
     pub fn request_raw(method: &str, id: Option<u64>, payload: Box<RawValue>) -> Message {
         let mut msg = Message::empty(Kind::Request);
-        msg.set_raw("type", raw(r#""req""#));
-        msg.set_raw("method", to_raw(&method));
+        msg.set_field("type", fixed(r#""req""#));
+        msg.set_raw("method", raw_string(method));
         msg.set_raw("payload", payload);
         msg.set_id(id);
         msg
@@ -240,7 +246,7 @@ impl Message {
     /// A successful reply (or, with `more`, one frame of a reply stream).
     pub fn reply(id: Option<u64>, payload: &Value, more: bool) -> Message {
         let mut msg = Message::empty(Kind::Reply);
-        msg.set_raw("type", raw(r#""rep""#));
+        msg.set_field("type", fixed(r#""rep""#));
         msg.set_raw("payload", to_raw(payload));
         msg.set_id(id);
         msg.set_more(more);
@@ -250,7 +256,7 @@ impl Message {
     /// A reply that fails call `id` with `error`.
     pub fn error_reply(id: Option<u64>, error: &RpcError) -> Message {
         let mut msg = Message::empty(Kind::Reply);
-        msg.set_raw("type", raw(r#""rep""#));
+        msg.set_field("type", fixed(r#""rep""#));
         msg.set_id(id);
         msg.set_raw("error", to_raw(error));
         msg.has_error = true;
@@ -297,7 +303,7 @@ impl Message {
         self.fields
             .iter()
             .find(|(k, _)| k == name)
-            .map(|(_, v)| &**v)
+            .map(|(_, v)| v.as_ref())
     }
 
     /// The method name of a request.
@@ -351,7 +357,7 @@ impl Message {
     pub fn set_more(&mut self, more: bool) {
         self.more = more;
         if more {
-            self.set_raw("more", raw("true"));
+            self.set_field("more", fixed("true"));
         } else {
             self.remove("more");
         }
@@ -367,9 +373,13 @@ impl Message {
 
     /// Sets field `name` to raw JSON, keeping its position if it exists.
     pub fn set_raw(&mut self, name: &str, value: Box<RawValue>) {
+        self.set_field(name, Cow::Owned(value));
+    }
+
+    fn set_field(&mut self, name: &str, value: Val) {
         match self.fields.iter_mut().find(|(k, _)| k == name) {
             Some(slot) => slot.1 = value,
-            None => self.fields.push((name.to_string(), value)),
+            None => self.fields.push((key(name), value)),
         }
     }
 
@@ -424,9 +434,20 @@ fn parse_id(raw: &str) -> Result<Option<u64>, ()> {
     }
 }
 
-fn raw(text: &str) -> Box<RawValue> {
-    // Only called with literal JSON written in this file.
-    RawValue::from_string(text.to_string()).unwrap_or_else(|_| raw_null())
+/// A constant field value: literal JSON written in this file.
+fn fixed(text: &'static str) -> Val {
+    match serde_json::from_str::<&'static RawValue>(text) {
+        Ok(raw) => Cow::Borrowed(raw),
+        Err(_) => Cow::Owned(raw_null()),
+    }
+}
+
+/// A field name; the protocol's own names are not allocated.
+fn key(name: &str) -> Key {
+    match KNOWN.iter().find(|k| **k == name) {
+        Some(known) => Cow::Borrowed(known),
+        None => Cow::Owned(name.to_string()),
+    }
 }
 
 fn raw_null() -> Box<RawValue> {
@@ -435,7 +456,16 @@ fn raw_null() -> Box<RawValue> {
 }
 
 fn raw_number(n: u64) -> Box<RawValue> {
-    to_raw_value(&n).unwrap_or_else(|_| raw_null())
+    // Allocated at its exact length: this runs for every frame that changes hands.
+    let text = itoa::Buffer::new().format(n).to_owned();
+    RawValue::from_string(text).unwrap_or_else(|_| raw_null())
+}
+
+/// A JSON string, allocated at its exact length when it needs no escaping (method names do not).
+fn raw_string(s: &str) -> Box<RawValue> {
+    let mut text = String::with_capacity(s.len() + 2);
+    write_json_string(&mut text, s);
+    RawValue::from_string(text).unwrap_or_else(|_| raw_null())
 }
 
 fn to_raw<T: serde::Serialize + ?Sized>(value: &T) -> Box<RawValue> {
@@ -462,9 +492,30 @@ enum FieldsError {
 }
 
 /// Reads a JSON object into its fields without decoding the values.
-fn parse_fields(text: &[u8]) -> Result<Vec<(String, Box<RawValue>)>, FieldsError> {
-    struct Fields(Vec<(String, Box<RawValue>)>);
+fn parse_fields(text: &[u8]) -> Result<Vec<(Key, Val)>, FieldsError> {
+    struct Fields(Vec<(Key, Val)>);
     struct FieldsVisitor;
+    struct KeySeed;
+
+    impl<'de> DeserializeSeed<'de> for KeySeed {
+        type Value = Key;
+
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeySeed {
+        type Value = Key;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a field name")
+        }
+
+        fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+            Ok(key(name))
+        }
+    }
 
     impl<'de> Visitor<'de> for FieldsVisitor {
         type Value = Fields;
@@ -475,9 +526,9 @@ fn parse_fields(text: &[u8]) -> Result<Vec<(String, Box<RawValue>)>, FieldsError
 
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
             let mut fields = Vec::with_capacity(map.size_hint().unwrap_or(6));
-            while let Some(key) = map.next_key::<String>()? {
+            while let Some(key) = map.next_key_seed(KeySeed)? {
                 let value: Box<RawValue> = map.next_value()?;
-                fields.push((key, value));
+                fields.push((key, Cow::Owned(value)));
             }
             Ok(Fields(fields))
         }
