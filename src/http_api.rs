@@ -72,13 +72,7 @@ pub async fn serve(
         .await;
     };
     let status = call(session, config, &endpoint, method, creds).await?;
-    let m = metrics();
-    m.http_requests
-        .with_label_values(&[endpoint.path(), status_label(status)])
-        .inc();
-    m.http_duration
-        .with_label_values(&[endpoint.path()])
-        .observe(started.elapsed().as_secs_f64());
+    endpoint.count_http_call(status_label(status), started.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -213,7 +207,7 @@ async fn wait_for_reply(
         }
         if !streaming {
             streaming = true;
-            let mut resp = ResponseHeader::build(200, Some(3))?;
+            let mut resp = ResponseHeader::build_no_case(200, Some(4))?;
             resp.insert_header("content-type", "application/x-ndjson")?;
             resp.insert_header("transfer-encoding", "chunked")?;
             resp.insert_header("cache-control", "no-cache")?;
@@ -304,14 +298,14 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let too_large = format!("the body is over the limit of {max} bytes");
+    let too_large = || format!("the body is over the limit of {max} bytes");
     if declared.is_some_and(|len| len > max as u64) {
         refuse(
             session,
             413,
             Some(Rejection::TooLarge),
             None,
-            &too_large,
+            &too_large(),
             &[],
         )
         .await?;
@@ -337,7 +331,7 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
                 413,
                 Some(Rejection::TooLarge),
                 None,
-                &too_large,
+                &too_large(),
                 &[],
             )
             .await?;
@@ -382,7 +376,8 @@ pub async fn respond(
     body: Bytes,
     headers: &[(&str, &str)],
 ) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    // No header-name case map: the names are ours, written in lower case (as HTTP/2 would).
+    let mut resp = ResponseHeader::build_no_case(status, Some(4 + headers.len()))?;
     resp.insert_header("content-type", content_type)?;
     resp.insert_header("content-length", body.len().to_string())?;
     for (name, value) in headers {

@@ -143,7 +143,7 @@ impl WsStream {
             .get("sec-websocket-key")
             .map(|v| tungstenite::handshake::derive_accept_key(v.as_bytes()))
             .unwrap_or_default();
-        let mut resp = ResponseHeader::build(101, Some(3)).ok()?;
+        let mut resp = ResponseHeader::build_no_case(101, Some(4)).ok()?;
         resp.insert_header("upgrade", "websocket").ok()?;
         resp.insert_header("connection", "Upgrade").ok()?;
         resp.insert_header("sec-websocket-accept", key).ok()?;

@@ -54,6 +54,10 @@ pub struct Endpoint {
     registry: Weak<Registry>,
     to_backend: prometheus::IntCounter,
     to_client: prometheus::IntCounter,
+    /// `duplex_gateway_http_requests_total{code="200"}` and the call duration of this endpoint,
+    /// looked up once (every HTTP call counts in them).
+    http_ok: prometheus::IntCounter,
+    http_duration: prometheus::Histogram,
 }
 
 struct State {
@@ -191,6 +195,8 @@ impl Endpoint {
             registry,
             to_backend: m.messages.with_label_values(&[path, "to_backend"]),
             to_client: m.messages.with_label_values(&[path, "to_client"]),
+            http_ok: m.http_requests.with_label_values(&[path, "200"]),
+            http_duration: m.http_duration.with_label_values(&[path]),
         })
     }
 
@@ -201,6 +207,19 @@ impl Endpoint {
     /// The endpoint's path.
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// Counts one HTTP call answered with `status` (its label) after `seconds`.
+    pub fn count_http_call(&self, status: &str, seconds: f64) {
+        if status == "200" {
+            self.http_ok.inc();
+        } else {
+            metrics()
+                .http_requests
+                .with_label_values(&[self.path.as_str(), status])
+                .inc();
+        }
+        self.http_duration.observe(seconds);
     }
 
     /// Whether `secret` (a digest) is the one clients of this endpoint must present (constant
@@ -353,30 +372,35 @@ impl Endpoint {
             if let Some(secret) = secret {
                 s.secret = secret;
             }
-            s.clients.keys().cloned().collect()
+            s.clients.keys().cloned().collect::<Vec<_>>()
         })
     }
 
     /// Removes the clients `pick` chooses (under the lock, after any change it makes), closing
     /// them with `reason`; the backend's calls to them are answered with `-32001`. Returns how
     /// many were removed.
-    fn remove_clients(
+    fn remove_clients<R: IntoIterator<Item = Route>>(
         &self,
         reason: Option<&CloseReason>,
-        pick: impl FnOnce(&mut State) -> Vec<Route>,
+        pick: impl FnOnce(&mut State) -> R,
     ) -> usize {
         let mut s = self.state();
-        let routes = pick(&mut s);
+        let mut removed = 0;
         let mut owed = Vec::new();
-        for route in &routes {
-            owed.extend(s.remove_client(route, reason.cloned()));
+        for route in pick(&mut s) {
+            owed.extend(s.remove_client(&route, reason.cloned()));
+            removed += 1;
         }
-        let backend = s.backend.as_ref().map(|b| b.tx.clone());
+        let backend = if owed.is_empty() {
+            None
+        } else {
+            s.backend.as_ref().map(|b| b.tx.clone())
+        };
         drop(s);
         if let Some(tx) = backend {
             send_nowait(&tx, owed);
         }
-        routes.len()
+        removed
     }
 
     /// Closes the backend with `reason` (reload: its token was revoked). Its departure then
@@ -404,7 +428,7 @@ impl Endpoint {
                 .iter()
                 .filter(|(_, c)| c.websocket)
                 .map(|(r, _)| r.clone())
-                .collect()
+                .collect::<Vec<_>>()
         })
     }
 
@@ -497,7 +521,7 @@ impl Endpoint {
                     close::POLICY,
                     "client too slow: it did not read its messages",
                 );
-                self.remove_clients(Some(&reason), |_| vec![route.clone()]);
+                self.remove_clients(Some(&reason), |_| [route.clone()]);
                 tracing::info!(endpoint = %self.path, "closed a client that did not read");
             }
         }
@@ -937,6 +961,6 @@ fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
 impl Drop for ClientConn {
     fn drop(&mut self) {
         let route = self.route.clone();
-        self.endpoint.remove_clients(None, |_| vec![route]);
+        self.endpoint.remove_clients(None, |_| [route]);
     }
 }

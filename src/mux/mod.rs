@@ -163,7 +163,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A fresh route key: 128 random bits as 32 hex digits.
 fn route_key() -> Arc<str> {
     let bits: u128 = rand::random();
-    Arc::from(format!("{bits:032x}"))
+    // Encoded on the stack: one allocation per key (every HTTP call makes one).
+    let mut hex = [0u8; 32];
+    match hex::encode_to_slice(bits.to_be_bytes(), &mut hex) {
+        Ok(()) => Arc::from(std::str::from_utf8(&hex).unwrap_or_default()),
+        Err(_) => Arc::from(format!("{bits:032x}")),
+    }
 }
 
 #[cfg(test)]
