@@ -334,6 +334,14 @@ impl Gateway {
             let _counted = counted;
             let settings = || ws_settings(&app.config.load().limits);
             ws::serve_backend(ws, settings, || {
+                // The gateway began to stop during the handshake: the drain has already
+                // closed the backends it knew of.
+                if app.active.draining.load(Ordering::SeqCst) {
+                    return Err(mux::CloseReason::new(
+                        mux::close::GOING_AWAY,
+                        "gateway shutting down",
+                    ));
+                }
                 // The handshake took time: a reload may have revoked the token meanwhile.
                 let _lock = app
                     .publish_lock

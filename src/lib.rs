@@ -13,8 +13,9 @@
 //!   trusted-proxy check.
 //! - [`gateway`]: the Pingora `ProxyHttp` implementation: the status-code decision for every
 //!   request, then the hand-off to [`ws`] or [`http_api`].
-//! - [`ws`]: WebSocket framing over a Pingora session, the Duplex handshake, pings, and the loop
-//!   between a socket and the multiplexer.
+//! - [`ws`]: the upgrade answer, then (on the socket taken out of Pingora's session, in a task of
+//!   its own) WebSocket framing, the Duplex handshake, pings, and the loop between the socket and
+//!   the multiplexer.
 //! - [`http_api`]: `POST <endpoint>/<method>`: sync, streamed (NDJSON) and async calls.
 //! - [`mux`]: endpoints, backends, clients and the call table (id rewriting, routes, grace). Knows
 //!   nothing about Pingora.

@@ -19,7 +19,7 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
 use pingora::proxy::Session;
-use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, MissedTickBehavior};
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
 use tungstenite::protocol::frame::coding::CloseCode;
@@ -32,6 +32,8 @@ use crate::mux::{close, BackendConn, ClientConn, CloseReason};
 
 /// How much is read from the socket at a time.
 const READ_CHUNK: usize = 4096;
+/// How long a closed connection waits for its peer to close too (see [`WsStream::finish`]).
+const LINGER: Duration = Duration::from_secs(1);
 /// An output buffer grown past this by a large message is released once written, so a
 /// connection that once carried a big message does not keep its buffer while idle.
 const KEEP_OUTPUT: usize = 16 << 10;
@@ -58,7 +60,10 @@ pub fn is_upgrade(req: &pingora::http::RequestHeader) -> bool {
                 .unwrap_or(false)
         })
     };
-    has_token("upgrade", "websocket")
+    // RFC 6455 asks for HTTP/1.1, and Pingora only switches an HTTP/1.1 connection to the
+    // upgraded byte stream.
+    req.version == http::Version::HTTP_11
+        && has_token("upgrade", "websocket")
         && has_token("connection", "upgrade")
         && req.headers.contains_key("sec-websocket-key")
 }
@@ -274,6 +279,24 @@ impl WsStream {
             self.output = Vec::new();
         }
         matches!(written, Ok(Ok(())))
+    }
+
+    /// Ends the connection once the multiplexer is done with it: a FIN (and TLS `close_notify`)
+    /// after everything written, then what the peer still sends is read and dropped until it
+    /// closes too, for at most [`LINGER`]. Closing a socket with unread bytes in it sends a
+    /// reset, which can destroy the close frame on its way to the peer (after a 1009, the
+    /// rest of the oversized frame is still unread).
+    async fn finish(mut self) {
+        let _ = tokio::time::timeout(LINGER, async {
+            let _ = self.stream.shutdown().await;
+            let mut sink = [0u8; 512];
+            while let Ok(n) = self.stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 
     /// Sends a close frame with `reason` and flushes it.
@@ -549,6 +572,8 @@ pub async fn serve_client(
     if ws.handshake(first.handshake_timeout).await && ws.accept_handshake().await {
         ws.pump(&mut conn, &settings).await;
     }
+    drop(conn);
+    ws.finish().await;
 }
 
 /// Serves a backend: handshake, then `publish` registers it, then frames. `publish` may refuse
@@ -570,4 +595,5 @@ pub async fn serve_backend(
             Err(reason) => ws.close(&reason).await,
         }
     }
+    ws.finish().await;
 }

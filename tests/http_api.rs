@@ -197,6 +197,16 @@ async fn no_reply_within_the_call_timeout_is_504() {
 }
 
 #[tokio::test]
+async fn a_call_timeout_of_zero_waits_for_the_reply() {
+    // 0 means "wait forever", not "time out at once".
+    let gw = Gateway::start("limits:\n  call_timeout: 0\n");
+    let _backend = publish(&gw, "/t", "s").await;
+    let (status, _, body) = post(&gw.http("/t/slow?secret=s"), "1500").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json_of(&body), json!(1500));
+}
+
+#[tokio::test]
 async fn a_body_over_the_limit_gets_413_without_being_read() {
     let gw = Gateway::start("limits:\n  max_http_body_bytes: 1000\n");
     let _backend = publish(&gw, "/big", "s").await;

@@ -702,3 +702,132 @@ async fn sigint_stops_at_once() {
         .expect("exited within 5 s");
     assert!(tokio::time::timeout(WAIT, c.closed()).await.is_ok());
 }
+
+/// A WebSocket upgrade request for `path_and_query`, written by hand.
+fn upgrade_request(path_and_query: &str, version: &str) -> Vec<u8> {
+    format!(
+        "GET {path_and_query} {version}\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A masked client text frame (under 126 bytes).
+fn client_frame(text: &str) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend(mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn a_wss_connection_the_gateway_closes_ends_with_close_notify() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key, ca) = write_cert(dir.path(), "one");
+    let tls_port = free_port();
+    let gw = Gateway::start_with(|port, metrics_port| {
+        Gateway::config_text(port, metrics_port, "").replacen(
+            "listen:\n",
+            &format!("listen:\n  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {cert}, key: {key} }}\n"),
+            1,
+        )
+    });
+    gw.wait_for_port(tls_port);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = tokio_rustls::TlsConnector::from(trusting(&ca))
+        .connect(name, tcp)
+        .await
+        .expect("tls");
+    // A publish with a bad handshake: the gateway answers -ERR, closes with 1002 and ends the
+    // connection.
+    let mut bytes = upgrade_request(&format!("/cn?token={TOKEN}&secret=s"), "HTTP/1.1");
+    bytes.extend(client_frame("HELLO/9"));
+    tls.write_all(&bytes).await.expect("write");
+    let mut seen = Vec::new();
+    let end = tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the gateway ends the connection");
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains("-ERR"), "{text}");
+    // A clean TLS end (close_notify), not a connection cut short.
+    assert!(end.is_ok(), "{end:?} after {text}");
+}
+
+#[tokio::test]
+async fn an_http_1_0_upgrade_request_gets_426() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/old", "s").await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let mut bytes = upgrade_request("/old?secret=s", "HTTP/1.0");
+    bytes.extend(client_frame("SIMPLEX/1.0;json"));
+    tcp.write_all(&bytes).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf[..n]);
+    assert!(
+        text.starts_with("HTTP/1.1 426") || text.starts_with("HTTP/1.0 426"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_finishing_its_handshake_after_sigterm_is_not_published() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = Gateway::start("");
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    // Upgrade now, handshake after the signal.
+    let request = upgrade_request(&format!("/late?token={TOKEN}&secret=s"), "HTTP/1.1");
+    tcp.write_all(&request).await.expect("write");
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+        .await
+        .expect("101")
+        .expect("read");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tcp.write_all(&client_frame("SIMPLEX/1.0;json"))
+        .await
+        .expect("write");
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(WAIT, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(!seen.windows(3).any(|w| w == b"+OK"), "{seen:?}");
+    // A close frame with 1001 (0x03E9).
+    assert_eq!(
+        seen.get(..4),
+        Some(&[0x88, seen[1], 0x03, 0xE9][..]),
+        "{seen:?}"
+    );
+}
