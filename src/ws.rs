@@ -548,12 +548,12 @@ fn detach(session: &mut Session) -> Option<(Stream, Vec<u8>)> {
     if !matches!(downstream, ServerSession::H1(_)) {
         return None;
     }
-    let mut preread = Vec::new();
-    // What Pingora holds comes back at once; a read that would wait is left to the socket's new
-    // owner (dropping it loses nothing).
-    if let Some(Ok(Some(bytes))) = downstream.read_request_body().now_or_never() {
-        preread.extend_from_slice(&bytes);
-    }
+    // What Pingora holds comes back at once, in one piece; a read that would wait is left to
+    // the socket's new owner (dropping it loses nothing).
+    let preread = match downstream.read_request_body().now_or_never() {
+        Some(Ok(Some(bytes))) => bytes.to_vec(),
+        _ => Vec::new(),
+    };
     let placeholder = ServerSession::new_http1(Box::new(io::Cursor::new(Vec::<u8>::new())));
     match std::mem::replace(downstream, placeholder) {
         ServerSession::H1(h1) => Some((h1.into_inner(), preread)),

@@ -703,25 +703,6 @@ async fn sigint_stops_at_once() {
     assert!(tokio::time::timeout(WAIT, c.closed()).await.is_ok());
 }
 
-/// A WebSocket upgrade request for `path_and_query`, written by hand.
-fn upgrade_request(path_and_query: &str, version: &str) -> Vec<u8> {
-    format!(
-        "GET {path_and_query} {version}\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-         Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    .into_bytes()
-}
-
-/// A masked client text frame (under 126 bytes).
-fn client_frame(text: &str) -> Vec<u8> {
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | text.len() as u8];
-    frame.extend(mask);
-    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
 #[tokio::test]
 async fn a_wss_connection_the_gateway_closes_ends_with_close_notify() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -536,16 +536,6 @@ async fn a_backend_call_reaches_the_client_without_the_gateway_route() {
     assert_eq!(got["ext"], json!({"trace":"t"}), "{got}");
 }
 
-/// A masked client text frame (payloads under 126 bytes).
-fn client_text_frame(text: &str) -> Vec<u8> {
-    let mask = [0x12u8, 0x34, 0x56, 0x78];
-    assert!(text.len() < 126);
-    let mut frame = vec![0x81, 0x80 | text.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    frame
-}
-
 #[tokio::test]
 async fn frames_sent_in_the_same_packet_as_the_upgrade_are_not_lost() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -553,12 +543,9 @@ async fn frames_sent_in_the_same_packet_as_the_upgrade_are_not_lost() {
     let _backend = publish(&gw, "/chat", "s1").await;
     // The upgrade request, the Duplex handshake and a call in one write: the gateway reads them
     // together with the request header and must hand them to the WebSocket, in order.
-    let mut bytes = b"GET /chat?secret=s1 HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-        Sec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
-    bytes.extend(client_text_frame("SIMPLEX/1.0;json"));
-    bytes.extend(client_text_frame(
+    let mut bytes = upgrade_request("/chat?secret=s1", "HTTP/1.1");
+    bytes.extend(client_frame("SIMPLEX/1.0;json"));
+    bytes.extend(client_frame(
         r#"{"type":"req","method":"echo","id":7,"payload":"early"}"#,
     ));
     let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))

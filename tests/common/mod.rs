@@ -425,3 +425,24 @@ pub async fn ws_status(url: &str, headers: &[(&str, &str)]) -> u16 {
         Err(status) => status,
     }
 }
+
+/// A WebSocket upgrade request for `path_and_query`, written by hand (for tests that need the
+/// exact bytes on the wire: pipelined frames, HTTP versions).
+pub fn upgrade_request(path_and_query: &str, version: &str) -> Vec<u8> {
+    format!(
+        "GET {path_and_query} {version}\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// A masked client text frame (payloads under 126 bytes).
+pub fn client_frame(text: &str) -> Vec<u8> {
+    assert!(text.len() < 126, "a short frame");
+    let mask = [0x12u8, 0x34, 0x56, 0x78];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend(mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
