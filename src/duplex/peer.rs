@@ -250,19 +250,30 @@ impl PeerBuilder {
         });
         let (mut sink, mut stream) = ws.split();
 
-        // Writer: everything this peer sends goes through one queue. What is already queued is
-        // written with one flush, so a busy backend does not pay a system call per reply.
+        // Writer: everything this peer sends goes through one queue. What is queued is written
+        // with one flush, so a busy backend does not pay a system call per reply.
         let writer = tokio::spawn(async move {
             'outer: while let Some(msg) = out_rx.recv().await {
                 let mut closing = matches!(msg, WsMessage::Close(_));
                 if sink.feed(msg).await.is_err() {
                     break;
                 }
-                while !closing {
-                    let Ok(msg) = out_rx.try_recv() else { break };
-                    closing = matches!(msg, WsMessage::Close(_));
-                    if sink.feed(msg).await.is_err() {
-                        break 'outer;
+                // Two rounds, with one yield between them: the tasks about to queue a frame
+                // (handlers finishing their replies) get to do so first, so a backend carrying
+                // many callers writes bigger batches with fewer system calls.
+                for round in 0..2 {
+                    if round == 1 {
+                        if closing {
+                            break;
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    while !closing {
+                        let Ok(msg) = out_rx.try_recv() else { break };
+                        closing = matches!(msg, WsMessage::Close(_));
+                        if sink.feed(msg).await.is_err() {
+                            break 'outer;
+                        }
                     }
                 }
                 if sink.flush().await.is_err() || closing {
