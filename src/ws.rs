@@ -442,8 +442,8 @@ impl WsStream {
                         // Batch what else is queued into one write. Yielding once first lets the
                         // tasks that are about to queue frames here do so: on a backend that
                         // carries many callers, batches grow and write calls (on both ends) fall;
-                        // measured side by side, 8-24 % more calls per second through the
-                        // gateway, with lower latency. With nothing else to run, the yield
+                        // measured side by side, 5-27 % more calls per second through the
+                        // gateway under load (see BENCHMARKS.md). With nothing else to run, the yield
                         // returns at once.
                         let batched = 1 + self.queue_ready(side, MAX_BATCH - 1);
                         if batched < MAX_BATCH {
