@@ -211,14 +211,9 @@ async fn a_body_over_the_limit_gets_413_without_being_read() {
     let gw = Gateway::start("limits:\n  max_http_body_bytes: 1000\n");
     let _backend = publish(&gw, "/big", "s").await;
     // Declared too large: refused before a single body byte is sent.
-    let mut conn = TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    conn.write_all(
-        b"POST /big/echo?secret=s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n",
-    )
-    .await
-    .expect("write");
+    let mut conn = gw
+        .send_raw(b"POST /big/echo?secret=s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n")
+        .await;
     let (status, body) = read_response(&mut conn).await;
     assert_eq!(status, 413, "{body}");
     assert_eq!(json_of(&body)["error"]["code"], json!(413));
@@ -368,14 +363,9 @@ async fn no_http_call_leaves_state_behind() {
     wait_pending_zero(&gw, "/leak", "timeout").await;
 
     // The caller hangs up before the reply.
-    let mut conn = TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    conn.write_all(
-        b"POST /leak/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n30000",
-    )
-    .await
-    .expect("write");
+    let conn = gw
+        .send_raw(b"POST /leak/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n30000")
+        .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(conn);
     wait_pending_zero(&gw, "/leak", "hang-up").await;
@@ -394,14 +384,9 @@ async fn no_http_call_leaves_state_behind() {
 async fn a_caller_hanging_up_ends_its_call_at_once() {
     let gw = Gateway::start("limits:\n  call_timeout: 60s\n");
     let _backend = publish(&gw, "/hang", "s").await;
-    let mut conn = TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    conn.write_all(
-        b"POST /hang/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n30000",
-    )
-    .await
-    .expect("write");
+    let conn = gw
+        .send_raw(b"POST /hang/slow?secret=s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n30000")
+        .await;
     let deadline = Instant::now() + WAIT;
     while pending(&gw, "/hang").await != Some(1.0) {
         assert!(Instant::now() < deadline, "the call never started");

@@ -438,34 +438,16 @@ async fn metrics_show_every_series_with_the_right_values_and_no_secret() {
         m("duplex_gateway_http_request_duration_seconds_count", &[ep]),
         Some(2.0)
     );
-    assert_eq!(
-        m(
-            "duplex_gateway_rejected_requests_total",
-            &[("reason", "bad_token")]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        m(
-            "duplex_gateway_rejected_requests_total",
-            &[("reason", "bad_secret")]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        m(
-            "duplex_gateway_rejected_requests_total",
-            &[("reason", "not_found")]
-        ),
-        Some(1.0)
-    );
-    assert_eq!(
-        m(
-            "duplex_gateway_rejected_requests_total",
-            &[("reason", "bad_handshake")]
-        ),
-        Some(1.0)
-    );
+    for reason in ["bad_token", "bad_secret", "not_found", "bad_handshake"] {
+        assert_eq!(
+            m(
+                "duplex_gateway_rejected_requests_total",
+                &[("reason", reason)]
+            ),
+            Some(1.0),
+            "{reason}"
+        );
+    }
     assert_eq!(
         m(
             "duplex_gateway_config_reloads_total",
@@ -752,15 +734,12 @@ async fn a_wss_connection_the_gateway_closes_ends_with_close_notify() {
 
 #[tokio::test]
 async fn an_http_1_0_upgrade_request_gets_426() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/old", "s").await;
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
     let mut bytes = upgrade_request("/old?secret=s", "HTTP/1.0");
     bytes.extend(client_frame("SIMPLEX/1.0;json"));
-    tcp.write_all(&bytes).await.expect("write");
+    let mut tcp = gw.send_raw(&bytes).await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
         .await
@@ -777,12 +756,9 @@ async fn an_http_1_0_upgrade_request_gets_426() {
 async fn a_backend_finishing_its_handshake_after_sigterm_is_not_published() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let gw = Gateway::start("");
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
     // Upgrade now, handshake after the signal.
     let request = upgrade_request(&format!("/late?token={TOKEN}&secret=s"), "HTTP/1.1");
-    tcp.write_all(&request).await.expect("write");
+    let mut tcp = gw.send_raw(&request).await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
         .await

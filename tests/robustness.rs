@@ -110,6 +110,30 @@ async fn the_call_over_max_pending_calls_gets_32003() {
 /// silence.
 type Expected = Option<(i64, Value)>;
 
+/// Sends a bad frame (as text when it is UTF-8, else binary) and checks the answer: an error
+/// reply with the expected code and id, or silence. Returns the frame as shown in messages.
+async fn send_bad_frame(peer: &mut Raw, frame: &[u8], want: Expected) -> String {
+    match std::str::from_utf8(frame) {
+        Ok(text) => peer.send(text).await,
+        Err(_) => peer.send_binary(frame).await,
+    }
+    let shown = String::from_utf8_lossy(frame).to_string();
+    match want {
+        Some((code, id)) => {
+            let answer = peer.recv().await;
+            assert_eq!(answer["type"], "rep", "{shown}: {answer}");
+            assert_eq!(answer["error"]["code"], json!(code), "{shown}: {answer}");
+            assert_eq!(
+                answer.get("id").cloned().unwrap_or(Value::Null),
+                id,
+                "{shown}: {answer}"
+            );
+        }
+        None => peer.silent_for(100).await,
+    }
+    shown
+}
+
 /// Frames a client may send, and what it must get back.
 fn bad_client_frames() -> Vec<(Vec<u8>, Expected)> {
     let t = |s: &str| s.as_bytes().to_vec();
@@ -174,25 +198,7 @@ async fn malformed_input_from_a_client_gets_its_error_and_harms_nobody() {
     let good = client(&gw, "/mal", "s").await;
     let mut raw = Raw::open(&gw.client_url("/mal", "s")).await;
     for (i, (frame, want)) in bad_client_frames().into_iter().enumerate() {
-        if std::str::from_utf8(&frame).is_ok() {
-            raw.send(std::str::from_utf8(&frame).expect("utf8")).await;
-        } else {
-            raw.send_binary(&frame).await;
-        }
-        let shown = String::from_utf8_lossy(&frame).to_string();
-        match want {
-            Some((code, id)) => {
-                let answer = raw.recv().await;
-                assert_eq!(answer["type"], "rep", "{shown}: {answer}");
-                assert_eq!(answer["error"]["code"], json!(code), "{shown}: {answer}");
-                assert_eq!(
-                    answer.get("id").cloned().unwrap_or(Value::Null),
-                    id,
-                    "{shown}: {answer}"
-                );
-            }
-            None => raw.silent_for(100).await,
-        }
+        let shown = send_bad_frame(&mut raw, &frame, want).await;
         // The sender itself carries on.
         let id = 1000 + i as u64;
         raw.send_json(&json!({"type":"req","method":"echo","id":id,"payload":"ok"}))
@@ -239,23 +245,7 @@ async fn malformed_input_from_the_backend_gets_its_error_and_harms_nobody() {
         (&[0xfe, 0xff, 0x00], Some((-32700, Value::Null))),
     ];
     for (frame, want) in frames {
-        match std::str::from_utf8(frame) {
-            Ok(text) => backend.send(text).await,
-            Err(_) => backend.send_binary(frame).await,
-        }
-        let shown = String::from_utf8_lossy(frame).to_string();
-        match want {
-            Some((code, id)) => {
-                let answer = backend.recv().await;
-                assert_eq!(answer["error"]["code"], json!(code), "{shown}: {answer}");
-                assert_eq!(
-                    answer.get("id").cloned().unwrap_or(Value::Null),
-                    id,
-                    "{shown}: {answer}"
-                );
-            }
-            None => backend.silent_for(100).await,
-        }
+        let shown = send_bad_frame(&mut backend, frame, want).await;
         // The backend connection and the client carry on.
         c.send_json(&json!({"type":"req","method":"echo","id":1,"payload":shown}))
             .await;

@@ -538,7 +538,7 @@ async fn a_backend_call_reaches_the_client_without_the_gateway_route() {
 
 #[tokio::test]
 async fn frames_sent_in_the_same_packet_as_the_upgrade_are_not_lost() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/chat", "s1").await;
     // The upgrade request, the Duplex handshake and a call in one write: the gateway reads them
@@ -548,10 +548,7 @@ async fn frames_sent_in_the_same_packet_as_the_upgrade_are_not_lost() {
     bytes.extend(client_frame(
         r#"{"type":"req","method":"echo","id":7,"payload":"early"}"#,
     ));
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    tcp.write_all(&bytes).await.expect("write");
+    let mut tcp = gw.send_raw(&bytes).await;
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let text = loop {

@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::LazyLock;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::{to_raw_value, RawValue};
@@ -225,7 +226,7 @@ impl Message {
     /// A request for `method` with `payload`. `id` None makes it fire-and-forget.
     pub fn request(method: &str, id: Option<u64>, payload: &Value, more: bool) -> Message {
         let mut msg = Message::empty(Kind::Request);
-        msg.set_field("type", fixed(r#""req""#));
+        msg.set_field("type", fixed(&REQ));
         msg.set_raw("method", raw_string(method));
         msg.set_raw("payload", to_raw(payload));
         msg.set_id(id);
@@ -236,7 +237,7 @@ impl Message {
     /// A request whose payload is already JSON text.
     pub fn request_raw(method: &str, id: Option<u64>, payload: Box<RawValue>) -> Message {
         let mut msg = Message::empty(Kind::Request);
-        msg.set_field("type", fixed(r#""req""#));
+        msg.set_field("type", fixed(&REQ));
         msg.set_raw("method", raw_string(method));
         msg.set_raw("payload", payload);
         msg.set_id(id);
@@ -246,7 +247,7 @@ impl Message {
     /// A successful reply (or, with `more`, one frame of a reply stream).
     pub fn reply(id: Option<u64>, payload: &Value, more: bool) -> Message {
         let mut msg = Message::empty(Kind::Reply);
-        msg.set_field("type", fixed(r#""rep""#));
+        msg.set_field("type", fixed(&REP));
         msg.set_raw("payload", to_raw(payload));
         msg.set_id(id);
         msg.set_more(more);
@@ -256,7 +257,7 @@ impl Message {
     /// A reply that fails call `id` with `error`.
     pub fn error_reply(id: Option<u64>, error: &RpcError) -> Message {
         let mut msg = Message::empty(Kind::Reply);
-        msg.set_field("type", fixed(r#""rep""#));
+        msg.set_field("type", fixed(&REP));
         msg.set_id(id);
         msg.set_raw("error", to_raw(error));
         msg.has_error = true;
@@ -357,7 +358,7 @@ impl Message {
     pub fn set_more(&mut self, more: bool) {
         self.more = more;
         if more {
-            self.set_field("more", fixed("true"));
+            self.set_field("more", fixed(&TRUE));
         } else {
             self.remove("more");
         }
@@ -434,11 +435,20 @@ fn parse_id(raw: &str) -> Result<Option<u64>, ()> {
     }
 }
 
-/// A constant field value: literal JSON written in this file.
-fn fixed(text: &'static str) -> Val {
-    match serde_json::from_str::<&'static RawValue>(text) {
-        Ok(raw) => Cow::Borrowed(raw),
-        Err(_) => Cow::Owned(raw_null()),
+/// The constant field values, parsed once (every message built uses one or two).
+static REQ: LazyLock<Option<&'static RawValue>> = LazyLock::new(|| literal(r#""req""#));
+static REP: LazyLock<Option<&'static RawValue>> = LazyLock::new(|| literal(r#""rep""#));
+static TRUE: LazyLock<Option<&'static RawValue>> = LazyLock::new(|| literal("true"));
+
+fn literal(text: &'static str) -> Option<&'static RawValue> {
+    serde_json::from_str(text).ok()
+}
+
+/// A constant field value (one of the statics above): borrowed, not allocated.
+fn fixed(value: &LazyLock<Option<&'static RawValue>>) -> Val {
+    match **value {
+        Some(raw) => Cow::Borrowed(raw),
+        None => Cow::Owned(raw_null()),
     }
 }
 

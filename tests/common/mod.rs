@@ -160,6 +160,16 @@ impl Gateway {
     }
 
     /// What the gateway logged so far.
+    /// Opens a plain TCP connection to the gateway and writes `bytes` (requests written by hand).
+    pub async fn send_raw(&self, bytes: &[u8]) -> TcpStream {
+        use tokio::io::AsyncWriteExt;
+        let mut tcp = TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
+        tcp.write_all(bytes).await.expect("write");
+        tcp
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
