@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
-/// The SHA-256 digest of a credential.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// The SHA-256 digest of a credential. Compared only with [`Digest::matches`] (constant time):
+/// there is deliberately no `==`.
+#[derive(Clone, Copy)]
 pub struct Digest([u8; 32]);
 
 impl Digest {
@@ -39,7 +40,7 @@ impl std::fmt::Debug for Digest {
 }
 
 /// A publish token from the config.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Token {
     /// Shown in logs and metrics instead of the token.
     pub name: String,
@@ -134,6 +135,29 @@ pub fn check_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks the raw path of a request for `%`-escapes that could make it mean something else
+/// further on: an escaped `/`, `.`, `?`, `#` or `\\`, or an escaped control character. Paths are
+/// taken as they are sent (never decoded), so `/a%2fb` and `/a/b` would be two endpoints, and
+/// `%2e%2e` a `..` to whatever decodes it later: refused instead.
+pub fn check_escapes(path: &str) -> Result<(), String> {
+    let bytes = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .and_then(|hex_digits| std::str::from_utf8(hex_digits).ok())
+            .and_then(|hex_digits| u8::from_str_radix(hex_digits, 16).ok());
+        if let Some(b) = escaped {
+            if matches!(b, b'/' | b'.' | b'?' | b'#' | b'\\') || b < 0x20 || b == 0x7f {
+                return Err(format!(
+                    "the path has an escaped `{}`: separators and control characters must not be escaped",
+                    if b.is_ascii_graphic() { (b as char).to_string() } else { format!("\\x{b:02x}") }
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Whether a plain-HTTP request counts as HTTPS: it comes from a trusted proxy that says so in the
 /// first value of `X-Forwarded-Proto` (any case).
 pub fn forwarded_https(
@@ -206,6 +230,34 @@ mod tests {
         assert!(check_path("/").is_ok());
         assert!(check_path("/team/a/search").is_ok());
         assert!(check_path("/./x").is_err());
+    }
+
+    #[test]
+    fn escaped_separators_and_controls_are_refused() {
+        for bad in [
+            "/a/%2e%2e/b",
+            "/a%2Fb",
+            "/a%2fb",
+            "/a%3f",
+            "/a%23",
+            "/%00",
+            "/a%0A",
+            "/a%7f",
+            "/a%5C",
+        ] {
+            assert!(check_escapes(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "/a",
+            "/a%20b",
+            "/caf%C3%A9",
+            "/a%",
+            "/a%2",
+            "/100%zz",
+            "/a/b.c",
+        ] {
+            assert!(check_escapes(good).is_ok(), "{good}");
+        }
     }
 
     #[test]

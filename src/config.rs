@@ -71,7 +71,7 @@ pub struct TlsFiles {
 }
 
 /// Settings of one endpoint.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct EndpointConfig {
     /// The fixed client secret (else the publisher sets it).
     pub secret: Option<Digest>,
@@ -96,8 +96,13 @@ pub struct Limits {
     pub call_timeout: Option<Duration>,
     /// Time clients wait for a backend that left.
     pub backend_grace: Duration,
-    /// WebSocket ping period (zero: no pings).
+    /// WebSocket ping period.
     pub ping_interval: Duration,
+    /// Time a connection has to send a request's complete headers (the first request, or the
+    /// next one on a keep-alive connection, counted from its first byte).
+    pub request_header_timeout: Duration,
+    /// Time a keep-alive HTTP connection may wait for its next request.
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -111,12 +116,14 @@ impl Default for Limits {
             call_timeout: Some(Duration::from_secs(60)),
             backend_grace: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
+            request_header_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(60),
         }
     }
 }
 
 /// The configuration the gateway runs on.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Listening sockets.
     pub listeners: Vec<Listener>,
@@ -400,7 +407,7 @@ struct EndpointPath(String);
 from_env_string!(EndpointPath, |s| check_path(s)
     .map(|()| EndpointPath(s.to_string())));
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct TokenValue(Digest);
 from_env_string!(TokenValue, |s| {
     if let Some(hex_digits) = s.strip_prefix("sha256:") {
@@ -417,7 +424,7 @@ from_env_string!(TokenValue, |s| {
     Ok(TokenValue(Digest::of(s.as_bytes())))
 });
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 struct Secret(Digest);
 from_env_string!(Secret, |s| {
     if s.is_empty() {
@@ -426,9 +433,29 @@ from_env_string!(Secret, |s| {
     Ok(Secret(Digest::of(s.as_bytes())))
 });
 
-/// A duration: `250ms`, `10s`, `5m`, `1h`, or `0`.
+/// The longest duration any setting takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A duration between 1 ms and [`MAX_DURATION`], or `0`: `250ms`, `10s`, `5m`, `1h`. Whether 0
+/// is allowed is the field's business ([`Dur::nonzero`]); every other value out of range is an
+/// error raised while reading, so it carries its line and column.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Dur(Duration);
+
+/// A duration between 1 ms and [`MAX_DURATION`] (no 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PositiveDur(Duration);
+
+impl<'de> Deserialize<'de> for PositiveDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Dur::deserialize(d)? {
+            Dur(t) if t.is_zero() => Err(de::Error::custom(
+                "must be between 1ms and 7 days (0 is not allowed here)",
+            )),
+            Dur(t) => Ok(PositiveDur(t)),
+        }
+    }
+}
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -461,7 +488,7 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// Parses `250ms`, `10s`, `5m`, `1h` or `0`.
+/// Parses `250ms`, `10s`, `5m`, `1h` or `0`; anything from 1 ms to 7 days (or 0).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
@@ -471,21 +498,28 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 250ms, 10s, 5m or 1h"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => {
-            return Err(format!(
-                "`{text}` is not a duration like 250ms, 10s, 5m or 1h"
-            ))
+    let not_a_duration = || format!("`{text}` is not a duration like 250ms, 10s, 5m or 1h");
+    let out_of_range = || format!("`{text}` is out of range: a duration is between 1ms and 7 days");
+    let n: u64 = match digits.parse() {
+        Ok(n) => n,
+        // All digits, but too many for a u64.
+        Err(_) if !digits.is_empty() && ["ms", "s", "m", "h"].contains(&unit) => {
+            return Err(out_of_range())
         }
+        Err(_) => return Err(not_a_duration()),
     };
-    Ok(duration)
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(not_a_duration()),
+    };
+    match millis.map(Duration::from_millis) {
+        Some(d) if !d.is_zero() && d <= MAX_DURATION => Ok(d),
+        Some(d) if d.is_zero() => Ok(Duration::ZERO),
+        _ => Err(out_of_range()),
+    }
 }
 
 /// A count that must be at least 1.
@@ -577,10 +611,12 @@ struct FileLimits {
     max_http_body_bytes: Option<Count>,
     max_clients_per_endpoint: Option<Count>,
     max_pending_calls_per_client: Option<Count>,
-    handshake_timeout: Option<Dur>,
+    handshake_timeout: Option<PositiveDur>,
     call_timeout: Option<Dur>,
     backend_grace: Option<Dur>,
-    ping_interval: Option<Dur>,
+    ping_interval: Option<PositiveDur>,
+    request_header_timeout: Option<PositiveDur>,
+    http_idle_timeout: Option<PositiveDur>,
 }
 
 impl FileConfig {
@@ -710,15 +746,11 @@ impl FileConfig {
             },
             backend_grace: l.backend_grace.map_or(d.backend_grace, |x| x.0),
             ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
+            request_header_timeout: l
+                .request_header_timeout
+                .map_or(d.request_header_timeout, |x| x.0),
+            http_idle_timeout: l.http_idle_timeout.map_or(d.http_idle_timeout, |x| x.0),
         };
-        if limits.handshake_timeout.is_zero() {
-            return Err(Invalid::at(
-                "limits.handshake_timeout must be more than 0",
-                "limits",
-                Some("handshake_timeout"),
-                0,
-            ));
-        }
 
         Ok(Config {
             listeners,
@@ -787,6 +819,8 @@ limits:
   call_timeout: 0
   backend_grace: 2m
   ping_interval: 1h
+  request_header_timeout: 3s
+  http_idle_timeout: 45s
 "#;
 
     #[test]
@@ -819,6 +853,8 @@ limits:
         assert_eq!(c.limits.call_timeout, None);
         assert_eq!(c.limits.backend_grace, Duration::from_secs(120));
         assert_eq!(c.limits.ping_interval, Duration::from_secs(3600));
+        assert_eq!(c.limits.request_header_timeout, Duration::from_secs(3));
+        assert_eq!(c.limits.http_idle_timeout, Duration::from_secs(45));
     }
 
     #[test]
@@ -935,7 +971,31 @@ limits:
             ),
             (
                 "listen: [{address: 127.0.0.1:1}]\nlimits: {handshake_timeout: 0}",
-                "more than 0",
+                "0 is not allowed",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {ping_interval: 0}",
+                "0 is not allowed",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {backend_grace: 9999999999999999h}",
+                "out of range",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {call_timeout: 99999999999999999999999s}",
+                "out of range",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {request_header_timeout: 8d}",
+                "not a duration",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {http_idle_timeout: 169h}",
+                "out of range",
+            ),
+            (
+                "listen: [{address: 127.0.0.1:1}]\nlimits: {request_header_timeout: 0}",
+                "0 is not allowed",
             ),
         ];
         for (text, word) in cases {
@@ -986,8 +1046,33 @@ limits:
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1ms"), Ok(Duration::from_millis(1)));
+        assert_eq!(parse_duration("168h"), Ok(MAX_DURATION));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         for bad in ["", "s", "10", "1.5s", "-1s", "10 s", "10d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+        // Values that would overflow an Instant later are refused now.
+        for big in [
+            "169h",
+            "10081m",
+            "604801s",
+            "9999999999999999h",
+            "99999999999999999999ms",
+        ] {
+            let e = parse_duration(big).expect_err(big);
+            assert!(e.contains("out of range"), "{big}: {e}");
+        }
+    }
+
+    #[test]
+    fn zero_is_allowed_only_where_it_means_something() {
+        let c = parse_ok(
+            "listen: [{address: 127.0.0.1:1}]\nlimits: {call_timeout: 0, backend_grace: 0}",
+        );
+        assert_eq!(c.limits.call_timeout, None);
+        assert_eq!(c.limits.backend_grace, Duration::ZERO);
+        let e = parse_err("listen:\n  - address: 127.0.0.1:1\nlimits:\n  ping_interval: 0\n");
+        assert_eq!((e.line, e.column.is_some()), (Some(4), true), "{e}");
     }
 }

@@ -27,6 +27,7 @@ use crate::config::{Config, Limits, Source};
 use crate::http_api::{self, refuse, refuse_join};
 use crate::metrics::Rejection;
 use crate::mux::{self, Endpoint, JoinError, Registry};
+use crate::timeouts::{self, Phase};
 use crate::tls::CertResolver;
 use crate::ws::{self, WsSettings, WsStream};
 use rustls::sign::CertifiedKey;
@@ -102,9 +103,16 @@ pub fn mux_limits(limits: &Limits) -> mux::Limits {
         backend_grace: limits.backend_grace,
         // A client may fall behind by 16 messages of the largest size before it counts as not
         // reading (16 MiB with the default limit).
-        client_queue_bytes: limits.max_message_bytes.saturating_mul(16).max(64 << 10),
-        ..mux::Limits::default()
+        client_queue_bytes: queue_bytes(limits),
+        // A backend's queue has the same bound: clients then wait for it to read.
+        backend_queue_bytes: queue_bytes(limits),
     }
+}
+
+/// What the gateway holds for one peer that does not read: 16 messages of the largest size (16
+/// MiB with the default limit), at least 64 KiB.
+fn queue_bytes(limits: &Limits) -> usize {
+    limits.max_message_bytes.saturating_mul(16).max(64 << 10)
 }
 
 /// WebSocket settings from the limits.
@@ -117,8 +125,9 @@ pub fn ws_settings(limits: &Limits) -> WsSettings {
     }
 }
 
-/// Credentials and options a request carries in its query string and headers.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// Credentials and options a request carries in its query string and headers. Its `Debug`
+/// shows which credentials are present, never their values; there is no `==` (compare digests).
+#[derive(Default, Clone)]
 pub struct Credentials {
     /// Publish token (`token=` or `Authorization: Bearer`).
     pub token: Option<String>,
@@ -126,6 +135,17 @@ pub struct Credentials {
     pub secret: Option<String>,
     /// `async=true` on an HTTP call.
     pub is_async: bool,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = |present: bool| if present { "<redacted>" } else { "<none>" };
+        f.debug_struct("Credentials")
+            .field("token", &shown(self.token.is_some()))
+            .field("secret", &shown(self.secret.is_some()))
+            .field("is_async", &self.is_async)
+            .finish()
+    }
 }
 
 impl Credentials {
@@ -198,7 +218,7 @@ impl Gateway {
             return refuse(
                 session,
                 503,
-                None,
+                Some(Rejection::Stopping),
                 None,
                 "the gateway is shutting down",
                 &[],
@@ -231,6 +251,9 @@ impl Gateway {
             .await;
         }
         let path = session.req_header().uri.path().to_string();
+        if let Err(why) = auth::check_escapes(&path) {
+            return refuse(session, 400, Some(Rejection::BadPath), None, &why, &[]).await;
+        }
         let creds = Credentials::from_request(session.req_header());
         if !is_get {
             let _counted = Counted::new(&self.app.active.http);
@@ -279,7 +302,7 @@ impl Gateway {
             return refuse(
                 session,
                 400,
-                None,
+                Some(Rejection::BadPath),
                 Some(&token.name),
                 &format!("invalid endpoint path: {why}"),
                 &[],
@@ -468,12 +491,37 @@ impl ProxyHttp for Gateway {
         Err(Error::explain(ErrorType::InternalError, "no upstream"))
     }
 
+    /// What Pingora's own log lines say about a request: the method and the path, never the
+    /// query string (it may carry `token=` or `secret=`) nor any header.
+    fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
+        let req = session.req_header();
+        format!("{} {:?}", req.method, req.uri.path())
+    }
+
+    /// Errors returned from `request_filter` (the peer hung up mid-body or mid-stream, a write
+    /// timed out) are the peer's doing, not the gateway's: one debug line, by path only, instead
+    /// of Pingora's error line.
+    fn suppress_error_log(&self, session: &Session, _ctx: &Self::CTX, error: &Error) -> bool {
+        tracing::debug!(
+            error = ?error.etype(),
+            source = ?error.esource(),
+            path = ?session.req_header().uri.path(),
+            "request ended early"
+        );
+        true
+    }
+
     async fn request_filter(
         &self,
         session: &mut Session,
         _ctx: &mut Self::CTX,
     ) -> pingora::Result<bool> {
-        self.serve(session).await?;
+        // The headers are in: no deadline while the request is served; then the connection's
+        // idle time counts (see `timeouts`). An upgraded connection has left the session.
+        timeouts::enter(session.downstream_session.stream(), Phase::Busy);
+        let served = self.serve(session).await;
+        timeouts::enter(session.downstream_session.stream(), Phase::Idle);
+        served?;
         Ok(true)
     }
 }
@@ -506,6 +554,18 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_never_shows_a_credential() {
+        let c =
+            Credentials::from_request(&request("/a?token=TOKEN-VALUE&secret=SECRET-VALUE", &[]));
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("TOKEN-VALUE") && !shown.contains("SECRET-VALUE"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
     fn the_query_wins_and_empty_values_count_as_missing() {
         let c = Credentials::from_request(&request(
             "/a?secret=q&secret=second",
@@ -516,7 +576,7 @@ mod tests {
             "/a?token=&secret=",
             &[("authorization", "Basic x")],
         ));
-        assert_eq!(c, Credentials::default());
+        assert!(c.token.is_none() && c.secret.is_none() && !c.is_async);
         // An empty query value does not hide the header.
         let c = Credentials::from_request(&request(
             "/a?token=&secret=",

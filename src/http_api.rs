@@ -71,7 +71,12 @@ pub async fn serve(
         )
         .await;
     };
-    let status = call(session, config, &endpoint, method, creds).await?;
+    // `call_timeout` covers the whole call, from here to its reply.
+    let deadline = config
+        .limits
+        .call_timeout
+        .map(|t| tokio::time::Instant::from_std(started) + t);
+    let status = call(session, config, &endpoint, method, creds, deadline).await?;
     endpoint.count_http_call(status_label(status), started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -83,6 +88,7 @@ async fn call(
     endpoint: &std::sync::Arc<crate::mux::Endpoint>,
     method: &str,
     creds: &Credentials,
+    deadline: Option<tokio::time::Instant>,
 ) -> pingora::Result<u16> {
     let Some(secret) = creds.secret_for(endpoint) else {
         refuse_join(session, JoinError::BadSecret).await?;
@@ -125,8 +131,10 @@ async fn call(
 
     if creds.is_async {
         let request = Message::request_raw(method, None, payload);
-        if let Some(answer) = conn.send(request).await {
-            return respond_rpc_error(session, &answer).await;
+        match until(deadline, conn.send(request)).await {
+            Ok(None) => {}
+            Ok(Some(answer)) => return respond_rpc_error(session, &answer).await,
+            Err(_) => return timed_out(session).await,
         }
         respond(
             session,
@@ -140,10 +148,30 @@ async fn call(
     }
 
     let request = Message::request_raw(method, Some(1), payload);
-    if let Some(answer) = conn.send(request).await {
-        return respond_rpc_error(session, &answer).await;
+    // The send may wait: for a backend in its grace, or for room in a backend's queue.
+    match until(deadline, conn.send(request)).await {
+        Ok(None) => {}
+        Ok(Some(answer)) => return respond_rpc_error(session, &answer).await,
+        Err(_) => return timed_out(session).await,
     }
-    wait_for_reply(session, conn, config).await
+    wait_for_reply(session, conn, config, deadline).await
+}
+
+/// Runs `work` until `deadline` (None: no deadline).
+async fn until<T>(
+    deadline: Option<tokio::time::Instant>,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(at, work).await,
+        None => Ok(work.await),
+    }
+}
+
+/// 504: no reply in time.
+async fn timed_out(session: &mut Session) -> pingora::Result<u16> {
+    let error = RpcError::new(code::CALL_TIMED_OUT, "no reply in time");
+    finish_with_error(session, false, 504, &error).await
 }
 
 /// Waits for the reply (or reply stream) of the call and writes it.
@@ -151,17 +179,20 @@ async fn wait_for_reply(
     session: &mut Session,
     mut conn: ClientConn,
     config: &Config,
+    deadline: Option<tokio::time::Instant>,
 ) -> pingora::Result<u16> {
     let timeout = config.limits.call_timeout;
     let mut streaming = false;
     let mut watch_caller = true;
     loop {
-        let wait = async {
-            match timeout {
-                Some(t) => tokio::time::timeout(t, next_reply(&mut conn)).await,
-                None => Ok(next_reply(&mut conn).await),
-            }
+        // The first reply is due by the call's deadline; once a reply stream runs, each next
+        // line is due within `call_timeout` of the previous one.
+        let due = match (streaming, timeout) {
+            (false, _) => deadline,
+            (true, Some(t)) => Some(tokio::time::Instant::now() + t),
+            (true, None) => None,
         };
+        let wait = until(due, next_reply(&mut conn));
         let next = tokio::select! {
             next = wait => next,
             // The caller hanging up ends the call at once: nothing is left waiting for it.

@@ -24,6 +24,7 @@
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.
+//! - [`timeouts`]: the request-header and keep-alive idle deadlines on every HTTP connection.
 //! - [`server`]: assembles the Pingora server (listeners, metrics, reload, shutdown).
 //!
 //! [`Config`]: config::Config
@@ -37,5 +38,6 @@ pub mod metrics;
 pub mod mux;
 pub mod reload;
 pub mod server;
+pub mod timeouts;
 pub mod tls;
 pub mod ws;

@@ -21,13 +21,22 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours only on a terminal: log files and journals get plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: log files and journals get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with(filter)
+        // Pingora's trace lines print whole request headers (query string, Authorization,
+        // X-Duplex-Secret included): never shown, whatever RUST_LOG asks for.
+        .with(tracing_subscriber::filter::filter_fn(|meta| {
+            !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+        }))
         .init();
     let args = Args::parse();
     // Every connection is a descriptor: take all the system allows (10,000 idle clients need it).

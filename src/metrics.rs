@@ -58,11 +58,15 @@ pub enum Rejection {
     BadHandshake,
     /// The endpoint has all the clients it may have.
     Full,
+    /// A path with `%`-escaped separators or control characters, or an invalid endpoint path.
+    BadPath,
+    /// The gateway is stopping.
+    Stopping,
 }
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Rejection; 10] = [
+    pub const ALL: [Rejection; 12] = [
         Rejection::TlsRequired,
         Rejection::BadToken,
         Rejection::TokenScope,
@@ -73,6 +77,8 @@ impl Rejection {
         Rejection::BadJson,
         Rejection::BadHandshake,
         Rejection::Full,
+        Rejection::BadPath,
+        Rejection::Stopping,
     ];
 
     /// The label value.
@@ -88,6 +94,8 @@ impl Rejection {
             Rejection::BadJson => "bad_json",
             Rejection::BadHandshake => "bad_handshake",
             Rejection::Full => "full",
+            Rejection::BadPath => "bad_path",
+            Rejection::Stopping => "stopping",
         }
     }
 }

@@ -15,6 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::gateway::{App, Gateway};
 use crate::mux::{close, CloseReason};
+use crate::timeouts::Front;
 
 /// Starts the gateway and runs until SIGTERM or SIGINT.
 pub fn run(app: Arc<App>) -> Result<(), String> {
@@ -38,14 +39,21 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
+    // Pingora retries a taken port for half a minute, then its service thread panics and the
+    // process lives on, listening on nothing: find a taken address first and say so.
+    check_addresses(&config)?;
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway::new(app.clone()),
-        "duplex-gateway",
+    let timeouts_app = app.clone();
+    let front = Front::new(
+        pingora::proxy::http_proxy(&server.configuration, Gateway::new(app.clone())),
+        Arc::new(move || {
+            let limits = &timeouts_app.config.load().limits;
+            (limits.request_header_timeout, limits.http_idle_timeout)
+        }),
     );
+    let mut proxy = pingora::services::listening::Service::new("duplex-gateway".to_string(), front);
     for listener in &config.listeners {
         let addr = listener.address.to_string();
         match &listener.tls {
@@ -99,6 +107,21 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     server.run(RunArgs {
         shutdown_signal: Box::new(Shutdown { app }),
     });
+    Ok(())
+}
+
+/// Fails with one line naming the first listener (or metrics) address that cannot be bound.
+fn check_addresses(config: &Config) -> Result<(), String> {
+    let addresses = config
+        .listeners
+        .iter()
+        .map(|l| l.address)
+        .chain(config.metrics);
+    for addr in addresses {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(format!("cannot listen on {addr}: {e}"));
+        }
+    }
     Ok(())
 }
 

@@ -34,6 +34,9 @@ use crate::mux::{close, BackendConn, ClientConn, CloseReason};
 const READ_CHUNK: usize = 4096;
 /// The most frames written with one write call.
 const MAX_BATCH: usize = 64;
+/// A batch stops growing at this many bytes: what a connection holds in its output buffer stays
+/// near one message, not 64 of the largest size.
+const MAX_BATCH_BYTES: usize = 64 << 10;
 /// How long a closed connection waits for its peer to close too (see [`WsStream::finish`]).
 const LINGER: Duration = Duration::from_secs(1);
 /// An output buffer grown past this by a large message is released once written, so a
@@ -258,7 +261,7 @@ impl WsStream {
     /// Queues up to `max` frames `side` already has waiting; returns how many.
     fn queue_ready<S: Side>(&mut self, side: &mut S, max: usize) -> usize {
         let mut queued = 0;
-        while queued < max {
+        while queued < max && self.output.len() < MAX_BATCH_BYTES {
             match side.try_next_out() {
                 Some(frame) => self.queue_text(frame),
                 None => break,
@@ -519,7 +522,7 @@ impl Side for BackendConn {
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
         tracing::debug!(endpoint = %self.endpoint().path(), %error, "malformed frame from backend");
-        count_malformed(self.endpoint().path());
+        self.endpoint().dropped("malformed");
     }
     async fn next_out(&mut self) -> Option<String> {
         self.recv().await
@@ -538,7 +541,7 @@ impl Side for ClientConn {
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
         tracing::debug!(endpoint = %self.endpoint().path(), %error, "malformed frame from client");
-        count_malformed(self.endpoint().path());
+        self.endpoint().dropped("malformed");
     }
     async fn next_out(&mut self) -> Option<String> {
         self.recv().await.map(|m| m.to_json())
@@ -549,13 +552,6 @@ impl Side for ClientConn {
     fn close_reason(&self) -> CloseReason {
         ClientConn::close_reason(self)
     }
-}
-
-fn count_malformed(endpoint: &str) {
-    metrics()
-        .dropped
-        .with_label_values(&[endpoint, "malformed"])
-        .inc();
 }
 
 /// Takes the connection out of an upgraded session: its socket, and the bytes the peer sent
@@ -575,7 +571,8 @@ fn detach(session: &mut Session) -> Option<(Stream, Vec<u8>)> {
     };
     let placeholder = ServerSession::new_http1(Box::new(io::Cursor::new(Vec::<u8>::new())));
     match std::mem::replace(downstream, placeholder) {
-        ServerSession::H1(h1) => Some((h1.into_inner(), preread)),
+        // The connection's HTTP deadlines end here: a WebSocket has pings instead.
+        ServerSession::H1(h1) => Some((crate::timeouts::unwrap(h1.into_inner()), preread)),
         _ => None,
     }
 }

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use prometheus::IntGauge;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::{close, lock, route_key, CloseReason, Limits, Registry};
@@ -58,6 +58,15 @@ pub struct Endpoint {
     /// looked up once (every HTTP call counts in them).
     http_ok: prometheus::IntCounter,
     http_duration: prometheus::Histogram,
+    /// The `reason` and `code` label values this endpoint's series were made with, so they can
+    /// all be removed when the endpoint is gone.
+    series: Mutex<Series>,
+}
+
+#[derive(Default)]
+struct Series {
+    dropped: Vec<&'static str>,
+    http_codes: Vec<&'static str>,
 }
 
 struct State {
@@ -83,7 +92,7 @@ struct State {
 }
 
 struct BackendSlot {
-    tx: mpsc::Sender<String>,
+    tx: BackendTx,
     close: CloseCell,
 }
 
@@ -92,6 +101,10 @@ struct ClientSlot {
     close: CloseCell,
     /// This client's open calls: client id -> backend id.
     open: HashMap<u64, u64>,
+    /// Bytes of `ext` its open calls hold (bounded by the client queue's budget).
+    ext_bytes: usize,
+    /// Calls the backend has open to this client (bounded like the client's own).
+    backend_calls: usize,
     /// WebSocket clients count in `duplex_gateway_clients`; HTTP calls do not.
     websocket: bool,
 }
@@ -101,6 +114,12 @@ struct PendingCall {
     client_id: u64,
     /// The `ext` the client sent, as it sent it (restored on replies).
     client_ext: Option<Box<RawValue>>,
+}
+
+impl PendingCall {
+    fn ext_len(&self) -> usize {
+        self.client_ext.as_ref().map_or(0, |e| e.get().len())
+    }
 }
 
 struct Gauges {
@@ -165,9 +184,28 @@ impl State {
         }
         for client in self.clients.values_mut() {
             client.open.clear();
+            client.ext_bytes = 0;
+            client.backend_calls = 0;
         }
         self.backend_calls.clear();
         out
+    }
+
+    /// Forgets the client call `backend_id` stands for (it ended).
+    fn end_call(&mut self, backend_id: u64) {
+        if let Some(call) = self.calls.remove(&backend_id) {
+            if let Some(client) = self.clients.get_mut(&call.route) {
+                client.open.remove(&call.client_id);
+                client.ext_bytes -= call.ext_len();
+            }
+        }
+        self.update_gauges();
+    }
+
+    /// Whether the backend of `generation` is still the endpoint's: a backend that was replaced
+    /// or closed is silent from that moment.
+    fn is_current(&self, generation: u64) -> bool {
+        self.generation == generation && self.backend.is_some()
     }
 }
 
@@ -197,6 +235,7 @@ impl Endpoint {
             to_client: m.messages.with_label_values(&[path, "to_client"]),
             http_ok: m.http_requests.with_label_values(&[path, "200"]),
             http_duration: m.http_duration.with_label_values(&[path]),
+            series: Mutex::new(Series::default()),
         })
     }
 
@@ -210,10 +249,11 @@ impl Endpoint {
     }
 
     /// Counts one HTTP call answered with `status` (its label) after `seconds`.
-    pub fn count_http_call(&self, status: &str, seconds: f64) {
+    pub fn count_http_call(&self, status: &'static str, seconds: f64) {
         if status == "200" {
             self.http_ok.inc();
         } else {
+            remember(&mut lock(&self.series).http_codes, status);
             metrics()
                 .http_requests
                 .with_label_values(&[self.path.as_str(), status])
@@ -237,6 +277,13 @@ impl Endpoint {
     pub fn backend_token(&self) -> Option<Digest> {
         let s = self.state();
         s.backend.as_ref().and(s.token)
+    }
+
+    /// The multiplexer's limits in force.
+    fn limits(&self) -> Arc<Limits> {
+        self.registry
+            .upgrade()
+            .map_or_else(|| Arc::new(Limits::default()), |r| r.limits())
     }
 
     /// Whether a call waiting for a backend can stop waiting: one is there, or the endpoint is
@@ -265,7 +312,7 @@ impl Endpoint {
         limits: &Limits,
     ) -> Option<BackendConn> {
         let (token_name, token) = token;
-        let (tx, rx) = mpsc::channel(limits.backend_queue.max(1));
+        let (tx, rx) = BackendTx::channel(limits.backend_queue_bytes);
         let close: CloseCell = Arc::new(OnceLock::new());
         let mut s = self.state();
         if s.removed {
@@ -277,6 +324,7 @@ impl Endpoint {
                 close::SERVICE_RESTART,
                 "replaced by a new backend",
             ));
+            old.tx.close();
             failed = s.fail_pending_calls("backend replaced");
             tracing::info!(endpoint = %self.path, "backend replaced by a new publish");
         }
@@ -352,6 +400,8 @@ impl Endpoint {
                 close: close.clone(),
                 open: HashMap::new(),
                 websocket,
+                ext_bytes: 0,
+                backend_calls: 0,
             },
         );
         s.update_gauges();
@@ -410,6 +460,7 @@ impl Endpoint {
         match s.backend.take() {
             Some(old) => {
                 let _ = old.close.set(reason);
+                old.tx.close();
                 let generation = s.generation;
                 drop(s);
                 // The connection's own departure will find no backend; run it here instead.
@@ -501,7 +552,9 @@ impl Endpoint {
         }
     }
 
-    fn dropped(&self, reason: &str) {
+    /// Counts a message dropped for `reason`.
+    pub(crate) fn dropped(&self, reason: &'static str) {
+        remember(&mut lock(&self.series).dropped, reason);
         metrics()
             .dropped
             .with_label_values(&[self.path.as_str(), reason])
@@ -525,6 +578,33 @@ impl Endpoint {
                 tracing::info!(endpoint = %self.path, "closed a client that did not read");
             }
         }
+    }
+
+    /// Every series of this endpoint leaves the metrics (it is gone). The registry calls this
+    /// under its lock, so a new endpoint at the same path cannot be registering its own meanwhile.
+    pub(super) fn remove_series(&self) {
+        let m = metrics();
+        let path = self.path.as_str();
+        let series = std::mem::take(&mut *lock(&self.series));
+        for direction in ["to_backend", "to_client"] {
+            let _ = m.messages.remove_label_values(&[path, direction]);
+        }
+        for reason in series.dropped {
+            let _ = m.dropped.remove_label_values(&[path, reason]);
+        }
+        for code in series.http_codes.into_iter().chain(["200"]) {
+            let _ = m.http_requests.remove_label_values(&[path, code]);
+        }
+        let _ = m.http_duration.remove_label_values(&[path]);
+        for gauge in [&m.backends, &m.clients, &m.pending_calls] {
+            let _ = gauge.remove_label_values(&[path]);
+        }
+    }
+}
+
+fn remember(seen: &mut Vec<&'static str>, value: &'static str) {
+    if !seen.contains(&value) {
+        seen.push(value);
     }
 }
 
@@ -602,20 +682,90 @@ fn restore_ext(reply: &mut Message, route: &str, client_ext: Option<&RawValue>) 
     reply.set_ext(Some(&ext));
 }
 
-/// Queues frames for a backend without waiting (from places that cannot wait).
-fn send_nowait(tx: &mpsc::Sender<String>, frames: Vec<String>) {
-    for frame in frames {
-        match tx.try_send(frame) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(frame)) => {
-                let tx = tx.clone();
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    rt.spawn(async move {
-                        let _ = tx.send(frame).await;
-                    });
-                }
+/// The sending side of a backend's queue, bounded in bytes: a sender waits for room, so the
+/// clients of a backend that does not read wait for it instead of piling frames up in memory.
+#[derive(Clone)]
+struct BackendTx {
+    tx: mpsc::UnboundedSender<(String, u32)>,
+    /// Free bytes in the queue; closed when the backend is.
+    room: Arc<Semaphore>,
+    budget: u32,
+}
+
+impl BackendTx {
+    fn channel(budget: usize) -> (BackendTx, BackendRx) {
+        let budget = u32::try_from(budget).unwrap_or(u32::MAX).max(1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let room = Arc::new(Semaphore::new(budget as usize));
+        (
+            BackendTx {
+                tx,
+                room: room.clone(),
+                budget,
+            },
+            BackendRx { rx, room },
+        )
+    }
+
+    /// What a frame takes of the budget (a frame over the whole budget takes all of it, so it
+    /// still goes through, alone).
+    fn cost(&self, frame: &str) -> u32 {
+        u32::try_from(frame.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.budget)
+    }
+
+    /// Queues a frame, waiting for room. Err when the backend is closed.
+    async fn send(&self, frame: String) -> Result<(), ()> {
+        let cost = self.cost(&frame);
+        let permit = self.room.acquire_many(cost).await.map_err(|_| ())?;
+        permit.forget();
+        self.tx.send((frame, cost)).map_err(|_| ())
+    }
+
+    /// Queues a frame if there is room now.
+    fn try_send(&self, frame: String) -> Result<(), Option<String>> {
+        let cost = self.cost(&frame);
+        match self.room.try_acquire_many(cost) {
+            Ok(permit) => {
+                permit.forget();
+                self.tx.send((frame, cost)).map_err(|_| None)
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err(Some(frame)),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(None),
+        }
+    }
+
+    /// Wakes every sender waiting for room: the backend is gone.
+    fn close(&self) {
+        self.room.close();
+    }
+}
+
+/// The receiving side of a backend's queue.
+struct BackendRx {
+    rx: mpsc::UnboundedReceiver<(String, u32)>,
+    room: Arc<Semaphore>,
+}
+
+impl BackendRx {
+    fn took(&self, (frame, cost): (String, u32)) -> String {
+        self.room.add_permits(cost as usize);
+        frame
+    }
+}
+
+/// Queues frames for a backend without waiting (from places that cannot wait): what does not
+/// fit now is queued by a task of its own.
+fn send_nowait(tx: &BackendTx, frames: Vec<String>) {
+    for frame in frames {
+        if let Err(Some(frame)) = tx.try_send(frame) {
+            let tx = tx.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = tx.send(frame).await;
+                });
+            }
         }
     }
 }
@@ -624,7 +774,7 @@ fn send_nowait(tx: &mpsc::Sender<String>, frames: Vec<String>) {
 pub struct BackendConn {
     endpoint: Arc<Endpoint>,
     generation: u64,
-    rx: mpsc::Receiver<String>,
+    rx: BackendRx,
     close: CloseCell,
 }
 
@@ -637,12 +787,27 @@ impl BackendConn {
     /// The next frame to write to the backend; None once the multiplexer closed this backend
     /// (see [`BackendConn::close_reason`]).
     pub async fn recv(&mut self) -> Option<String> {
-        self.rx.recv().await
+        if self.is_closed() {
+            return None;
+        }
+        let item = self.rx.rx.recv().await?;
+        let frame = self.rx.took(item);
+        // Closed while waiting: what was queued is not delivered (those calls have failed).
+        (!self.is_closed()).then_some(frame)
     }
 
     /// A frame already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<String> {
-        self.rx.try_recv().ok()
+        if self.is_closed() {
+            return None;
+        }
+        let item = self.rx.rx.try_recv().ok()?;
+        Some(self.rx.took(item))
+    }
+
+    /// Whether the multiplexer closed this backend (replaced, revoked, stopping).
+    fn is_closed(&self) -> bool {
+        self.close.get().is_some()
     }
 
     /// Why the multiplexer closed this backend.
@@ -663,6 +828,11 @@ impl BackendConn {
                     return None;
                 };
                 let mut s = ep.state();
+                if !s.is_current(self.generation) {
+                    drop(s);
+                    ep.dropped("backend_closed");
+                    return None;
+                }
                 let Some(call) = s.calls.get(&id) else {
                     drop(s);
                     ep.dropped("unknown_call");
@@ -672,12 +842,7 @@ impl BackendConn {
                 let client_id = call.client_id;
                 let client_ext = call.client_ext.clone();
                 if msg.ends_call() {
-                    if let Some(call) = s.calls.remove(&id) {
-                        if let Some(client) = s.clients.get_mut(&call.route) {
-                            client.open.remove(&call.client_id);
-                        }
-                    }
-                    s.update_gauges();
+                    s.end_call(id);
                 }
                 let tx = s.clients.get(&route).map(|c| c.tx.clone());
                 drop(s);
@@ -697,6 +862,11 @@ impl BackendConn {
                 };
                 let id = msg.id();
                 let mut s = ep.state();
+                if !s.is_current(self.generation) {
+                    drop(s);
+                    ep.dropped("backend_closed");
+                    return None;
+                }
                 let target = route
                     .as_ref()
                     .and_then(|r| s.clients.get_key_value(r))
@@ -715,7 +885,34 @@ impl BackendConn {
                     return Some(reply);
                 };
                 if let Some(id) = id {
-                    s.backend_calls.insert(id, route.clone());
+                    if s.backend_calls.get(&id) != Some(&route) {
+                        // A new call to this client: it counts against the client's limit.
+                        let max = ep.limits().max_pending_calls_per_client;
+                        let open = s.clients.get(&route).map_or(0, |c| c.backend_calls);
+                        if open >= max {
+                            drop(s);
+                            ep.dropped("too_many_pending_calls");
+                            let mut reply = Message::error_reply(
+                                Some(id),
+                                &RpcError::new(
+                                    code::TOO_MANY_PENDING_CALLS,
+                                    "too many pending calls to this client",
+                                ),
+                            );
+                            if let Some(raw) = msg.ext_raw() {
+                                reply.set_raw("ext", raw.to_owned());
+                            }
+                            return Some(reply);
+                        }
+                        if let Some(before) = s.backend_calls.insert(id, route.clone()) {
+                            if let Some(c) = s.clients.get_mut(&before) {
+                                c.backend_calls -= 1;
+                            }
+                        }
+                        if let Some(c) = s.clients.get_mut(&route) {
+                            c.backend_calls += 1;
+                        }
+                    }
                 }
                 drop(s);
                 msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
@@ -728,6 +925,8 @@ impl BackendConn {
 
 impl Drop for BackendConn {
     fn drop(&mut self) {
+        // Senders waiting for room in this backend's queue stop waiting.
+        self.rx.room.close();
         self.endpoint.backend_left(self.generation, false);
     }
 }
@@ -817,6 +1016,9 @@ impl ClientConn {
                 }
                 if msg.ends_call() {
                     s.backend_calls.remove(&id);
+                    if let Some(c) = s.clients.get_mut(&self.route) {
+                        c.backend_calls -= 1;
+                    }
                 }
                 match &s.backend {
                     Some(b) => b.tx.clone(),
@@ -874,7 +1076,7 @@ impl ClientConn {
 /// What to do with a client's request.
 enum Admit {
     /// Queue it to this backend, under this backend id (None: it has no id).
-    Send(mpsc::Sender<String>, Option<u64>),
+    Send(BackendTx, Option<u64>),
     /// The gateway answers it itself (or drops it: None).
     Answer(Option<Message>),
     /// No backend yet; wait for one until this instant.
@@ -908,10 +1110,7 @@ impl ClientConn {
         let Some(client_id) = msg.id() else {
             return Admit::Send(backend, None);
         };
-        let max_pending = ep
-            .registry
-            .upgrade()
-            .map_or(usize::MAX, |r| r.limits().max_pending_calls_per_client);
+        let limits = ep.limits();
         let Some(client) = s.clients.get_mut(&self.route) else {
             // Closed by the multiplexer meanwhile.
             return Admit::Answer(None);
@@ -919,7 +1118,7 @@ impl ClientConn {
         let backend_id = match client.open.get(&client_id) {
             Some(&backend_id) => backend_id,
             None => {
-                if client.open.len() >= max_pending {
+                if client.open.len() >= limits.max_pending_calls_per_client {
                     drop(guard);
                     ep.dropped("too_many_pending_calls");
                     return Admit::Answer(Some(local_error(
@@ -928,6 +1127,18 @@ impl ClientConn {
                         "too many pending calls",
                     )));
                 }
+                // The `ext` of every open call is kept until it ends: bounded per client too.
+                let ext_len = msg.ext_raw().map_or(0, |e| e.get().len());
+                if client.ext_bytes + ext_len > limits.client_queue_bytes {
+                    drop(guard);
+                    ep.dropped("too_many_pending_calls");
+                    return Admit::Answer(Some(local_error(
+                        msg,
+                        code::TOO_MANY_PENDING_CALLS,
+                        "pending calls hold too much ext data",
+                    )));
+                }
+                client.ext_bytes += ext_len;
                 let backend_id = s.next_id;
                 s.next_id += 1;
                 client.open.insert(client_id, backend_id);

@@ -31,9 +31,10 @@ pub struct Limits {
     /// How long clients wait for a backend that left to come back.
     pub backend_grace: Duration,
     /// Bytes of frames queued for one client before it counts as not reading and is closed.
+    /// Also the most `ext` bytes one client's open calls may hold.
     pub client_queue_bytes: usize,
-    /// Frames queued for a backend before clients wait for it to read.
-    pub backend_queue: usize,
+    /// Bytes of frames queued for a backend before its clients wait for it to read.
+    pub backend_queue_bytes: usize,
 }
 
 impl Default for Limits {
@@ -42,7 +43,7 @@ impl Default for Limits {
             max_pending_calls_per_client: 1024,
             backend_grace: Duration::from_secs(10),
             client_queue_bytes: 16 << 20,
-            backend_queue: 8192,
+            backend_queue_bytes: 16 << 20,
         }
     }
 }
@@ -150,6 +151,7 @@ impl Registry {
             .is_some_and(|e| Arc::ptr_eq(e, endpoint))
         {
             map.remove(endpoint.path());
+            endpoint.remove_series();
         }
     }
 }
