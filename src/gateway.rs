@@ -9,7 +9,7 @@
 //!                                                 └─ POST ─────────> http_api::serve ──> mux
 //! ```
 //!
-//! The order of the checks is the status table of SPEC section 6.
+//! The order of the checks is the status table of `docs/http-api.md`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

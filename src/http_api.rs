@@ -4,7 +4,7 @@
 //!
 //! Answers: `200` with the reply payload (`application/json`); `200` with one payload per line
 //! (`application/x-ndjson`, chunked) for a reply stream; `202` at once for `async=true`; errors as
-//! `{"error": {...}}` with the status of SPEC section 6.
+//! `{"error": {...}}` with the statuses of `docs/http-api.md`.
 
 use std::time::Instant;
 

@@ -100,6 +100,62 @@ impl Rejection {
     }
 }
 
+/// Every metric family: name, help and type. The registry only shows a family once it has a
+/// series; the metrics listener writes the `HELP` and `TYPE` lines of the others itself, so every
+/// family exists from start-up.
+pub const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "duplex_gateway_backends",
+        "Live backends per endpoint",
+        "gauge",
+    ),
+    (
+        "duplex_gateway_clients",
+        "Connected WebSocket clients per endpoint",
+        "gauge",
+    ),
+    (
+        "duplex_gateway_pending_calls",
+        "Client calls waiting for the backend's reply, per endpoint",
+        "gauge",
+    ),
+    (
+        "duplex_gateway_messages_total",
+        "Messages forwarded, per endpoint and direction",
+        "counter",
+    ),
+    (
+        "duplex_gateway_dropped_messages_total",
+        "Messages that could not be delivered, per endpoint and reason",
+        "counter",
+    ),
+    (
+        "duplex_gateway_http_requests_total",
+        "HTTP calls answered, per endpoint and status code",
+        "counter",
+    ),
+    (
+        "duplex_gateway_http_request_duration_seconds",
+        "Time to answer an HTTP call, per endpoint",
+        "histogram",
+    ),
+    (
+        "duplex_gateway_rejected_requests_total",
+        "Requests refused before reaching a backend, per reason",
+        "counter",
+    ),
+    (
+        "duplex_gateway_config_reloads_total",
+        "Configuration reloads, per result",
+        "counter",
+    ),
+    (
+        "duplex_gateway_config_last_reload_success_timestamp_seconds",
+        "Unix time of the last successful configuration load",
+        "gauge",
+    ),
+];
+
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
 
 /// The process-wide metrics.
@@ -192,6 +248,17 @@ impl Metrics {
     }
 }
 
+/// Writes `HELP` and `TYPE` for each family of [`FAMILIES`] that has no series yet.
+fn empty_families(present: &[prometheus::proto::MetricFamily], out: &mut Vec<u8>) {
+    for (name, help, kind) in FAMILIES {
+        if !present.iter().any(|f| f.name() == *name) {
+            out.extend_from_slice(
+                format!("# HELP {name} {help}\n# TYPE {name} {kind}\n").as_bytes(),
+            );
+        }
+    }
+}
+
 /// The metrics listener: `GET /metrics` (Prometheus text) and `GET /healthz`.
 pub struct MetricsApp;
 
@@ -207,8 +274,12 @@ impl pingora::apps::http_app::ServeHttp for MetricsApp {
             "/metrics" => {
                 let encoder = prometheus::TextEncoder::new();
                 let mut body = Vec::new();
-                match prometheus::Encoder::encode(&encoder, &prometheus::gather(), &mut body) {
-                    Ok(()) => (200, prometheus::TEXT_FORMAT, body),
+                let families = prometheus::gather();
+                match prometheus::Encoder::encode(&encoder, &families, &mut body) {
+                    Ok(()) => {
+                        empty_families(&families, &mut body);
+                        (200, prometheus::TEXT_FORMAT, body)
+                    }
                     Err(e) => (500, "text/plain", e.to_string().into_bytes()),
                 }
             }
@@ -225,5 +296,39 @@ impl pingora::apps::http_app::ServeHttp for MetricsApp {
             .header("content-length", body.len())
             .body(body)
             .unwrap_or_else(|_| http::Response::new(Vec::new()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_registered_family_is_listed_and_shown_before_its_first_series() {
+        let m = metrics();
+        m.backends.with_label_values(&["/family-test"]).set(0);
+        m.clients.with_label_values(&["/family-test"]).set(0);
+        m.pending_calls.with_label_values(&["/family-test"]).set(0);
+        m.messages.with_label_values(&["/family-test", "to_client"]);
+        m.dropped.with_label_values(&["/family-test", "x"]);
+        m.http_requests.with_label_values(&["/family-test", "200"]);
+        m.http_duration.with_label_values(&["/family-test"]);
+        m.touch();
+        let mut registered: Vec<String> = prometheus::gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .filter(|n| n.starts_with("duplex_gateway_"))
+            .collect();
+        registered.sort();
+        let mut listed: Vec<String> = FAMILIES.iter().map(|f| f.0.to_string()).collect();
+        listed.sort();
+        assert_eq!(registered, listed);
+        // With no series at all, a family still shows its HELP and TYPE lines.
+        let mut out = Vec::new();
+        empty_families(&[], &mut out);
+        let text = String::from_utf8(out).expect("utf-8");
+        for (name, _, kind) in FAMILIES {
+            assert!(text.contains(&format!("# TYPE {name} {kind}\n")), "{text}");
+        }
     }
 }

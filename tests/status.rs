@@ -1,4 +1,4 @@
-//! The WebSocket rows of the status table (SPEC section 6) and the command line, against the
+//! The WebSocket rows of the status table (`docs/http-api.md`) and the command line, against the
 //! real binary.
 
 mod common;

@@ -6,7 +6,7 @@
 //! connection or an HTTP call is a [`ClientConn`] (frames in with [`ClientConn::send`], frames out
 //! of its queue). Dropping either one is how it leaves; the endpoint cleans up after it.
 //!
-//! Rules (SPEC section 4): a client's request id is replaced by a fresh id unique on the backend
+//! Rules (`docs/protocol.md`): a client's request id is replaced by a fresh id unique on the backend
 //! connection, remembered until the call ends, and reused for the client's later `more` frames of
 //! the same call; every frame to the backend carries `ext.route`, the client's route key; replies
 //! come back with the client's own id and `ext`. The backend calls a client by naming its route.
@@ -312,5 +312,124 @@ mod tests {
         let answer = to_backend(&mut backend).await;
         assert_eq!(answer["payload"], "real");
         assert_eq!(answer["ext"]["route"], json!(a.route()));
+    }
+
+    fn call_to(route: &str, id: u64) -> Message {
+        parse(&json!({"type":"req","method":"hi","id":id,"ext":{"route":route}}).to_string())
+    }
+
+    #[tokio::test]
+    async fn a_replaced_backend_is_silent_from_that_moment() {
+        let (registry, mut old, endpoint) = setup(Limits::default());
+        let mut a = join(&endpoint);
+        let mut new = registry.publish("/t", Digest::of(b"s"), ("t", Digest::of(b"tok")));
+        a.send(parse(r#"{"type":"req","method":"m","id":1}"#)).await;
+        let f = to_backend(&mut new).await;
+        // The old backend answers the new one's call, and calls the client by its route.
+        let forged = json!({"type":"rep","id":f["id"],"payload":"forged","ext":f["ext"]});
+        assert!(old.handle(parse(&forged.to_string())).is_none());
+        assert!(
+            old.handle(call_to(a.route(), 5)).is_none(),
+            "not even -32001"
+        );
+        assert!(
+            a.try_recv().is_none(),
+            "nothing from the old backend reached the client"
+        );
+        assert!(old.recv().await.is_none());
+        assert_eq!(old.close_reason().code, close::SERVICE_RESTART);
+        let real = json!({"type":"rep","id":f["id"],"payload":"real","ext":f["ext"]});
+        assert!(new.handle(parse(&real.to_string())).is_none());
+        assert_eq!(a.recv().await.expect("the reply").payload(), json!("real"));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_backend_is_silent_from_that_moment() {
+        let (_r, mut backend, endpoint) = setup(Limits::default());
+        let mut a = join(&endpoint);
+        a.send(parse(r#"{"type":"req","method":"m","id":1}"#)).await;
+        let f = to_backend(&mut backend).await;
+        assert!(endpoint.close_backend(CloseReason::new(close::POLICY, "revoked")));
+        // Its pending call failed with -32000; nothing it sends afterwards arrives.
+        let failed = a.recv().await.expect("-32000");
+        assert_eq!(failed.error().map(|e| e.code), Some(-32000));
+        let late = json!({"type":"rep","id":f["id"],"payload":"late","ext":f["ext"]});
+        assert!(backend.handle(parse(&late.to_string())).is_none());
+        assert!(backend.handle(call_to(a.route(), 5)).is_none());
+        assert!(a.try_recv().is_none());
+        assert!(backend.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn calls_from_the_backend_to_one_client_count_against_its_limit() {
+        let limits = Limits {
+            max_pending_calls_per_client: 2,
+            ..Limits::default()
+        };
+        let (_r, backend, endpoint) = setup(limits);
+        let mut a = join(&endpoint);
+        let route = a.route().to_string();
+        assert!(backend.handle(call_to(&route, 1)).is_none());
+        assert!(backend.handle(call_to(&route, 2)).is_none());
+        // The next frame of an open call is no new call.
+        assert!(backend.handle(call_to(&route, 2)).is_none());
+        let refused = backend.handle(call_to(&route, 3)).expect("-32003");
+        assert_eq!(refused.error().map(|e| e.code), Some(-32003));
+        assert_eq!(refused.id(), Some(3));
+        assert_eq!(endpoint.stats().backend_calls, 2);
+        // The client answers one: room for another.
+        a.recv().await.expect("call 1");
+        a.send(parse(r#"{"type":"rep","id":1,"payload":0}"#)).await;
+        assert!(backend.handle(call_to(&route, 4)).is_none());
+        assert_eq!(endpoint.stats().backend_calls, 2);
+    }
+
+    #[tokio::test]
+    async fn the_ext_kept_for_open_calls_is_bounded_per_client() {
+        let limits = Limits {
+            client_queue_bytes: 1000,
+            ..Limits::default()
+        };
+        let (_r, _backend, endpoint) = setup(limits);
+        let a = join(&endpoint);
+        let big = "x".repeat(400);
+        for id in 1..=2 {
+            let req = json!({"type":"req","method":"m","id":id,"ext":{"k":big}});
+            assert!(a.send(parse(&req.to_string())).await.is_none());
+        }
+        let req = json!({"type":"req","method":"m","id":3,"ext":{"k":big}});
+        let refused = a.send(parse(&req.to_string())).await.expect("-32003");
+        assert_eq!(refused.error().map(|e| e.code), Some(-32003));
+        // A call without ext still goes through.
+        assert!(a
+            .send(parse(r#"{"type":"req","method":"m","id":4}"#))
+            .await
+            .is_none());
+    }
+
+    #[tokio::test]
+    async fn a_backend_queue_is_bounded_in_bytes_and_its_senders_wait() {
+        let limits = Limits {
+            backend_queue_bytes: 1000,
+            ..Limits::default()
+        };
+        let (_r, mut backend, endpoint) = setup(limits);
+        let a = join(&endpoint);
+        let req = |id: u64| {
+            let payload = "x".repeat(300);
+            parse(&json!({"type":"req","method":"m","id":id,"payload":payload}).to_string())
+        };
+        let room = Duration::from_secs(5);
+        for id in 1..=2 {
+            let sent = tokio::time::timeout(room, a.send(req(id))).await;
+            assert!(sent.is_ok_and(|answer| answer.is_none()), "call {id}");
+        }
+        // About 380 bytes each: a third does not fit in 1000, so its sender waits.
+        let waiting = tokio::time::timeout(Duration::from_millis(200), a.send(req(3))).await;
+        assert!(waiting.is_err(), "the sender waits for room");
+        // The backend reads one: room again.
+        to_backend(&mut backend).await;
+        let sent = tokio::time::timeout(room, a.send(req(4))).await;
+        assert!(sent.is_ok(), "room after the backend read");
     }
 }

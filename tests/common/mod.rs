@@ -39,6 +39,14 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The gateway binary under test: this build's, or the one `DUPLEX_GATEWAY_BIN` names (to run the
+/// black-box tests against another build).
+pub fn gateway_binary() -> PathBuf {
+    std::env::var_os("DUPLEX_GATEWAY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_duplex-gateway")))
+}
+
 /// A running gateway process.
 pub struct Gateway {
     child: Child,
@@ -70,10 +78,17 @@ impl Gateway {
     /// Starts a gateway on the config `make(port, metrics_port)` returns. A port another test
     /// process took in the meantime makes the gateway fail to start: it is tried again on others.
     pub fn start_with(make: impl Fn(u16, u16) -> String) -> Gateway {
+        let level =
+            std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info,duplex_gateway=debug".into());
+        Gateway::start_logging(&level, make)
+    }
+
+    /// Starts a gateway like [`Gateway::start_with`], logging at `level` (a `RUST_LOG` value).
+    pub fn start_logging(level: &str, make: impl Fn(u16, u16) -> String) -> Gateway {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match Gateway::try_start(&make) {
+            match Gateway::try_start(level, &make) {
                 Ok(gw) => return gw,
                 Err(log) if attempt < 5 => eprintln!("gateway did not start, retrying: {log}"),
                 Err(log) => panic!("gateway did not start:\n{log}"),
@@ -81,7 +96,7 @@ impl Gateway {
         }
     }
 
-    fn try_start(make: &impl Fn(u16, u16) -> String) -> Result<Gateway, String> {
+    fn try_start(level: &str, make: &impl Fn(u16, u16) -> String) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let metrics_port = free_port();
@@ -89,13 +104,10 @@ impl Gateway {
         std::fs::write(&config_path, make(port, metrics_port)).expect("write config");
         let log_path = dir.path().join("gateway.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
+        let child = Command::new(gateway_binary())
             .arg("--config")
             .arg(&config_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info,duplex_gateway=debug".into()),
-            )
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -159,7 +171,11 @@ impl Gateway {
         self.ws(&format!("{path}?secret={secret}"))
     }
 
-    /// What the gateway logged so far.
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Opens a plain TCP connection to the gateway and writes `bytes` (requests written by hand).
     pub async fn send_raw(&self, bytes: &[u8]) -> TcpStream {
         use tokio::io::AsyncWriteExt;
@@ -170,6 +186,7 @@ impl Gateway {
         tcp
     }
 
+    /// What the gateway logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
