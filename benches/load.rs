@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use duplex_gateway::duplex::{Call, Peer, PeerBuilder};
+use duplex::{Call, Peer, PeerBuilder};
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1 as server_http1;
@@ -93,7 +93,7 @@ fn echo_handlers() -> PeerBuilder {
         .handle("count", |call: Call| async move {
             let n = call.payload.as_u64().unwrap_or(0);
             for i in 1..n {
-                let _ = call.send(&json!(i));
+                let _ = call.send(&json!(i)).await;
             }
             Ok(json!(n))
         })

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use duplex_gateway::duplex::{Call, Peer, PeerError, RpcError};
+use duplex::{Call, Peer, PeerError, RpcError};
 use serde_json::{json, Value};
 
 /// Publishes echo, count and add on PATH.
@@ -35,7 +35,7 @@ struct Args {
 }
 
 /// The example's handlers, on a peer builder.
-fn backend() -> duplex_gateway::duplex::PeerBuilder {
+fn backend() -> duplex::PeerBuilder {
     Peer::builder()
         .handle("echo", |call: Call| async move { Ok(call.payload) })
         .handle("count", count)
@@ -49,7 +49,9 @@ async fn count(call: Call) -> Result<Value, RpcError> {
         .filter(|n| (1..=1_000_000).contains(n))
         .ok_or_else(|| RpcError::invalid_params("count takes an integer from 1 to 1000000"))?;
     for i in 1..n {
+        // Each line leaves as the connection takes it (the peer holds a fast stream back).
         call.send(&json!(i))
+            .await
             .map_err(|e| RpcError::new(-32000, e.to_string()))?;
     }
     Ok(json!(n))

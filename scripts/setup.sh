@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Installs what building duplex-gateway needs on a fresh Debian machine with Rust: cmake (Pingora's
-# zlib-ng build uses it) and cargo-nextest. Safe to run again; does nothing when both are there.
+# Installs what building and testing duplex-gateway needs on a fresh Debian machine with Rust:
+# cmake (Pingora's zlib-ng build uses it), curl (the README test) and cargo-nextest. Safe to run
+# again; does nothing when all are there.
 set -euo pipefail
-if ! command -v cmake >/dev/null 2>&1; then
-  echo "setup: installing cmake" >&2
+MISSING=""
+command -v cmake >/dev/null 2>&1 || MISSING="$MISSING cmake"
+# The README walk-through test runs its curl commands as written.
+command -v curl >/dev/null 2>&1 || MISSING="$MISSING curl"
+if [ -n "$MISSING" ]; then
+  echo "setup: installing$MISSING" >&2
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $MISSING >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "setup: installing cargo-nextest" >&2

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, and integration tests that start the real gateway binary on
-# free loopback ports.
+# The whole test suite: unit tests of both crates, integration tests that start the real gateway
+# binary on free loopback ports, and doc tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo nextest run --no-fail-fast "$@"
+cargo nextest run --workspace --no-fail-fast "$@"
+# nextest does not run doc tests: the peer crate's README and examples in the docs.
+cargo test --workspace --doc

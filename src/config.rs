@@ -156,34 +156,52 @@ impl Config {
     }
 }
 
-/// Reads and validates a config file.
-pub fn load_file(path: &Path) -> Result<Config, ConfigError> {
+/// Reads and validates a config file; `generated_token` stands in for an unset
+/// `DUPLEX_GATEWAY_TOKEN`.
+pub fn load_file(path: &Path, generated_token: &str) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        origin: origin.clone(),
+    let text = read_file(path)?;
+    parse(&text, &origin, &|name| {
+        env_or_generated(name, generated_token)
+    })
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: path.display().to_string(),
         line: None,
         column: None,
         message: format!("cannot read: {e}"),
-    })?;
-    parse(&text, &origin, &|name| std::env::var(name).ok())
+    })
 }
 
 /// Reads the built-in config; `generated_token` stands in for an unset `DUPLEX_GATEWAY_TOKEN`.
 pub fn load_builtin(generated_token: &str) -> Result<Config, ConfigError> {
     parse(BUILTIN_YAML, "built-in config", &|name| {
-        std::env::var(name)
-            .ok()
-            .or_else(|| (name == BUILTIN_TOKEN_VAR).then(|| generated_token.to_string()))
+        env_or_generated(name, generated_token)
     })
 }
 
-/// Where the config comes from, so a reload reads the same place.
+/// An environment variable; `DUPLEX_GATEWAY_TOKEN`, when unset, is `generated_token` (in every
+/// config, so `--config conf/gateway.yaml` behaves as the built-in copy of the same file does).
+fn env_or_generated(name: &str, generated_token: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .or_else(|| (name == BUILTIN_TOKEN_VAR).then(|| generated_token.to_string()))
+}
+
+/// Where the config comes from, so a reload reads the same place. The token that stands in for
+/// an unset `DUPLEX_GATEWAY_TOKEN` is kept, so a reload does not change it.
 #[derive(Debug, Clone)]
 pub enum Source {
     /// A file given with `--config`.
-    File(PathBuf),
-    /// The built-in default; the token that stands in for an unset `DUPLEX_GATEWAY_TOKEN` is kept
-    /// so a reload does not change it.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// The generated token.
+        generated_token: String,
+    },
+    /// The built-in default.
     Builtin {
         /// The generated token.
         generated_token: String,
@@ -194,9 +212,31 @@ impl Source {
     /// Reads and validates the config.
     pub fn load(&self) -> Result<Config, ConfigError> {
         match self {
-            Source::File(path) => load_file(path),
+            Source::File {
+                path,
+                generated_token,
+            } => load_file(path, generated_token),
             Source::Builtin { generated_token } => load_builtin(generated_token),
         }
+    }
+
+    /// The generated token, when the config uses it (it names `${DUPLEX_GATEWAY_TOKEN}` and
+    /// the variable is unset): the gateway then prints it once at start-up.
+    pub fn generated_token_in_use(&self) -> Option<&str> {
+        if std::env::var_os(BUILTIN_TOKEN_VAR).is_some() {
+            return None;
+        }
+        let (text, token) = match self {
+            Source::File {
+                path,
+                generated_token,
+            } => (read_file(path).ok()?, generated_token),
+            Source::Builtin { generated_token } => (BUILTIN_YAML.to_string(), generated_token),
+        };
+        referenced_vars(&text)
+            .iter()
+            .any(|v| v == BUILTIN_TOKEN_VAR)
+            .then_some(token.as_str())
     }
 }
 

@@ -30,6 +30,7 @@ use crate::mux::{self, Endpoint, JoinError, Registry};
 use crate::timeouts::{self, Phase};
 use crate::tls::CertResolver;
 use crate::ws::{self, WsSettings, WsStream};
+pub use duplex::address::Credentials;
 use rustls::sign::CertifiedKey;
 
 /// Everything the gateway's request handling shares: the config in force and the endpoints.
@@ -125,79 +126,20 @@ pub fn ws_settings(limits: &Limits) -> WsSettings {
     }
 }
 
-/// Credentials and options a request carries in its query string and headers. Its `Debug`
-/// shows which credentials are present, never their values; there is no `==` (compare digests).
-#[derive(Default, Clone)]
-pub struct Credentials {
-    /// Publish token (`token=` or `Authorization: Bearer`).
-    pub token: Option<String>,
-    /// Client secret (`secret=` or `X-Duplex-Secret`).
-    pub secret: Option<String>,
-    /// `async=true` on an HTTP call.
-    pub is_async: bool,
+/// The digest of the client secret `creds` carry, if it is the one `endpoint` wants.
+pub fn secret_for(creds: &Credentials, endpoint: &Endpoint) -> Option<Digest> {
+    creds
+        .secret
+        .as_deref()
+        .map(|s| Digest::of(s.as_bytes()))
+        .filter(|d| endpoint.secret_matches(d))
 }
 
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let shown = |present: bool| if present { "<redacted>" } else { "<none>" };
-        f.debug_struct("Credentials")
-            .field("token", &shown(self.token.is_some()))
-            .field("secret", &shown(self.secret.is_some()))
-            .field("is_async", &self.is_async)
-            .finish()
-    }
-}
-
-impl Credentials {
-    /// The digest of the client secret, if it is the one `endpoint` wants.
-    pub fn secret_for(&self, endpoint: &Endpoint) -> Option<Digest> {
-        self.secret
-            .as_deref()
-            .map(|s| Digest::of(s.as_bytes()))
-            .filter(|d| endpoint.secret_matches(d))
-    }
-
-    /// Reads credentials from a request's query string and headers.
-    pub fn from_request(req: &RequestHeader) -> Credentials {
-        Credentials::parse(req.uri.query(), |name| {
-            req.headers.get(name).and_then(|v| v.to_str().ok())
-        })
-    }
-
-    /// Reads credentials from a query string (first occurrence wins) and headers (used when the
-    /// query has none): `header(name)` gives a header's value. Empty values count as missing.
-    pub fn parse<'h>(query: Option<&str>, header: impl Fn(&str) -> Option<&'h str>) -> Credentials {
-        let mut creds = Credentials::default();
-        if let Some(query) = query {
-            for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
-                match key.as_ref() {
-                    "token" if creds.token.is_none() && !value.is_empty() => {
-                        creds.token = Some(value.into_owned())
-                    }
-                    "secret" if creds.secret.is_none() && !value.is_empty() => {
-                        creds.secret = Some(value.into_owned())
-                    }
-                    "async" => creds.is_async = value == "true" || value == "1",
-                    _ => {}
-                }
-            }
-        }
-        if creds.token.is_none() {
-            creds.token = header("authorization")
-                .map(str::trim)
-                .and_then(|v| {
-                    let (scheme, rest) = v.split_once(' ')?;
-                    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-                })
-                .map(str::to_string);
-        }
-        if creds.secret.is_none() {
-            creds.secret = header("x-duplex-secret").map(|s| s.trim().to_string());
-        }
-        creds.token = creds.token.filter(|t| !t.is_empty());
-        creds.secret = creds.secret.filter(|s| !s.is_empty());
-        creds
-    }
+/// Reads the credentials of a request from its query string and headers.
+pub fn credentials(req: &RequestHeader) -> Credentials {
+    Credentials::parse(req.uri.query(), |name| {
+        req.headers.get(name).and_then(|v| v.to_str().ok())
+    })
 }
 
 /// The Pingora proxy: decides every request and serves it in `request_filter`.
@@ -254,7 +196,7 @@ impl Gateway {
         if let Err(why) = auth::check_escapes(&path) {
             return refuse(session, 400, Some(Rejection::BadPath), None, &why, &[]).await;
         }
-        let creds = Credentials::from_request(session.req_header());
+        let creds = credentials(session.req_header());
         if !is_get {
             let _counted = Counted::new(&self.app.active.http);
             // Each path's future is boxed on its own, so a request only allocates (and moves)
@@ -419,7 +361,7 @@ impl Gateway {
             )
             .await;
         };
-        let Some(secret) = creds.secret_for(&endpoint) else {
+        let Some(secret) = secret_for(creds, &endpoint) else {
             return refuse_join(session, JoinError::BadSecret).await;
         };
         let conn = match endpoint.join(true, config.max_clients(path), &secret) {
@@ -540,11 +482,11 @@ mod tests {
 
     #[test]
     fn credentials_come_from_query_or_headers() {
-        let c = Credentials::from_request(&request("/a?token=t%2B1&secret=s&async=true", &[]));
+        let c = credentials(&request("/a?token=t%2B1&secret=s&async=true", &[]));
         assert_eq!(c.token.as_deref(), Some("t+1"));
         assert_eq!(c.secret.as_deref(), Some("s"));
         assert!(c.is_async);
-        let c = Credentials::from_request(&request(
+        let c = credentials(&request(
             "/a",
             &[("authorization", "Bearer tok"), ("x-duplex-secret", "sec")],
         ));
@@ -555,8 +497,7 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_a_credential() {
-        let c =
-            Credentials::from_request(&request("/a?token=TOKEN-VALUE&secret=SECRET-VALUE", &[]));
+        let c = credentials(&request("/a?token=TOKEN-VALUE&secret=SECRET-VALUE", &[]));
         let shown = format!("{c:?}");
         assert!(
             !shown.contains("TOKEN-VALUE") && !shown.contains("SECRET-VALUE"),
@@ -567,18 +508,18 @@ mod tests {
 
     #[test]
     fn the_query_wins_and_empty_values_count_as_missing() {
-        let c = Credentials::from_request(&request(
+        let c = credentials(&request(
             "/a?secret=q&secret=second",
             &[("x-duplex-secret", "h")],
         ));
         assert_eq!(c.secret.as_deref(), Some("q"));
-        let c = Credentials::from_request(&request(
+        let c = credentials(&request(
             "/a?token=&secret=",
             &[("authorization", "Basic x")],
         ));
         assert!(c.token.is_none() && c.secret.is_none() && !c.is_async);
         // An empty query value does not hide the header.
-        let c = Credentials::from_request(&request(
+        let c = credentials(&request(
             "/a?token=&secret=",
             &[("authorization", "Bearer tok"), ("x-duplex-secret", "h")],
         ));

@@ -15,7 +15,7 @@ use serde_json::value::RawValue;
 
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
-use crate::gateway::{App, Credentials};
+use crate::gateway::{secret_for, App, Credentials};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{ClientConn, JoinError};
 
@@ -25,18 +25,7 @@ const CLIENT_CLOSED: u16 = 499;
 /// How long one write of a response may take.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Splits `/team/a/search` into the endpoint `/team/a` and the method `search`. None for a
-/// path that is not absolute or has no method segment.
-pub fn split_call_path(path: &str) -> Option<(&str, &str)> {
-    if !path.starts_with('/') {
-        return None;
-    }
-    let (endpoint, method) = path.rsplit_once('/')?;
-    if method.is_empty() {
-        return None;
-    }
-    Some((if endpoint.is_empty() { "/" } else { endpoint }, method))
-}
+pub use duplex::address::split_call_path;
 
 /// Serves one `POST`.
 pub async fn serve(
@@ -90,7 +79,7 @@ async fn call(
     creds: &Credentials,
     deadline: Option<tokio::time::Instant>,
 ) -> pingora::Result<u16> {
-    let Some(secret) = creds.secret_for(endpoint) else {
+    let Some(secret) = secret_for(creds, endpoint) else {
         refuse_join(session, JoinError::BadSecret).await?;
         return Ok(401);
     };
@@ -491,21 +480,6 @@ pub async fn respond_error(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_last_segment_is_the_method() {
-        assert_eq!(
-            split_call_path("/team/a/search"),
-            Some(("/team/a", "search"))
-        );
-        assert_eq!(split_call_path("/chat/echo"), Some(("/chat", "echo")));
-        assert_eq!(split_call_path("/echo"), Some(("/", "echo")));
-        assert_eq!(split_call_path("/chat/"), None);
-        assert_eq!(split_call_path(""), None);
-        // Found by the fuzzer: a path that is not absolute has no endpoint.
-        assert_eq!(split_call_path("*\u{fffd}/*"), None);
-        assert_eq!(split_call_path("a/b"), None);
-    }
 
     #[test]
     fn error_codes_map_to_statuses() {

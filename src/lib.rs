@@ -31,7 +31,8 @@
 
 pub mod auth;
 pub mod config;
-pub mod duplex;
+/// The protocol and the Rust peer: the `duplex` crate of this workspace, re-exported.
+pub use duplex;
 pub mod gateway;
 pub mod http_api;
 pub mod metrics;

@@ -51,18 +51,13 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
 
+    let generated_token = random_token();
     let source = match &args.config {
-        Some(path) => Source::File(path.clone()),
-        None => {
-            let unset = std::env::var_os(BUILTIN_TOKEN_VAR).is_none();
-            let generated_token = random_token();
-            if unset && !args.check {
-                println!(
-                    "publish token (random; set {BUILTIN_TOKEN_VAR} to choose one): {generated_token}"
-                );
-            }
-            Source::Builtin { generated_token }
-        }
+        Some(path) => Source::File {
+            path: path.clone(),
+            generated_token,
+        },
+        None => Source::Builtin { generated_token },
     };
     let loaded: Result<Config, ConfigError> = source.load();
     let config = match loaded {
@@ -82,6 +77,11 @@ fn main() -> ExitCode {
     if args.check {
         println!("config is valid");
         return ExitCode::SUCCESS;
+    }
+    // A config that names ${DUPLEX_GATEWAY_TOKEN} (the built-in one does) runs without it: on a
+    // random token, printed once.
+    if let Some(token) = source.generated_token_in_use() {
+        println!("publish token (random; set {BUILTIN_TOKEN_VAR} to choose one): {token}");
     }
 
     let app = App::new(config, source, keys);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use duplex_gateway::duplex::Peer;
+use duplex::Peer;
 use serde_json::json;
 
 /// Polls `check` until it is true or [`WAIT`] passes.

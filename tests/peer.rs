@@ -1,6 +1,6 @@
 //! The Rust peer without a gateway: one peer accepts, the other connects.
 
-use duplex_gateway::duplex::{Peer, PeerError};
+use duplex::{Peer, PeerError};
 use serde_json::json;
 use tokio::net::TcpListener;
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use duplex_gateway::duplex::{Peer, PeerError};
+use duplex::{Peer, PeerError};
 use futures_util::future::join_all;
 use serde_json::{json, Value};
 

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use duplex_gateway::duplex::{Peer, PeerError};
+use duplex::{Peer, PeerError};
 use serde_json::{json, Value};
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The handshake parser: never panics, and only the one handshake is accepted.
 #![no_main]
 
-use duplex_gateway::duplex::handshake;
+use duplex::handshake;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 //! round trip with its id, kind and flags, and rewriting id and ext keeps it valid.
 #![no_main]
 
-use duplex_gateway::duplex::Message;
+use duplex::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use duplex_gateway::duplex::{Call, Peer, PeerBuilder, RpcError};
+use duplex::{Call, Peer, PeerBuilder, RpcError};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -272,7 +272,7 @@ pub fn test_backend() -> PeerBuilder {
         .handle("count", |call: Call| async move {
             let n = call.payload.as_u64().unwrap_or(0);
             for i in 1..n {
-                let _ = call.send(&json!(i));
+                let _ = call.send(&json!(i)).await;
             }
             Ok(json!(n))
         })
@@ -297,7 +297,7 @@ pub fn test_backend() -> PeerBuilder {
         .handle("ticks", |call: Call| async move {
             let n = call.payload.as_u64().unwrap_or(0);
             for i in 1..n {
-                let _ = call.send(&json!(i));
+                let _ = call.send(&json!(i)).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             Ok(json!(n))

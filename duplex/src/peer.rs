@@ -6,8 +6,8 @@
 //! method on one client by naming its route (see [`Peer::call_route`]).
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), duplex_gateway::duplex::PeerError> {
-//! use duplex_gateway::duplex::Peer;
+//! # async fn demo() -> Result<(), duplex::PeerError> {
+//! use duplex::Peer;
 //! use serde_json::json;
 //! let backend = Peer::builder()
 //!     .handle("echo", |call| async move { Ok(call.payload) })
@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -82,7 +82,7 @@ pub struct Call {
     pub ext: Option<Map<String, Value>>,
     input: Option<mpsc::UnboundedReceiver<Value>>,
     id: Option<u64>,
-    out: mpsc::UnboundedSender<WsMessage>,
+    out: Out,
 }
 
 impl Call {
@@ -95,14 +95,17 @@ impl Call {
     }
 
     /// Sends one frame of a reply stream (`more: true`); the handler's return value ends it.
-    pub fn send(&self, payload: &Value) -> Result<(), PeerError> {
+    /// The frame leaves as soon as the connection can take it; when [`STREAM_WINDOW`] frames
+    /// of this peer's streams are still unwritten, this waits, so a fast producer is held to the
+    /// pace of the connection instead of filling memory.
+    pub async fn send(&self, payload: &Value) -> Result<(), PeerError> {
         let mut reply = Message::reply(self.id, payload, true);
         if let Some(ext) = &self.ext {
             reply.set_ext(Some(ext));
         }
         self.out
-            .send(WsMessage::Text(reply.to_json().into()))
-            .map_err(|_| PeerError::Closed(None))
+            .send_paced(WsMessage::Text(reply.to_json().into()))
+            .await
     }
 
     /// The caller's route key (`ext.route`), set by a gateway.
@@ -149,9 +152,11 @@ impl PeerBuilder {
             .into_client_request()
             .map_err(|e| PeerError::Connect(e.to_string()))?;
         for (name, value) in &self.headers {
-            let name = http::header::HeaderName::from_bytes(name.as_bytes())
-                .map_err(|e| PeerError::Connect(e.to_string()))?;
-            let value = http::header::HeaderValue::from_str(value)
+            let name = tokio_tungstenite::tungstenite::http::header::HeaderName::from_bytes(
+                name.as_bytes(),
+            )
+            .map_err(|e| PeerError::Connect(e.to_string()))?;
+            let value = tokio_tungstenite::tungstenite::http::header::HeaderValue::from_str(value)
                 .map_err(|e| PeerError::Connect(e.to_string()))?;
             request.headers_mut().insert(name, value);
         }
@@ -240,7 +245,11 @@ impl PeerBuilder {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
+        let out_tx = Out {
+            tx: out_tx,
+            room: Arc::new(Semaphore::new(STREAM_WINDOW)),
+        };
         let (closed_tx, closed_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
             pending: Mutex::new(HashMap::new()),
@@ -251,10 +260,14 @@ impl PeerBuilder {
         let (mut sink, mut stream) = ws.split();
 
         // Writer: everything this peer sends goes through one queue. What is queued is written
-        // with one flush, so a busy backend does not pay a system call per reply.
+        // with one flush (up to MAX_BATCH frames), so a busy backend does not pay a system call
+        // per reply, and a long stream still leaves batch by batch.
         let writer = tokio::spawn(async move {
-            'outer: while let Some(msg) = out_rx.recv().await {
+            'outer: while let Some((msg, permit)) = out_rx.recv().await {
                 let mut closing = matches!(msg, WsMessage::Close(_));
+                // Room in the stream window is given back once the frames are written.
+                let mut held = vec![permit];
+                let mut batched = 1;
                 if sink.feed(msg).await.is_err() {
                     break;
                 }
@@ -268,9 +281,13 @@ impl PeerBuilder {
                         }
                         tokio::task::yield_now().await;
                     }
-                    while !closing {
-                        let Ok(msg) = out_rx.try_recv() else { break };
+                    while !closing && batched < MAX_BATCH {
+                        let Ok((msg, permit)) = out_rx.try_recv() else {
+                            break;
+                        };
                         closing = matches!(msg, WsMessage::Close(_));
+                        held.push(permit);
+                        batched += 1;
                         if sink.feed(msg).await.is_err() {
                             break 'outer;
                         }
@@ -279,6 +296,7 @@ impl PeerBuilder {
                 if sink.flush().await.is_err() || closing {
                     break;
                 }
+                drop(held);
             }
         });
 
@@ -339,7 +357,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn dispatch(
     handlers: &HashMap<String, Handler>,
     incoming: &mut HashMap<u64, mpsc::UnboundedSender<Value>>,
-    out: &mpsc::UnboundedSender<WsMessage>,
+    out: &Out,
     msg: Message,
 ) {
     let id = msg.id();
@@ -397,12 +415,50 @@ fn dispatch(
     });
 }
 
+/// How many frames of a peer's reply streams may wait unwritten before [`Call::send`] waits.
+pub const STREAM_WINDOW: usize = 256;
+/// The most frames written with one flush.
+const MAX_BATCH: usize = 64;
+
+/// A frame to write, with the room it holds in the stream window (if it is a stream frame).
+type Outgoing = (WsMessage, Option<OwnedSemaphorePermit>);
+
+/// The sending side of a peer's write queue.
+#[derive(Clone)]
+struct Out {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Room in the stream window.
+    room: Arc<Semaphore>,
+}
+
+impl Out {
+    /// Queues a frame (calls, replies, closes: never held back).
+    fn send(&self, msg: WsMessage) -> Result<(), PeerError> {
+        self.tx
+            .send((msg, None))
+            .map_err(|_| PeerError::Closed(None))
+    }
+
+    /// Queues a stream frame once there is room in the stream window.
+    async fn send_paced(&self, msg: WsMessage) -> Result<(), PeerError> {
+        let permit = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| PeerError::Closed(None))?;
+        self.tx
+            .send((msg, Some(permit)))
+            .map_err(|_| PeerError::Closed(None))
+    }
+}
+
 type ReplySender = mpsc::UnboundedSender<Result<Message, PeerError>>;
 
 struct Shared {
     pending: Mutex<HashMap<u64, ReplySender>>,
     next_id: AtomicU64,
-    out: mpsc::UnboundedSender<WsMessage>,
+    out: Out,
     closed: watch::Receiver<Option<Option<u16>>>,
 }
 
