@@ -60,14 +60,25 @@ impl Token {
 /// Finds the configured token equal to `presented`. Every token is compared, so the time taken does
 /// not depend on which one matched.
 pub fn find_token<'a>(tokens: &'a [Token], presented: &str) -> Option<&'a Token> {
-    let digest = Digest::of(presented.as_bytes());
+    token_with(tokens, &Digest::of(presented.as_bytes()))
+}
+
+/// The configured token with this digest (every token is compared, in constant time).
+pub fn token_with<'a>(tokens: &'a [Token], digest: &Digest) -> Option<&'a Token> {
     let mut found = None;
     for token in tokens {
-        if token.digest.matches(&digest) && found.is_none() {
+        if token.digest.matches(digest) && found.is_none() {
             found = Some(token);
         }
     }
     found
+}
+
+/// The one rule for publishing: whether the token with this digest is configured and may
+/// publish `path`. A publish is checked with it when it arrives, again once its handshake is
+/// done, and on every reload for each backend that is up.
+pub fn may_publish(tokens: &[Token], digest: &Digest, path: &str) -> bool {
+    token_with(tokens, digest).is_some_and(|t| t.allows(path))
 }
 
 /// An endpoint pattern of a token: an exact path, or a prefix ending in `/*`.

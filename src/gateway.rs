@@ -2,144 +2,297 @@
 //! `request_filter`; nothing is proxied upstream.
 //!
 //! ```text
-//!  request ──> TLS check (403) ──> method (405) ──┬─ GET + token ──> publish checks (401/403/400)
-//!                                                 │                  └─> upgrade? (426) ──> ws::serve_backend ──> mux
-//!                                                 ├─ GET ──────────> upgrade? (426) ──> endpoint (404) ──> secret (401)
-//!                                                 │                  └─> room (503) ──> ws::serve_client ──> mux
-//!                                                 └─ POST ─────────> http_api::serve ──> mux
+//!  request ──> decide(facts, config, registry) ──┬─ Refuse ───> the status table's answer
+//!              (pure: the status table of         ├─ Publish ──> 101 ──> ws::serve_backend ──> mux
+//!               docs/http-api.md, in order)       ├─ Connect ──> join (503) ──> 101 ──> ws::serve_client ──> mux
+//!                                                 └─ Call ─────> http_api::serve (413, 400, ...) ──> mux
 //! ```
 //!
-//! The order of the checks is the status table of `docs/http-api.md`.
+//! [`decide`] holds every check that needs only the request line, the headers, the config and
+//! the endpoints, in the order of the status table; it is tested by a table of cases. What
+//! follows it (joining an endpoint, reading a body, the upgrade) happens in the hand-off.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::http::RequestHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::{Error, ErrorType};
 
+use crate::app::{ws_settings, App, Counted};
 use crate::auth::{self, Digest};
-use crate::config::{Config, Limits, Source};
-use crate::http_api::{self, refuse, refuse_join};
+use crate::config::Config;
+use crate::http_api::{self, refuse, refuse_join, split_call_path};
 use crate::metrics::Rejection;
-use crate::mux::{self, Endpoint, JoinError, Registry};
+use crate::mux::{self, Endpoint, Registry};
 use crate::timeouts::{self, Phase};
-use crate::tls::CertResolver;
-use crate::ws::{self, WsSettings, WsStream};
+use crate::ws::{self, WsStream};
 pub use duplex::address::Credentials;
-use rustls::sign::CertifiedKey;
-
-/// Everything the gateway's request handling shares: the config in force and the endpoints.
-pub struct App {
-    /// The config in force; replaced as a whole on reload.
-    pub config: ArcSwap<Config>,
-    /// Where the config comes from (reload reads it again).
-    pub source: Source,
-    /// All endpoints.
-    pub registry: Arc<Registry>,
-    /// The certificate of each TLS listener, by address.
-    pub certs: Vec<(SocketAddr, Arc<CertResolver>)>,
-    /// Requests in progress, for the graceful stop.
-    pub active: Active,
-    /// Held by a reload while it swaps the config and decides what it revokes, and by a publish
-    /// while it checks its token against the config in force and registers: so no backend slips
-    /// in with a token the reload just revoked.
-    pub publish_lock: std::sync::Mutex<()>,
-}
-
-/// Counts requests in progress, so a graceful stop can wait for them.
-#[derive(Default)]
-pub struct Active {
-    /// Set when the gateway stops: new requests get 503.
-    pub draining: AtomicBool,
-    /// HTTP calls in progress.
-    pub http: Arc<AtomicUsize>,
-    /// WebSocket connections open (they outlive their request: see [`crate::ws`]).
-    pub websockets: Arc<AtomicUsize>,
-}
-
-/// Counts one request or connection while it lives.
-struct Counted(Arc<AtomicUsize>);
-
-impl Counted {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
-        Counted(counter.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl App {
-    /// A gateway running on `config`, read from `source`, with the certificates `keys` of its
-    /// TLS listeners (see [`crate::tls::load_all`]).
-    pub fn new(config: Config, source: Source, keys: Vec<(SocketAddr, CertifiedKey)>) -> Arc<App> {
-        let registry = Registry::new(mux_limits(&config.limits));
-        Arc::new(App {
-            config: ArcSwap::from_pointee(config),
-            source,
-            registry,
-            certs: keys
-                .into_iter()
-                .map(|(addr, key)| (addr, CertResolver::new(key)))
-                .collect(),
-            active: Active::default(),
-            publish_lock: std::sync::Mutex::new(()),
-        })
-    }
-}
-
-/// The multiplexer's share of the limits.
-pub fn mux_limits(limits: &Limits) -> mux::Limits {
-    mux::Limits {
-        max_pending_calls_per_client: limits.max_pending_calls_per_client,
-        backend_grace: limits.backend_grace,
-        // A client may fall behind by 16 messages of the largest size before it counts as not
-        // reading (16 MiB with the default limit).
-        client_queue_bytes: queue_bytes(limits),
-        // A backend's queue has the same bound: clients then wait for it to read.
-        backend_queue_bytes: queue_bytes(limits),
-    }
-}
-
-/// What the gateway holds for one peer that does not read: 16 messages of the largest size (16
-/// MiB with the default limit), at least 64 KiB.
-fn queue_bytes(limits: &Limits) -> usize {
-    limits.max_message_bytes.saturating_mul(16).max(64 << 10)
-}
-
-/// WebSocket settings from the limits.
-pub fn ws_settings(limits: &Limits) -> WsSettings {
-    WsSettings {
-        max_message_bytes: limits.max_message_bytes,
-        handshake_timeout: limits.handshake_timeout,
-        ping_interval: limits.ping_interval,
-        write_timeout: std::time::Duration::from_secs(10),
-    }
-}
-
-/// The digest of the client secret `creds` carry, if it is the one `endpoint` wants.
-pub fn secret_for(creds: &Credentials, endpoint: &Endpoint) -> Option<Digest> {
-    creds
-        .secret
-        .as_deref()
-        .map(|s| Digest::of(s.as_bytes()))
-        .filter(|d| endpoint.secret_matches(d))
-}
 
 /// Reads the credentials of a request from its query string and headers.
 pub fn credentials(req: &RequestHeader) -> Credentials {
     Credentials::parse(req.uri.query(), |name| {
         req.headers.get(name).and_then(|v| v.to_str().ok())
     })
+}
+
+/// What [`decide`] needs to know about a request.
+#[derive(Debug)]
+pub struct Facts<'a> {
+    /// `GET`, `POST`, ...
+    pub method: &'a http::Method,
+    /// The path, as sent (not decoded).
+    pub path: &'a str,
+    /// Token, secret and `async` from the query string and headers.
+    pub creds: &'a Credentials,
+    /// The request came over TLS, or from a trusted proxy that says it did.
+    pub https: bool,
+    /// The request asks for a WebSocket upgrade.
+    pub upgrade: bool,
+    /// The gateway is stopping.
+    pub stopping: bool,
+}
+
+/// The answer of the status table for a request that goes no further.
+#[derive(Debug)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: u16,
+    /// The `reason` it is counted under, if any.
+    pub reason: Option<Rejection>,
+    /// The publishing token's name, when known (for the log line).
+    pub token: Option<String>,
+    /// What went wrong, for the error body.
+    pub message: Cow<'static, str>,
+    /// Extra response headers.
+    pub headers: &'static [(&'static str, &'static str)],
+    /// The endpoint whose HTTP call this was (its metrics count the answer).
+    pub endpoint: Option<Arc<Endpoint>>,
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// Answer with an error.
+    Refuse(Refusal),
+    /// A backend publishing `path`: upgrade, handshake, register.
+    Publish {
+        /// The publishing token's name and digest.
+        token: (String, Digest),
+        /// The secret clients must present from now on.
+        secret: Digest,
+    },
+    /// A client of `endpoint`: join, upgrade, handshake.
+    Connect {
+        /// The endpoint.
+        endpoint: Arc<Endpoint>,
+        /// The digest of the secret the client presented (checked).
+        secret: Digest,
+    },
+    /// An HTTP call of `method` on `endpoint`.
+    Call {
+        /// The endpoint.
+        endpoint: Arc<Endpoint>,
+        /// The method segment of the path.
+        method: String,
+        /// The digest of the secret the caller presented (checked).
+        secret: Digest,
+    },
+}
+
+fn refusal(
+    status: u16,
+    reason: Option<Rejection>,
+    message: impl Into<Cow<'static, str>>,
+) -> Decision {
+    Decision::Refuse(Refusal {
+        status,
+        reason,
+        token: None,
+        message: message.into(),
+        headers: &[],
+        endpoint: None,
+    })
+}
+
+/// The status table: every check that needs only the request, the config and the endpoints, in
+/// the order the table gives. Pure: it changes nothing.
+pub fn decide(req: &Facts<'_>, config: &Config, registry: &Registry) -> Decision {
+    if req.stopping {
+        return refusal(
+            503,
+            Some(Rejection::Stopping),
+            "the gateway is shutting down",
+        );
+    }
+    if config.tls_required && !req.https {
+        return refusal(
+            403,
+            Some(Rejection::TlsRequired),
+            "TLS required: use https:// or wss://",
+        );
+    }
+    let is_get = *req.method == http::Method::GET;
+    if !is_get && *req.method != http::Method::POST {
+        return Decision::Refuse(Refusal {
+            headers: &[("allow", "GET, POST")],
+            ..refused(
+                405,
+                None,
+                "only GET (WebSocket) and POST (calls) are served",
+            )
+        });
+    }
+    if let Err(why) = auth::check_escapes(req.path) {
+        return refusal(400, Some(Rejection::BadPath), why);
+    }
+    if !is_get {
+        return decide_call(req, registry);
+    }
+    match &req.creds.token {
+        Some(token) => decide_publish(req, token, config),
+        None => decide_connect(req, registry),
+    }
+}
+
+fn refused(status: u16, reason: Option<Rejection>, message: &'static str) -> Refusal {
+    Refusal {
+        status,
+        reason,
+        token: None,
+        message: Cow::Borrowed(message),
+        headers: &[],
+        endpoint: None,
+    }
+}
+
+fn upgrade_required() -> Decision {
+    Decision::Refuse(Refusal {
+        headers: &[("upgrade", "websocket")],
+        ..refused(
+            426,
+            None,
+            "a WebSocket upgrade is required (POST <endpoint>/<method> for plain HTTP calls)",
+        )
+    })
+}
+
+/// `GET <path>?token=T&secret=S`: 401, 403, 400 (path, secret), then 426.
+fn decide_publish(req: &Facts<'_>, presented: &str, config: &Config) -> Decision {
+    let Some(token) = auth::find_token(&config.tokens, presented) else {
+        return refusal(401, Some(Rejection::BadToken), "unknown publish token");
+    };
+    let named = |status, reason, message: Cow<'static, str>| {
+        Decision::Refuse(Refusal {
+            token: Some(token.name.clone()),
+            message,
+            ..refused(status, Some(reason), "")
+        })
+    };
+    if !token.allows(req.path) {
+        return named(
+            403,
+            Rejection::TokenScope,
+            "this token may not publish this path".into(),
+        );
+    }
+    if let Err(why) = auth::check_path(req.path) {
+        return named(
+            400,
+            Rejection::BadPath,
+            format!("invalid endpoint path: {why}").into(),
+        );
+    }
+    let fixed = config.endpoint(req.path).secret;
+    let secret = match (&req.creds.secret, fixed) {
+        (Some(given), Some(fixed)) => {
+            if !fixed.matches(&Digest::of(given.as_bytes())) {
+                return named(
+                    401,
+                    Rejection::BadSecret,
+                    "the secret differs from this endpoint's configured secret".into(),
+                );
+            }
+            fixed
+        }
+        (None, Some(fixed)) => fixed,
+        (Some(given), None) => Digest::of(given.as_bytes()),
+        (None, None) => {
+            return named(
+                400,
+                Rejection::NoSecret,
+                "a publish needs a client secret: ?secret= or X-Duplex-Secret".into(),
+            );
+        }
+    };
+    if !req.upgrade {
+        return upgrade_required();
+    }
+    Decision::Publish {
+        token: (token.name.clone(), token.digest),
+        secret,
+    }
+}
+
+/// `GET <path>?secret=S`: 426, 404, 401.
+fn decide_connect(req: &Facts<'_>, registry: &Registry) -> Decision {
+    if !req.upgrade {
+        return upgrade_required();
+    }
+    let Some(endpoint) = registry.lookup(req.path) else {
+        return refusal(
+            404,
+            Some(Rejection::NotFound),
+            "no backend is published at this path",
+        );
+    };
+    match secret_for(req.creds, &endpoint) {
+        Some(secret) => Decision::Connect { endpoint, secret },
+        None => refusal(401, Some(Rejection::BadSecret), "missing or wrong secret"),
+    }
+}
+
+/// `POST <endpoint>/<method>`: 404, 401 (the body's 413 and 400 come when it is read).
+fn decide_call(req: &Facts<'_>, registry: &Registry) -> Decision {
+    let Some((path, method)) = split_call_path(req.path) else {
+        return refusal(
+            404,
+            Some(Rejection::NotFound),
+            "POST <endpoint>/<method> calls a method",
+        );
+    };
+    let Some(endpoint) = registry.lookup(path) else {
+        return refusal(
+            404,
+            Some(Rejection::NotFound),
+            "no backend is published at this endpoint",
+        );
+    };
+    match secret_for(req.creds, &endpoint) {
+        Some(secret) => Decision::Call {
+            endpoint,
+            method: method.to_string(),
+            secret,
+        },
+        None => Decision::Refuse(Refusal {
+            endpoint: Some(endpoint),
+            ..refused(401, Some(Rejection::BadSecret), "missing or wrong secret")
+        }),
+    }
+}
+
+/// The digest of the client secret `creds` carry, if it is the one `endpoint` wants.
+fn secret_for(creds: &Credentials, endpoint: &Endpoint) -> Option<Digest> {
+    creds
+        .secret
+        .as_deref()
+        .map(|s| Digest::of(s.as_bytes()))
+        .filter(|d| endpoint.secret_matches(d))
 }
 
 /// The Pingora proxy: decides every request and serves it in `request_filter`.
@@ -154,147 +307,84 @@ impl Gateway {
     }
 
     async fn serve(&self, session: &mut Session) -> pingora::Result<()> {
+        let started = Instant::now();
         let config = self.app.config.load_full();
-        if self.app.active.draining.load(Ordering::SeqCst) {
-            session.set_keepalive(None);
-            return refuse(
-                session,
-                503,
-                Some(Rejection::Stopping),
-                None,
-                "the gateway is shutting down",
-                &[],
-            )
-            .await;
-        }
-
-        if config.tls_required && !is_https(session, &config) {
-            return refuse(
-                session,
-                403,
-                Some(Rejection::TlsRequired),
-                None,
-                "TLS required: use https:// or wss://",
-                &[],
-            )
-            .await;
-        }
-        let method = session.req_header().method.clone();
-        let is_get = method == http::Method::GET;
-        if !is_get && method != http::Method::POST {
-            return refuse(
-                session,
-                405,
-                None,
-                None,
-                "only GET (WebSocket) and POST (calls) are served",
-                &[("allow", "GET, POST")],
-            )
-            .await;
-        }
-        let path = session.req_header().uri.path().to_string();
-        if let Err(why) = auth::check_escapes(&path) {
-            return refuse(session, 400, Some(Rejection::BadPath), None, &why, &[]).await;
-        }
+        let stopping = self.app.active.draining.load(Ordering::SeqCst);
         let creds = credentials(session.req_header());
-        if !is_get {
-            let _counted = Counted::new(&self.app.active.http);
-            // Each path's future is boxed on its own, so a request only allocates (and moves)
-            // the state of the path it takes.
-            return Box::pin(http_api::serve(session, &self.app, &config, &path, &creds)).await;
-        }
-        match &creds.token {
-            Some(token) => Box::pin(self.publish(session, &config, &path, token, &creds)).await,
-            None => Box::pin(self.connect(session, &config, &path, &creds)).await,
+        let decision = {
+            let req = session.req_header();
+            let facts = Facts {
+                method: &req.method,
+                path: req.uri.path(),
+                creds: &creds,
+                https: is_https(session, &config),
+                upgrade: ws::is_upgrade(req),
+                stopping,
+            };
+            decide(&facts, &config, &self.app.registry)
+        };
+        match decision {
+            Decision::Refuse(refusal) => {
+                if stopping {
+                    session.set_keepalive(None);
+                }
+                refuse(
+                    session,
+                    refusal.status,
+                    refusal.reason,
+                    refusal.token.as_deref(),
+                    &refusal.message,
+                    refusal.headers,
+                )
+                .await?;
+                if let Some(endpoint) = refusal.endpoint {
+                    endpoint.count_http_call("401", started.elapsed().as_secs_f64());
+                }
+                Ok(())
+            }
+            Decision::Call {
+                endpoint,
+                method,
+                secret,
+            } => {
+                let _counted = Counted::new(&self.app.active.http);
+                // Each path's future is boxed on its own, so a request only allocates (and
+                // moves) the state of the path it takes.
+                let call = http_api::Call {
+                    endpoint: &endpoint,
+                    method: &method,
+                    secret,
+                    is_async: creds.is_async,
+                    started,
+                };
+                Box::pin(http_api::serve(session, &config, call)).await
+            }
+            Decision::Publish { token, secret } => {
+                Box::pin(self.publish(session, &config, token, secret)).await
+            }
+            Decision::Connect { endpoint, secret } => {
+                Box::pin(self.connect(session, &config, endpoint, secret)).await
+            }
         }
     }
 
-    /// `GET <path>?token=T&secret=S` with an upgrade: a backend publishing `path`.
+    /// A backend publishing the request's path: upgrade, then (in a task of its own) the
+    /// handshake, a last check of its credentials, and the registration.
     async fn publish(
         &self,
         session: &mut Session,
         config: &Config,
-        path: &str,
-        token: &str,
-        creds: &Credentials,
+        token: (String, Digest),
+        secret: Digest,
     ) -> pingora::Result<()> {
-        let Some(token) = auth::find_token(&config.tokens, token) else {
-            return refuse(
-                session,
-                401,
-                Some(Rejection::BadToken),
-                None,
-                "unknown publish token",
-                &[],
-            )
-            .await;
-        };
-        if !token.allows(path) {
-            return refuse(
-                session,
-                403,
-                Some(Rejection::TokenScope),
-                Some(&token.name),
-                "this token may not publish this path",
-                &[],
-            )
-            .await;
-        }
-        if let Err(why) = auth::check_path(path) {
-            return refuse(
-                session,
-                400,
-                Some(Rejection::BadPath),
-                Some(&token.name),
-                &format!("invalid endpoint path: {why}"),
-                &[],
-            )
-            .await;
-        }
-        let fixed = config.endpoint(path).secret;
-        let secret = match (&creds.secret, fixed) {
-            (Some(given), Some(fixed)) => {
-                if !fixed.matches(&Digest::of(given.as_bytes())) {
-                    return refuse(
-                        session,
-                        401,
-                        Some(Rejection::BadSecret),
-                        Some(&token.name),
-                        "the secret differs from this endpoint's configured secret",
-                        &[],
-                    )
-                    .await;
-                }
-                fixed
-            }
-            (None, Some(fixed)) => fixed,
-            (Some(given), None) => Digest::of(given.as_bytes()),
-            (None, None) => {
-                return refuse(
-                    session,
-                    400,
-                    Some(Rejection::NoSecret),
-                    Some(&token.name),
-                    "a publish needs a client secret: ?secret= or X-Duplex-Secret",
-                    &[],
-                )
-                .await;
-            }
-        };
-        if !ws::is_upgrade(session.req_header()) {
-            return upgrade_required(session).await;
-        }
+        let path = session.req_header().uri.path().to_string();
         let settings = ws_settings(&config.limits);
         let counted = Counted::new(&self.app.active.websockets);
         let Some(ws) = WsStream::upgrade(session, &settings).await else {
             return Ok(());
         };
-        let (app, path, token_name, token_digest) = (
-            self.app.clone(),
-            path.to_string(),
-            token.name.clone(),
-            token.digest,
-        );
+        let app = self.app.clone();
+        let (token_name, token_digest) = token;
         tokio::spawn(async move {
             let _counted = counted;
             let settings = || ws_settings(&app.config.load().limits);
@@ -313,10 +403,7 @@ impl Gateway {
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
                 let now = app.config.load();
-                let allowed = now
-                    .tokens
-                    .iter()
-                    .any(|t| t.digest.matches(&token_digest) && t.allows(&path));
+                let allowed = auth::may_publish(&now.tokens, &token_digest, &path);
                 let secret_ok = now
                     .endpoint(&path)
                     .secret
@@ -339,32 +426,16 @@ impl Gateway {
         Ok(())
     }
 
-    /// `GET <path>?secret=S` with an upgrade: a client of the endpoint at `path`.
+    /// A client of `endpoint`: join (503 when it is full), upgrade, then serve it in a task of
+    /// its own.
     async fn connect(
         &self,
         session: &mut Session,
         config: &Config,
-        path: &str,
-        creds: &Credentials,
+        endpoint: Arc<Endpoint>,
+        secret: Digest,
     ) -> pingora::Result<()> {
-        if !ws::is_upgrade(session.req_header()) {
-            return upgrade_required(session).await;
-        }
-        let Some(endpoint) = self.app.registry.lookup(path) else {
-            return refuse(
-                session,
-                404,
-                Some(Rejection::NotFound),
-                None,
-                "no backend is published at this path",
-                &[],
-            )
-            .await;
-        };
-        let Some(secret) = secret_for(creds, &endpoint) else {
-            return refuse_join(session, JoinError::BadSecret).await;
-        };
-        let conn = match endpoint.join(true, config.max_clients(path), &secret) {
+        let conn = match endpoint.join(true, config.max_clients(endpoint.path()), &secret) {
             Ok(conn) => conn,
             Err(e) => return refuse_join(session, e).await,
         };
@@ -379,18 +450,6 @@ impl Gateway {
         });
         Ok(())
     }
-}
-
-async fn upgrade_required(session: &mut Session) -> pingora::Result<()> {
-    refuse(
-        session,
-        426,
-        None,
-        None,
-        "a WebSocket upgrade is required (POST <endpoint>/<method> for plain HTTP calls)",
-        &[("upgrade", "websocket")],
-    )
-    .await
 }
 
 /// Whether the request came over TLS, or from a trusted proxy that terminated TLS.
@@ -525,5 +584,96 @@ mod tests {
         ));
         assert_eq!(c.token.as_deref(), Some("tok"));
         assert_eq!(c.secret.as_deref(), Some("h"));
+    }
+
+    const MAIN: &str = "main-token-0123456789";
+    const TEAM: &str = "team-token-0123456789";
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "listen: [{{address: 127.0.0.1:1}}]\ntokens:\n  - {{name: main, token: {MAIN}, endpoints: ['/*']}}\n  - {{name: team, token: {TEAM}, endpoints: ['/team/*']}}\nendpoints:\n  - {{path: /fixed, secret: fixed-secret}}\n{extra}"
+        );
+        crate::config::parse(&text, "test", &|_| None).expect("config")
+    }
+
+    /// What a decision comes to, for the table: the status (or the hand-off) and the reason.
+    fn outcome(d: &Decision) -> (String, Option<&'static str>) {
+        match d {
+            Decision::Refuse(r) => (r.status.to_string(), r.reason.map(Rejection::as_str)),
+            Decision::Publish { .. } => ("publish".into(), None),
+            Decision::Connect { .. } => ("connect".into(), None),
+            Decision::Call { .. } => ("call".into(), None),
+        }
+    }
+
+    /// (case, method, path, query, https, upgrade, stopping, config, expected, reason)
+    type Case<'a> = (
+        &'a str,
+        &'a http::Method,
+        &'a str,
+        String,
+        bool,
+        bool,
+        bool,
+        &'a Config,
+        &'a str,
+        Option<&'a str>,
+    );
+
+    #[test]
+    fn the_status_table_in_order() {
+        let registry = Registry::new(mux::Limits::default());
+        // A live endpoint at /live (secret "s"), kept up for the whole table.
+        let _backend = registry.publish(
+            "/live",
+            Digest::of(b"s"),
+            ("main", Digest::of(MAIN.as_bytes())),
+        );
+        let plain = config("");
+        let tls = config("tls: {required: true}");
+        let get = http::Method::GET;
+        let post = http::Method::POST;
+        let put = http::Method::PUT;
+        let creds = |q: &str| Credentials::parse(Some(q), |_| None);
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            ("stopping wins", &get, "/live", "secret=s".to_string(), true, true, true, &plain, "503", Some("stopping")),
+            ("plain HTTP when TLS is required", &get, "/live", "secret=s".to_string(), false, true, false, &tls, "403", Some("tls_required")),
+            ("over TLS it goes on", &get, "/live", "secret=s".to_string(), true, true, false, &tls, "connect", None),
+            ("PUT", &put, "/live/m", "".to_string(), false, false, false, &plain, "405", None),
+            ("TLS before method", &put, "/live/m", "".to_string(), false, false, false, &tls, "403", Some("tls_required")),
+            ("escaped dot-dot", &post, "/live/%2e%2e/m", "secret=s".to_string(), false, false, false, &plain, "400", Some("bad_path")),
+            ("escaped slash, publish", &get, "/a%2fb", format!("token={MAIN}&secret=s"), false, true, false, &plain, "400", Some("bad_path")),
+            ("unknown token", &get, "/x", "token=nope-0123456789abc&secret=s".to_string(), false, true, false, &plain, "401", Some("bad_token")),
+            ("token out of scope", &get, "/x", format!("token={TEAM}&secret=s"), false, true, false, &plain, "403", Some("token_scope")),
+            ("invalid publish path", &get, "/a/../b", format!("token={MAIN}&secret=s"), false, true, false, &plain, "400", Some("bad_path")),
+            ("publish without secret", &get, "/x", format!("token={MAIN}"), false, true, false, &plain, "400", Some("no_secret")),
+            ("publish with a fixed secret, none given", &get, "/fixed", format!("token={MAIN}"), false, true, false, &plain, "publish", None),
+            ("publish naming another secret than the fixed one", &get, "/fixed", format!("token={MAIN}&secret=other"), false, true, false, &plain, "401", Some("bad_secret")),
+            ("publish without upgrade", &get, "/x", format!("token={MAIN}&secret=s"), false, false, false, &plain, "426", None),
+            ("publish", &get, "/team/a", format!("token={TEAM}&secret=s"), false, true, false, &plain, "publish", None),
+            ("client without upgrade", &get, "/live", "secret=s".to_string(), false, false, false, &plain, "426", None),
+            ("client of nothing", &get, "/none", "secret=s".to_string(), false, true, false, &plain, "404", Some("not_found")),
+            ("client with a wrong secret", &get, "/live", "secret=wrong".to_string(), false, true, false, &plain, "401", Some("bad_secret")),
+            ("client without secret", &get, "/live", "".to_string(), false, true, false, &plain, "401", Some("bad_secret")),
+            ("client", &get, "/live", "secret=s".to_string(), false, true, false, &plain, "connect", None),
+            ("call without method", &post, "/live/", "secret=s".to_string(), false, false, false, &plain, "404", Some("not_found")),
+            ("call of nothing", &post, "/none/m", "secret=s".to_string(), false, false, false, &plain, "404", Some("not_found")),
+            ("call with a wrong secret", &post, "/live/m", "secret=wrong".to_string(), false, false, false, &plain, "401", Some("bad_secret")),
+            ("call", &post, "/live/echo", "secret=s".to_string(), false, false, false, &plain, "call", None),
+        ];
+        for (name, method, path, query, https, upgrade, stopping, config, status, reason) in cases {
+            let creds = creds(&query);
+            let facts = Facts {
+                method,
+                path,
+                creds: &creds,
+                https,
+                upgrade,
+                stopping,
+            };
+            let got = outcome(&decide(&facts, config, &registry));
+            assert_eq!(got, (status.to_string(), reason), "{name}");
+        }
     }
 }

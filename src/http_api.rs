@@ -6,6 +6,7 @@
 //! (`application/x-ndjson`, chunked) for a reply stream; `202` at once for `async=true`; errors as
 //! `{"error": {...}}` with the statuses of `docs/http-api.md`.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -13,11 +14,11 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde_json::value::RawValue;
 
+use crate::auth::Digest;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
-use crate::gateway::{secret_for, App, Credentials};
 use crate::metrics::{metrics, Rejection};
-use crate::mux::{ClientConn, JoinError};
+use crate::mux::{ClientConn, Endpoint, JoinError};
 
 /// The status recorded for a call whose caller hung up before the reply (nginx's 499).
 const CLIENT_CLOSED: u16 = 499;
@@ -27,63 +28,50 @@ const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub use duplex::address::split_call_path;
 
-/// Serves one `POST`.
-pub async fn serve(
-    session: &mut Session,
-    app: &App,
-    config: &Config,
-    path: &str,
-    creds: &Credentials,
-) -> pingora::Result<()> {
-    let started = Instant::now();
+/// An HTTP call the status table let through.
+pub struct Call<'a> {
+    /// The endpoint called.
+    pub endpoint: &'a Arc<Endpoint>,
+    /// The method segment of the path.
+    pub method: &'a str,
+    /// The digest of the caller's secret (checked).
+    pub secret: Digest,
+    /// `async=true`: answer 202 once sent.
+    pub is_async: bool,
+    /// When the request arrived (`call_timeout` counts from here).
+    pub started: Instant,
+}
+
+/// Serves one `POST` that [`crate::gateway::decide`] let through: reads the body, sends the
+/// call, writes the answer, and counts it in the endpoint's metrics.
+pub async fn serve(session: &mut Session, config: &Config, call: Call<'_>) -> pingora::Result<()> {
     // A caller that stops reading its reply must not hold the call forever.
     session.set_write_timeout(Some(WRITE_TIMEOUT));
-    let Some((endpoint_path, method)) = split_call_path(path) else {
-        return refuse(
-            session,
-            404,
-            Some(Rejection::NotFound),
-            None,
-            "POST <endpoint>/<method> calls a method",
-            &[],
-        )
-        .await;
-    };
-    let Some(endpoint) = app.registry.lookup(endpoint_path) else {
-        return refuse(
-            session,
-            404,
-            Some(Rejection::NotFound),
-            None,
-            "no backend is published at this endpoint",
-            &[],
-        )
-        .await;
-    };
-    // `call_timeout` covers the whole call, from here to its reply.
+    // `call_timeout` covers the whole call, from its arrival to its reply.
     let deadline = config
         .limits
         .call_timeout
-        .map(|t| tokio::time::Instant::from_std(started) + t);
-    let status = call(session, config, &endpoint, method, creds, deadline).await?;
+        .map(|t| tokio::time::Instant::from_std(call.started) + t);
+    let (endpoint, started) = (call.endpoint, call.started);
+    let status = run(session, config, call, deadline).await?;
     endpoint.count_http_call(status_label(status), started.elapsed().as_secs_f64());
     Ok(())
 }
 
 /// The call itself; returns the status answered.
-async fn call(
+async fn run(
     session: &mut Session,
     config: &Config,
-    endpoint: &std::sync::Arc<crate::mux::Endpoint>,
-    method: &str,
-    creds: &Credentials,
+    call: Call<'_>,
     deadline: Option<tokio::time::Instant>,
 ) -> pingora::Result<u16> {
-    let Some(secret) = secret_for(creds, endpoint) else {
-        refuse_join(session, JoinError::BadSecret).await?;
-        return Ok(401);
-    };
-
+    let Call {
+        endpoint,
+        method,
+        secret,
+        is_async,
+        ..
+    } = call;
     let max = config.limits.max_http_body_bytes;
     let body = match read_body(session, max).await? {
         Ok(body) => body,
@@ -118,7 +106,7 @@ async fn call(
         }
     };
 
-    if creds.is_async {
+    if is_async {
         let request = Message::request_raw(method, None, payload);
         match until(deadline, conn.send(request)).await {
             Ok(None) => {}

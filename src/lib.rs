@@ -9,26 +9,29 @@
 //!
 //! - [`config`]: the YAML file format, `${ENV}` substitution and validation, and the [`Config`]
 //!   model the gateway runs on.
-//! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the
-//!   trusted-proxy check.
-//! - [`gateway`]: the Pingora `ProxyHttp` implementation: the status-code decision for every
-//!   request, then the hand-off to [`ws`] or [`http_api`].
+//! - [`app`]: the shared state: the config in force, the endpoints, certificates, requests in
+//!   progress.
+//! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the one
+//!   rule for "may this token publish this path", the trusted-proxy check.
+//! - [`gateway`]: the Pingora `ProxyHttp` implementation: [`gateway::decide`], the status table
+//!   as a pure function, then the hand-off to [`ws`] or [`http_api`].
+//! - [`timeouts`]: the request-header and keep-alive idle deadlines of every HTTP connection.
 //! - [`ws`]: the upgrade answer, then (on the socket taken out of Pingora's session, in a task of
 //!   its own) WebSocket framing, the Duplex handshake, pings, and the loop between the socket and
 //!   the multiplexer.
-//! - [`http_api`]: `POST <endpoint>/<method>`: sync, streamed (NDJSON) and async calls.
-//! - [`mux`]: endpoints, backends, clients and the call table (id rewriting, routes, grace). Knows
-//!   nothing about Pingora.
-//! - [`duplex`]: the protocol (messages, handshake, error codes) and a Rust peer for backends and
-//!   clients. Knows nothing about the multiplexer.
+//! - [`http_api`]: `POST <endpoint>/<method>`: body, sync, streamed (NDJSON) and async calls.
+//! - [`mux`]: endpoints, backends, clients and the call table (id rewriting, routes, grace,
+//!   byte-bounded queues). Knows nothing about Pingora.
+//! - [`duplex`]: the protocol (messages, handshake, error codes, addressing) and a Rust peer: the
+//!   workspace's `duplex` crate, which builds without Pingora.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.
-//! - [`timeouts`]: the request-header and keep-alive idle deadlines on every HTTP connection.
 //! - [`server`]: assembles the Pingora server (listeners, metrics, reload, shutdown).
 //!
 //! [`Config`]: config::Config
 
+pub mod app;
 pub mod auth;
 pub mod config;
 /// The protocol and the Rust peer: the `duplex` crate of this workspace, re-exported.

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use duplex_gateway::app::App;
 use duplex_gateway::config::{Config, ConfigError, Source, BUILTIN_TOKEN_VAR};
-use duplex_gateway::gateway::App;
 use tracing_subscriber::EnvFilter;
 
 /// Publishes private Duplex RPC services on the web.

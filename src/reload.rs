@@ -12,9 +12,9 @@ use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::app::{mux_limits, App};
 use crate::auth::Digest;
 use crate::config::Config;
-use crate::gateway::{mux_limits, App};
 use crate::metrics::metrics;
 use crate::mux::{close, CloseReason};
 
@@ -77,10 +77,7 @@ pub fn plan(old: &Config, new: &Config, live: &[Live]) -> Vec<Action> {
     let mut actions = Vec::new();
     for endpoint in live {
         if let Some(token) = endpoint.backend_token {
-            let still_allowed = new
-                .tokens
-                .iter()
-                .any(|t| t.digest.matches(&token) && t.allows(&endpoint.path));
+            let still_allowed = crate::auth::may_publish(&new.tokens, &token, &endpoint.path);
             if !still_allowed {
                 actions.push(Action::CloseBackend {
                     path: endpoint.path.clone(),

@@ -12,8 +12,9 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::app::App;
 use crate::config::Config;
-use crate::gateway::{App, Gateway};
+use crate::gateway::Gateway;
 use crate::mux::{close, CloseReason};
 use crate::timeouts::Front;
 

@@ -336,7 +336,7 @@ impl WsStream {
     }
 
     /// Waits for the Duplex handshake; a bad one is answered with `-ERR` and closed. True when it
-    /// is valid: the caller registers the peer, then answers with [`WsStream::accept_handshake`],
+    /// is valid: the caller registers the peer, then answers with `WsStream::accept_handshake`,
     /// so a peer that has seen `+OK` is known to the multiplexer.
     pub async fn handshake(&mut self, timeout: Duration) -> bool {
         let self_max = self.max_message;

@@ -608,6 +608,14 @@ fn remember(seen: &mut Vec<&'static str>, value: &'static str) {
     }
 }
 
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
 /// The sending side of a client's queue. The queue is bounded in bytes, not frames, so a burst
 /// of small frames to a client that reads is fine, while a client that stops reading is found.
 #[derive(Clone)]
