@@ -8,6 +8,10 @@
 //! - `echo`: answers with its payload.
 //! - `count`: payload `n` (1 to 1,000,000): streams the replies 1, 2, ..., n.
 //! - `add`: sums numbers: a number or an array of numbers, or streamed input of those.
+//!
+//! Ctrl-C (SIGINT) drains it first: the gateway sends no new calls here, the running ones
+//! finish, then it exits. Start the new version before stopping the old one (with
+//! `limits.max_backends_per_endpoint` of 2 or more) and a deploy loses no call.
 
 use std::time::Duration;
 
@@ -118,8 +122,19 @@ async fn main() -> Result<(), PeerError> {
         match result {
             Ok(peer) => {
                 eprintln!("published echo, count and add at {url}");
-                let code = peer.closed().await;
-                eprintln!("connection closed (code {code:?})");
+                tokio::select! {
+                    code = peer.closed() => eprintln!("connection closed (code {code:?})"),
+                    _ = tokio::signal::ctrl_c() => {
+                        // A rolling deploy: no new calls come here; the running ones finish.
+                        eprintln!("draining: no new calls, waiting for the running ones");
+                        match peer.drain().await {
+                            Ok(pending) => eprintln!("drained ({pending} calls still running)"),
+                            Err(e) => eprintln!("drain failed: {e}"),
+                        }
+                        peer.close();
+                        return Ok(());
+                    }
+                }
             }
             Err(e) => {
                 eprintln!("cannot publish at {url}: {e}");

@@ -87,6 +87,7 @@ pub fn mux_limits(limits: &Limits) -> mux::Limits {
         client_queue_bytes: queue_bytes(limits),
         // A backend's queue has the same bound: clients then wait for it to read.
         backend_queue_bytes: queue_bytes(limits),
+        drain_timeout: limits.drain_timeout,
     }
 }
 

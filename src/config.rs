@@ -77,6 +77,8 @@ pub struct EndpointConfig {
     pub secret: Option<Digest>,
     /// Clients allowed at once (else `limits.max_clients_per_endpoint`).
     pub max_clients: Option<usize>,
+    /// Live backends in its pool (else `limits.max_backends_per_endpoint`).
+    pub max_backends: Option<usize>,
 }
 
 /// The limits section.
@@ -103,6 +105,10 @@ pub struct Limits {
     pub request_header_timeout: Duration,
     /// Time a keep-alive HTTP connection may wait for its next request.
     pub http_idle_timeout: Duration,
+    /// Live backends per endpoint unless the endpoint says otherwise.
+    pub max_backends_per_endpoint: usize,
+    /// The longest a backend's drain waits for its calls to end.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -118,6 +124,8 @@ impl Default for Limits {
             ping_interval: Duration::from_secs(30),
             request_header_timeout: Duration::from_secs(10),
             http_idle_timeout: Duration::from_secs(60),
+            max_backends_per_endpoint: 1,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -145,6 +153,14 @@ impl Config {
     /// Settings of the endpoint at `path` (defaults if it has none).
     pub fn endpoint(&self, path: &str) -> EndpointConfig {
         self.endpoints.get(path).cloned().unwrap_or_default()
+    }
+
+    /// Live backends allowed in the pool of `path`.
+    pub fn max_backends(&self, path: &str) -> usize {
+        self.endpoints
+            .get(path)
+            .and_then(|e| e.max_backends)
+            .unwrap_or(self.limits.max_backends_per_endpoint)
     }
 
     /// Clients allowed at once on `path`.
@@ -642,6 +658,8 @@ struct FileEndpoint {
     secret: Option<Secret>,
     #[serde(default)]
     max_clients: Option<Count>,
+    #[serde(default)]
+    max_backends: Option<Count>,
 }
 
 #[derive(Deserialize, Default)]
@@ -657,6 +675,8 @@ struct FileLimits {
     ping_interval: Option<PositiveDur>,
     request_header_timeout: Option<PositiveDur>,
     http_idle_timeout: Option<PositiveDur>,
+    max_backends_per_endpoint: Option<Count>,
+    drain_timeout: Option<PositiveDur>,
 }
 
 impl FileConfig {
@@ -763,6 +783,7 @@ impl FileConfig {
                 EndpointConfig {
                     secret: e.secret.map(|s| s.0),
                     max_clients: e.max_clients.map(|c| c.0),
+                    max_backends: e.max_backends.map(|c| c.0),
                 },
             );
         }
@@ -790,6 +811,10 @@ impl FileConfig {
                 .request_header_timeout
                 .map_or(d.request_header_timeout, |x| x.0),
             http_idle_timeout: l.http_idle_timeout.map_or(d.http_idle_timeout, |x| x.0),
+            max_backends_per_endpoint: l
+                .max_backends_per_endpoint
+                .map_or(d.max_backends_per_endpoint, |c| c.0),
+            drain_timeout: l.drain_timeout.map_or(d.drain_timeout, |x| x.0),
         };
 
         Ok(Config {

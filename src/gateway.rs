@@ -28,7 +28,7 @@ use crate::app::{ws_settings, App, Counted};
 use crate::auth::{self, Digest};
 use crate::config::Config;
 use crate::http_api::{self, refuse, refuse_join, split_call_path};
-use crate::metrics::Rejection;
+use crate::metrics::{metrics, Rejection};
 use crate::mux::{self, Endpoint, Registry};
 use crate::timeouts::{self, Phase};
 use crate::ws::{self, WsStream};
@@ -121,7 +121,8 @@ fn refusal(
 }
 
 /// The status table: every check that needs only the request, the config and the endpoints, in
-/// the order the table gives. Pure: it changes nothing.
+/// the order of `docs/http-api.md` (a gateway that is stopping answers 503 before anything
+/// else). Pure: it changes nothing.
 pub fn decide(req: &Facts<'_>, config: &Config, registry: &Registry) -> Decision {
     if req.stopping {
         return refusal(
@@ -155,7 +156,7 @@ pub fn decide(req: &Facts<'_>, config: &Config, registry: &Registry) -> Decision
         return decide_call(req, registry);
     }
     match &req.creds.token {
-        Some(token) => decide_publish(req, token, config),
+        Some(token) => decide_publish(req, token, config, registry),
         None => decide_connect(req, registry),
     }
 }
@@ -182,8 +183,13 @@ fn upgrade_required() -> Decision {
     })
 }
 
-/// `GET <path>?token=T&secret=S`: 401, 403, 400 (path, secret), then 426.
-fn decide_publish(req: &Facts<'_>, presented: &str, config: &Config) -> Decision {
+/// `GET <path>?token=T&secret=S`: 401, 403, 400 (path, secret), 409, then 426.
+fn decide_publish(
+    req: &Facts<'_>,
+    presented: &str,
+    config: &Config,
+    registry: &Registry,
+) -> Decision {
     let Some(token) = auth::find_token(&config.tokens, presented) else {
         return refusal(401, Some(Rejection::BadToken), "unknown publish token");
     };
@@ -230,6 +236,19 @@ fn decide_publish(req: &Facts<'_>, presented: &str, config: &Config) -> Decision
             );
         }
     };
+    // A pool shares one secret: a publish naming another one than its live backends' is
+    // refused, unless the config fixes the secret (then the checks above decided).
+    if fixed.is_none()
+        && registry
+            .lookup(req.path)
+            .is_some_and(|e| e.secret_conflicts(&secret))
+    {
+        return named(
+            409,
+            Rejection::SecretConflict,
+            "the endpoint's live backends use another secret".into(),
+        );
+    }
     if !req.upgrade {
         return upgrade_required();
     }
@@ -415,10 +434,27 @@ impl Gateway {
                         "credentials revoked by a config reload",
                     ));
                 }
-                tracing::info!(endpoint = %path, token = %token_name, "backend published");
-                Ok(app
-                    .registry
-                    .publish(&path, secret, (&token_name, token_digest)))
+                let fixed = now.endpoint(&path).secret.is_some();
+                match app.registry.publish(
+                    &path,
+                    secret,
+                    (&token_name, token_digest),
+                    now.max_backends(&path),
+                    fixed,
+                ) {
+                    Ok(conn) => {
+                        tracing::info!(endpoint = %path, token = %token_name, "backend published");
+                        Ok(conn)
+                    }
+                    Err(mux::PublishError::SecretConflict) => {
+                        metrics().reject(Rejection::SecretConflict);
+                        tracing::info!(endpoint = %path, token = %token_name, "publish refused: another backend joined with another secret meanwhile");
+                        Err(mux::CloseReason::new(
+                            mux::close::POLICY,
+                            "the endpoint's live backends use another secret",
+                        ))
+                    }
+                }
             })
             .await;
             tracing::info!(endpoint = %path, token = %token_name, "backend disconnected");
@@ -624,11 +660,15 @@ mod tests {
     fn the_status_table_in_order() {
         let registry = Registry::new(mux::Limits::default());
         // A live endpoint at /live (secret "s"), kept up for the whole table.
-        let _backend = registry.publish(
-            "/live",
-            Digest::of(b"s"),
-            ("main", Digest::of(MAIN.as_bytes())),
-        );
+        let _backend = registry
+            .publish(
+                "/live",
+                Digest::of(b"s"),
+                ("main", Digest::of(MAIN.as_bytes())),
+                1,
+                false,
+            )
+            .expect("publish");
         let plain = config("");
         let tls = config("tls: {required: true}");
         let get = http::Method::GET;
@@ -650,6 +690,8 @@ mod tests {
             ("publish without secret", &get, "/x", format!("token={MAIN}"), false, true, false, &plain, "400", Some("no_secret")),
             ("publish with a fixed secret, none given", &get, "/fixed", format!("token={MAIN}"), false, true, false, &plain, "publish", None),
             ("publish naming another secret than the fixed one", &get, "/fixed", format!("token={MAIN}&secret=other"), false, true, false, &plain, "401", Some("bad_secret")),
+            ("another secret than the pool's", &get, "/live", format!("token={MAIN}&secret=other"), false, true, false, &plain, "409", Some("secret_conflict")),
+            ("the pool's secret", &get, "/live", format!("token={MAIN}&secret=s"), false, true, false, &plain, "publish", None),
             ("publish without upgrade", &get, "/x", format!("token={MAIN}&secret=s"), false, false, false, &plain, "426", None),
             ("publish", &get, "/team/a", format!("token={TEAM}&secret=s"), false, true, false, &plain, "publish", None),
             ("client without upgrade", &get, "/live", "secret=s".to_string(), false, false, false, &plain, "426", None),

@@ -73,9 +73,13 @@ async fn run(
         ..
     } = call;
     let max = config.limits.max_http_body_bytes;
-    let body = match read_body(session, max).await? {
-        Ok(body) => body,
-        Err(status) => return Ok(status),
+    // The body counts against the call's time too: a trickled body cannot hold a call.
+    let body = match until(deadline, read_body(session, max)).await {
+        Ok(read) => match read? {
+            Ok(body) => body,
+            Err(status) => return Ok(status),
+        },
+        Err(_) => return timed_out(session).await,
     };
     let payload: Box<RawValue> = if body.iter().all(u8::is_ascii_whitespace) {
         RawValue::from_string("null".into()).map_err(internal)?

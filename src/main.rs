@@ -32,10 +32,11 @@ fn main() -> ExitCode {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .with(filter)
-        // Pingora's trace lines print whole request headers (query string, Authorization,
-        // X-Duplex-Secret included): never shown, whatever RUST_LOG asks for.
+        // Pingora's debug and trace lines print whole request headers (a request it cannot
+        // parse, with its query string, Authorization and X-Duplex-Secret): never shown,
+        // whatever RUST_LOG asks for.
         .with(tracing_subscriber::filter::filter_fn(|meta| {
-            !(*meta.level() == tracing::Level::TRACE && meta.target().starts_with("pingora"))
+            !(*meta.level() > tracing::Level::INFO && meta.target().starts_with("pingora"))
         }))
         .init();
     let args = Args::parse();

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// `duplex_gateway_config_last_reload_success_timestamp_seconds`
     pub last_reload_success: IntGauge,
+    /// `duplex_gateway_backend_failovers_total{endpoint}`
+    pub failovers: IntCounterVec,
 }
 
 /// Why a request was refused: the `reason` label of `duplex_gateway_rejected_requests_total`.
@@ -58,6 +60,8 @@ pub enum Rejection {
     BadHandshake,
     /// The endpoint has all the clients it may have.
     Full,
+    /// A publish whose secret differs from the pool's.
+    SecretConflict,
     /// A path with `%`-escaped separators or control characters, or an invalid endpoint path.
     BadPath,
     /// The gateway is stopping.
@@ -66,7 +70,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::TlsRequired,
         Rejection::BadToken,
         Rejection::TokenScope,
@@ -79,6 +83,7 @@ impl Rejection {
         Rejection::Full,
         Rejection::BadPath,
         Rejection::Stopping,
+        Rejection::SecretConflict,
     ];
 
     /// The label value.
@@ -95,6 +100,7 @@ impl Rejection {
             Rejection::BadHandshake => "bad_handshake",
             Rejection::Full => "full",
             Rejection::BadPath => "bad_path",
+            Rejection::SecretConflict => "secret_conflict",
             Rejection::Stopping => "stopping",
         }
     }
@@ -147,6 +153,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
     (
         "duplex_gateway_config_reloads_total",
         "Configuration reloads, per result",
+        "counter",
+    ),
+    (
+        "duplex_gateway_backend_failovers_total",
+        "Clients moved to another backend of the pool because theirs left, per endpoint",
         "counter",
     ),
     (
@@ -226,6 +237,12 @@ impl Metrics {
             last_reload_success: register_int_gauge!(
                 "duplex_gateway_config_last_reload_success_timestamp_seconds",
                 "Unix time of the last successful configuration load"
+            )
+            .unwrap_or_else(|e| fail(e)),
+            failovers: register_int_counter_vec!(
+                "duplex_gateway_backend_failovers_total",
+                "Clients moved to another backend of the pool because theirs left, per endpoint",
+                &["endpoint"]
             )
             .unwrap_or_else(|e| fail(e)),
         }
@@ -313,6 +330,7 @@ mod tests {
         m.dropped.with_label_values(&["/family-test", "x"]);
         m.http_requests.with_label_values(&["/family-test", "200"]);
         m.http_duration.with_label_values(&["/family-test"]);
+        m.failovers.with_label_values(&["/family-test"]);
         m.touch();
         let mut registered: Vec<String> = prometheus::gather()
             .iter()

@@ -23,17 +23,24 @@ use crate::mux::{close, CloseReason};
 pub struct Live {
     /// The endpoint path.
     pub path: String,
-    /// The digest of the token its backend published with, if a backend is connected.
-    pub backend_token: Option<Digest>,
+    /// The digests of the tokens its live backends published with.
+    pub backend_tokens: Vec<Digest>,
 }
 
 /// What a new config makes the gateway do to live connections.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Close the backend of `path` with 1008: its token is gone or may no longer publish `path`.
+    /// Close the backends of `path` whose token is gone or may no longer publish `path` (1008).
     CloseBackend {
         /// The endpoint.
         path: String,
+    },
+    /// Close the longest-connected backends of `path` over the new pool size (1012).
+    ShrinkPool {
+        /// The endpoint.
+        path: String,
+        /// The new pool size.
+        size: usize,
     },
     /// Close the clients of `path` with 1008: the endpoint's fixed secret changed. New clients
     /// must present `secret` (None: the secret stays the one the backend published with).
@@ -50,6 +57,9 @@ impl PartialEq for Action {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Action::CloseBackend { path: a }, Action::CloseBackend { path: b }) => a == b,
+            (Action::ShrinkPool { path: a, size: x }, Action::ShrinkPool { path: b, size: y }) => {
+                a == b && x == y
+            }
             (
                 Action::CloseClients {
                     path: a,
@@ -76,13 +86,22 @@ impl PartialEq for Action {
 pub fn plan(old: &Config, new: &Config, live: &[Live]) -> Vec<Action> {
     let mut actions = Vec::new();
     for endpoint in live {
-        if let Some(token) = endpoint.backend_token {
-            let still_allowed = crate::auth::may_publish(&new.tokens, &token, &endpoint.path);
-            if !still_allowed {
-                actions.push(Action::CloseBackend {
-                    path: endpoint.path.clone(),
-                });
-            }
+        let allowed = endpoint
+            .backend_tokens
+            .iter()
+            .filter(|token| crate::auth::may_publish(&new.tokens, token, &endpoint.path))
+            .count();
+        if allowed < endpoint.backend_tokens.len() {
+            actions.push(Action::CloseBackend {
+                path: endpoint.path.clone(),
+            });
+        }
+        let size = new.max_backends(&endpoint.path);
+        if allowed > size {
+            actions.push(Action::ShrinkPool {
+                path: endpoint.path.clone(),
+                size,
+            });
         }
         let old_secret = old.endpoint(&endpoint.path).secret;
         let new_secret = new.endpoint(&endpoint.path).secret;
@@ -144,7 +163,7 @@ pub fn reload(app: &App) -> Result<(), String> {
         .iter()
         .map(|e| Live {
             path: e.path().to_string(),
-            backend_token: e.backend_token(),
+            backend_tokens: e.backend_tokens(),
         })
         .collect();
     let actions = plan(&old, &new, &live);
@@ -161,13 +180,20 @@ pub fn reload(app: &App) -> Result<(), String> {
         match action {
             Action::CloseBackend { path } => {
                 if let Some(endpoint) = app.registry.lookup(&path) {
-                    let token = endpoint.token_name();
-                    if endpoint.close_backend(CloseReason::new(
-                        close::POLICY,
-                        "publish token revoked by a config reload",
-                    )) {
+                    let tokens = app.config.load();
+                    let closed = endpoint.close_backends(
+                        CloseReason::new(close::POLICY, "publish token revoked by a config reload"),
+                        |token| !crate::auth::may_publish(&tokens.tokens, token, &path),
+                    );
+                    for token in closed {
                         tracing::info!(endpoint = %path, token = %token, "reload: backend closed, its token no longer allows this path");
                     }
+                }
+            }
+            Action::ShrinkPool { path, size } => {
+                if let Some(endpoint) = app.registry.lookup(&path) {
+                    let closed = endpoint.shrink_pool(size);
+                    tracing::info!(endpoint = %path, closed, size, "reload: pool made smaller, longest-connected backends closed");
                 }
             }
             Action::CloseClients { path, secret } => {
@@ -254,7 +280,10 @@ mod tests {
     fn live(path: &str, token: Option<&str>) -> Live {
         Live {
             path: path.into(),
-            backend_token: token.map(|t| Digest::of(t.as_bytes())),
+            backend_tokens: token
+                .map(|t| Digest::of(t.as_bytes()))
+                .into_iter()
+                .collect(),
         }
     }
 

@@ -118,9 +118,12 @@ fn check_addresses(config: &Config) -> Result<(), String> {
         .iter()
         .map(|l| l.address)
         .chain(config.metrics);
+    // All held at once, so overlapping addresses (0.0.0.0:P and 127.0.0.1:P) are found too.
+    let mut bound = Vec::new();
     for addr in addresses {
-        if let Err(e) = std::net::TcpListener::bind(addr) {
-            return Err(format!("cannot listen on {addr}: {e}"));
+        match std::net::TcpListener::bind(addr) {
+            Ok(listener) => bound.push(listener),
+            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
         }
     }
     Ok(())
@@ -211,7 +214,7 @@ async fn drain(app: &App) {
     }
     wait_for_zero(&active.http, HTTP_DRAIN).await;
     for endpoint in app.registry.endpoints() {
-        endpoint.close_backend(reason.clone());
+        endpoint.close_backends(reason.clone(), |_| true);
         endpoint.close_websocket_clients(reason.clone());
     }
     wait_for_zero(&active.websockets, WS_DRAIN).await;

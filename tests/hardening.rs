@@ -59,7 +59,7 @@ async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<Duration>
 const FULL_REQUEST: &[u8] = b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n";
 
 fn short_timeouts() -> &'static str {
-    "limits:\n  request_header_timeout: 500ms\n  http_idle_timeout: 800ms\n"
+    "limits:\n  request_header_timeout: 300ms\n  http_idle_timeout: 2s\n"
 }
 
 #[tokio::test]
@@ -123,7 +123,7 @@ async fn an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() {
     let took = closed_within(&mut tcp, Duration::from_secs(5)).await;
     let took = took.expect("an idle keep-alive connection stayed open");
     assert!(
-        took >= Duration::from_millis(700),
+        took >= Duration::from_secs(1),
         "closed after {took:?}, before the idle timeout"
     );
 }
@@ -193,6 +193,8 @@ async fn what_is_held_for_a_backend_that_does_not_read_stays_under_its_byte_boun
     // write timeout after which the stuck backend is dropped.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let grown = rss(gw.pid()).saturating_sub(before);
+    // The client is held back: the gateway stopped taking its frames.
+    assert!(!sender.is_finished(), "all {frames} frames were taken in");
     sender.abort();
     assert!(
         grown < 40 << 20,
@@ -206,9 +208,19 @@ async fn call_timeout_covers_the_wait_for_a_backend_in_its_grace() {
     let gw = Gateway::start("limits:\n  call_timeout: 500ms\n  backend_grace: 20s\n");
     let backend = publish(&gw, "/g", "s").await;
     backend.close();
-    // The endpoint is in its grace: the call waits for a backend, but no longer than the call's
-    // own timeout.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Once the gateway has seen the backend leave, the endpoint is in its grace: the call waits
+    // for a backend, but no longer than the call's own timeout.
+    let deadline = Instant::now() + WAIT;
+    while metric(
+        &gw.metrics().await,
+        "duplex_gateway_backends",
+        &[("endpoint", "/g")],
+    )
+    .is_some()
+    {
+        assert!(Instant::now() < deadline, "the backend never left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let started = Instant::now();
     let resp = reqwest::Client::new()
         .post(gw.http("/g/echo?secret=s"))
@@ -260,7 +272,7 @@ async fn escaped_separators_in_a_path_are_refused_with_bad_path() {
 
 #[tokio::test]
 async fn an_endpoint_gone_leaves_no_metric_series() {
-    let gw = Gateway::start("limits:\n  backend_grace: 100ms\n");
+    let gw = Gateway::start("limits:\n  backend_grace: 300ms\n");
     let backend = publish(&gw, "/gone", "s").await;
     let peer = client(&gw, "/gone", "s").await;
     peer.call("echo", json!(1)).await.expect("call");
@@ -273,6 +285,21 @@ async fn an_endpoint_gone_leaves_no_metric_series() {
     let text = gw.metrics().await;
     assert!(text.contains("endpoint=\"/gone\""), "{text}");
     backend.close();
+    // A call that waits in the grace and is answered once the endpoint is gone: it must not
+    // bring the series back.
+    let late = tokio::spawn({
+        let url = gw.http("/gone/echo?secret=s");
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            reqwest::Client::new()
+                .post(url)
+                .body("1")
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    });
+    let _ = late.await;
     let deadline = Instant::now() + WAIT;
     loop {
         let text = gw.metrics().await;
@@ -407,6 +434,14 @@ async fn no_token_secret_or_query_string_reaches_the_log() {
             &format!("/e2?token={TOKEN}&secret={SECRET}"),
             "HTTP/1.1",
         ))
+        .await,
+    );
+    // A request Pingora cannot parse (its error carries the raw header bytes).
+    drop(
+        gw.send_raw(
+            format!("GET /e?secret={SECRET} HTTP/1.1\r\nBad Header\r\nX-Duplex-Secret: {HEADER_SECRET}\r\n\r\n")
+                .as_bytes(),
+        )
         .await,
     );
     // Headers that never complete, with the credentials already sent.

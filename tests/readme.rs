@@ -110,15 +110,23 @@ async fn the_readme_walk_through_works_as_written() {
     let examples = client_bin.parent().expect("dir").to_path_buf();
 
     // First terminal: the gateway on the built-in config, with the README's token.
-    let _gateway = Running(
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut gateway = Running(
         Command::new(gateway_binary())
             .env("DUPLEX_GATEWAY_TOKEN", TOKEN)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log.reopen().expect("log"))
             .spawn()
             .expect("gateway"),
     );
     wait_for(8080);
+    // Ours, not another gateway that held the port already.
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        gateway.0.try_wait().expect("wait").is_none(),
+        "the gateway exited: {}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
     // Second terminal: the example backend, same token.
     let _backend = Running(
         Command::new(&backend_bin)

@@ -9,6 +9,7 @@ fn the_peer_crate_depends_on_neither_pingora_nor_cmake() {
     let out = Command::new(cargo)
         .args([
             "tree",
+            "--locked",
             "-p",
             "duplex",
             "-e",

@@ -545,6 +545,15 @@ impl Peer {
         self.start(method, &[payload], None)?.last().await
     }
 
+    /// Asks the gateway to drain this backend (`$drain`): it sends no new clients or calls here,
+    /// lets the running ones finish, and answers with how many were still running when it
+    /// answered (`0` once all have ended, or the count left at the gateway's drain timeout).
+    /// Close the peer afterwards: no call is lost.
+    pub async fn drain(&self) -> Result<u64, PeerError> {
+        let answer = self.call("$drain", Value::Null).await?;
+        Ok(answer["pending"].as_u64().unwrap_or(0))
+    }
+
     /// Calls `method` and returns its reply stream.
     pub fn call_stream(&self, method: &str, payload: Value) -> Result<Replies, PeerError> {
         self.start(method, &[payload], None)

@@ -1,15 +1,20 @@
-//! One endpoint: its backend, its clients and the call table between them.
+//! One endpoint: its pool of backends, its clients, and the call tables between them.
+//!
+//! A pool holds up to `max_backends` live backends, oldest first. A WebSocket client is pinned
+//! to one of them when it joins (the one with the fewest pinned clients) and its new calls go
+//! there; an HTTP call goes to the backend with the fewest pending calls. Ids are rewritten per
+//! backend connection. A backend that leaves fails its own pending calls and nothing else: its
+//! clients are pinned again at once. Only when the last one leaves does the grace start.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
-use std::time::Duration;
 
 use futures_channel::mpsc as queue;
 use futures_util::StreamExt;
 use prometheus::IntGauge;
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::time::Instant;
 
@@ -20,6 +25,8 @@ use crate::metrics::metrics;
 
 type Route = Arc<str>;
 type CloseCell = Arc<OnceLock<CloseReason>>;
+/// Identifies one backend connection of an endpoint (bumped by every publish).
+type BackendKey = u64;
 
 /// Why a client could not join an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,20 +39,30 @@ pub enum JoinError {
     BadSecret,
 }
 
+/// Why a backend could not join an endpoint's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishError {
+    /// The pool's live backends use another client secret.
+    SecretConflict,
+}
+
 /// Sizes of an endpoint's tables (for tests, leak checks and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EndpointStats {
     /// Whether a backend is connected.
     pub backend: bool,
+    /// Live backends (draining ones included).
+    pub backends: usize,
     /// Connected clients (WebSocket clients and HTTP calls in progress).
     pub clients: usize,
-    /// Client calls waiting for the backend.
+    /// Client calls waiting for a backend's reply.
     pub pending_calls: usize,
-    /// Backend calls waiting for a client.
+    /// Backend calls waiting for a client's reply.
     pub backend_calls: usize,
 }
 
-/// An endpoint: a path with a backend (or in its grace after the backend left) and its clients.
+/// An endpoint: a path with a pool of backends (or in its grace after the last one left) and
+/// its clients.
 pub struct Endpoint {
     path: String,
     state: Mutex<State>,
@@ -67,46 +84,69 @@ pub struct Endpoint {
 struct Series {
     dropped: Vec<&'static str>,
     http_codes: Vec<&'static str>,
+    /// The endpoint is gone and its series removed: late events (a call woken by the end of
+    /// the grace, frames in flight) must not make them again.
+    gone: bool,
 }
 
 struct State {
-    backend: Option<BackendSlot>,
-    /// Bumped by every publish, so a replaced backend's departure is told apart.
-    generation: u64,
+    /// Live backends, the longest-connected first.
+    backends: Vec<BackendSlot>,
+    /// The key the next backend gets.
+    next_key: BackendKey,
     secret: Digest,
-    token_name: String,
-    /// The digest of the token the backend published with.
-    token: Option<Digest>,
     clients: HashMap<Route, ClientSlot>,
     /// How many of `clients` are WebSocket clients (kept, not counted, on every change).
     websocket_clients: usize,
-    /// Backend call id -> the client call it stands for.
-    calls: HashMap<u64, PendingCall>,
-    /// Calls the backend made to clients: backend id -> client route.
-    backend_calls: HashMap<u64, Route>,
-    next_id: u64,
-    /// Set when a backend leaves; new calls wait until then for a new one.
+    /// Where the search for the least-loaded backend starts, so ties go round in turn.
+    turn: usize,
+    /// Set when no backend takes new calls (the last one left, or all drain): new calls wait
+    /// until then for one.
     grace_until: Option<Instant>,
     removed: bool,
     gauges: Option<Gauges>,
 }
 
 struct BackendSlot {
+    key: BackendKey,
     tx: BackendTx,
     close: CloseCell,
+    token_name: String,
+    /// The digest of the token it published with.
+    token: Digest,
+    /// Backend call id -> the client call it stands for.
+    calls: HashMap<u64, PendingCall>,
+    next_id: u64,
+    /// WebSocket clients pinned to it.
+    pinned: usize,
+    /// Set once it asked to drain: it takes no new clients or calls.
+    draining: bool,
+    /// The `$drain` request still to be answered.
+    drain_request: Option<DrainRequest>,
+}
+
+struct DrainRequest {
+    id: Option<u64>,
+    ext: Option<Box<RawValue>>,
 }
 
 struct ClientSlot {
     tx: ClientTx,
     close: CloseCell,
-    /// This client's open calls: client id -> backend id.
-    open: HashMap<u64, u64>,
+    /// This client's open calls: client id -> (backend, backend id).
+    open: HashMap<u64, (BackendKey, u64)>,
     /// Bytes of `ext` its open calls hold (bounded by the client queue's budget).
     ext_bytes: usize,
-    /// Calls the backend has open to this client (bounded like the client's own).
-    backend_calls: usize,
+    /// Calls backends have open to this client: the id the client sees -> (backend, the
+    /// backend's own id). The backend's id is kept unless another backend of the pool already
+    /// uses it with this client.
+    incoming: HashMap<u64, (BackendKey, u64)>,
+    /// Where ids for colliding incoming calls come from.
+    next_incoming: u64,
     /// WebSocket clients count in `duplex_gateway_clients`; HTTP calls do not.
     websocket: bool,
+    /// The backend a WebSocket client's new calls go to.
+    pinned: Option<BackendKey>,
 }
 
 struct PendingCall {
@@ -128,17 +168,128 @@ struct Gauges {
     pending: IntGauge,
 }
 
+/// A frame for a client, with its queue.
+type Delivery = (Route, ClientTx, Message);
+/// Frames for a backend, with its queue.
+type Owed = (BackendTx, Vec<String>);
+
+/// What removing a backend leaves to do once the lock is released.
+#[derive(Default)]
+struct Fallout {
+    deliveries: Vec<Delivery>,
+    owed: Vec<Owed>,
+    failovers: u64,
+}
+
 impl State {
     fn update_gauges(&self) {
         if let Some(g) = &self.gauges {
+            g.backends.set(self.backends.len() as i64);
             g.clients.set(self.websocket_clients as i64);
-            g.pending.set(self.calls.len() as i64);
+            g.pending
+                .set(self.backends.iter().map(|b| b.calls.len()).sum::<usize>() as i64);
         }
     }
 
+    fn slot(&self, key: BackendKey) -> Option<&BackendSlot> {
+        self.backends.iter().find(|b| b.key == key)
+    }
+
+    fn slot_mut(&mut self, key: BackendKey) -> Option<&mut BackendSlot> {
+        self.backends.iter_mut().find(|b| b.key == key)
+    }
+
+    /// Whether some backend takes new calls.
+    fn serving(&self) -> bool {
+        self.backends.iter().any(|b| !b.draining)
+    }
+
+    /// The backend that takes new work: the one with the least `load`, ties in turn.
+    fn least(&mut self, load: impl Fn(&BackendSlot) -> usize) -> Option<BackendKey> {
+        let n = self.backends.len();
+        let mut best: Option<(usize, usize)> = None;
+        for step in 0..n {
+            let i = (self.turn + step) % n;
+            let b = &self.backends[i];
+            if b.draining {
+                continue;
+            }
+            let l = load(b);
+            if best.is_none_or(|(_, bl)| l < bl) {
+                best = Some((i, l));
+            }
+        }
+        let (i, _) = best?;
+        self.turn = i + 1;
+        Some(self.backends[i].key)
+    }
+
+    /// Pins a WebSocket client to the backend with the fewest pinned clients.
+    fn pin(&mut self, route: &Route) -> Option<BackendKey> {
+        let key = self.least(|b| b.pinned)?;
+        if let Some(slot) = self.slot_mut(key) {
+            slot.pinned += 1;
+        }
+        if let Some(client) = self.clients.get_mut(route) {
+            client.pinned = Some(key);
+        }
+        Some(key)
+    }
+
+    /// Unpins a client from its backend.
+    fn unpin(&mut self, route: &Route) {
+        let Some(key) = self.clients.get_mut(route).and_then(|c| c.pinned.take()) else {
+            return;
+        };
+        if let Some(slot) = self.slot_mut(key) {
+            slot.pinned = slot.pinned.saturating_sub(1);
+        }
+    }
+
+    /// Pins again every client of backend `key` (it left or drains). Returns how many found
+    /// another backend.
+    fn repin_clients_of(&mut self, key: BackendKey) -> u64 {
+        let routes: Vec<Route> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.pinned == Some(key))
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut moved = 0;
+        for route in routes {
+            self.unpin(&route);
+            if self.pin(&route).is_some() {
+                moved += 1;
+            }
+        }
+        moved
+    }
+
+    /// Forgets the client call `backend_id` of backend `key` stands for (it ended). Returns the
+    /// answer owed to a draining backend whose last call this was.
+    fn end_call(&mut self, key: BackendKey, backend_id: u64) -> Option<Owed> {
+        let slot = self.slot_mut(key)?;
+        let call = slot.calls.remove(&backend_id)?;
+        let drained = slot.draining && slot.calls.is_empty();
+        let answer = if drained {
+            slot.drain_request
+                .take()
+                .map(|req| (slot.tx.clone(), vec![drain_reply(&req, 0)]))
+        } else {
+            None
+        };
+        if let Some(client) = self.clients.get_mut(&call.route) {
+            client.open.remove(&call.client_id);
+            client.ext_bytes -= call.ext_len();
+        }
+        self.update_gauges();
+        answer
+    }
+
     /// Removes a client and everything it had open. Returns the `-32001` replies owed to the
-    /// backend for its calls to this client.
-    fn remove_client(&mut self, route: &Route, reason: Option<CloseReason>) -> Vec<String> {
+    /// backends for their calls to this client.
+    fn remove_client(&mut self, route: &Route, reason: Option<CloseReason>) -> Vec<Owed> {
+        self.unpin(route);
         let Some(slot) = self.clients.remove(route) else {
             return Vec::new();
         };
@@ -148,65 +299,86 @@ impl State {
         if let Some(reason) = reason {
             let _ = slot.close.set(reason);
         }
-        for backend_id in slot.open.values() {
-            self.calls.remove(backend_id);
-        }
         let mut owed = Vec::new();
-        self.backend_calls.retain(|&id, r| {
-            if r == route {
+        for &(key, backend_id) in slot.open.values() {
+            if let Some(answer) = self.end_call_of_gone_client(key, backend_id) {
+                owed.push(answer);
+            }
+        }
+        for &(key, backend_id) in slot.incoming.values() {
+            if let Some(backend) = self.slot(key) {
                 let mut reply = Message::error_reply(
-                    Some(id),
+                    Some(backend_id),
                     &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
                 );
                 reply.set_raw("ext", route_ext(route));
-                owed.push(reply.to_json());
-                false
-            } else {
-                true
+                owed.push((backend.tx.clone(), vec![reply.to_json()]));
             }
-        });
+        }
         self.update_gauges();
         owed
     }
 
-    /// Fails every pending client call with `-32000` (the backend is gone).
-    fn fail_pending_calls(&mut self, why: &str) -> Vec<(Route, ClientTx, Message)> {
-        let mut out = Vec::with_capacity(self.calls.len());
-        for (_, call) in self.calls.drain() {
-            if let Some(client) = self.clients.get(&call.route) {
+    /// A call whose client left: forgotten (late replies are dropped).
+    fn end_call_of_gone_client(&mut self, key: BackendKey, backend_id: u64) -> Option<Owed> {
+        let slot = self.slot_mut(key)?;
+        slot.calls.remove(&backend_id)?;
+        if slot.draining && slot.calls.is_empty() {
+            let tx = slot.tx.clone();
+            return slot
+                .drain_request
+                .take()
+                .map(|req| (tx, vec![drain_reply(&req, 0)]));
+        }
+        None
+    }
+
+    /// Takes backend `key` out of the pool: its pending calls fail with `-32000`, its calls to
+    /// clients are forgotten, its clients are pinned again. `reason` (if given) is what its
+    /// connection is closed with.
+    fn remove_backend(
+        &mut self,
+        key: BackendKey,
+        reason: Option<CloseReason>,
+        why: &str,
+    ) -> Option<Fallout> {
+        let index = self.backends.iter().position(|b| b.key == key)?;
+        let slot = self.backends.remove(index);
+        if let Some(reason) = reason {
+            let _ = slot.close.set(reason);
+        }
+        slot.tx.close();
+        let mut fallout = Fallout::default();
+        for (_, call) in slot.calls {
+            if let Some(client) = self.clients.get_mut(&call.route) {
+                client.open.remove(&call.client_id);
+                client.ext_bytes -= call.ext_len();
                 let mut reply = Message::error_reply(
                     Some(call.client_id),
                     &RpcError::new(code::BACKEND_UNAVAILABLE, why),
                 );
                 restore_ext(&mut reply, &call.route, call.client_ext.as_deref());
-                out.push((call.route.clone(), client.tx.clone(), reply));
+                fallout
+                    .deliveries
+                    .push((call.route.clone(), client.tx.clone(), reply));
             }
         }
         for client in self.clients.values_mut() {
-            client.open.clear();
-            client.ext_bytes = 0;
-            client.backend_calls = 0;
+            client.incoming.retain(|_, (k, _)| *k != key);
         }
-        self.backend_calls.clear();
-        out
-    }
-
-    /// Forgets the client call `backend_id` stands for (it ended).
-    fn end_call(&mut self, backend_id: u64) {
-        if let Some(call) = self.calls.remove(&backend_id) {
-            if let Some(client) = self.clients.get_mut(&call.route) {
-                client.open.remove(&call.client_id);
-                client.ext_bytes -= call.ext_len();
-            }
-        }
+        fallout.failovers = self.repin_clients_of(key);
         self.update_gauges();
+        Some(fallout)
     }
+}
 
-    /// Whether the backend of `generation` is still the endpoint's: a backend that was replaced
-    /// or closed is silent from that moment.
-    fn is_current(&self, generation: u64) -> bool {
-        self.generation == generation && self.backend.is_some()
+/// `{"pending": N}`: the answer to a backend's `$drain`.
+fn drain_reply(req: &DrainRequest, pending: usize) -> String {
+    let mut reply = Message::reply(req.id, &json!({ "pending": pending }), false);
+    if let Some(ext) = &req.ext {
+        reply.set_raw("ext", ext.clone());
     }
+    reply.to_json()
 }
 
 impl Endpoint {
@@ -215,16 +387,12 @@ impl Endpoint {
         Arc::new(Endpoint {
             path: path.to_string(),
             state: Mutex::new(State {
-                backend: None,
-                generation: 0,
+                backends: Vec::new(),
+                next_key: 1,
                 secret: Digest::of(b""),
-                token_name: String::new(),
-                token: None,
                 clients: HashMap::new(),
                 websocket_clients: 0,
-                calls: HashMap::new(),
-                backend_calls: HashMap::new(),
-                next_id: 1,
+                turn: 0,
                 grace_until: None,
                 removed: false,
                 gauges: None,
@@ -250,10 +418,14 @@ impl Endpoint {
 
     /// Counts one HTTP call answered with `status` (its label) after `seconds`.
     pub fn count_http_call(&self, status: &'static str, seconds: f64) {
+        let mut series = lock(&self.series);
+        if series.gone {
+            return;
+        }
         if status == "200" {
             self.http_ok.inc();
         } else {
-            remember(&mut lock(&self.series).http_codes, status);
+            remember(&mut series.http_codes, status);
             metrics()
                 .http_requests
                 .with_label_values(&[self.path.as_str(), status])
@@ -268,15 +440,21 @@ impl Endpoint {
         self.state().secret.matches(secret)
     }
 
-    /// The name of the token the current (or last) backend published with.
-    pub fn token_name(&self) -> String {
-        self.state().token_name.clone()
+    /// Whether a publish with `secret` would conflict with the pool's live backends (they use
+    /// another secret).
+    pub fn secret_conflicts(&self, secret: &Digest) -> bool {
+        let s = self.state();
+        !s.backends.is_empty() && !s.secret.matches(secret)
     }
 
-    /// The digest of the token the connected backend published with (None without a backend).
-    pub fn backend_token(&self) -> Option<Digest> {
-        let s = self.state();
-        s.backend.as_ref().and(s.token)
+    /// The digests of the tokens the live backends published with.
+    pub fn backend_tokens(&self) -> Vec<Digest> {
+        self.state().backends.iter().map(|b| b.token).collect()
+    }
+
+    /// Live backends (draining ones included).
+    pub fn backend_count(&self) -> usize {
+        self.state().backends.len()
     }
 
     /// The multiplexer's limits in force.
@@ -286,77 +464,123 @@ impl Endpoint {
             .map_or_else(|| Arc::new(Limits::default()), |r| r.limits())
     }
 
-    /// Whether a call waiting for a backend can stop waiting: one is there, or the endpoint is
-    /// gone.
+    /// Whether a call waiting for a backend can stop waiting: one takes calls, or the endpoint
+    /// is gone.
     fn waiting_is_over(&self) -> bool {
         let s = self.state();
-        s.backend.is_some() || s.removed
+        s.serving() || s.removed
     }
 
     /// Table sizes.
     pub fn stats(&self) -> EndpointStats {
         let s = self.state();
         EndpointStats {
-            backend: s.backend.is_some(),
+            backend: !s.backends.is_empty(),
+            backends: s.backends.len(),
             clients: s.clients.len(),
-            pending_calls: s.calls.len(),
-            backend_calls: s.backend_calls.len(),
+            pending_calls: s.backends.iter().map(|b| b.calls.len()).sum(),
+            backend_calls: s.clients.values().map(|c| c.incoming.len()).sum(),
         }
     }
 
-    /// Attaches a new backend; None if the endpoint was removed meanwhile.
+    /// Adds a backend to the pool; when the pool already has `max_backends`, the
+    /// longest-connected ones are replaced (closed with 1012). `fixed_secret`: the endpoint's
+    /// secret comes from the config, so a publish may change it; otherwise a publish whose
+    /// secret differs from the live backends' is refused. None if the endpoint was removed
+    /// meanwhile.
     pub(super) fn attach_backend(
         self: &Arc<Self>,
         secret: Digest,
         token: (&str, Digest),
-        limits: &Limits,
-    ) -> Option<BackendConn> {
+        max_backends: usize,
+        fixed_secret: bool,
+    ) -> Option<Result<BackendConn, PublishError>> {
         let (token_name, token) = token;
-        let (tx, rx) = BackendTx::channel(limits.backend_queue_bytes);
-        let close: CloseCell = Arc::new(OnceLock::new());
+        let limits = self.limits();
         let mut s = self.state();
         if s.removed {
             return None;
         }
-        let mut failed = Vec::new();
-        if let Some(old) = s.backend.take() {
-            let _ = old.close.set(CloseReason::new(
-                close::SERVICE_RESTART,
-                "replaced by a new backend",
-            ));
-            old.tx.close();
-            failed = s.fail_pending_calls("backend replaced");
+        if !fixed_secret && !s.backends.is_empty() && !s.secret.matches(&secret) {
+            return Some(Err(PublishError::SecretConflict));
+        }
+        let mut fallout = Fallout::default();
+        while s.backends.len() >= max_backends.max(1) {
+            let oldest = s.backends[0].key;
+            let reason = CloseReason::new(close::SERVICE_RESTART, "replaced by a new backend");
+            if let Some(f) = s.remove_backend(oldest, Some(reason), "backend replaced") {
+                fallout.deliveries.extend(f.deliveries);
+                fallout.owed.extend(f.owed);
+            }
             tracing::info!(endpoint = %self.path, "backend replaced by a new publish");
         }
-        s.generation += 1;
+        let (tx, rx) = BackendTx::channel(limits.backend_queue_bytes);
+        let close: CloseCell = Arc::new(OnceLock::new());
+        let key = s.next_key;
+        s.next_key += 1;
         s.secret = secret;
-        s.token_name = token_name.to_string();
-        s.token = Some(token);
         s.grace_until = None;
-        s.backend = Some(BackendSlot {
+        s.backends.push(BackendSlot {
+            key,
             tx,
             close: close.clone(),
+            token_name: token_name.to_string(),
+            token,
+            calls: HashMap::new(),
+            next_id: 1,
+            pinned: 0,
+            draining: false,
+            drain_request: None,
         });
-        let m = metrics();
-        let labels = [self.path.as_str()];
-        let gauges = Gauges {
-            backends: m.backends.with_label_values(&labels),
-            clients: m.clients.with_label_values(&labels),
-            pending: m.pending_calls.with_label_values(&labels),
-        };
-        gauges.backends.set(1);
-        s.gauges = Some(gauges);
+        // Clients left without a backend (in the grace, or all draining) are pinned again.
+        let unpinned: Vec<Route> = s
+            .clients
+            .iter()
+            .filter(|(_, c)| c.websocket && c.pinned.is_none())
+            .map(|(r, _)| r.clone())
+            .collect();
+        for route in unpinned {
+            s.pin(&route);
+        }
+        if s.gauges.is_none() {
+            let m = metrics();
+            let labels = [self.path.as_str()];
+            s.gauges = Some(Gauges {
+                backends: m.backends.with_label_values(&labels),
+                clients: m.clients.with_label_values(&labels),
+                pending: m.pending_calls.with_label_values(&labels),
+            });
+        }
         s.update_gauges();
-        let generation = s.generation;
+        let pool = s.backends.len();
         drop(s);
-        self.deliver_all(failed);
+        tracing::info!(endpoint = %self.path, token = %token_name, pool, "backend joined the pool");
+        self.settle(fallout);
         self.changed.notify_waiters();
-        Some(BackendConn {
+        Some(Ok(BackendConn {
             endpoint: self.clone(),
-            generation,
+            key,
             rx,
             close,
-        })
+        }))
+    }
+
+    /// Delivers what removing backends left to deliver, and counts the failovers.
+    fn settle(&self, fallout: Fallout) {
+        for (route, tx, msg) in fallout.deliveries {
+            self.deliver(&route, &tx, msg);
+        }
+        for (tx, frames) in fallout.owed {
+            send_nowait(&tx, frames);
+        }
+        let mut series = lock(&self.series);
+        if fallout.failovers > 0 && !series.gone {
+            metrics()
+                .failovers
+                .with_label_values(&[self.path.as_str()])
+                .inc_by(fallout.failovers);
+            remember(&mut series.dropped, FAILOVERS);
+        }
     }
 
     /// Adds a client (a WebSocket peer, or an HTTP call when `websocket` is false).
@@ -368,14 +592,9 @@ impl Endpoint {
         max_clients: usize,
         secret: &Digest,
     ) -> Result<ClientConn, JoinError> {
-        let budget = self
-            .registry
-            .upgrade()
-            .map_or(Limits::default().client_queue_bytes, |r| {
-                r.limits().client_queue_bytes
-            });
+        let budget = self.limits().client_queue_bytes;
         let mut s = self.state();
-        if s.removed || (s.backend.is_none() && s.grace_until.is_none()) {
+        if s.removed || (s.backends.is_empty() && s.grace_until.is_none()) {
             return Err(JoinError::NotFound);
         }
         if !s.secret.matches(secret) {
@@ -399,11 +618,16 @@ impl Endpoint {
                 },
                 close: close.clone(),
                 open: HashMap::new(),
-                websocket,
                 ext_bytes: 0,
-                backend_calls: 0,
+                incoming: HashMap::new(),
+                next_incoming: 1 << 32,
+                websocket,
+                pinned: None,
             },
         );
+        if websocket {
+            s.pin(&route);
+        }
         s.update_gauges();
         Ok(ClientConn {
             endpoint: self.clone(),
@@ -427,7 +651,7 @@ impl Endpoint {
     }
 
     /// Removes the clients `pick` chooses (under the lock, after any change it makes), closing
-    /// them with `reason`; the backend's calls to them are answered with `-32001`. Returns how
+    /// them with `reason`; the backends' calls to them are answered with `-32001`. Returns how
     /// many were removed.
     fn remove_clients<R: IntoIterator<Item = Route>>(
         &self,
@@ -441,34 +665,67 @@ impl Endpoint {
             owed.extend(s.remove_client(&route, reason.cloned()));
             removed += 1;
         }
-        let backend = if owed.is_empty() {
-            None
-        } else {
-            s.backend.as_ref().map(|b| b.tx.clone())
-        };
         drop(s);
-        if let Some(tx) = backend {
-            send_nowait(&tx, owed);
+        for (tx, frames) in owed {
+            send_nowait(&tx, frames);
         }
         removed
     }
 
-    /// Closes the backend with `reason` (reload: its token was revoked). Its departure then
-    /// follows the usual rules (pending calls fail, clients wait for the grace).
-    pub fn close_backend(self: &Arc<Self>, reason: CloseReason) -> bool {
+    /// Closes the backends whose token `revoked` says is no longer good (reload), or all of
+    /// them (`revoked` always true: shutdown). Their departure follows the usual rules: their
+    /// pending calls fail, their clients go to the backends left, or wait for the grace. Returns
+    /// the names of the tokens of the backends closed.
+    pub fn close_backends(
+        self: &Arc<Self>,
+        reason: CloseReason,
+        revoked: impl Fn(&Digest) -> bool,
+    ) -> Vec<String> {
         let mut s = self.state();
-        match s.backend.take() {
-            Some(old) => {
-                let _ = old.close.set(reason);
-                old.tx.close();
-                let generation = s.generation;
-                drop(s);
-                // The connection's own departure will find no backend; run it here instead.
-                self.backend_left(generation, true);
-                true
+        let keys: Vec<(BackendKey, String)> = s
+            .backends
+            .iter()
+            .filter(|b| revoked(&b.token))
+            .map(|b| (b.key, b.token_name.clone()))
+            .collect();
+        let mut fallout = Fallout::default();
+        for (key, _) in &keys {
+            if let Some(f) = s.remove_backend(*key, Some(reason.clone()), "backend unavailable") {
+                fallout.deliveries.extend(f.deliveries);
+                fallout.owed.extend(f.owed);
+                fallout.failovers += f.failovers;
             }
-            None => false,
         }
+        let emptied = !keys.is_empty() && s.backends.is_empty();
+        let pool = s.backends.len();
+        drop(s);
+        if !keys.is_empty() {
+            tracing::info!(endpoint = %self.path, closed = keys.len(), pool, "backends closed");
+        }
+        self.settle(fallout);
+        if emptied {
+            self.start_grace();
+        }
+        keys.into_iter().map(|(_, name)| name).collect()
+    }
+
+    /// Closes the longest-connected backends over `size` (reload: a smaller pool) with 1012.
+    pub fn shrink_pool(self: &Arc<Self>, size: usize) -> usize {
+        let mut s = self.state();
+        let over = s.backends.len().saturating_sub(size.max(1));
+        let oldest: Vec<BackendKey> = s.backends.iter().take(over).map(|b| b.key).collect();
+        let mut fallout = Fallout::default();
+        for key in &oldest {
+            let reason = CloseReason::new(close::SERVICE_RESTART, "pool made smaller by a reload");
+            if let Some(f) = s.remove_backend(*key, Some(reason), "backend unavailable") {
+                fallout.deliveries.extend(f.deliveries);
+                fallout.owed.extend(f.owed);
+                fallout.failovers += f.failovers;
+            }
+        }
+        drop(s);
+        self.settle(fallout);
+        oldest.len()
     }
 
     /// Closes every WebSocket client with `reason` (shutdown, first step: HTTP calls in progress
@@ -483,19 +740,33 @@ impl Endpoint {
         })
     }
 
-    /// The backend with `generation` has gone: fail pending calls, start the grace.
-    fn backend_left(self: &Arc<Self>, generation: u64, already_detached: bool) {
+    /// The backend `key` has gone (its connection ended): take it out of the pool.
+    fn backend_left(self: &Arc<Self>, key: BackendKey) {
         let mut s = self.state();
-        if s.generation != generation || s.removed {
+        if s.removed {
             return;
         }
-        if !already_detached {
-            if s.backend.is_none() {
-                return;
-            }
-            s.backend = None;
+        let Some(fallout) = s.remove_backend(key, None, "backend unavailable") else {
+            return;
+        };
+        let emptied = s.backends.is_empty();
+        let pool = s.backends.len();
+        drop(s);
+        tracing::info!(endpoint = %self.path, pool, "backend left");
+        self.settle(fallout);
+        if emptied {
+            self.start_grace();
         }
-        let failed = s.fail_pending_calls("backend unavailable");
+    }
+
+    /// The last backend is gone: clients wait `backend_grace` for one to come back, then the
+    /// endpoint is removed.
+    fn start_grace(self: &Arc<Self>) {
+        let grace = self.limits().backend_grace;
+        let mut s = self.state();
+        if s.removed || !s.backends.is_empty() {
+            return;
+        }
         if let Some(g) = s.gauges.take() {
             let m = metrics();
             let labels = [self.path.as_str()];
@@ -504,14 +775,10 @@ impl Endpoint {
             let _ = m.pending_calls.remove_label_values(&labels);
             drop(g);
         }
-        let grace = self
-            .registry
-            .upgrade()
-            .map_or(Duration::ZERO, |r| r.limits().backend_grace);
         s.grace_until = Some(Instant::now() + grace);
+        let generation = s.next_key;
         drop(s);
-        tracing::info!(endpoint = %self.path, grace_ms = grace.as_millis() as u64, "backend left");
-        self.deliver_all(failed);
+        tracing::info!(endpoint = %self.path, grace_ms = grace.as_millis() as u64, "last backend left: grace");
         let me = self.clone();
         let expire = async move {
             tokio::time::sleep(grace).await;
@@ -525,11 +792,11 @@ impl Endpoint {
         }
     }
 
-    /// The grace after the backend `generation` left ran out: if no backend came back, remove the
-    /// endpoint and close its clients with 1013.
-    fn grace_over(self: &Arc<Self>, generation: u64) {
+    /// The grace that began when backend keys had reached `generation` ran out: if no backend
+    /// came back, remove the endpoint and close its clients with 1013.
+    fn grace_over(self: &Arc<Self>, generation: BackendKey) {
         let mut s = self.state();
-        if s.generation != generation || s.backend.is_some() || s.removed {
+        if s.next_key != generation || !s.backends.is_empty() || s.removed {
             return;
         }
         s.removed = true;
@@ -546,19 +813,60 @@ impl Endpoint {
         }
     }
 
-    fn deliver_all(&self, frames: Vec<(Route, ClientTx, Message)>) {
-        for (route, tx, msg) in frames {
-            self.deliver(&route, &tx, msg);
+    /// Backend `key` asked to drain: no new clients or calls; its clients go elsewhere for their
+    /// next calls; `{"pending": 0}` once its last call ends, or `{"pending": N}` after
+    /// `drain_timeout`.
+    fn start_drain(self: &Arc<Self>, key: BackendKey, request: DrainRequest) -> Option<Message> {
+        let limits = self.limits();
+        let mut s = self.state();
+        let slot = s.slot_mut(key)?;
+        slot.draining = true;
+        if slot.calls.is_empty() {
+            let reply = drain_reply(&request, 0);
+            drop(s);
+            tracing::info!(endpoint = %self.path, pending = 0, "backend drained");
+            return Message::parse(reply.as_bytes()).ok();
         }
+        slot.drain_request = Some(request);
+        let pending = slot.calls.len();
+        s.repin_clients_of(key);
+        if !s.serving() && s.grace_until.is_none() {
+            // The last backend taking calls drains: new calls wait as in a grace.
+            s.grace_until = Some(Instant::now() + limits.backend_grace);
+        }
+        let pool = s.backends.len();
+        drop(s);
+        tracing::info!(endpoint = %self.path, pending, pool, "backend draining");
+        let me = self.clone();
+        let timeout = limits.drain_timeout;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(timeout).await;
+                let mut s = me.state();
+                let Some(slot) = s.slot_mut(key) else { return };
+                let Some(request) = slot.drain_request.take() else {
+                    return;
+                };
+                let answer = drain_reply(&request, slot.calls.len());
+                let tx = slot.tx.clone();
+                drop(s);
+                send_nowait(&tx, vec![answer]);
+            });
+        }
+        None
     }
 
     /// Counts a message dropped for `reason`.
     pub(crate) fn dropped(&self, reason: &'static str) {
-        remember(&mut lock(&self.series).dropped, reason);
-        metrics()
-            .dropped
-            .with_label_values(&[self.path.as_str(), reason])
-            .inc();
+        let mut series = lock(&self.series);
+        if !series.gone {
+            remember(&mut series.dropped, reason);
+            metrics()
+                .dropped
+                .with_label_values(&[self.path.as_str(), reason])
+                .inc();
+        }
+        drop(series);
         tracing::debug!(endpoint = %self.path, reason, "message dropped");
     }
 
@@ -585,12 +893,22 @@ impl Endpoint {
     pub(super) fn remove_series(&self) {
         let m = metrics();
         let path = self.path.as_str();
-        let series = std::mem::take(&mut *lock(&self.series));
+        let series = std::mem::replace(
+            &mut *lock(&self.series),
+            Series {
+                gone: true,
+                ..Series::default()
+            },
+        );
         for direction in ["to_backend", "to_client"] {
             let _ = m.messages.remove_label_values(&[path, direction]);
         }
         for reason in series.dropped {
-            let _ = m.dropped.remove_label_values(&[path, reason]);
+            if reason == FAILOVERS {
+                let _ = m.failovers.remove_label_values(&[path]);
+            } else {
+                let _ = m.dropped.remove_label_values(&[path, reason]);
+            }
         }
         for code in series.http_codes.into_iter().chain(["200"]) {
             let _ = m.http_requests.remove_label_values(&[path, code]);
@@ -601,6 +919,9 @@ impl Endpoint {
         }
     }
 }
+
+/// Stands for the failover counter among the series an endpoint remembers.
+const FAILOVERS: &str = "$failovers";
 
 fn remember(seen: &mut Vec<&'static str>, value: &'static str) {
     if !seen.contains(&value) {
@@ -778,10 +1099,10 @@ fn send_nowait(tx: &BackendTx, frames: Vec<String>) {
     }
 }
 
-/// The backend side of an endpoint.
+/// The backend side of an endpoint: one backend of its pool.
 pub struct BackendConn {
     endpoint: Arc<Endpoint>,
-    generation: u64,
+    key: BackendKey,
     rx: BackendRx,
     close: CloseCell,
 }
@@ -827,6 +1148,8 @@ impl BackendConn {
     }
 
     /// Routes one frame from the backend. Returns a frame to answer the backend with, if any.
+    /// A backend that was closed (replaced, revoked, stopping) is silent: nothing it sends
+    /// reaches anyone.
     pub fn handle(&self, mut msg: Message) -> Option<Message> {
         let ep = &self.endpoint;
         match msg.kind() {
@@ -836,12 +1159,12 @@ impl BackendConn {
                     return None;
                 };
                 let mut s = ep.state();
-                if !s.is_current(self.generation) {
+                let Some(slot) = s.slot(self.key) else {
                     drop(s);
                     ep.dropped("backend_closed");
                     return None;
-                }
-                let Some(call) = s.calls.get(&id) else {
+                };
+                let Some(call) = slot.calls.get(&id) else {
                     drop(s);
                     ep.dropped("unknown_call");
                     return None;
@@ -849,11 +1172,17 @@ impl BackendConn {
                 let route = call.route.clone();
                 let client_id = call.client_id;
                 let client_ext = call.client_ext.clone();
-                if msg.ends_call() {
-                    s.end_call(id);
-                }
+                let drained = if msg.ends_call() {
+                    s.end_call(self.key, id)
+                } else {
+                    None
+                };
                 let tx = s.clients.get(&route).map(|c| c.tx.clone());
                 drop(s);
+                if let Some((tx, frames)) = drained {
+                    tracing::info!(endpoint = %ep.path, pending = 0, "backend drained");
+                    send_nowait(&tx, frames);
+                }
                 msg.set_id(Some(client_id));
                 restore_ext(&mut msg, &route, client_ext.as_deref());
                 match tx {
@@ -869,8 +1198,14 @@ impl BackendConn {
                     _ => None,
                 };
                 let id = msg.id();
+                if route.is_none() {
+                    // Addressed to the gateway itself: its methods start with `$`.
+                    if let Some(method) = msg.method().filter(|m| m.starts_with('$')) {
+                        return self.gateway_method(&method, &msg);
+                    }
+                }
                 let mut s = ep.state();
-                if !s.is_current(self.generation) {
+                if s.slot(self.key).is_none() {
                     drop(s);
                     ep.dropped("backend_closed");
                     return None;
@@ -893,34 +1228,44 @@ impl BackendConn {
                     return Some(reply);
                 };
                 if let Some(id) = id {
-                    if s.backend_calls.get(&id) != Some(&route) {
-                        // A new call to this client: it counts against the client's limit.
-                        let max = ep.limits().max_pending_calls_per_client;
-                        let open = s.clients.get(&route).map_or(0, |c| c.backend_calls);
-                        if open >= max {
-                            drop(s);
-                            ep.dropped("too_many_pending_calls");
-                            let mut reply = Message::error_reply(
-                                Some(id),
-                                &RpcError::new(
-                                    code::TOO_MANY_PENDING_CALLS,
-                                    "too many pending calls to this client",
-                                ),
-                            );
-                            if let Some(raw) = msg.ext_raw() {
-                                reply.set_raw("ext", raw.to_owned());
+                    let max = ep.limits().max_pending_calls_per_client;
+                    let client = s.clients.get_mut(&route)?;
+                    // The id the client sees: the backend's own, unless another backend of the
+                    // pool already has a call open with this client under it.
+                    let existing = client
+                        .incoming
+                        .iter()
+                        .find(|(_, &(k, bid))| k == self.key && bid == id)
+                        .map(|(&cid, _)| cid);
+                    let client_id = match existing {
+                        Some(cid) => cid,
+                        None => {
+                            // A new call to this client: it counts against the client's limit.
+                            if client.incoming.len() >= max {
+                                drop(s);
+                                ep.dropped("too_many_pending_calls");
+                                let mut reply = Message::error_reply(
+                                    Some(id),
+                                    &RpcError::new(
+                                        code::TOO_MANY_PENDING_CALLS,
+                                        "too many pending calls to this client",
+                                    ),
+                                );
+                                if let Some(raw) = msg.ext_raw() {
+                                    reply.set_raw("ext", raw.to_owned());
+                                }
+                                return Some(reply);
                             }
-                            return Some(reply);
-                        }
-                        if let Some(before) = s.backend_calls.insert(id, route.clone()) {
-                            if let Some(c) = s.clients.get_mut(&before) {
-                                c.backend_calls -= 1;
+                            let mut cid = id;
+                            while client.incoming.contains_key(&cid) {
+                                cid = client.next_incoming;
+                                client.next_incoming += 1;
                             }
+                            client.incoming.insert(cid, (self.key, id));
+                            cid
                         }
-                        if let Some(c) = s.clients.get_mut(&route) {
-                            c.backend_calls += 1;
-                        }
-                    }
+                    };
+                    msg.set_id(Some(client_id));
                 }
                 drop(s);
                 msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
@@ -929,13 +1274,35 @@ impl BackendConn {
             }
         }
     }
+
+    /// A request to the gateway itself: `$drain`, or `-32601` for any other `$` method.
+    fn gateway_method(&self, method: &str, msg: &Message) -> Option<Message> {
+        let ep = &self.endpoint;
+        if ep.state().slot(self.key).is_none() {
+            ep.dropped("backend_closed");
+            return None;
+        }
+        if method == "$drain" {
+            let request = DrainRequest {
+                id: msg.id(),
+                ext: msg.ext_raw().map(|raw| raw.to_owned()),
+            };
+            return ep.start_drain(self.key, request);
+        }
+        msg.id()?;
+        Some(local_error(
+            msg,
+            code::METHOD_NOT_FOUND,
+            &format!("method not found: {method}"),
+        ))
+    }
 }
 
 impl Drop for BackendConn {
     fn drop(&mut self) {
         // Senders waiting for room in this backend's queue stop waiting.
         self.rx.room.close();
-        self.endpoint.backend_left(self.generation, false);
+        self.endpoint.backend_left(self.key);
     }
 }
 
@@ -998,7 +1365,7 @@ impl ClientConn {
             .unwrap_or_else(|| CloseReason::new(close::GOING_AWAY, "closed"))
     }
 
-    /// Sends one frame from this client to the backend. Returns the frame to answer the client
+    /// Sends one frame from this client to its backend. Returns the frame to answer the client
     /// with when the gateway answers it itself (too many pending calls, backend unavailable; the
     /// latter also for a request without an id, which then has no id either).
     pub async fn send(&self, mut msg: Message) -> Option<Message> {
@@ -1011,25 +1378,30 @@ impl ClientConn {
 
         let backend = match msg.kind() {
             Kind::Reply => {
-                // A reply to a call the backend made to this client: it keeps its id.
+                // A reply to a call a backend made to this client: back to that backend, under
+                // its own id.
                 let Some(id) = msg.id() else {
                     ep.dropped("reply_without_id");
                     return None;
                 };
                 let mut s = ep.state();
-                if s.backend_calls.get(&id) != Some(&self.route) {
+                let Some(&(key, backend_id)) =
+                    s.clients.get(&self.route).and_then(|c| c.incoming.get(&id))
+                else {
                     drop(s);
                     ep.dropped("unknown_call");
                     return None;
-                }
+                };
                 if msg.ends_call() {
-                    s.backend_calls.remove(&id);
                     if let Some(c) = s.clients.get_mut(&self.route) {
-                        c.backend_calls -= 1;
+                        c.incoming.remove(&id);
                     }
                 }
-                match &s.backend {
-                    Some(b) => b.tx.clone(),
+                match s.slot(key) {
+                    Some(b) => {
+                        msg.set_id(Some(backend_id));
+                        b.tx.clone()
+                    }
                     None => {
                         drop(s);
                         ep.dropped("no_backend");
@@ -1037,31 +1409,29 @@ impl ClientConn {
                     }
                 }
             }
-            Kind::Request => {
-                loop {
-                    match self.admit(&msg) {
-                        Admit::Send(tx, backend_id) => {
-                            if backend_id.is_some() {
-                                msg.set_id(backend_id);
-                            }
-                            break tx;
+            Kind::Request => loop {
+                match self.admit(&msg) {
+                    Admit::Send(tx, backend_id) => {
+                        if backend_id.is_some() {
+                            msg.set_id(backend_id);
                         }
-                        Admit::Answer(reply) => return reply,
-                        Admit::Wait(deadline) => {
-                            // Only a call that has to wait registers for the wake-up (the common
-                            // path takes no extra lock); after registering, look again, so a
-                            // backend that came in between is not missed.
-                            let wait = ep.changed.notified();
-                            let mut wait = std::pin::pin!(wait);
-                            wait.as_mut().enable();
-                            if ep.waiting_is_over() {
-                                continue;
-                            }
-                            let _ = tokio::time::timeout_at(deadline, wait).await;
+                        break tx;
+                    }
+                    Admit::Answer(reply) => return reply,
+                    Admit::Wait(deadline) => {
+                        // Only a call that has to wait registers for the wake-up (the common
+                        // path takes no extra lock); after registering, look again, so a
+                        // backend that came in between is not missed.
+                        let wait = ep.changed.notified();
+                        let mut wait = std::pin::pin!(wait);
+                        wait.as_mut().enable();
+                        if ep.waiting_is_over() {
+                            continue;
                         }
+                        let _ = tokio::time::timeout_at(deadline, wait).await;
                     }
                 }
-            }
+            },
         };
 
         match ext_map {
@@ -1087,84 +1457,115 @@ enum Admit {
     Send(BackendTx, Option<u64>),
     /// The gateway answers it itself (or drops it: None).
     Answer(Option<Message>),
-    /// No backend yet; wait for one until this instant.
+    /// No backend takes calls yet; wait for one until this instant.
     Wait(Instant),
 }
 
 impl ClientConn {
-    /// Decides a request under the endpoint lock: gives it a backend id (or reuses the one of the
-    /// call it continues) and picks the backend to send it to.
+    /// Decides a request under the endpoint lock: picks its backend (the one of the call it
+    /// continues; for a new call the client's pinned backend, or for an HTTP call the one with
+    /// the fewest pending calls) and gives it a backend id.
     fn admit(&self, msg: &Message) -> Admit {
         let ep = &self.endpoint;
+        let limits = ep.limits();
         let mut guard = ep.state();
         let s = &mut *guard;
-        let backend = match (&s.backend, s.grace_until) {
-            (Some(b), _) => b.tx.clone(),
-            (None, Some(until)) if !s.removed && Instant::now() < until => {
-                return Admit::Wait(until)
-            }
-            _ => {
-                drop(guard);
-                ep.dropped("no_backend");
-                // Answered even without an id, so an HTTP caller can tell; WebSocket peers are
-                // only sent answers that carry an id.
-                return Admit::Answer(Some(local_error(
-                    msg,
-                    code::BACKEND_UNAVAILABLE,
-                    "backend unavailable",
-                )));
-            }
+        let unavailable = |msg: &Message| {
+            ep.dropped("no_backend");
+            // Answered even without an id, so an HTTP caller can tell; WebSocket peers are only
+            // sent answers that carry an id.
+            Admit::Answer(Some(local_error(
+                msg,
+                code::BACKEND_UNAVAILABLE,
+                "backend unavailable",
+            )))
         };
-        let Some(client_id) = msg.id() else {
-            return Admit::Send(backend, None);
-        };
-        let limits = ep.limits();
-        let Some(client) = s.clients.get_mut(&self.route) else {
+        if s.removed {
+            drop(guard);
+            return unavailable(msg);
+        }
+        let Some(client) = s.clients.get(&self.route) else {
             // Closed by the multiplexer meanwhile.
             return Admit::Answer(None);
         };
-        let backend_id = match client.open.get(&client_id) {
-            Some(&backend_id) => backend_id,
-            None => {
-                if client.open.len() >= limits.max_pending_calls_per_client {
-                    drop(guard);
-                    ep.dropped("too_many_pending_calls");
-                    return Admit::Answer(Some(local_error(
-                        msg,
-                        code::TOO_MANY_PENDING_CALLS,
-                        "too many pending calls",
-                    )));
-                }
-                // The `ext` of every open call is kept until it ends: bounded per client too.
-                let ext_len = msg.ext_raw().map_or(0, |e| e.get().len());
-                if client.ext_bytes + ext_len > limits.client_queue_bytes {
-                    drop(guard);
-                    ep.dropped("too_many_pending_calls");
-                    return Admit::Answer(Some(local_error(
-                        msg,
-                        code::TOO_MANY_PENDING_CALLS,
-                        "pending calls hold too much ext data",
-                    )));
-                }
-                client.ext_bytes += ext_len;
-                let backend_id = s.next_id;
-                s.next_id += 1;
-                client.open.insert(client_id, backend_id);
-                s.calls.insert(
-                    backend_id,
-                    PendingCall {
-                        route: self.route.clone(),
-                        client_id,
-                        // Copied only for a call that opens: the rest never need it.
-                        client_ext: msg.ext_raw().map(|raw| raw.to_owned()),
-                    },
-                );
-                s.update_gauges();
-                backend_id
+        let client_id = msg.id();
+        // The next frame of a call already open goes where the call is.
+        if let Some(&(key, backend_id)) = client_id.and_then(|id| client.open.get(&id)) {
+            if let Some(slot) = s.slot(key) {
+                return Admit::Send(slot.tx.clone(), Some(backend_id));
             }
+        }
+        let pinned = client.pinned;
+        let websocket = client.websocket;
+        let key = match pinned.filter(|k| s.slot(*k).is_some_and(|b| !b.draining)) {
+            Some(key) => Some(key),
+            None if websocket => {
+                s.unpin(&self.route);
+                s.pin(&self.route)
+            }
+            None => s.least(|b| b.calls.len()),
         };
+        let Some(key) = key else {
+            return match s.grace_until {
+                Some(until) if Instant::now() < until => Admit::Wait(until),
+                _ => {
+                    drop(guard);
+                    unavailable(msg)
+                }
+            };
+        };
+        let Some(client_id) = client_id else {
+            let tx = s.slot(key).map(|b| b.tx.clone());
+            return match tx {
+                Some(tx) => Admit::Send(tx, None),
+                None => Admit::Answer(None),
+            };
+        };
+        let Some(client) = s.clients.get_mut(&self.route) else {
+            return Admit::Answer(None);
+        };
+        if client.open.len() >= limits.max_pending_calls_per_client {
+            drop(guard);
+            ep.dropped("too_many_pending_calls");
+            return Admit::Answer(Some(local_error(
+                msg,
+                code::TOO_MANY_PENDING_CALLS,
+                "too many pending calls",
+            )));
+        }
+        // The `ext` of every open call is kept until it ends: bounded per client too.
+        let ext_len = msg.ext_raw().map_or(0, |e| e.get().len());
+        if client.ext_bytes + ext_len > limits.client_queue_bytes {
+            drop(guard);
+            ep.dropped("too_many_pending_calls");
+            return Admit::Answer(Some(local_error(
+                msg,
+                code::TOO_MANY_PENDING_CALLS,
+                "pending calls hold too much ext data",
+            )));
+        }
+        client.ext_bytes += ext_len;
+        let Some(slot) = s.backends.iter_mut().find(|b| b.key == key) else {
+            return Admit::Answer(None);
+        };
+        let backend_id = slot.next_id;
+        slot.next_id += 1;
+        slot.calls.insert(
+            backend_id,
+            PendingCall {
+                route: self.route.clone(),
+                client_id,
+                // Copied only for a call that opens: the rest never need it.
+                client_ext: msg.ext_raw().map(|raw| raw.to_owned()),
+            },
+        );
+        let tx = slot.tx.clone();
+        if let Some(client) = s.clients.get_mut(&self.route) {
+            client.open.insert(client_id, (key, backend_id));
+        }
+        s.update_gauges();
         drop(guard);
-        Admit::Send(backend, Some(backend_id))
+        Admit::Send(tx, Some(backend_id))
     }
 }
 

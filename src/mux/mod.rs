@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-pub use endpoint::{BackendConn, ClientConn, Endpoint, EndpointStats, JoinError};
+pub use endpoint::{BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PublishError};
 
 use crate::auth::Digest;
 
@@ -35,6 +35,8 @@ pub struct Limits {
     pub client_queue_bytes: usize,
     /// Bytes of frames queued for a backend before its clients wait for it to read.
     pub backend_queue_bytes: usize,
+    /// The longest a backend's drain waits for its calls to end.
+    pub drain_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +46,7 @@ impl Default for Limits {
             backend_grace: Duration::from_secs(10),
             client_queue_bytes: 16 << 20,
             backend_queue_bytes: 16 << 20,
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -122,25 +125,35 @@ impl Registry {
         self.map().values().cloned().collect()
     }
 
-    /// Makes a backend the one of `path`, replacing (closing with 1012) any backend it had.
-    /// `secret` is what clients must present from now on; `token` is the publishing token's name
+    /// Adds a backend to the pool of `path` (of at most `max_backends`; when it is full, the
+    /// longest-connected backend is replaced with 1012). `secret` is what clients must present
+    /// from now on; a publish whose secret differs from the pool's live backends' is refused
+    /// unless `fixed_secret` (the config sets the secret). `token` is the publishing token's name
     /// and digest (kept so a reload can tell whether the backend may stay).
-    pub fn publish(&self, path: &str, secret: Digest, token: (&str, Digest)) -> BackendConn {
+    pub fn publish(
+        &self,
+        path: &str,
+        secret: Digest,
+        token: (&str, Digest),
+        max_backends: usize,
+        fixed_secret: bool,
+    ) -> Result<BackendConn, PublishError> {
         let mut map = self.map();
         if let Some(endpoint) = map.get(path) {
-            if let Some(conn) = endpoint.attach_backend(secret, token, &self.limits()) {
-                return conn;
+            if let Some(joined) = endpoint.attach_backend(secret, token, max_backends, fixed_secret)
+            {
+                return joined;
             }
             // The endpoint was being removed as we looked: start a new one.
         }
         // Attach first, then register, so nobody ever finds the endpoint without its secret.
         let endpoint = Endpoint::new(path, self.me.clone());
-        let conn = match endpoint.attach_backend(secret, token, &self.limits()) {
-            Some(conn) => conn,
+        let conn = match endpoint.attach_backend(secret, token, max_backends, fixed_secret) {
+            Some(joined) => joined?,
             None => unreachable!("a new endpoint is not removed"),
         };
         map.insert(path.to_string(), endpoint);
-        conn
+        Ok(conn)
     }
 
     /// Forgets `endpoint` if it is still the one registered at its path.
@@ -181,7 +194,9 @@ mod tests {
 
     fn setup(limits: Limits) -> (Arc<Registry>, BackendConn, Arc<Endpoint>) {
         let registry = Registry::new(limits);
-        let backend = registry.publish("/t", Digest::of(b"s"), ("t", Digest::of(b"tok")));
+        let backend = registry
+            .publish("/t", Digest::of(b"s"), ("t", Digest::of(b"tok")), 1, false)
+            .expect("publish");
         let endpoint = registry.lookup("/t").expect("endpoint");
         (registry, backend, endpoint)
     }
@@ -322,7 +337,9 @@ mod tests {
     async fn a_replaced_backend_is_silent_from_that_moment() {
         let (registry, mut old, endpoint) = setup(Limits::default());
         let mut a = join(&endpoint);
-        let mut new = registry.publish("/t", Digest::of(b"s"), ("t", Digest::of(b"tok")));
+        let mut new = registry
+            .publish("/t", Digest::of(b"s"), ("t", Digest::of(b"tok")), 1, false)
+            .expect("publish");
         a.send(parse(r#"{"type":"req","method":"m","id":1}"#)).await;
         let f = to_backend(&mut new).await;
         // The old backend answers the new one's call, and calls the client by its route.
@@ -349,7 +366,9 @@ mod tests {
         let mut a = join(&endpoint);
         a.send(parse(r#"{"type":"req","method":"m","id":1}"#)).await;
         let f = to_backend(&mut backend).await;
-        assert!(endpoint.close_backend(CloseReason::new(close::POLICY, "revoked")));
+        assert!(!endpoint
+            .close_backends(CloseReason::new(close::POLICY, "revoked"), |_| true)
+            .is_empty());
         // Its pending call failed with -32000; nothing it sends afterwards arrives.
         let failed = a.recv().await.expect("-32000");
         assert_eq!(failed.error().map(|e| e.code), Some(-32000));
