@@ -241,7 +241,7 @@ fn decide_publish(
     if fixed.is_none()
         && registry
             .lookup(req.path)
-            .is_some_and(|e| e.secret_conflicts(&secret))
+            .is_some_and(|e| e.secret_conflicts(&secret, config.max_backends(req.path)))
     {
         return named(
             409,
@@ -670,6 +670,7 @@ mod tests {
             )
             .expect("publish");
         let plain = config("");
+        let pool = config("limits: {max_backends_per_endpoint: 2}");
         let tls = config("tls: {required: true}");
         let get = http::Method::GET;
         let post = http::Method::POST;
@@ -690,7 +691,8 @@ mod tests {
             ("publish without secret", &get, "/x", format!("token={MAIN}"), false, true, false, &plain, "400", Some("no_secret")),
             ("publish with a fixed secret, none given", &get, "/fixed", format!("token={MAIN}"), false, true, false, &plain, "publish", None),
             ("publish naming another secret than the fixed one", &get, "/fixed", format!("token={MAIN}&secret=other"), false, true, false, &plain, "401", Some("bad_secret")),
-            ("another secret than the pool's", &get, "/live", format!("token={MAIN}&secret=other"), false, true, false, &plain, "409", Some("secret_conflict")),
+            ("another secret than the pool's", &get, "/live", format!("token={MAIN}&secret=other"), false, true, false, &pool, "409", Some("secret_conflict")),
+            ("another secret, replacing the one backend", &get, "/live", format!("token={MAIN}&secret=other"), false, true, false, &plain, "publish", None),
             ("the pool's secret", &get, "/live", format!("token={MAIN}&secret=s"), false, true, false, &plain, "publish", None),
             ("publish without upgrade", &get, "/x", format!("token={MAIN}&secret=s"), false, false, false, &plain, "426", None),
             ("publish", &get, "/team/a", format!("token={TEAM}&secret=s"), false, true, false, &plain, "publish", None),

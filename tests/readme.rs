@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::gateway_binary;
+use common::{example_binary as example, gateway_binary};
 use futures_util::StreamExt;
 
 const TOKEN: &str = "my-long-publish-token-123";
@@ -25,22 +25,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// The examples, built as the README's `cargo run` would (in the test profile's directory).
-fn example(package: &str, name: &str) -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "-p", package, "--example", name])
-        .arg("--manifest-path")
-        .arg(repo().join("Cargo.toml"))
-        .status()
-        .expect("cargo build");
-    assert!(status.success());
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo().join("target"));
-    target.join("debug/examples").join(name)
 }
 
 /// The commands of the README's ```sh blocks with the output shown right under them (`# ...`

@@ -199,6 +199,13 @@ impl State {
         self.backends.iter_mut().find(|b| b.key == key)
     }
 
+    /// Whether a publish with `secret` would join live backends of another secret: those that
+    /// stay once a full pool of `max_backends` has replaced its oldest.
+    fn secret_conflicts(&self, secret: &Digest, max_backends: usize) -> bool {
+        let staying = self.backends.len().min(max_backends.max(1) - 1);
+        staying > 0 && !self.secret.matches(secret)
+    }
+
     /// Whether some backend takes new calls.
     fn serving(&self) -> bool {
         self.backends.iter().any(|b| !b.draining)
@@ -440,11 +447,11 @@ impl Endpoint {
         self.state().secret.matches(secret)
     }
 
-    /// Whether a publish with `secret` would conflict with the pool's live backends (they use
-    /// another secret).
-    pub fn secret_conflicts(&self, secret: &Digest) -> bool {
+    /// Whether a publish with `secret` into a pool of `max_backends` would join live backends
+    /// that use another secret (the ones a full pool replaces do not count).
+    pub fn secret_conflicts(&self, secret: &Digest, max_backends: usize) -> bool {
         let s = self.state();
-        !s.backends.is_empty() && !s.secret.matches(secret)
+        s.secret_conflicts(secret, max_backends)
     }
 
     /// The digests of the tokens the live backends published with.
@@ -501,7 +508,7 @@ impl Endpoint {
         if s.removed {
             return None;
         }
-        if !fixed_secret && !s.backends.is_empty() && !s.secret.matches(&secret) {
+        if !fixed_secret && s.secret_conflicts(&secret, max_backends) {
             return Some(Err(PublishError::SecretConflict));
         }
         let mut fallout = Fallout::default();

@@ -47,6 +47,23 @@ pub fn gateway_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_duplex-gateway")))
 }
 
+/// An example program of the workspace, built (as `cargo run --example` would) in the test
+/// profile's directory.
+pub fn example_binary(package: &str, name: &str) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let status = Command::new(cargo)
+        .args(["build", "-p", package, "--example", name, "--manifest-path"])
+        .arg(&manifest)
+        .status()
+        .expect("cargo build");
+    assert!(status.success());
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("debug/examples").join(name)
+}
+
 /// A running gateway process.
 pub struct Gateway {
     child: Child,
