@@ -7,7 +7,10 @@
 //! ```
 //!
 //! Scenarios (see BENCHMARKS.md): `ws_rpc`, `ws_rpc_direct`, `http_rpc`, `http_direct`,
-//! `http_nginx` (when nginx is installed), `stream`, `idle`, and their ratios.
+//! `http_nginx` (when nginx is installed), `stream`, `idle`, `pool_rpc` (the same WebSocket load
+//! on an endpoint served by a pool of 4 backends, each a process of its own) and
+//! `rolling_deploy` (WebSocket and HTTP load on that pool while each backend in turn drains,
+//! exits and is replaced: failed calls and the throughput dip), and their ratios.
 //!
 //! Every server runs in a process of its own: the gateway (the release binary), and this binary
 //! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
@@ -32,6 +35,10 @@ use tokio::net::{TcpListener, TcpStream};
 const TOKEN: &str = "bench-token-0123456789";
 const SECRET: &str = "bench-secret";
 const ENDPOINT: &str = "/bench";
+/// The endpoint served by a pool of backends.
+const POOL: &str = "/pool";
+/// Its size.
+const POOL_SIZE: usize = 4;
 
 /// What to run.
 #[derive(Clone)]
@@ -113,6 +120,27 @@ fn run_role(role: &str, arg: &str) {
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             },
+            // Publishes the echo handlers at the URL (a gateway) once; on SIGTERM drains (no new
+            // calls come, the running ones finish), then exits: one step of a rolling deploy.
+            "pool-backend" => {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                let Ok(peer) = echo_handlers().connect(arg).await else {
+                    eprintln!("pool backend: cannot publish");
+                    return;
+                };
+                tokio::select! {
+                    _ = peer.closed() => {}
+                    _ = term.recv() => {
+                        let _ = peer.drain().await;
+                        peer.close();
+                        let _ = tokio::time::timeout(Duration::from_secs(2), peer.closed()).await;
+                    }
+                }
+            }
             // Serves the echo handlers directly over WebSocket on 127.0.0.1:PORT.
             "ws-server" => {
                 serve_tcp(port(arg), |tcp| async move {
@@ -222,8 +250,9 @@ async fn wait_port(port: u16) {
     }
 }
 
-/// Starts our gateway (the release binary) on free ports; returns it, its base URLs and pid.
-async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32) {
+/// Starts our gateway (the release binary) on free ports; returns it, its base URL, its pid and
+/// its metrics port.
+async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32, u16) {
     let port = free_port();
     let metrics = free_port();
     let config = dir.join("gateway.yaml");
@@ -232,6 +261,7 @@ async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32) {
         format!(
             "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics}\n\
              tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
+             endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
              limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n"
         ),
     )
@@ -246,7 +276,46 @@ async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32) {
         .expect("start the gateway");
     let pid = child.id();
     wait_port(port).await;
-    (Proc(child), format!("ws://127.0.0.1:{port}"), pid)
+    (Proc(child), format!("ws://127.0.0.1:{port}"), pid, metrics)
+}
+
+/// The live backends of `path`, read from the gateway's metrics.
+async fn pool_size(metrics_port: u16, path: &str) -> usize {
+    let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", metrics_port)).await else {
+        return 0;
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if tcp.write_all(request.as_bytes()).await.is_err() {
+        return 0;
+    }
+    let mut text = String::new();
+    let _ = tcp.read_to_string(&mut text).await;
+    let series = format!("duplex_gateway_backends{{endpoint=\"{path}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as usize)
+}
+
+/// Waits until the pool of `path` has `n` live backends.
+async fn wait_pool(metrics_port: u16, path: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pool_size(metrics_port, path).await != n {
+        assert!(Instant::now() < deadline, "the pool of {path} never had {n} backends");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends SIGTERM to a process and waits for it to exit.
+async fn stop(mut proc: Proc) {
+    let pid = proc.0.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = proc.0.wait();
+        proc
+    })
+    .await;
 }
 
 /// Starts nginx in front of the HTTP echo server on `upstream`, if nginx is installed.
@@ -512,6 +581,70 @@ async fn idle_scenario(client_url: &str, n: usize, gateway_pid: Option<u32>) -> 
     Value::Object(out)
 }
 
+/// `pool_rpc`: the WebSocket load of `ws_rpc` on an endpoint served by a pool of backends, each a
+/// process of its own. `rolling_deploy`: half WebSocket, half HTTP load on that pool while each
+/// backend in turn drains, exits and is replaced. Returns both, and the deploy's throughput
+/// against `pool_rpc`'s.
+async fn pool_scenarios(
+    o: &Options,
+    base: &str,
+    gw_port: u16,
+    metrics: u16,
+) -> (RpcResult, RpcResult, f64) {
+    let publish_url = format!("{base}{POOL}?token={}&secret={SECRET}", o.token);
+    let mut backends = Vec::new();
+    for n in 1..=POOL_SIZE {
+        backends.push(spawn_role("pool-backend", &publish_url));
+        wait_pool(metrics, POOL, n).await;
+    }
+    let client_url = format!("{base}{POOL}?secret={SECRET}");
+    let pool_rpc = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+    print_rpc("pool_rpc", &pool_rpc);
+
+    // The deploy: one backend every seconds / (size + 1), the load running throughout.
+    let seconds = o.seconds;
+    let step = Duration::from_secs_f64(seconds / (POOL_SIZE as f64 + 1.0));
+    let deploy = tokio::spawn({
+        let publish_url = publish_url.clone();
+        async move {
+            // Past the warm-up of the closed loop.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut backends = backends;
+            for _ in 0..POOL_SIZE {
+                tokio::time::sleep(step).await;
+                let old = backends.remove(0);
+                stop(old).await;
+                backends.push(spawn_role("pool-backend", &publish_url));
+                wait_pool(metrics, POOL, POOL_SIZE).await;
+            }
+            backends
+        }
+    });
+    let call_path = format!("{POOL}/echo?secret={SECRET}");
+    let half = (o.clients / 2).max(1);
+    let rolling = closed_loop(o.clients, seconds, |i| {
+        let (client_url, call_path) = (client_url.clone(), call_path.clone());
+        async move {
+            if i < half {
+                ws_caller(client_url).await
+            } else {
+                http_caller(gw_port, call_path).await
+            }
+        }
+    })
+    .await;
+    let backends = deploy.await.expect("deploy");
+    drop(backends);
+    let dip = rolling.rate() / pool_rpc.rate();
+    println!(
+        "rolling_deploy {:>10.0} calls/s   failed calls {}   throughput {:.2} x pool_rpc",
+        rolling.rate(),
+        rolling.errors,
+        dip
+    );
+    (pool_rpc, rolling, dip)
+}
+
 fn print_rpc(name: &str, r: &RpcResult) {
     println!(
         "{name:<14} {:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us   p99.9 {:>6} us   errors {}",
@@ -533,11 +666,11 @@ async fn bench(o: Options) {
     );
 
     // The gateway: ours, or the one given with --url.
-    let (_gateway, base, gateway_pid) = match &o.url {
-        Some(url) => (None, url.clone(), None),
+    let (_gateway, base, gateway_pid, metrics_port) = match &o.url {
+        Some(url) => (None, url.clone(), None, None),
         None => {
-            let (p, url, pid) = start_gateway(dir.path()).await;
-            (Some(p), url, Some(pid))
+            let (p, url, pid, metrics) = start_gateway(dir.path()).await;
+            (Some(p), url, Some(pid), Some(metrics))
         }
     };
     let http_base = base.replacen("ws://", "http://", 1);
@@ -620,6 +753,15 @@ async fn bench(o: Options) {
         idle.get("bytes_per_client").cloned().unwrap_or(Value::Null)
     );
 
+    // pool_rpc, rolling_deploy: only on our gateway (the pool's size is in its config).
+    let pools = match metrics_port {
+        Some(metrics) => Some(pool_scenarios(&o, &base, gw_port, metrics).await),
+        None => {
+            println!("pool_rpc       skipped: needs the gateway this tool starts");
+            None
+        }
+    };
+
     let mut ratios = Map::new();
     ratios.insert(
         "ws_rpc / ws_rpc_direct".into(),
@@ -635,6 +777,12 @@ async fn bench(o: Options) {
             json!(round(http_rpc.rate() / n.rate(), 3)),
         );
     }
+    if let Some((pool_rpc, _, _)) = &pools {
+        ratios.insert(
+            "pool_rpc / ws_rpc".into(),
+            json!(round(pool_rpc.rate() / ws_rpc.rate(), 3)),
+        );
+    }
     println!("ratios         {}", Value::Object(ratios.clone()));
 
     report.insert("ws_rpc".into(), ws_rpc.to_json(o.clients));
@@ -645,6 +793,13 @@ async fn bench(o: Options) {
         "http_nginx".into(),
         nginx.as_ref().map_or(Value::Null, |n| n.to_json(o.clients)),
     );
+    if let Some((pool_rpc, rolling, dip)) = &pools {
+        report.insert("pool_rpc".into(), pool_rpc.to_json(o.clients));
+        let mut rolling_json = rolling.to_json(o.clients);
+        rolling_json["failed_calls"] = json!(rolling.errors);
+        rolling_json["throughput_vs_pool_rpc"] = json!(round(*dip, 3));
+        report.insert("rolling_deploy".into(), rolling_json);
+    }
     report.insert("stream".into(), stream);
     report.insert("idle".into(), idle);
     report.insert("ratios".into(), Value::Object(ratios));
