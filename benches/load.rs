@@ -302,7 +302,10 @@ async fn pool_size(metrics_port: u16, path: &str) -> usize {
 async fn wait_pool(metrics_port: u16, path: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while pool_size(metrics_port, path).await != n {
-        assert!(Instant::now() < deadline, "the pool of {path} never had {n} backends");
+        assert!(
+            Instant::now() < deadline,
+            "the pool of {path} never had {n} backends"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

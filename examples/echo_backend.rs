@@ -132,6 +132,8 @@ async fn main() -> Result<(), PeerError> {
                             Err(e) => eprintln!("drain failed: {e}"),
                         }
                         peer.close();
+                        // Let the close frame go out before the process ends.
+                        let _ = tokio::time::timeout(Duration::from_secs(2), peer.closed()).await;
                         return Ok(());
                     }
                 }

@@ -170,6 +170,21 @@ mod tests {
         assert!(a.allows("/ci") && !a.allows("/ci/x"));
     }
 
+    /// Compiles only while `Digest` has no `PartialEq`: were there one, the two impls below
+    /// would both apply and the call would be ambiguous. Comparisons must stay constant-time.
+    #[test]
+    fn digests_have_no_variable_time_equality() {
+        trait AmbiguousIfEq<A> {
+            fn check() {}
+        }
+        impl<T: ?Sized> AmbiguousIfEq<()> for T {}
+        #[allow(dead_code)]
+        struct IsEq;
+        impl<T: ?Sized + PartialEq> AmbiguousIfEq<IsEq> for T {}
+        <Digest as AmbiguousIfEq<_>>::check();
+        assert!(Digest::of(b"a").matches(&Digest::of(b"a")));
+    }
+
     #[test]
     fn sha256_digests_match_plain_tokens() {
         let hex_digits = hex::encode(Sha256::digest(b"secret-token"));

@@ -7,8 +7,8 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the YAML file format, `${ENV}` substitution and validation, and the [`Config`]
-//!   model the gateway runs on.
+//! - [`config`]: the [`Config`] model the gateway runs on and where it comes from; its `file`
+//!   module is the YAML file format (serde, `${ENV}` substitution, validation).
 //! - [`app`]: the shared state: the config in force, the endpoints, certificates, requests in
 //!   progress.
 //! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the one
@@ -20,8 +20,9 @@
 //!   its own) WebSocket framing, the Duplex handshake, pings, and the loop between the socket and
 //!   the multiplexer.
 //! - [`http_api`]: `POST <endpoint>/<method>`: body, sync, streamed (NDJSON) and async calls.
-//! - [`mux`]: endpoints, backends, clients and the call table (id rewriting, routes, grace,
-//!   byte-bounded queues). Knows nothing about Pingora.
+//! - [`mux`]: endpoints and their pools (balancing, failover, drain, grace), the call tables
+//!   (id rewriting, routes), the backend and client sides of a connection, and byte-bounded
+//!   queues. Knows nothing about Pingora.
 //! - [`duplex`]: the protocol (messages, handshake, error codes, addressing) and a Rust peer: the
 //!   workspace's `duplex` crate, which builds without Pingora.
 //! - [`metrics`]: every Prometheus metric, defined once.

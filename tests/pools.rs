@@ -19,9 +19,15 @@ fn pool(size: usize) -> String {
     format!("limits:\n  max_backends_per_endpoint: {size}\n  backend_grace: 10s\n")
 }
 
-/// The test backend, answering `who` with its name.
+/// The test backend, answering `who` with its name, and `slow_who` (waits payload ms) too.
 fn named(name: &'static str) -> PeerBuilder {
-    test_backend().handle("who", move |_call: Call| async move { Ok(json!(name)) })
+    test_backend()
+        .handle("who", move |_call: Call| async move { Ok(json!(name)) })
+        .handle("slow_who", move |call: Call| async move {
+            let ms = call.payload.as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(json!(name))
+        })
 }
 
 async fn publish_named(gw: &Gateway, path: &str, name: &'static str) -> Peer {
@@ -117,11 +123,23 @@ async fn http_calls_go_to_the_backend_with_the_fewest_pending_calls() {
     let http = reqwest::Client::new();
     // A long call keeps one backend busy; the next calls all go to the other.
     let long = tokio::spawn({
-        let url = gw.http("/q/slow?secret=s");
+        let url = gw.http("/q/slow_who?secret=s");
         let http = http.clone();
-        async move { http.post(url).body("1500").send().await.map(|r| r.status()) }
+        async move {
+            let resp = http.post(url).body("5000").send().await.expect("long");
+            resp.text().await.expect("body")
+        }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let deadline = Instant::now() + WAIT;
+    while metric(
+        &gw.metrics().await,
+        "duplex_gateway_pending_calls",
+        &[("endpoint", "/q")],
+    ) != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "the long call never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut answered = Vec::new();
     for _ in 0..4 {
         let body = http
@@ -134,11 +152,11 @@ async fn http_calls_go_to_the_backend_with_the_fewest_pending_calls() {
             .expect("body");
         answered.push(body);
     }
+    let busy = long.await.expect("long call");
     assert!(
-        answered.windows(2).all(|w| w[0] == w[1]),
-        "every quick call on the idle backend: {answered:?}"
+        answered.iter().all(|a| *a != busy),
+        "every quick call on the idle backend, none on {busy}: {answered:?}"
     );
-    assert_eq!(long.await.expect("join").expect("long").as_u16(), 200);
 }
 
 #[tokio::test]
@@ -375,6 +393,8 @@ async fn any_backend_of_the_pool_may_call_any_client() {
     pool_size_is(&gw, "/call", 2).await;
     let peer = Peer::builder()
         .handle("hello", |call: Call| async move {
+            // Long enough for both calls to be open at once, under the same id.
+            tokio::time::sleep(Duration::from_millis(300)).await;
             Ok(json!(format!("hello {}", call.payload)))
         })
         .connect(&gw.client_url("/call", "s"))
@@ -391,19 +411,110 @@ async fn any_backend_of_the_pool_may_call_any_client() {
     let mine = if own == "a" { &a } else { &b };
     let (x, y) = tokio::join!(
         async {
-            other
+            let call = other
                 .call_route(&route, "hello", json!("other"))
-                .expect("call")
-                .last()
+                .expect("call");
+            tokio::time::timeout(WAIT, call.last())
                 .await
+                .expect("an answer")
         },
         async {
-            mine.call_route(&route, "hello", json!("own"))
-                .expect("call")
-                .last()
+            let call = mine
+                .call_route(&route, "hello", json!("own"))
+                .expect("call");
+            tokio::time::timeout(WAIT, call.last())
                 .await
+                .expect("an answer")
         }
     );
     assert_eq!(x, Ok(json!("hello \"other\"")));
     assert_eq!(y, Ok(json!("hello \"own\"")));
+}
+
+#[tokio::test]
+async fn when_the_last_serving_backend_drains_new_calls_wait_for_the_next() {
+    let gw = Gateway::start(&pool(2));
+    let old = publish_named(&gw, "/w", "old").await;
+    pool_size_is(&gw, "/w", 1).await;
+    let peer = client(&gw, "/w", "s").await;
+    assert_eq!(who(&peer).await, "old");
+    // Idle: answered at once; from now on new calls wait for another backend.
+    assert_eq!(old.drain().await, Ok(0));
+    let waiting = tokio::spawn({
+        let peer = peer.clone();
+        async move { peer.call("who", Value::Null).await }
+    });
+    let http = tokio::spawn({
+        let url = gw.http("/w/who?secret=s");
+        async move {
+            let resp = reqwest::Client::new().post(url).send().await.expect("call");
+            (
+                resp.status().as_u16(),
+                resp.text().await.unwrap_or_default(),
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished() && !http.is_finished(),
+        "calls waited"
+    );
+    let _new = publish_named(&gw, "/w", "new").await;
+    assert_eq!(waiting.await.expect("join"), Ok(json!("new")));
+    assert_eq!(http.await.expect("join"), (200, "\"new\"".to_string()));
+    old.close();
+}
+
+#[tokio::test]
+async fn clients_of_a_replaced_backend_count_as_failovers() {
+    let gw = Gateway::start(&pool(2));
+    let _a = publish_named(&gw, "/rf", "a").await;
+    let _b = publish_named(&gw, "/rf", "b").await;
+    pool_size_is(&gw, "/rf", 2).await;
+    let mut on_a = Vec::new();
+    for _ in 0..4 {
+        let c = client(&gw, "/rf", "s").await;
+        if who(&c).await == "a" {
+            on_a.push(c);
+        }
+    }
+    assert_eq!(on_a.len(), 2);
+    let _c = publish_named(&gw, "/rf", "c").await;
+    for c in &on_a {
+        let now = who(c).await;
+        assert!(now == "b" || now == "c", "{now}");
+    }
+    let text = gw.metrics().await;
+    assert_eq!(
+        metric(
+            &text,
+            "duplex_gateway_backend_failovers_total",
+            &[("endpoint", "/rf")]
+        ),
+        Some(2.0)
+    );
+}
+
+#[tokio::test]
+async fn a_drain_is_answered_with_what_still_runs_after_drain_timeout() {
+    let gw = Gateway::start("limits:\n  drain_timeout: 300ms\n");
+    let backend = publish(&gw, "/dt", "s").await;
+    let peer = client(&gw, "/dt", "s").await;
+    let long = peer.call_stream("slow", json!(3000)).expect("call");
+    let deadline = Instant::now() + WAIT;
+    while metric(
+        &gw.metrics().await,
+        "duplex_gateway_pending_calls",
+        &[("endpoint", "/dt")],
+    ) != Some(1.0)
+    {
+        assert!(Instant::now() < deadline, "the long call never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pending = tokio::time::timeout(Duration::from_secs(2), backend.drain())
+        .await
+        .expect("answered at the drain timeout, before the call ends");
+    assert_eq!(pending, Ok(1));
+    // The running call still finishes.
+    assert_eq!(long.last().await, Ok(json!(3000)));
 }

@@ -551,7 +551,12 @@ impl Peer {
     /// Close the peer afterwards: no call is lost.
     pub async fn drain(&self) -> Result<u64, PeerError> {
         let answer = self.call("$drain", Value::Null).await?;
-        Ok(answer["pending"].as_u64().unwrap_or(0))
+        answer["pending"].as_u64().ok_or_else(|| {
+            PeerError::Rpc(RpcError::new(
+                crate::code::INVALID_MESSAGE,
+                format!("unexpected answer to $drain: {answer}"),
+            ))
+        })
     }
 
     /// Calls `method` and returns its reply stream.

@@ -12,6 +12,7 @@
 //! come back with the client's own id and `ext`. The backend calls a client by naming its route.
 
 mod endpoint;
+mod queue;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};

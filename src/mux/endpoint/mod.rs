@@ -5,22 +5,32 @@
 //! there; an HTTP call goes to the backend with the fewest pending calls. Ids are rewritten per
 //! backend connection. A backend that leaves fails its own pending calls and nothing else: its
 //! clients are pinned again at once. Only when the last one leaves does the grace start.
+//!
+//! This file holds the endpoint and its tables; `backend.rs` the backend side of a connection
+//! (routing what a backend sends, `$drain`), `client.rs` the client side (admitting calls).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::Duration;
 
 use futures_channel::mpsc as queue;
-use futures_util::StreamExt;
 use prometheus::IntGauge;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
+mod backend;
+mod client;
+
+pub use backend::BackendConn;
+pub use client::ClientConn;
+
+use super::queue::{send_nowait, BackendTx, ClientTx, Push};
 use super::{close, lock, route_key, CloseReason, Limits, Registry};
 use crate::auth::Digest;
-use crate::duplex::{code, Kind, Message, RpcError};
+use crate::duplex::{code, Message, RpcError};
 use crate::metrics::metrics;
 
 type Route = Arc<str>;
@@ -206,6 +216,14 @@ impl State {
         staying > 0 && !self.secret.matches(secret)
     }
 
+    /// When live backends remain but all of them drain, new calls wait as in a grace (for a
+    /// new backend), for `hold` at most.
+    fn hold_new_calls_if_none_serve(&mut self, hold: Duration) {
+        if !self.backends.is_empty() && !self.serving() && self.grace_until.is_none() {
+            self.grace_until = Some(Instant::now() + hold);
+        }
+    }
+
     /// Whether some backend takes new calls.
     fn serving(&self) -> bool {
         self.backends.iter().any(|b| !b.draining)
@@ -379,6 +397,12 @@ impl State {
     }
 }
 
+/// The immediate answer to a `$drain` that has nothing to wait for (none without an id).
+fn request_answer(request: &DrainRequest) -> Option<Message> {
+    request.id?;
+    Message::parse(drain_reply(request, 0).as_bytes()).ok()
+}
+
 /// `{"pending": N}`: the answer to a backend's `$drain`.
 fn drain_reply(req: &DrainRequest, pending: usize) -> String {
     let mut reply = Message::reply(req.id, &json!({ "pending": pending }), false);
@@ -464,6 +488,13 @@ impl Endpoint {
         self.state().backends.len()
     }
 
+    /// How long new calls wait when every live backend drains: until the drains may end, and
+    /// at least the grace.
+    fn hold(&self) -> Duration {
+        let limits = self.limits();
+        limits.backend_grace.max(limits.drain_timeout)
+    }
+
     /// The multiplexer's limits in force.
     fn limits(&self) -> Arc<Limits> {
         self.registry
@@ -518,8 +549,10 @@ impl Endpoint {
             if let Some(f) = s.remove_backend(oldest, Some(reason), "backend replaced") {
                 fallout.deliveries.extend(f.deliveries);
                 fallout.owed.extend(f.owed);
+                fallout.failovers += f.failovers;
             }
-            tracing::info!(endpoint = %self.path, "backend replaced by a new publish");
+            let pool = s.backends.len();
+            tracing::info!(endpoint = %self.path, pool, "longest-connected backend replaced by a new publish");
         }
         let (tx, rx) = BackendTx::channel(limits.backend_queue_bytes);
         let close: CloseCell = Arc::new(OnceLock::new());
@@ -688,6 +721,7 @@ impl Endpoint {
         reason: CloseReason,
         revoked: impl Fn(&Digest) -> bool,
     ) -> Vec<String> {
+        let hold = self.hold();
         let mut s = self.state();
         let keys: Vec<(BackendKey, String)> = s
             .backends
@@ -704,6 +738,7 @@ impl Endpoint {
             }
         }
         let emptied = !keys.is_empty() && s.backends.is_empty();
+        s.hold_new_calls_if_none_serve(hold);
         let pool = s.backends.len();
         drop(s);
         if !keys.is_empty() {
@@ -718,6 +753,7 @@ impl Endpoint {
 
     /// Closes the longest-connected backends over `size` (reload: a smaller pool) with 1012.
     pub fn shrink_pool(self: &Arc<Self>, size: usize) -> usize {
+        let hold = self.hold();
         let mut s = self.state();
         let over = s.backends.len().saturating_sub(size.max(1));
         let oldest: Vec<BackendKey> = s.backends.iter().take(over).map(|b| b.key).collect();
@@ -730,6 +766,7 @@ impl Endpoint {
                 fallout.failovers += f.failovers;
             }
         }
+        s.hold_new_calls_if_none_serve(hold);
         drop(s);
         self.settle(fallout);
         oldest.len()
@@ -749,6 +786,7 @@ impl Endpoint {
 
     /// The backend `key` has gone (its connection ended): take it out of the pool.
     fn backend_left(self: &Arc<Self>, key: BackendKey) {
+        let hold = self.hold();
         let mut s = self.state();
         if s.removed {
             return;
@@ -757,6 +795,7 @@ impl Endpoint {
             return;
         };
         let emptied = s.backends.is_empty();
+        s.hold_new_calls_if_none_serve(hold);
         let pool = s.backends.len();
         drop(s);
         tracing::info!(endpoint = %self.path, pool, "backend left");
@@ -825,25 +864,41 @@ impl Endpoint {
     /// `drain_timeout`.
     fn start_drain(self: &Arc<Self>, key: BackendKey, request: DrainRequest) -> Option<Message> {
         let limits = self.limits();
+        let hold = self.hold();
         let mut s = self.state();
         let slot = s.slot_mut(key)?;
+        let first = !slot.draining;
         slot.draining = true;
-        if slot.calls.is_empty() {
-            let reply = drain_reply(&request, 0);
-            drop(s);
-            tracing::info!(endpoint = %self.path, pending = 0, "backend drained");
-            return Message::parse(reply.as_bytes()).ok();
-        }
-        slot.drain_request = Some(request);
         let pending = slot.calls.len();
+        // Nothing running: answered at once. Else kept (when it has an id) for the answer; a
+        // drain asked for again gets the earlier request answered now, with what is running.
+        let (immediate, earlier) = if pending == 0 {
+            (Some(request), None)
+        } else if request.id.is_some() {
+            let earlier = slot
+                .drain_request
+                .replace(request)
+                .map(|req| (slot.tx.clone(), vec![drain_reply(&req, pending)]));
+            (None, earlier)
+        } else {
+            (None, None)
+        };
         s.repin_clients_of(key);
-        if !s.serving() && s.grace_until.is_none() {
-            // The last backend taking calls drains: new calls wait as in a grace.
-            s.grace_until = Some(Instant::now() + limits.backend_grace);
-        }
+        s.hold_new_calls_if_none_serve(hold);
         let pool = s.backends.len();
         drop(s);
+        if let Some((tx, frames)) = earlier {
+            send_nowait(&tx, frames);
+        }
+        if let Some(request) = immediate {
+            tracing::info!(endpoint = %self.path, pending = 0, pool, "backend drained");
+            // Answered only when it has an id: a request without one expects no reply.
+            return request_answer(&request);
+        }
         tracing::info!(endpoint = %self.path, pending, pool, "backend draining");
+        if !first {
+            return None;
+        }
         let me = self.clone();
         let timeout = limits.drain_timeout;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -944,42 +999,6 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-/// The sending side of a client's queue. The queue is bounded in bytes, not frames, so a burst
-/// of small frames to a client that reads is fine, while a client that stops reading is found.
-#[derive(Clone)]
-struct ClientTx {
-    /// futures' channel rather than tokio's: it allocates nothing up front, where tokio's takes
-    /// a 1.8 KB block per channel (an HTTP call makes one; every idle client holds one).
-    tx: queue::UnboundedSender<(Message, usize)>,
-    queued: Arc<AtomicUsize>,
-    budget: usize,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Push {
-    Sent,
-    Gone,
-    Full,
-}
-
-impl ClientTx {
-    fn push(&self, msg: Message) -> Push {
-        let size = msg.approx_len();
-        let reserved = self
-            .queued
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
-                (queued + size <= self.budget).then_some(queued + size)
-            });
-        if reserved.is_err() {
-            return Push::Full;
-        }
-        match self.tx.unbounded_send((msg, size)) {
-            Ok(()) => Push::Sent,
-            Err(_) => Push::Gone,
-        }
-    }
-}
-
 /// `{"route":"<key>"}` as raw JSON. Route keys are hex digits, so no escaping is needed.
 fn route_ext(route: &str) -> Box<RawValue> {
     RawValue::from_string(format!(r#"{{"route":"{route}"}}"#))
@@ -1018,564 +1037,6 @@ fn restore_ext(reply: &mut Message, route: &str, client_ext: Option<&RawValue>) 
     reply.set_ext(Some(&ext));
 }
 
-/// The sending side of a backend's queue, bounded in bytes: a sender waits for room, so the
-/// clients of a backend that does not read wait for it instead of piling frames up in memory.
-#[derive(Clone)]
-struct BackendTx {
-    tx: mpsc::UnboundedSender<(String, u32)>,
-    /// Free bytes in the queue; closed when the backend is.
-    room: Arc<Semaphore>,
-    budget: u32,
-}
-
-impl BackendTx {
-    fn channel(budget: usize) -> (BackendTx, BackendRx) {
-        let budget = u32::try_from(budget).unwrap_or(u32::MAX).max(1);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let room = Arc::new(Semaphore::new(budget as usize));
-        (
-            BackendTx {
-                tx,
-                room: room.clone(),
-                budget,
-            },
-            BackendRx { rx, room },
-        )
-    }
-
-    /// What a frame takes of the budget (a frame over the whole budget takes all of it, so it
-    /// still goes through, alone).
-    fn cost(&self, frame: &str) -> u32 {
-        u32::try_from(frame.len())
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.budget)
-    }
-
-    /// Queues a frame, waiting for room. Err when the backend is closed.
-    async fn send(&self, frame: String) -> Result<(), ()> {
-        let cost = self.cost(&frame);
-        let permit = self.room.acquire_many(cost).await.map_err(|_| ())?;
-        permit.forget();
-        self.tx.send((frame, cost)).map_err(|_| ())
-    }
-
-    /// Queues a frame if there is room now.
-    fn try_send(&self, frame: String) -> Result<(), Option<String>> {
-        let cost = self.cost(&frame);
-        match self.room.try_acquire_many(cost) {
-            Ok(permit) => {
-                permit.forget();
-                self.tx.send((frame, cost)).map_err(|_| None)
-            }
-            Err(tokio::sync::TryAcquireError::NoPermits) => Err(Some(frame)),
-            Err(tokio::sync::TryAcquireError::Closed) => Err(None),
-        }
-    }
-
-    /// Wakes every sender waiting for room: the backend is gone.
-    fn close(&self) {
-        self.room.close();
-    }
-}
-
-/// The receiving side of a backend's queue.
-struct BackendRx {
-    rx: mpsc::UnboundedReceiver<(String, u32)>,
-    room: Arc<Semaphore>,
-}
-
-impl BackendRx {
-    fn took(&self, (frame, cost): (String, u32)) -> String {
-        self.room.add_permits(cost as usize);
-        frame
-    }
-}
-
-/// Queues frames for a backend without waiting (from places that cannot wait): what does not
-/// fit now is queued by a task of its own.
-fn send_nowait(tx: &BackendTx, frames: Vec<String>) {
-    for frame in frames {
-        if let Err(Some(frame)) = tx.try_send(frame) {
-            let tx = tx.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = tx.send(frame).await;
-                });
-            }
-        }
-    }
-}
-
-/// The backend side of an endpoint: one backend of its pool.
-pub struct BackendConn {
-    endpoint: Arc<Endpoint>,
-    key: BackendKey,
-    rx: BackendRx,
-    close: CloseCell,
-}
-
-impl BackendConn {
-    /// The endpoint this backend serves.
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
-    }
-
-    /// The next frame to write to the backend; None once the multiplexer closed this backend
-    /// (see [`BackendConn::close_reason`]).
-    pub async fn recv(&mut self) -> Option<String> {
-        if self.is_closed() {
-            return None;
-        }
-        let item = self.rx.rx.recv().await?;
-        let frame = self.rx.took(item);
-        // Closed while waiting: what was queued is not delivered (those calls have failed).
-        (!self.is_closed()).then_some(frame)
-    }
-
-    /// A frame already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<String> {
-        if self.is_closed() {
-            return None;
-        }
-        let item = self.rx.rx.try_recv().ok()?;
-        Some(self.rx.took(item))
-    }
-
-    /// Whether the multiplexer closed this backend (replaced, revoked, stopping).
-    fn is_closed(&self) -> bool {
-        self.close.get().is_some()
-    }
-
-    /// Why the multiplexer closed this backend.
-    pub fn close_reason(&self) -> CloseReason {
-        self.close
-            .get()
-            .cloned()
-            .unwrap_or_else(|| CloseReason::new(close::GOING_AWAY, "closed"))
-    }
-
-    /// Routes one frame from the backend. Returns a frame to answer the backend with, if any.
-    /// A backend that was closed (replaced, revoked, stopping) is silent: nothing it sends
-    /// reaches anyone.
-    pub fn handle(&self, mut msg: Message) -> Option<Message> {
-        let ep = &self.endpoint;
-        match msg.kind() {
-            Kind::Reply => {
-                let Some(id) = msg.id() else {
-                    ep.dropped("reply_without_id");
-                    return None;
-                };
-                let mut s = ep.state();
-                let Some(slot) = s.slot(self.key) else {
-                    drop(s);
-                    ep.dropped("backend_closed");
-                    return None;
-                };
-                let Some(call) = slot.calls.get(&id) else {
-                    drop(s);
-                    ep.dropped("unknown_call");
-                    return None;
-                };
-                let route = call.route.clone();
-                let client_id = call.client_id;
-                let client_ext = call.client_ext.clone();
-                let drained = if msg.ends_call() {
-                    s.end_call(self.key, id)
-                } else {
-                    None
-                };
-                let tx = s.clients.get(&route).map(|c| c.tx.clone());
-                drop(s);
-                if let Some((tx, frames)) = drained {
-                    tracing::info!(endpoint = %ep.path, pending = 0, "backend drained");
-                    send_nowait(&tx, frames);
-                }
-                msg.set_id(Some(client_id));
-                restore_ext(&mut msg, &route, client_ext.as_deref());
-                match tx {
-                    Some(tx) => ep.deliver(&route, &tx, msg),
-                    None => ep.dropped("client_gone"),
-                }
-                None
-            }
-            Kind::Request => {
-                let mut ext = msg.ext().unwrap_or_default();
-                let route: Option<Route> = match ext.remove("route") {
-                    Some(Value::String(route)) => Some(Arc::from(route)),
-                    _ => None,
-                };
-                let id = msg.id();
-                if route.is_none() {
-                    // Addressed to the gateway itself: its methods start with `$`.
-                    if let Some(method) = msg.method().filter(|m| m.starts_with('$')) {
-                        return self.gateway_method(&method, &msg);
-                    }
-                }
-                let mut s = ep.state();
-                if s.slot(self.key).is_none() {
-                    drop(s);
-                    ep.dropped("backend_closed");
-                    return None;
-                }
-                let target = route
-                    .as_ref()
-                    .and_then(|r| s.clients.get_key_value(r))
-                    .map(|(r, c)| (r.clone(), c.tx.clone()));
-                let Some((route, tx)) = target else {
-                    drop(s);
-                    ep.dropped("client_not_connected");
-                    let id = id?;
-                    let mut reply = Message::error_reply(
-                        Some(id),
-                        &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
-                    );
-                    if let Some(raw) = msg.ext_raw() {
-                        reply.set_raw("ext", raw.to_owned());
-                    }
-                    return Some(reply);
-                };
-                if let Some(id) = id {
-                    let max = ep.limits().max_pending_calls_per_client;
-                    let client = s.clients.get_mut(&route)?;
-                    // The id the client sees: the backend's own, unless another backend of the
-                    // pool already has a call open with this client under it.
-                    let existing = client
-                        .incoming
-                        .iter()
-                        .find(|(_, &(k, bid))| k == self.key && bid == id)
-                        .map(|(&cid, _)| cid);
-                    let client_id = match existing {
-                        Some(cid) => cid,
-                        None => {
-                            // A new call to this client: it counts against the client's limit.
-                            if client.incoming.len() >= max {
-                                drop(s);
-                                ep.dropped("too_many_pending_calls");
-                                let mut reply = Message::error_reply(
-                                    Some(id),
-                                    &RpcError::new(
-                                        code::TOO_MANY_PENDING_CALLS,
-                                        "too many pending calls to this client",
-                                    ),
-                                );
-                                if let Some(raw) = msg.ext_raw() {
-                                    reply.set_raw("ext", raw.to_owned());
-                                }
-                                return Some(reply);
-                            }
-                            let mut cid = id;
-                            while client.incoming.contains_key(&cid) {
-                                cid = client.next_incoming;
-                                client.next_incoming += 1;
-                            }
-                            client.incoming.insert(cid, (self.key, id));
-                            cid
-                        }
-                    };
-                    msg.set_id(Some(client_id));
-                }
-                drop(s);
-                msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
-                ep.deliver(&route, &tx, msg);
-                None
-            }
-        }
-    }
-
-    /// A request to the gateway itself: `$drain`, or `-32601` for any other `$` method.
-    fn gateway_method(&self, method: &str, msg: &Message) -> Option<Message> {
-        let ep = &self.endpoint;
-        if ep.state().slot(self.key).is_none() {
-            ep.dropped("backend_closed");
-            return None;
-        }
-        if method == "$drain" {
-            let request = DrainRequest {
-                id: msg.id(),
-                ext: msg.ext_raw().map(|raw| raw.to_owned()),
-            };
-            return ep.start_drain(self.key, request);
-        }
-        msg.id()?;
-        Some(local_error(
-            msg,
-            code::METHOD_NOT_FOUND,
-            &format!("method not found: {method}"),
-        ))
-    }
-}
-
-impl Drop for BackendConn {
-    fn drop(&mut self) {
-        // Senders waiting for room in this backend's queue stop waiting.
-        self.rx.room.close();
-        self.endpoint.backend_left(self.key);
-    }
-}
-
-/// A client of an endpoint: a WebSocket peer or one HTTP call.
-pub struct ClientConn {
-    endpoint: Arc<Endpoint>,
-    route: Route,
-    /// `{"route":"<route>"}`, made once.
-    route_ext: Box<RawValue>,
-    rx: queue::UnboundedReceiver<(Message, usize)>,
-    /// Bytes queued in `rx` (shared with the endpoint's side of the queue).
-    queued: Arc<AtomicUsize>,
-    close: CloseCell,
-}
-
-impl ClientConn {
-    /// The endpoint.
-    pub fn endpoint(&self) -> &Arc<Endpoint> {
-        &self.endpoint
-    }
-
-    /// This client's route key.
-    pub fn route(&self) -> &str {
-        &self.route
-    }
-
-    /// The next frame for this client; None once the multiplexer closed it
-    /// (see [`ClientConn::close_reason`]).
-    pub async fn recv(&mut self) -> Option<Message> {
-        if self.dropped_out() {
-            return None;
-        }
-        let (msg, size) = self.rx.next().await?;
-        self.queued.fetch_sub(size, Ordering::Relaxed);
-        Some(msg)
-    }
-
-    /// A frame already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Message> {
-        if self.dropped_out() {
-            return None;
-        }
-        let (msg, size) = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(size, Ordering::Relaxed);
-        Some(msg)
-    }
-
-    /// Whether this client was put out for policy (it did not read, or its secret was revoked):
-    /// then what is still queued for it is not delivered. Other closes (grace over, shutdown)
-    /// deliver what is queued first.
-    fn dropped_out(&self) -> bool {
-        self.close.get().is_some_and(|r| r.code == close::POLICY)
-    }
-
-    /// Why the multiplexer closed this client.
-    pub fn close_reason(&self) -> CloseReason {
-        self.close
-            .get()
-            .cloned()
-            .unwrap_or_else(|| CloseReason::new(close::GOING_AWAY, "closed"))
-    }
-
-    /// Sends one frame from this client to its backend. Returns the frame to answer the client
-    /// with when the gateway answers it itself (too many pending calls, backend unavailable; the
-    /// latter also for a request without an id, which then has no id either).
-    pub async fn send(&self, mut msg: Message) -> Option<Message> {
-        let ep = &self.endpoint;
-        let ext_map = if msg.ext_raw().is_some() {
-            msg.ext()
-        } else {
-            None
-        };
-
-        let backend = match msg.kind() {
-            Kind::Reply => {
-                // A reply to a call a backend made to this client: back to that backend, under
-                // its own id.
-                let Some(id) = msg.id() else {
-                    ep.dropped("reply_without_id");
-                    return None;
-                };
-                let mut s = ep.state();
-                let Some(&(key, backend_id)) =
-                    s.clients.get(&self.route).and_then(|c| c.incoming.get(&id))
-                else {
-                    drop(s);
-                    ep.dropped("unknown_call");
-                    return None;
-                };
-                if msg.ends_call() {
-                    if let Some(c) = s.clients.get_mut(&self.route) {
-                        c.incoming.remove(&id);
-                    }
-                }
-                match s.slot(key) {
-                    Some(b) => {
-                        msg.set_id(Some(backend_id));
-                        b.tx.clone()
-                    }
-                    None => {
-                        drop(s);
-                        ep.dropped("no_backend");
-                        return None;
-                    }
-                }
-            }
-            Kind::Request => loop {
-                match self.admit(&msg) {
-                    Admit::Send(tx, backend_id) => {
-                        if backend_id.is_some() {
-                            msg.set_id(backend_id);
-                        }
-                        break tx;
-                    }
-                    Admit::Answer(reply) => return reply,
-                    Admit::Wait(deadline) => {
-                        // Only a call that has to wait registers for the wake-up (the common
-                        // path takes no extra lock); after registering, look again, so a
-                        // backend that came in between is not missed.
-                        let wait = ep.changed.notified();
-                        let mut wait = std::pin::pin!(wait);
-                        wait.as_mut().enable();
-                        if ep.waiting_is_over() {
-                            continue;
-                        }
-                        let _ = tokio::time::timeout_at(deadline, wait).await;
-                    }
-                }
-            },
-        };
-
-        match ext_map {
-            Some(mut ext) => {
-                ext.insert("route".into(), Value::String(self.route.to_string()));
-                msg.set_ext(Some(&ext));
-            }
-            None => msg.set_raw("ext", self.route_ext.clone()),
-        }
-        if backend.send(msg.to_json()).await.is_ok() {
-            ep.to_backend.inc();
-        } else {
-            // The backend left while we queued; its departure fails the call.
-            ep.dropped("no_backend");
-        }
-        None
-    }
-}
-
-/// What to do with a client's request.
-enum Admit {
-    /// Queue it to this backend, under this backend id (None: it has no id).
-    Send(BackendTx, Option<u64>),
-    /// The gateway answers it itself (or drops it: None).
-    Answer(Option<Message>),
-    /// No backend takes calls yet; wait for one until this instant.
-    Wait(Instant),
-}
-
-impl ClientConn {
-    /// Decides a request under the endpoint lock: picks its backend (the one of the call it
-    /// continues; for a new call the client's pinned backend, or for an HTTP call the one with
-    /// the fewest pending calls) and gives it a backend id.
-    fn admit(&self, msg: &Message) -> Admit {
-        let ep = &self.endpoint;
-        let limits = ep.limits();
-        let mut guard = ep.state();
-        let s = &mut *guard;
-        let unavailable = |msg: &Message| {
-            ep.dropped("no_backend");
-            // Answered even without an id, so an HTTP caller can tell; WebSocket peers are only
-            // sent answers that carry an id.
-            Admit::Answer(Some(local_error(
-                msg,
-                code::BACKEND_UNAVAILABLE,
-                "backend unavailable",
-            )))
-        };
-        if s.removed {
-            drop(guard);
-            return unavailable(msg);
-        }
-        let Some(client) = s.clients.get(&self.route) else {
-            // Closed by the multiplexer meanwhile.
-            return Admit::Answer(None);
-        };
-        let client_id = msg.id();
-        // The next frame of a call already open goes where the call is.
-        if let Some(&(key, backend_id)) = client_id.and_then(|id| client.open.get(&id)) {
-            if let Some(slot) = s.slot(key) {
-                return Admit::Send(slot.tx.clone(), Some(backend_id));
-            }
-        }
-        let pinned = client.pinned;
-        let websocket = client.websocket;
-        let key = match pinned.filter(|k| s.slot(*k).is_some_and(|b| !b.draining)) {
-            Some(key) => Some(key),
-            None if websocket => {
-                s.unpin(&self.route);
-                s.pin(&self.route)
-            }
-            None => s.least(|b| b.calls.len()),
-        };
-        let Some(key) = key else {
-            return match s.grace_until {
-                Some(until) if Instant::now() < until => Admit::Wait(until),
-                _ => {
-                    drop(guard);
-                    unavailable(msg)
-                }
-            };
-        };
-        let Some(client_id) = client_id else {
-            let tx = s.slot(key).map(|b| b.tx.clone());
-            return match tx {
-                Some(tx) => Admit::Send(tx, None),
-                None => Admit::Answer(None),
-            };
-        };
-        let Some(client) = s.clients.get_mut(&self.route) else {
-            return Admit::Answer(None);
-        };
-        if client.open.len() >= limits.max_pending_calls_per_client {
-            drop(guard);
-            ep.dropped("too_many_pending_calls");
-            return Admit::Answer(Some(local_error(
-                msg,
-                code::TOO_MANY_PENDING_CALLS,
-                "too many pending calls",
-            )));
-        }
-        // The `ext` of every open call is kept until it ends: bounded per client too.
-        let ext_len = msg.ext_raw().map_or(0, |e| e.get().len());
-        if client.ext_bytes + ext_len > limits.client_queue_bytes {
-            drop(guard);
-            ep.dropped("too_many_pending_calls");
-            return Admit::Answer(Some(local_error(
-                msg,
-                code::TOO_MANY_PENDING_CALLS,
-                "pending calls hold too much ext data",
-            )));
-        }
-        client.ext_bytes += ext_len;
-        let Some(slot) = s.backends.iter_mut().find(|b| b.key == key) else {
-            return Admit::Answer(None);
-        };
-        let backend_id = slot.next_id;
-        slot.next_id += 1;
-        slot.calls.insert(
-            backend_id,
-            PendingCall {
-                route: self.route.clone(),
-                client_id,
-                // Copied only for a call that opens: the rest never need it.
-                client_ext: msg.ext_raw().map(|raw| raw.to_owned()),
-            },
-        );
-        let tx = slot.tx.clone();
-        if let Some(client) = s.clients.get_mut(&self.route) {
-            client.open.insert(client_id, (key, backend_id));
-        }
-        s.update_gauges();
-        drop(guard);
-        Admit::Send(tx, Some(backend_id))
-    }
-}
-
 /// An error reply the gateway makes for `msg`, with its id and `ext`.
 fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
     let mut reply = Message::error_reply(msg.id(), &RpcError::new(error_code, text));
@@ -1583,11 +1044,4 @@ fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
         reply.set_raw("ext", raw.to_owned());
     }
     reply
-}
-
-impl Drop for ClientConn {
-    fn drop(&mut self) {
-        let route = self.route.clone();
-        self.endpoint.remove_clients(None, |_| [route]);
-    }
 }

@@ -1,0 +1,548 @@
+//! The configuration file as serde reads it: the YAML format with `${ENV}` substitution, every
+//! value checked as it is read (so errors carry their line and column), then the checks across
+//! entries and the conversion to the model ([`super::Config`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use super::{Config, EndpointConfig, Limits, Listener, TlsFiles};
+use crate::auth::{check_path, Digest, PathScope, Token};
+
+thread_local! {
+    /// The variables the config being parsed on this thread names, with their values.
+    pub(super) static ENV: RefCell<HashMap<String, Option<String>>> = RefCell::new(HashMap::new());
+}
+
+/// An error that spans entries, with what to look for in the text to point at its place.
+pub(super) struct Invalid {
+    pub(super) message: String,
+    /// The top-level section the error is in.
+    section: &'static str,
+    /// Text to find in that section (the section key itself when None) ...
+    needle: Option<String>,
+    /// ... and which occurrence of it (0-based).
+    nth: usize,
+}
+
+impl Invalid {
+    fn at(
+        message: impl Into<String>,
+        section: &'static str,
+        needle: Option<&str>,
+        nth: usize,
+    ) -> Self {
+        Invalid {
+            message: message.into(),
+            section,
+            needle: needle.map(str::to_string),
+            nth,
+        }
+    }
+
+    /// The 1-based line and column of the place in `text`, if it can be found.
+    pub(super) fn locate(&self, text: &str) -> Option<(usize, usize)> {
+        // The section starts at a line beginning with its key and ends at the next top-level key.
+        let mut offset = 0;
+        let mut start = None;
+        let mut end = text.len();
+        for line in text.split_inclusive('\n') {
+            let top_level = line
+                .chars()
+                .next()
+                .is_some_and(|c| !c.is_whitespace() && c != '#');
+            if start.is_some() && top_level {
+                end = offset;
+                break;
+            }
+            if start.is_none() && line.starts_with(&format!("{}:", self.section)) {
+                start = Some(offset);
+            }
+            offset += line.len();
+        }
+        let start = start?;
+        let at = match &self.needle {
+            None => start,
+            Some(needle) => {
+                let found: Vec<usize> = text[start..end]
+                    .match_indices(needle.as_str())
+                    .map(|(i, _)| start + i)
+                    .collect();
+                *found.get(self.nth).or(found.last())?
+            }
+        };
+        let line = text[..at].matches('\n').count() + 1;
+        let column = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+        Some((line, column))
+    }
+}
+
+/// Every `${NAME}` in `text`.
+pub(super) fn referenced_vars(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        rest = &rest[start + 2..];
+        if let Some(end) = rest.find('}') {
+            names.push(rest[..end].to_string());
+            rest = &rest[end + 1..];
+        }
+    }
+    names
+}
+
+/// Replaces `${NAME}` in `value`; an unset or malformed reference is an error.
+fn substitute(value: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("unterminated `${{` in `{value}`"));
+        };
+        let name = &after[..end];
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("`${{{name}}}` is not a valid variable name"));
+        }
+        let found = ENV.with(|cell| cell.borrow().get(name).cloned().flatten());
+        match found {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("environment variable {name} is not set")),
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Reads a string scalar, substitutes `${ENV}`, then parses it with the given function. Errors
+/// are raised inside the visitor, so serde_yaml marks them with the scalar's line and column.
+struct ParseVisitor<T>(fn(&str) -> Result<T, String>);
+
+impl<T> Visitor<'_> for ParseVisitor<T> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+        let text = substitute(v).map_err(E::custom)?;
+        (self.0)(&text).map_err(E::custom)
+    }
+}
+
+/// A string with `${ENV}` substituted.
+#[derive(Debug, Clone, PartialEq)]
+struct EnvString(String);
+
+/// Implements `Deserialize` for a type parsed from an env-substituted string.
+macro_rules! from_env_string {
+    ($ty:ty, $parse:expr) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_str(ParseVisitor::<$ty>($parse))
+            }
+        }
+    };
+}
+
+from_env_string!(EnvString, |s| Ok(EnvString(s.to_string())));
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Addr(SocketAddr);
+from_env_string!(Addr, |s| s
+    .parse()
+    .map(Addr)
+    .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:8080")));
+
+#[derive(Debug, Clone, PartialEq)]
+struct Cidr(ipnet::IpNet);
+from_env_string!(Cidr, |s| {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map(Cidr)
+        .map_err(|_| format!("`{s}` is not an address or CIDR like 10.0.0.0/8"))
+});
+
+#[derive(Debug, Clone, PartialEq)]
+struct Scope(PathScope);
+from_env_string!(Scope, |s| PathScope::parse(s).map(Scope));
+
+#[derive(Debug, Clone, PartialEq)]
+struct EndpointPath(String);
+from_env_string!(EndpointPath, |s| check_path(s)
+    .map(|()| EndpointPath(s.to_string())));
+
+#[derive(Debug, Clone)]
+struct TokenValue(Digest);
+from_env_string!(TokenValue, |s| {
+    if let Some(hex_digits) = s.strip_prefix("sha256:") {
+        return Digest::from_hex(hex_digits)
+            .map(TokenValue)
+            .ok_or_else(|| "`sha256:` must be followed by 64 hex digits".to_string());
+    }
+    if s.is_empty() {
+        return Err("a token must not be empty".into());
+    }
+    if s.len() < 16 {
+        return Err("a token must have at least 16 characters".into());
+    }
+    Ok(TokenValue(Digest::of(s.as_bytes())))
+});
+
+#[derive(Debug, Clone)]
+struct Secret(Digest);
+from_env_string!(Secret, |s| {
+    if s.is_empty() {
+        return Err("a secret must not be empty".into());
+    }
+    Ok(Secret(Digest::of(s.as_bytes())))
+});
+
+/// The longest duration any setting takes.
+pub const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// A duration between 1 ms and [`MAX_DURATION`], or `0`: `250ms`, `10s`, `5m`, `1h`. Whether 0
+/// is allowed is the field's business ([`Dur::nonzero`]); every other value out of range is an
+/// error raised while reading, so it carries its line and column.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Dur(Duration);
+
+/// A duration between 1 ms and [`MAX_DURATION`] (no 0).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct PositiveDur(Duration);
+
+impl<'de> Deserialize<'de> for PositiveDur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Dur::deserialize(d)? {
+            Dur(t) if t.is_zero() => Err(de::Error::custom(
+                "must be between 1ms and 7 days (0 is not allowed here)",
+            )),
+            Dur(t) => Ok(PositiveDur(t)),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct DurVisitor;
+        impl Visitor<'_> for DurVisitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration like 250ms, 10s, 5m or 1h")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
+                if n == 0 {
+                    return Ok(Dur(Duration::ZERO));
+                }
+                Err(E::custom(format!(
+                    "`{n}` needs a unit: {n}ms, {n}s, {n}m or {n}h"
+                )))
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::custom("a duration cannot be negative")),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+                let text = substitute(v).map_err(E::custom)?;
+                parse_duration(&text).map(Dur).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(DurVisitor)
+    }
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h` or `0`; anything from 1 ms to 7 days (or 0).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let not_a_duration = || format!("`{text}` is not a duration like 250ms, 10s, 5m or 1h");
+    let out_of_range = || format!("`{text}` is out of range: a duration is between 1ms and 7 days");
+    let n: u64 = match digits.parse() {
+        Ok(n) => n,
+        // All digits, but too many for a u64.
+        Err(_) if !digits.is_empty() && ["ms", "s", "m", "h"].contains(&unit) => {
+            return Err(out_of_range())
+        }
+        Err(_) => return Err(not_a_duration()),
+    };
+    let millis = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(not_a_duration()),
+    };
+    match millis.map(Duration::from_millis) {
+        Some(d) if !d.is_zero() && d <= MAX_DURATION => Ok(d),
+        Some(d) if d.is_zero() => Ok(Duration::ZERO),
+        _ => Err(out_of_range()),
+    }
+}
+
+/// A count that must be at least 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 0 {
+            return Err(de::Error::custom("must be at least 1"));
+        }
+        usize::try_from(n)
+            .map(Count)
+            .map_err(|_| de::Error::custom("too large"))
+    }
+}
+
+// ---- The file format -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileConfig {
+    listen: Vec<FileListener>,
+    #[serde(default)]
+    metrics: Option<FileMetrics>,
+    #[serde(default)]
+    tls: FileTls,
+    #[serde(default)]
+    tokens: Vec<FileToken>,
+    #[serde(default)]
+    endpoints: Vec<FileEndpoint>,
+    #[serde(default)]
+    limits: FileLimits,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    address: Addr,
+    #[serde(default)]
+    tls: Option<FileCert>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCert {
+    cert: EnvString,
+    key: EnvString,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    address: Addr,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    #[serde(default)]
+    required: bool,
+    #[serde(default)]
+    trusted_proxies: Vec<Cidr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileToken {
+    name: EnvString,
+    token: TokenValue,
+    endpoints: Vec<Scope>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    path: EndpointPath,
+    #[serde(default)]
+    secret: Option<Secret>,
+    #[serde(default)]
+    max_clients: Option<Count>,
+    #[serde(default)]
+    max_backends: Option<Count>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_message_bytes: Option<Count>,
+    max_http_body_bytes: Option<Count>,
+    max_clients_per_endpoint: Option<Count>,
+    max_pending_calls_per_client: Option<Count>,
+    handshake_timeout: Option<PositiveDur>,
+    call_timeout: Option<Dur>,
+    backend_grace: Option<Dur>,
+    ping_interval: Option<PositiveDur>,
+    request_header_timeout: Option<PositiveDur>,
+    http_idle_timeout: Option<PositiveDur>,
+    max_backends_per_endpoint: Option<Count>,
+    drain_timeout: Option<PositiveDur>,
+}
+
+impl FileConfig {
+    /// Checks across entries, and converts to the model.
+    pub(super) fn validate(self) -> Result<Config, Invalid> {
+        if self.listen.is_empty() {
+            return Err(Invalid::at(
+                "`listen` needs at least one address",
+                "listen",
+                None,
+                0,
+            ));
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        for (i, l) in self.listen.into_iter().enumerate() {
+            if listeners.iter().any(|o| o.address == l.address.0) {
+                let addr = l.address.0.to_string();
+                return Err(Invalid::at(
+                    format!("listen[{i}]: {addr} is listed twice"),
+                    "listen",
+                    Some(&addr),
+                    1,
+                ));
+            }
+            let tls = l.tls.map(|t| TlsFiles {
+                cert: PathBuf::from(t.cert.0),
+                key: PathBuf::from(t.key.0),
+            });
+            listeners.push(Listener {
+                address: l.address.0,
+                tls,
+            });
+        }
+        let metrics = self.metrics.map(|m| m.address.0);
+        if let Some(m) = metrics {
+            if listeners.iter().any(|l| l.address == m) {
+                return Err(Invalid::at(
+                    format!("metrics.address {m} is also a gateway listener address"),
+                    "metrics",
+                    Some(&m.to_string()),
+                    0,
+                ));
+            }
+        }
+
+        let mut tokens: Vec<Token> = Vec::new();
+        for (i, t) in self.tokens.into_iter().enumerate() {
+            let name = t.name.0;
+            if name.is_empty() {
+                return Err(Invalid::at(
+                    format!("tokens[{i}]: `name` must not be empty"),
+                    "tokens",
+                    Some("name:"),
+                    i,
+                ));
+            }
+            if tokens.iter().any(|o| o.name == name) {
+                return Err(Invalid::at(
+                    format!("tokens[{i}]: the name `{name}` is used twice"),
+                    "tokens",
+                    Some(&name),
+                    1,
+                ));
+            }
+            if let Some(other) = tokens.iter().find(|o| o.digest.matches(&t.token.0)) {
+                return Err(Invalid::at(
+                    format!(
+                        "tokens[{i}] (`{name}`): same token value as `{}`",
+                        other.name
+                    ),
+                    "tokens",
+                    Some("token:"),
+                    i,
+                ));
+            }
+            if t.endpoints.is_empty() {
+                return Err(Invalid::at(
+                    format!("tokens[{i}] (`{name}`): `endpoints` needs at least one path"),
+                    "tokens",
+                    Some("endpoints:"),
+                    i,
+                ));
+            }
+            tokens.push(Token {
+                name,
+                digest: t.token.0,
+                scopes: t.endpoints.into_iter().map(|s| s.0).collect(),
+            });
+        }
+
+        let mut endpoints = HashMap::new();
+        for (i, e) in self.endpoints.into_iter().enumerate() {
+            let path = e.path.0;
+            if endpoints.contains_key(&path) {
+                return Err(Invalid::at(
+                    format!("endpoints[{i}]: `{path}` is listed twice"),
+                    "endpoints",
+                    Some(&path),
+                    1,
+                ));
+            }
+            endpoints.insert(
+                path,
+                EndpointConfig {
+                    secret: e.secret.map(|s| s.0),
+                    max_clients: e.max_clients.map(|c| c.0),
+                    max_backends: e.max_backends.map(|c| c.0),
+                },
+            );
+        }
+
+        let d = Limits::default();
+        let l = self.limits;
+        let limits = Limits {
+            max_message_bytes: l.max_message_bytes.map_or(d.max_message_bytes, |c| c.0),
+            max_http_body_bytes: l.max_http_body_bytes.map_or(d.max_http_body_bytes, |c| c.0),
+            max_clients_per_endpoint: l
+                .max_clients_per_endpoint
+                .map_or(d.max_clients_per_endpoint, |c| c.0),
+            max_pending_calls_per_client: l
+                .max_pending_calls_per_client
+                .map_or(d.max_pending_calls_per_client, |c| c.0),
+            handshake_timeout: l.handshake_timeout.map_or(d.handshake_timeout, |x| x.0),
+            call_timeout: match l.call_timeout {
+                None => d.call_timeout,
+                Some(Dur(z)) if z.is_zero() => None,
+                Some(Dur(t)) => Some(t),
+            },
+            backend_grace: l.backend_grace.map_or(d.backend_grace, |x| x.0),
+            ping_interval: l.ping_interval.map_or(d.ping_interval, |x| x.0),
+            request_header_timeout: l
+                .request_header_timeout
+                .map_or(d.request_header_timeout, |x| x.0),
+            http_idle_timeout: l.http_idle_timeout.map_or(d.http_idle_timeout, |x| x.0),
+            max_backends_per_endpoint: l
+                .max_backends_per_endpoint
+                .map_or(d.max_backends_per_endpoint, |c| c.0),
+            drain_timeout: l.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+        };
+
+        Ok(Config {
+            listeners,
+            metrics,
+            tls_required: self.tls.required,
+            trusted_proxies: self.tls.trusted_proxies.into_iter().map(|c| c.0).collect(),
+            tokens,
+            endpoints,
+            limits,
+        })
+    }
+}

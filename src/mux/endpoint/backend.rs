@@ -1,0 +1,217 @@
+//! The backend side of an endpoint: routing what one backend of the pool sends (replies to
+//! client calls, calls to clients by route, `$` requests to the gateway itself).
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::*;
+use crate::duplex::{code, Kind, Message, RpcError};
+use crate::mux::queue::{send_nowait, BackendRx};
+
+/// The backend side of an endpoint: one backend of its pool.
+pub struct BackendConn {
+    pub(super) endpoint: Arc<Endpoint>,
+    pub(super) key: BackendKey,
+    pub(super) rx: BackendRx,
+    pub(super) close: CloseCell,
+}
+
+impl BackendConn {
+    /// The endpoint this backend serves.
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.endpoint
+    }
+
+    /// The next frame to write to the backend; None once the multiplexer closed this backend
+    /// (see [`BackendConn::close_reason`]).
+    pub async fn recv(&mut self) -> Option<String> {
+        if self.is_closed() {
+            return None;
+        }
+        let item = self.rx.rx.recv().await?;
+        let frame = self.rx.took(item);
+        // Closed while waiting: what was queued is not delivered (those calls have failed).
+        (!self.is_closed()).then_some(frame)
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<String> {
+        if self.is_closed() {
+            return None;
+        }
+        let item = self.rx.rx.try_recv().ok()?;
+        Some(self.rx.took(item))
+    }
+
+    /// Whether the multiplexer closed this backend (replaced, revoked, stopping).
+    fn is_closed(&self) -> bool {
+        self.close.get().is_some()
+    }
+
+    /// Why the multiplexer closed this backend.
+    pub fn close_reason(&self) -> CloseReason {
+        self.close
+            .get()
+            .cloned()
+            .unwrap_or_else(|| CloseReason::new(close::GOING_AWAY, "closed"))
+    }
+
+    /// Routes one frame from the backend. Returns a frame to answer the backend with, if any.
+    /// A backend that was closed (replaced, revoked, stopping) is silent: nothing it sends
+    /// reaches anyone.
+    pub fn handle(&self, mut msg: Message) -> Option<Message> {
+        let ep = &self.endpoint;
+        match msg.kind() {
+            Kind::Reply => {
+                let Some(id) = msg.id() else {
+                    ep.dropped("reply_without_id");
+                    return None;
+                };
+                let mut s = ep.state();
+                let Some(slot) = s.slot(self.key) else {
+                    drop(s);
+                    ep.dropped("backend_closed");
+                    return None;
+                };
+                let Some(call) = slot.calls.get(&id) else {
+                    drop(s);
+                    ep.dropped("unknown_call");
+                    return None;
+                };
+                let route = call.route.clone();
+                let client_id = call.client_id;
+                let client_ext = call.client_ext.clone();
+                let drained = if msg.ends_call() {
+                    s.end_call(self.key, id)
+                } else {
+                    None
+                };
+                let tx = s.clients.get(&route).map(|c| c.tx.clone());
+                drop(s);
+                if let Some((tx, frames)) = drained {
+                    tracing::info!(endpoint = %ep.path, pending = 0, "backend drained");
+                    send_nowait(&tx, frames);
+                }
+                msg.set_id(Some(client_id));
+                restore_ext(&mut msg, &route, client_ext.as_deref());
+                match tx {
+                    Some(tx) => ep.deliver(&route, &tx, msg),
+                    None => ep.dropped("client_gone"),
+                }
+                None
+            }
+            Kind::Request => {
+                let mut ext = msg.ext().unwrap_or_default();
+                let route: Option<Route> = match ext.remove("route") {
+                    Some(Value::String(route)) => Some(Arc::from(route)),
+                    _ => None,
+                };
+                let id = msg.id();
+                if route.is_none() {
+                    // Addressed to the gateway itself: its methods start with `$`.
+                    if let Some(method) = msg.method().filter(|m| m.starts_with('$')) {
+                        return self.gateway_method(&method, &msg);
+                    }
+                }
+                let mut s = ep.state();
+                if s.slot(self.key).is_none() {
+                    drop(s);
+                    ep.dropped("backend_closed");
+                    return None;
+                }
+                let target = route
+                    .as_ref()
+                    .and_then(|r| s.clients.get_key_value(r))
+                    .map(|(r, c)| (r.clone(), c.tx.clone()));
+                let Some((route, tx)) = target else {
+                    drop(s);
+                    ep.dropped("client_not_connected");
+                    let id = id?;
+                    let mut reply = Message::error_reply(
+                        Some(id),
+                        &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+                    );
+                    if let Some(raw) = msg.ext_raw() {
+                        reply.set_raw("ext", raw.to_owned());
+                    }
+                    return Some(reply);
+                };
+                if let Some(id) = id {
+                    let max = ep.limits().max_pending_calls_per_client;
+                    let client = s.clients.get_mut(&route)?;
+                    // The id the client sees: the backend's own, unless another backend of the
+                    // pool already has a call open with this client under it.
+                    let existing = client
+                        .incoming
+                        .iter()
+                        .find(|(_, &(k, bid))| k == self.key && bid == id)
+                        .map(|(&cid, _)| cid);
+                    let client_id = match existing {
+                        Some(cid) => cid,
+                        None => {
+                            // A new call to this client: it counts against the client's limit.
+                            if client.incoming.len() >= max {
+                                drop(s);
+                                ep.dropped("too_many_pending_calls");
+                                let mut reply = Message::error_reply(
+                                    Some(id),
+                                    &RpcError::new(
+                                        code::TOO_MANY_PENDING_CALLS,
+                                        "too many pending calls to this client",
+                                    ),
+                                );
+                                if let Some(raw) = msg.ext_raw() {
+                                    reply.set_raw("ext", raw.to_owned());
+                                }
+                                return Some(reply);
+                            }
+                            let mut cid = id;
+                            while client.incoming.contains_key(&cid) {
+                                cid = client.next_incoming;
+                                client.next_incoming += 1;
+                            }
+                            client.incoming.insert(cid, (self.key, id));
+                            cid
+                        }
+                    };
+                    msg.set_id(Some(client_id));
+                }
+                drop(s);
+                msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
+                ep.deliver(&route, &tx, msg);
+                None
+            }
+        }
+    }
+
+    /// A request to the gateway itself: `$drain`, or `-32601` for any other `$` method.
+    fn gateway_method(&self, method: &str, msg: &Message) -> Option<Message> {
+        let ep = &self.endpoint;
+        if ep.state().slot(self.key).is_none() {
+            ep.dropped("backend_closed");
+            return None;
+        }
+        if method == "$drain" {
+            let request = DrainRequest {
+                id: msg.id(),
+                ext: msg.ext_raw().map(|raw| raw.to_owned()),
+            };
+            return ep.start_drain(self.key, request);
+        }
+        msg.id()?;
+        Some(local_error(
+            msg,
+            code::METHOD_NOT_FOUND,
+            &format!("method not found: {method}"),
+        ))
+    }
+}
+
+impl Drop for BackendConn {
+    fn drop(&mut self) {
+        // Senders waiting for room in this backend's queue stop waiting.
+        self.rx.room.close();
+        self.endpoint.backend_left(self.key);
+    }
+}
