@@ -56,6 +56,10 @@ pub struct Facts<'a> {
     pub upgrade: bool,
     /// The gateway is stopping.
     pub stopping: bool,
+    /// The `Origin` header (browsers send it).
+    pub origin: Option<&'a str>,
+    /// `OPTIONS` with `Origin` and `Access-Control-Request-Method`: a browser's CORS preflight.
+    pub preflight: bool,
 }
 
 /// The answer of the status table for a request that goes no further.
@@ -80,6 +84,11 @@ pub struct Refusal {
 pub enum Decision {
     /// Answer with an error.
     Refuse(Refusal),
+    /// A CORS preflight from an allowed origin: 204 with the CORS headers.
+    Preflight {
+        /// `Access-Control-Allow-Origin`.
+        allow_origin: String,
+    },
     /// A backend publishing `path`: upgrade, handshake, register.
     Publish {
         /// The publishing token's name and digest.
@@ -138,6 +147,21 @@ pub fn decide(req: &Facts<'_>, config: &Config, registry: &Registry) -> Decision
             "TLS required: use https:// or wss://",
         );
     }
+    // Browsers: with `cors` set, a preflight from an allowed origin is answered, and a request
+    // from any other origin is refused; requests without `Origin` are not browsers'.
+    if let (Some(cors), Some(origin)) = (&config.cors, req.origin) {
+        match cors.allow(origin) {
+            Some(allow_origin) if req.preflight => return Decision::Preflight { allow_origin },
+            Some(_) => {}
+            None => {
+                return refusal(
+                    403,
+                    Some(Rejection::Origin),
+                    "this origin may not call the gateway",
+                )
+            }
+        }
+    }
     let is_get = *req.method == http::Method::GET;
     if !is_get && *req.method != http::Method::POST {
         return Decision::Refuse(Refusal {
@@ -178,7 +202,7 @@ fn upgrade_required() -> Decision {
         ..refused(
             426,
             None,
-            "a WebSocket upgrade is required (POST <endpoint>/<method> for plain HTTP calls)",
+            "a WebSocket upgrade over HTTP/1.1 is required (POST <endpoint>/<method> for plain HTTP calls)",
         )
     })
 }
@@ -330,6 +354,23 @@ impl Gateway {
         let config = self.app.config.load_full();
         let stopping = self.app.active.draining.load(Ordering::SeqCst);
         let creds = credentials(session.req_header());
+        let header = |name: &str| {
+            session
+                .req_header()
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+        };
+        let origin = header("origin");
+        let preflight = session.req_header().method == http::Method::OPTIONS
+            && origin.is_some()
+            && header("access-control-request-method").is_some();
+        // An allowed browser origin sees every answer (errors included).
+        let allow_origin = config
+            .cors
+            .as_ref()
+            .zip(origin)
+            .and_then(|(cors, origin)| cors.allow(origin));
         let decision = {
             let req = session.req_header();
             let facts = Facts {
@@ -339,21 +380,46 @@ impl Gateway {
                 https: is_https(session, &config),
                 upgrade: ws::is_upgrade(req),
                 stopping,
+                origin,
+                preflight,
             };
             decide(&facts, &config, &self.app.registry)
         };
+        let cors: Vec<(&str, &str)> = match &allow_origin {
+            Some(value) => vec![("access-control-allow-origin", value), ("vary", "Origin")],
+            None => Vec::new(),
+        };
         match decision {
+            Decision::Preflight { allow_origin } => {
+                let headers = [
+                    ("access-control-allow-origin", allow_origin.as_str()),
+                    ("access-control-allow-methods", "POST"),
+                    (
+                        "access-control-allow-headers",
+                        "content-type, x-duplex-secret",
+                    ),
+                    ("access-control-max-age", "600"),
+                    ("vary", "Origin"),
+                ];
+                http_api::respond_empty(session, 204, &headers).await
+            }
             Decision::Refuse(refusal) => {
                 if stopping {
                     session.set_keepalive(None);
                 }
+                let headers: Vec<(&str, &str)> = refusal
+                    .headers
+                    .iter()
+                    .copied()
+                    .chain(cors.iter().copied())
+                    .collect();
                 refuse(
                     session,
                     refusal.status,
                     refusal.reason,
                     refusal.token.as_deref(),
                     &refusal.message,
-                    refusal.headers,
+                    &headers,
                 )
                 .await?;
                 if let Some(endpoint) = refusal.endpoint {
@@ -375,6 +441,7 @@ impl Gateway {
                     secret,
                     is_async: creds.is_async,
                     started,
+                    headers: &cors,
                 };
                 Box::pin(http_api::serve(session, &config, call)).await
             }
@@ -382,7 +449,7 @@ impl Gateway {
                 Box::pin(self.publish(session, &config, token, secret)).await
             }
             Decision::Connect { endpoint, secret } => {
-                Box::pin(self.connect(session, &config, endpoint, secret)).await
+                Box::pin(self.connect(session, &config, endpoint, secret, &cors)).await
             }
         }
     }
@@ -470,10 +537,11 @@ impl Gateway {
         config: &Config,
         endpoint: Arc<Endpoint>,
         secret: Digest,
+        headers: &[(&str, &str)],
     ) -> pingora::Result<()> {
         let conn = match endpoint.join(true, config.max_clients(endpoint.path()), &secret) {
             Ok(conn) => conn,
-            Err(e) => return refuse_join(session, e).await,
+            Err(e) => return refuse_join(session, e, headers).await,
         };
         let counted = Counted::new(&self.app.active.websockets);
         let Some(ws) = WsStream::upgrade(session, &ws_settings(&config.limits)).await else {
@@ -637,6 +705,7 @@ mod tests {
         match d {
             Decision::Refuse(r) => (r.status.to_string(), r.reason.map(Rejection::as_str)),
             Decision::Publish { .. } => ("publish".into(), None),
+            Decision::Preflight { .. } => ("204".into(), None),
             Decision::Connect { .. } => ("connect".into(), None),
             Decision::Call { .. } => ("call".into(), None),
         }
@@ -715,6 +784,70 @@ mod tests {
                 https,
                 upgrade,
                 stopping,
+                origin: None,
+                preflight: false,
+            };
+            let got = outcome(&decide(&facts, config, &registry));
+            assert_eq!(got, (status.to_string(), reason), "{name}");
+        }
+    }
+
+    /// (case, method, origin, preflight, config, expected, reason)
+    type OriginCase<'a> = (
+        &'a str,
+        &'a http::Method,
+        Option<&'a str>,
+        bool,
+        &'a Config,
+        &'a str,
+        Option<&'a str>,
+    );
+
+    #[test]
+    fn browsers_are_checked_by_origin_when_cors_is_set() {
+        let registry = Registry::new(mux::Limits::default());
+        let _backend = registry
+            .publish(
+                "/live",
+                Digest::of(b"s"),
+                ("main", Digest::of(MAIN.as_bytes())),
+                1,
+                false,
+            )
+            .expect("publish");
+        let plain = config("");
+        let cors = config("cors: {allowed_origins: ['https://app.example.com']}");
+        let any = config("cors: {allowed_origins: ['*']}");
+        let tls =
+            config("cors: {allowed_origins: ['https://app.example.com']}\ntls: {required: true}");
+        let creds = Credentials::parse(Some("secret=s"), |_| None);
+        let (post, options) = (http::Method::POST, http::Method::OPTIONS);
+        let app = Some("https://app.example.com");
+        let evil = Some("https://evil.example");
+        #[rustfmt::skip]
+        let cases: Vec<OriginCase> = vec![
+            ("no cors: OPTIONS is 405", &options, app, true, &plain, "405", None),
+            ("no cors: any origin calls", &post, evil, false, &plain, "call", None),
+            ("preflight from an allowed origin", &options, app, true, &cors, "204", None),
+            ("the origin in another case", &options, Some("HTTPS://APP.example.com"), true, &cors, "204", None),
+            ("preflight from another origin", &options, evil, true, &cors, "403", Some("origin")),
+            ("call from another origin", &post, evil, false, &cors, "403", Some("origin")),
+            ("call from the allowed origin", &post, app, false, &cors, "call", None),
+            ("call without Origin", &post, None, false, &cors, "call", None),
+            ("OPTIONS that is not a preflight", &options, app, false, &cors, "405", None),
+            ("any origin", &options, evil, true, &any, "204", None),
+            ("TLS first", &options, app, true, &tls, "403", Some("tls_required")),
+        ];
+        for (name, method, origin, preflight, config, status, reason) in cases {
+            let facts = Facts {
+                method,
+                path: "/live/echo",
+                creds: &creds,
+                https: false,
+                upgrade: false,
+                stopping: false,
+                origin,
+                preflight,
             };
             let got = outcome(&decide(&facts, config, &registry));
             assert_eq!(got, (status.to_string(), reason), "{name}");

@@ -40,6 +40,8 @@ pub struct Call<'a> {
     pub is_async: bool,
     /// When the request arrived (`call_timeout` counts from here).
     pub started: Instant,
+    /// Headers every answer carries (CORS, for a browser's allowed origin).
+    pub headers: &'a [(&'a str, &'a str)],
 }
 
 /// Serves one `POST` that [`crate::gateway::decide`] let through: reads the body, sends the
@@ -70,16 +72,17 @@ async fn run(
         method,
         secret,
         is_async,
+        headers,
         ..
     } = call;
     let max = config.limits.max_http_body_bytes;
     // The body counts against the call's time too: a trickled body cannot hold a call.
-    let body = match until(deadline, read_body(session, max)).await {
+    let body = match until(deadline, read_body(session, max, headers)).await {
         Ok(read) => match read? {
             Ok(body) => body,
             Err(status) => return Ok(status),
         },
-        Err(_) => return timed_out(session).await,
+        Err(_) => return timed_out(session, headers).await,
     };
     let payload: Box<RawValue> = if body.iter().all(u8::is_ascii_whitespace) {
         RawValue::from_string("null".into()).map_err(internal)?
@@ -93,7 +96,7 @@ async fn run(
                     Some(Rejection::BadJson),
                     None,
                     &format!("the body is not JSON: {e}"),
-                    &[],
+                    headers,
                 )
                 .await?;
                 return Ok(400);
@@ -105,7 +108,7 @@ async fn run(
         Ok(conn) => conn,
         Err(e) => {
             let status = join_refusal(e).0;
-            refuse_join(session, e).await?;
+            refuse_join(session, e, headers).await?;
             return Ok(status);
         }
     };
@@ -114,15 +117,15 @@ async fn run(
         let request = Message::request_raw(method, None, payload);
         match until(deadline, conn.send(request)).await {
             Ok(None) => {}
-            Ok(Some(answer)) => return respond_rpc_error(session, &answer).await,
-            Err(_) => return timed_out(session).await,
+            Ok(Some(answer)) => return respond_rpc_error(session, &answer, headers).await,
+            Err(_) => return timed_out(session, headers).await,
         }
         respond(
             session,
             202,
             "application/json",
             Bytes::from_static(br#"{"accepted":true}"#),
-            &[],
+            headers,
         )
         .await?;
         return Ok(202);
@@ -132,10 +135,10 @@ async fn run(
     // The send may wait: for a backend in its grace, or for room in a backend's queue.
     match until(deadline, conn.send(request)).await {
         Ok(None) => {}
-        Ok(Some(answer)) => return respond_rpc_error(session, &answer).await,
-        Err(_) => return timed_out(session).await,
+        Ok(Some(answer)) => return respond_rpc_error(session, &answer, headers).await,
+        Err(_) => return timed_out(session, headers).await,
     }
-    wait_for_reply(session, conn, config, deadline).await
+    wait_for_reply(session, conn, config, deadline, headers).await
 }
 
 /// Runs `work` until `deadline` (None: no deadline).
@@ -150,10 +153,13 @@ async fn until<T>(
 }
 
 /// 504: no reply in time.
-async fn timed_out(session: &mut Session) -> pingora::Result<u16> {
+async fn timed_out(session: &mut Session, headers: Headers<'_>) -> pingora::Result<u16> {
     let error = RpcError::new(code::CALL_TIMED_OUT, "no reply in time");
-    finish_with_error(session, false, 504, &error).await
+    finish_with_error(session, false, 504, &error, headers).await
 }
+
+/// Headers every answer of a call carries.
+type Headers<'a> = &'a [(&'a str, &'a str)];
 
 /// Waits for the reply (or reply stream) of the call and writes it.
 async fn wait_for_reply(
@@ -161,6 +167,7 @@ async fn wait_for_reply(
     mut conn: ClientConn,
     config: &Config,
     deadline: Option<tokio::time::Instant>,
+    headers: Headers<'_>,
 ) -> pingora::Result<u16> {
     let timeout = config.limits.call_timeout;
     let mut streaming = false;
@@ -197,11 +204,11 @@ async fn wait_for_reply(
             Ok(None) => {
                 // The multiplexer closed this caller: the endpoint is gone.
                 let error = RpcError::new(code::BACKEND_UNAVAILABLE, "backend unavailable");
-                return finish_with_error(session, streaming, 503, &error).await;
+                return finish_with_error(session, streaming, 503, &error, headers).await;
             }
             Err(_) => {
                 let error = RpcError::new(code::CALL_TIMED_OUT, "no reply in time");
-                return finish_with_error(session, streaming, 504, &error).await;
+                return finish_with_error(session, streaming, 504, &error, headers).await;
             }
         };
         if msg.is_error() {
@@ -210,19 +217,25 @@ async fn wait_for_reply(
                 write_chunk(session, line, true).await?;
                 return Ok(200);
             }
-            return respond_rpc_error(session, &msg).await;
+            return respond_rpc_error(session, &msg, headers).await;
         }
         if !streaming && !msg.more() {
             let body = Bytes::from(msg.payload_raw().to_string());
-            respond(session, 200, "application/json", body, &[]).await?;
+            respond(session, 200, "application/json", body, headers).await?;
             return Ok(200);
         }
         if !streaming {
             streaming = true;
             let mut resp = ResponseHeader::build_no_case(200, Some(4))?;
             resp.insert_header("content-type", "application/x-ndjson")?;
-            resp.insert_header("transfer-encoding", "chunked")?;
+            // HTTP/2 frames the body itself (and forbids this header).
+            if session.req_header().version != http::Version::HTTP_2 {
+                resp.insert_header("transfer-encoding", "chunked")?;
+            }
             resp.insert_header("cache-control", "no-cache")?;
+            for (name, value) in headers {
+                resp.insert_header(name.to_string(), *value)?;
+            }
             session.write_response_header(Box::new(resp), false).await?;
         }
         let mut line = BytesMut::with_capacity(msg.payload_raw().len() + 1);
@@ -265,13 +278,21 @@ async fn finish_with_error(
     streaming: bool,
     status: u16,
     error: &RpcError,
+    headers: Headers<'_>,
 ) -> pingora::Result<u16> {
     let body = serde_json::json!({ "error": error }).to_string();
     if streaming {
         write_chunk(session, Bytes::from(body + "\n"), true).await?;
         return Ok(200);
     }
-    respond(session, status, "application/json", Bytes::from(body), &[]).await?;
+    respond(
+        session,
+        status,
+        "application/json",
+        Bytes::from(body),
+        headers,
+    )
+    .await?;
     Ok(status)
 }
 
@@ -295,15 +316,30 @@ pub fn status_for(error_code: i64) -> u16 {
     }
 }
 
-async fn respond_rpc_error(session: &mut Session, msg: &Message) -> pingora::Result<u16> {
+async fn respond_rpc_error(
+    session: &mut Session,
+    msg: &Message,
+    headers: Headers<'_>,
+) -> pingora::Result<u16> {
     let status = status_for(msg.error().map_or(0, |e| e.code));
-    respond(session, status, "application/json", error_body(msg), &[]).await?;
+    respond(
+        session,
+        status,
+        "application/json",
+        error_body(msg),
+        headers,
+    )
+    .await?;
     Ok(status)
 }
 
 /// Reads the request body up to `max` bytes. `Err(status)` when it has already been answered
 /// (413). A `Content-Length` over the limit is refused before reading anything.
-async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<Bytes, u16>> {
+async fn read_body(
+    session: &mut Session,
+    max: usize,
+    headers: Headers<'_>,
+) -> pingora::Result<Result<Bytes, u16>> {
     let declared = session
         .req_header()
         .headers
@@ -318,7 +354,7 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
             Some(Rejection::TooLarge),
             None,
             &too_large(),
-            &[],
+            headers,
         )
         .await?;
         return Ok(Err(413));
@@ -344,7 +380,7 @@ async fn read_body(session: &mut Session, max: usize) -> pingora::Result<Result<
                 Some(Rejection::TooLarge),
                 None,
                 &too_large(),
-                &[],
+                headers,
             )
             .await?;
             return Ok(Err(413));
@@ -402,6 +438,23 @@ pub async fn respond(
     session.write_response_body(Some(body), true).await
 }
 
+/// Answers with `status`, no body, and `headers` (a CORS preflight's 204).
+pub async fn respond_empty(
+    session: &mut Session,
+    status: u16,
+    headers: &[(&str, &str)],
+) -> pingora::Result<()> {
+    let mut resp = ResponseHeader::build_no_case(status, Some(1 + headers.len()))?;
+    for (name, value) in headers {
+        resp.insert_header(name.to_string(), *value)?;
+    }
+    resp.insert_header("content-length", "0")?;
+    if !session.is_body_done() {
+        session.set_keepalive(None);
+    }
+    session.write_response_header(Box::new(resp), true).await
+}
+
 /// Refuses a request: counts it (when `reason` is given), logs one line (with the publishing
 /// token's name when known; never a credential, never the query string), and answers
 /// `{"error": {...}}` with `status`.
@@ -446,9 +499,13 @@ fn join_refusal(e: JoinError) -> (u16, Rejection, &'static str) {
 }
 
 /// Refuses a client (WebSocket or HTTP call) that could not join its endpoint.
-pub async fn refuse_join(session: &mut Session, e: JoinError) -> pingora::Result<()> {
+pub async fn refuse_join(
+    session: &mut Session,
+    e: JoinError,
+    headers: &[(&str, &str)],
+) -> pingora::Result<()> {
     let (status, reason, message) = join_refusal(e);
-    refuse(session, status, Some(reason), None, message, &[]).await
+    refuse(session, status, Some(reason), None, message, headers).await
 }
 
 /// Writes `{"error": {"code": status, "message": message}}` with `status`.

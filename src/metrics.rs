@@ -62,6 +62,8 @@ pub enum Rejection {
     Full,
     /// A publish whose secret differs from the pool's.
     SecretConflict,
+    /// A browser origin that `cors.allowed_origins` does not list.
+    Origin,
     /// A path with `%`-escaped separators or control characters, or an invalid endpoint path.
     BadPath,
     /// The gateway is stopping.
@@ -70,7 +72,7 @@ pub enum Rejection {
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::TlsRequired,
         Rejection::BadToken,
         Rejection::TokenScope,
@@ -84,6 +86,7 @@ impl Rejection {
         Rejection::BadPath,
         Rejection::Stopping,
         Rejection::SecretConflict,
+        Rejection::Origin,
     ];
 
     /// The label value.
@@ -101,6 +104,7 @@ impl Rejection {
             Rejection::Full => "full",
             Rejection::BadPath => "bad_path",
             Rejection::SecretConflict => "secret_conflict",
+            Rejection::Origin => "origin",
             Rejection::Stopping => "stopping",
         }
     }

@@ -73,6 +73,9 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
                 let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
                     .map_err(|e| format!("TLS listener {addr}: {e}"))?;
                 settings.set_cert_resolver(resolver);
+                // HTTP/2 for HTTP calls, as browsers prefer; WebSocket upgrades stay on HTTP/1.1
+                // (a client that asks for h2 only cannot upgrade, and gets 426).
+                settings.enable_h2();
                 proxy.add_listener(
                     ListenerConfig::tcp(addr.clone())
                         .tls(settings)

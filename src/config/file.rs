@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::{Config, EndpointConfig, Limits, Listener, TlsFiles};
+use super::{Config, Cors, EndpointConfig, Limits, Listener, TlsFiles};
 use crate::auth::{check_path, Digest, PathScope, Token};
 
 thread_local! {
@@ -328,7 +328,38 @@ pub(super) struct FileConfig {
     endpoints: Vec<FileEndpoint>,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    cors: Option<FileCors>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCors {
+    allowed_origins: Vec<Origin>,
+}
+
+/// `scheme://host[:port]`, or `*`: what a browser sends in `Origin`.
+struct Origin(String);
+from_env_string!(Origin, |s| {
+    if s == "*" {
+        return Ok(Origin(s.to_string()));
+    }
+    let valid = s.split_once("://").is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', ' '])
+    });
+    if valid {
+        Ok(Origin(s.to_ascii_lowercase()))
+    } else {
+        Err(format!(
+            "`{s}` is not an origin like https://app.example.com (scheme, host, optional port; no path) or \"*\""
+        ))
+    }
+});
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -543,6 +574,9 @@ impl FileConfig {
             tokens,
             endpoints,
             limits,
+            cors: self.cors.map(|c| Cors {
+                origins: c.allowed_origins.into_iter().map(|o| o.0).collect(),
+            }),
         })
     }
 }

@@ -145,6 +145,27 @@ pub struct Config {
     pub endpoints: HashMap<String, EndpointConfig>,
     /// Limits.
     pub limits: Limits,
+    /// Browser origins allowed to call (None: no CORS headers and no `Origin` check).
+    pub cors: Option<Cors>,
+}
+
+/// Which browser origins may call the gateway (`cors.allowed_origins`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cors {
+    /// Origins as `scheme://host[:port]` in lower case, or `*` for any.
+    pub origins: Vec<String>,
+}
+
+impl Cors {
+    /// The `Access-Control-Allow-Origin` value for a request from `origin`, if it is allowed:
+    /// `*` when any origin is, else the origin itself.
+    pub fn allow(&self, origin: &str) -> Option<String> {
+        if self.origins.iter().any(|o| o == "*") {
+            return Some("*".to_string());
+        }
+        let origin = origin.trim().to_ascii_lowercase();
+        self.origins.contains(&origin).then_some(origin)
+    }
 }
 
 impl Config {
