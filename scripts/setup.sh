@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building and testing duplex-gateway needs on a fresh Debian machine with Rust:
-# cmake (Pingora's zlib-ng build uses it), curl (the README test) and cargo-nextest. Safe to run
-# again; does nothing when all are there.
+# cmake (Pingora's zlib-ng build uses it), curl (the README test), chromium (the browser test)
+# and cargo-nextest. Safe to run again; does nothing when all are there.
 set -euo pipefail
 MISSING=""
 command -v cmake >/dev/null 2>&1 || MISSING="$MISSING cmake"
 # The README walk-through test runs its curl commands as written.
 command -v curl >/dev/null 2>&1 || MISSING="$MISSING curl"
+# The browser example is tested in headless Chromium.
+command -v chromium >/dev/null 2>&1 || MISSING="$MISSING chromium"
 if [ -n "$MISSING" ]; then
   echo "setup: installing$MISSING" >&2
   SUDO=""
