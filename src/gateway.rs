@@ -725,11 +725,10 @@ mod tests {
         Option<&'a str>,
     );
 
-    #[test]
-    fn the_status_table_in_order() {
+    /// A registry with a live endpoint at `/live` (secret `s`), and its backend to keep it up.
+    fn live_endpoint() -> (Arc<Registry>, mux::BackendConn) {
         let registry = Registry::new(mux::Limits::default());
-        // A live endpoint at /live (secret "s"), kept up for the whole table.
-        let _backend = registry
+        let backend = registry
             .publish(
                 "/live",
                 Digest::of(b"s"),
@@ -738,6 +737,13 @@ mod tests {
                 false,
             )
             .expect("publish");
+        (registry, backend)
+    }
+
+    #[test]
+    fn the_status_table_in_order() {
+        // A live endpoint at /live (secret "s"), kept up for the whole table.
+        let (registry, _backend) = live_endpoint();
         let plain = config("");
         let pool = config("limits: {max_backends_per_endpoint: 2}");
         let tls = config("tls: {required: true}");
@@ -805,16 +811,7 @@ mod tests {
 
     #[test]
     fn browsers_are_checked_by_origin_when_cors_is_set() {
-        let registry = Registry::new(mux::Limits::default());
-        let _backend = registry
-            .publish(
-                "/live",
-                Digest::of(b"s"),
-                ("main", Digest::of(MAIN.as_bytes())),
-                1,
-                false,
-            )
-            .expect("publish");
+        let (registry, _backend) = live_endpoint();
         let plain = config("");
         let cors = config("cors: {allowed_origins: ['https://app.example.com']}");
         let any = config("cors: {allowed_origins: ['*']}");

@@ -140,23 +140,10 @@ async fn without_cors_options_is_405_and_no_cors_header_is_sent() {
     assert!(resp.headers().get("access-control-allow-origin").is_none());
 }
 
-fn write_cert(dir: &std::path::Path) -> (String, String, rcgen::Certificate) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("cert");
-    let cert = dir.join("cert.pem");
-    let key = dir.join("key.pem");
-    std::fs::write(&cert, ck.cert.pem()).expect("cert");
-    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
-    (
-        cert.display().to_string(),
-        key.display().to_string(),
-        ck.cert,
-    )
-}
-
 #[tokio::test]
 async fn tls_listeners_serve_calls_and_streams_over_http2() {
     let dir = tempfile::tempdir().expect("dir");
-    let (cert, key, ca) = write_cert(dir.path());
+    let (cert, key, ca) = write_cert(dir.path(), "h2");
     let tls_port = free_port();
     let gw = Gateway::start_with(|port, metrics_port| {
         Gateway::config_text(port, metrics_port, "").replacen(

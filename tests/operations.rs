@@ -149,21 +149,6 @@ async fn an_invalid_config_on_sighup_changes_nothing_and_counts_a_failure() {
     let _more = publish(&gw, "/inv2", "s").await;
 }
 
-fn write_cert(dir: &std::path::Path, name: &str) -> (String, String, rcgen::Certificate) {
-    let ck =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .expect("cert");
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    std::fs::write(&cert, ck.cert.pem()).expect("cert");
-    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
-    (
-        cert.display().to_string(),
-        key.display().to_string(),
-        ck.cert,
-    )
-}
-
 fn trusting(cert: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.der().clone()).expect("root");

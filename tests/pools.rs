@@ -39,19 +39,24 @@ async fn publish_named(gw: &Gateway, path: &str, name: &'static str) -> Peer {
 
 /// Waits until the endpoint's pool has `n` live backends.
 async fn pool_size_is(gw: &Gateway, path: &str, n: usize) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let text = gw.metrics().await;
-        let size = metric(&text, "duplex_gateway_backends", &[("endpoint", path)]);
-        if size == Some(n as f64) || (n == 0 && size.is_none()) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pool of {path}: {size:?}, not {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let want = (n > 0).then_some(n as f64);
+    wait_for_metric(gw, "duplex_gateway_backends", &[("endpoint", path)], |v| {
+        v == want
+    })
+    .await;
+}
+
+/// `POST <path>` with the secret `s`: the body, without its JSON quotes.
+async fn http_who(gw: &Gateway, http: &reqwest::Client, path: &str) -> String {
+    let body = http
+        .post(gw.http(&format!("{path}?secret=s")))
+        .send()
+        .await
+        .expect("call")
+        .text()
+        .await
+        .expect("body");
+    body.trim_matches('"').to_string()
 }
 
 async fn who(peer: &Peer) -> String {
@@ -99,15 +104,7 @@ async fn clients_and_http_calls_are_spread_over_the_pool() {
     let http = reqwest::Client::new();
     let mut answered = Vec::new();
     for _ in 0..6 {
-        let body = http
-            .post(gw.http("/p/who?secret=s"))
-            .send()
-            .await
-            .expect("call")
-            .text()
-            .await
-            .expect("body");
-        answered.push(body.trim_matches('"').to_string());
+        answered.push(http_who(&gw, &http, "/p/who").await);
     }
     let counts = tally(answered);
     assert_eq!(counts.len(), 3, "{counts:?}");
@@ -130,31 +127,21 @@ async fn http_calls_go_to_the_backend_with_the_fewest_pending_calls() {
             resp.text().await.expect("body")
         }
     });
-    let deadline = Instant::now() + WAIT;
-    while metric(
-        &gw.metrics().await,
+    wait_for_metric(
+        &gw,
         "duplex_gateway_pending_calls",
         &[("endpoint", "/q")],
-    ) != Some(1.0)
-    {
-        assert!(Instant::now() < deadline, "the long call never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        |v| v == Some(1.0),
+    )
+    .await;
     let mut answered = Vec::new();
     for _ in 0..4 {
-        let body = http
-            .post(gw.http("/q/who?secret=s"))
-            .send()
-            .await
-            .expect("call")
-            .text()
-            .await
-            .expect("body");
-        answered.push(body);
+        answered.push(http_who(&gw, &http, "/q/who").await);
     }
     let busy = long.await.expect("long call");
+    let busy = busy.trim_matches('"');
     assert!(
-        answered.iter().all(|a| *a != busy),
+        answered.iter().all(|a| a != busy),
         "every quick call on the idle backend, none on {busy}: {answered:?}"
     );
 }
@@ -501,16 +488,13 @@ async fn a_drain_is_answered_with_what_still_runs_after_drain_timeout() {
     let backend = publish(&gw, "/dt", "s").await;
     let peer = client(&gw, "/dt", "s").await;
     let long = peer.call_stream("slow", json!(3000)).expect("call");
-    let deadline = Instant::now() + WAIT;
-    while metric(
-        &gw.metrics().await,
+    wait_for_metric(
+        &gw,
         "duplex_gateway_pending_calls",
         &[("endpoint", "/dt")],
-    ) != Some(1.0)
-    {
-        assert!(Instant::now() < deadline, "the long call never started");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        |v| v == Some(1.0),
+    )
+    .await;
     let pending = tokio::time::timeout(Duration::from_secs(2), backend.drain())
         .await
         .expect("answered at the drain timeout, before the call ends");

@@ -280,6 +280,45 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
+/// Waits until `done` holds for the value of metric `name{labels}` (None: the series is
+/// absent), so a test knows the gateway has seen what it did. Fails after [`WAIT`].
+pub async fn wait_for_metric(
+    gw: &Gateway,
+    name: &str,
+    labels: &[(&str, &str)],
+    done: impl Fn(Option<f64>) -> bool,
+) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let value = metric(&gw.metrics().await, name, labels);
+        if done(value) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} stayed {value:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A self-signed certificate for `localhost` and `127.0.0.1`, written to `dir` as
+/// `{name}.pem` and `{name}.key`: (certificate path, key path, certificate).
+pub fn write_cert(dir: &std::path::Path, name: &str) -> (String, String, rcgen::Certificate) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("cert");
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    (
+        cert.display().to_string(),
+        key.display().to_string(),
+        ck.cert,
+    )
+}
+
 /// A backend peer with the test methods: `echo`, `count` (streams 1..=n), `add` (sums streamed
 /// input), `route` (answers with the caller's route), `fail` (answers with the error in its
 /// payload), `slow` (waits payload ms, then echoes), `ticks` (streams 1..=n, 300 ms apart).
