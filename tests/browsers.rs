@@ -142,17 +142,9 @@ async fn without_cors_options_is_405_and_no_cors_header_is_sent() {
 
 #[tokio::test]
 async fn tls_listeners_serve_calls_and_streams_over_http2() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (cert, key, ca) = write_cert(dir.path(), "h2");
-    let tls_port = free_port();
-    let gw = Gateway::start_with(|port, metrics_port| {
-        Gateway::config_text(port, metrics_port, "").replacen(
-            "listen:\n",
-            &format!("listen:\n  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {cert}, key: {key} }}\n"),
-            1,
-        )
-    });
-    gw.wait_for_port(tls_port);
+    let TlsGateway {
+        gw, tls_port, ca, ..
+    } = start_tls("");
     let _backend = publish(&gw, "/h2", "s").await;
     let h2 = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(ca.pem().as_bytes()).expect("pem"))

@@ -165,17 +165,14 @@ fn trusting(cert: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
 
 #[tokio::test]
 async fn a_tls_listener_serves_wss_and_https_while_plain_http_gets_403() {
-    let dir = tempfile::tempdir().expect("dir");
-    let (cert, key, ca) = write_cert(dir.path(), "one");
-    let tls_port = free_port();
-    let gw = Gateway::start_with(|port, metrics_port| {
-        Gateway::config_text(port, metrics_port, "tls:\n  required: true\n").replacen(
-            "listen:\n",
-            &format!("listen:\n  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {cert}, key: {key} }}\n"),
-            1,
-        )
-    });
-    gw.wait_for_port(tls_port);
+    let TlsGateway {
+        gw,
+        tls_port,
+        ca,
+        cert,
+        key,
+        dir,
+    } = start_tls("tls:\n  required: true\n");
     let tls = trusting(&ca);
     let _backend = test_backend()
         .tls_config(tls.clone())
@@ -673,17 +670,12 @@ async fn sigint_stops_at_once() {
 #[tokio::test]
 async fn a_wss_connection_the_gateway_closes_ends_with_close_notify() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().expect("dir");
-    let (cert, key, ca) = write_cert(dir.path(), "one");
-    let tls_port = free_port();
-    let gw = Gateway::start_with(|port, metrics_port| {
-        Gateway::config_text(port, metrics_port, "").replacen(
-            "listen:\n",
-            &format!("listen:\n  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {cert}, key: {key} }}\n"),
-            1,
-        )
-    });
-    gw.wait_for_port(tls_port);
+    let TlsGateway {
+        gw: _gw,
+        tls_port,
+        ca,
+        ..
+    } = start_tls("");
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", tls_port))
         .await
         .expect("connect");

@@ -319,6 +319,45 @@ pub fn write_cert(dir: &std::path::Path, name: &str) -> (String, String, rcgen::
     )
 }
 
+/// A gateway with a TLS listener besides its plain one, on a certificate made for the test.
+pub struct TlsGateway {
+    /// The gateway (its plain listener is `gw.port`).
+    pub gw: Gateway,
+    /// The TLS listener's port.
+    pub tls_port: u16,
+    /// The certificate to trust.
+    pub ca: rcgen::Certificate,
+    /// The certificate and key files the listener uses (rewrite them and reload to rotate).
+    pub cert: String,
+    /// See `cert`.
+    pub key: String,
+    /// Where they are.
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts a gateway on the standard config plus `extra`, with a TLS listener too.
+pub fn start_tls(extra: &str) -> TlsGateway {
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert, key, ca) = write_cert(dir.path(), "tls");
+    let tls_port = free_port();
+    let gw = Gateway::start_with(|port, metrics_port| {
+        Gateway::config_text(port, metrics_port, extra).replacen(
+            "listen:\n",
+            &format!("listen:\n  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {cert}, key: {key} }}\n"),
+            1,
+        )
+    });
+    gw.wait_for_port(tls_port);
+    TlsGateway {
+        gw,
+        tls_port,
+        ca,
+        cert,
+        key,
+        dir,
+    }
+}
+
 /// A backend peer with the test methods: `echo`, `count` (streams 1..=n), `add` (sums streamed
 /// input), `route` (answers with the caller's route), `fail` (answers with the error in its
 /// payload), `slow` (waits payload ms, then echoes), `ticks` (streams 1..=n, 300 ms apart).
