@@ -10,7 +10,10 @@
 //! `http_nginx` (when nginx is installed), `stream`, `idle`, `pool_rpc` (the same WebSocket load
 //! on an endpoint served by a pool of 4 backends, each a process of its own) and
 //! `rolling_deploy` (WebSocket and HTTP load on that pool while each backend in turn drains,
-//! exits and is replaced: failed calls and the throughput dip), and their ratios.
+//! exits and is replaced: failed calls and the throughput dip), `reload` (`ws_rpc` and `http_rpc`
+//! while the gateway gets SIGHUP every 100 ms, alternating two valid configs), `connect` (new
+//! WebSocket clients per second: connect, handshake, one call, close) and `latency` (one client,
+//! sequential calls: the p50 the gateway adds over direct), and their ratios.
 //!
 //! Every server runs in a process of its own: the gateway (the release binary), and this binary
 //! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
@@ -250,22 +253,28 @@ async fn wait_port(port: u16) {
     }
 }
 
-/// Starts our gateway (the release binary) on free ports; returns it, its base URL, its pid and
-/// its metrics port.
-async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32, u16) {
+/// Our gateway, started by this tool.
+struct OurGateway {
+    _proc: Proc,
+    url: String,
+    pid: u32,
+    metrics: u16,
+    config: std::path::PathBuf,
+    text: String,
+}
+
+/// Starts our gateway (the release binary) on free ports.
+async fn start_gateway(dir: &std::path::Path) -> OurGateway {
     let port = free_port();
     let metrics = free_port();
     let config = dir.join("gateway.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics}\n\
-             tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
-             endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
-             limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n"
-        ),
-    )
-    .expect("config");
+    let text = format!(
+        "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics}\n\
+         tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
+         endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
+         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n"
+    );
+    std::fs::write(&config, &text).expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
         .arg("--config")
         .arg(&config)
@@ -276,7 +285,14 @@ async fn start_gateway(dir: &std::path::Path) -> (Proc, String, u32, u16) {
         .expect("start the gateway");
     let pid = child.id();
     wait_port(port).await;
-    (Proc(child), format!("ws://127.0.0.1:{port}"), pid, metrics)
+    OurGateway {
+        _proc: Proc(child),
+        url: format!("ws://127.0.0.1:{port}"),
+        pid,
+        metrics,
+        config,
+        text,
+    }
 }
 
 /// The live backends of `path`, read from the gateway's metrics.
@@ -648,6 +664,54 @@ async fn pool_scenarios(
     (pool_rpc, rolling, dip)
 }
 
+/// A client that, on every call, connects (handshake included), calls `echo` once and closes.
+async fn connect_caller(url: String) -> Box<dyn FnMut() -> CallFuture + Send> {
+    let payload = payload();
+    Box::new(move || {
+        let (url, payload) = (url.clone(), payload.clone());
+        Box::pin(async move {
+            let Ok(peer) = Peer::builder().connect(&url).await else {
+                return false;
+            };
+            let ok = peer.call("echo", payload.clone()).await.as_ref() == Ok(&payload);
+            peer.close();
+            ok
+        })
+    })
+}
+
+/// Runs `load` while the gateway gets SIGHUP every 100 ms, its config alternating between two
+/// valid versions (a limit that differs, so each reload really swaps something).
+async fn with_reloads(
+    g: &OurGateway,
+    load: impl std::future::Future<Output = RpcResult>,
+) -> RpcResult {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reloader = tokio::spawn({
+        let (stop, config, text, pid) = (stop.clone(), g.config.clone(), g.text.clone(), g.pid);
+        async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let ping = if n % 2 == 0 { "30s" } else { "31s" };
+                let _ = std::fs::write(&config, format!("{text}  ping_interval: {ping}\n"));
+                // A signal, not a `kill` process: forking this busy process would cost the
+                // load generator more than the reload costs the gateway.
+                // SAFETY: kill(2) with a pid of our own child and a valid signal number.
+                let _ = unsafe { libc::kill(pid as libc::pid_t, libc::SIGHUP) };
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            n
+        }
+    });
+    let result = load.await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reloads = reloader.await.unwrap_or(0);
+    let _ = std::fs::write(&g.config, &g.text);
+    println!("               ({reloads} reloads during the load)");
+    result
+}
+
 fn print_rpc(name: &str, r: &RpcResult) {
     println!(
         "{name:<14} {:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us   p99.9 {:>6} us   errors {}",
@@ -669,13 +733,17 @@ async fn bench(o: Options) {
     );
 
     // The gateway: ours, or the one given with --url.
-    let (_gateway, base, gateway_pid, metrics_port) = match &o.url {
-        Some(url) => (None, url.clone(), None, None),
-        None => {
-            let (p, url, pid, metrics) = start_gateway(dir.path()).await;
-            (Some(p), url, Some(pid), Some(metrics))
-        }
+    let ours = match &o.url {
+        Some(_) => None,
+        None => Some(start_gateway(dir.path()).await),
     };
+    let base = match (&o.url, &ours) {
+        (Some(url), _) => url.clone(),
+        (None, Some(g)) => g.url.clone(),
+        (None, None) => unreachable!("one of the two"),
+    };
+    let gateway_pid = ours.as_ref().map(|g| g.pid);
+    let metrics_port = ours.as_ref().map(|g| g.metrics);
     let http_base = base.replacen("ws://", "http://", 1);
     let gw_port: u16 = http_base
         .rsplit(':')
@@ -711,7 +779,6 @@ async fn bench(o: Options) {
     let direct_url = format!("ws://127.0.0.1:{ws_port}/");
     let ws_direct = closed_loop(o.clients, o.seconds, |_| ws_caller(direct_url.clone())).await;
     print_rpc("ws_rpc_direct", &ws_direct);
-    drop(_ws_server);
 
     // http_rpc / http_direct / http_nginx
     let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
@@ -743,7 +810,56 @@ async fn bench(o: Options) {
             None
         }
     };
+
+    // latency: one client, sequential calls; the p50 the gateway adds over direct.
+    let short = o.seconds.min(5.0);
+    let lat_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
+    let lat_ws_direct = closed_loop(1, short, |_| ws_caller(direct_url.clone())).await;
+    let lat_http = closed_loop(1, short, |_| http_caller(gw_port, call_path.clone())).await;
+    let lat_http_direct =
+        closed_loop(1, short, |_| http_caller(http_port, "/echo".to_string())).await;
+    let p50 = |r: &RpcResult| r.hist.value_at_quantile(0.5) as i64;
+    let latency = json!({
+        "ws_p50_us": p50(&lat_ws),
+        "ws_direct_p50_us": p50(&lat_ws_direct),
+        "ws_added_p50_us": p50(&lat_ws) - p50(&lat_ws_direct),
+        "http_p50_us": p50(&lat_http),
+        "http_direct_p50_us": p50(&lat_http_direct),
+        "http_added_p50_us": p50(&lat_http) - p50(&lat_http_direct),
+    });
+    println!("latency        {latency}");
+
+    // connect: new WebSocket clients per second (connect, handshake, one call, close).
+    let connecting = o.clients.min(16);
+    let connect = closed_loop(connecting, short, |_| connect_caller(client_url.clone())).await;
+    print_rpc("connect", &connect);
+    let connect_direct =
+        closed_loop(connecting, short, |_| connect_caller(direct_url.clone())).await;
+    print_rpc("connect_direct", &connect_direct);
+    drop(_ws_server);
     drop(_http_server);
+
+    // reload: the ws_rpc and http_rpc loads while the gateway reloads every 100 ms.
+    let reload = match &ours {
+        Some(g) => {
+            let ws = with_reloads(
+                g,
+                closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())),
+            )
+            .await;
+            print_rpc("reload ws", &ws);
+            let http = with_reloads(
+                g,
+                closed_loop(o.clients, o.seconds, |_| {
+                    http_caller(gw_port, call_path.clone())
+                }),
+            )
+            .await;
+            print_rpc("reload http", &http);
+            Some((ws, http))
+        }
+        None => None,
+    };
 
     // stream, idle
     let stream = stream_scenario(&client_url, o.stream_frames).await;
@@ -780,6 +896,20 @@ async fn bench(o: Options) {
             json!(round(http_rpc.rate() / n.rate(), 3)),
         );
     }
+    ratios.insert(
+        "connect / connect_direct".into(),
+        json!(round(connect.rate() / connect_direct.rate(), 3)),
+    );
+    if let Some((ws, http)) = &reload {
+        ratios.insert(
+            "reload ws / ws_rpc".into(),
+            json!(round(ws.rate() / ws_rpc.rate(), 3)),
+        );
+        ratios.insert(
+            "reload http / http_rpc".into(),
+            json!(round(http.rate() / http_rpc.rate(), 3)),
+        );
+    }
     if let Some((pool_rpc, _, _)) = &pools {
         ratios.insert(
             "pool_rpc / ws_rpc".into(),
@@ -802,6 +932,16 @@ async fn bench(o: Options) {
         rolling_json["failed_calls"] = json!(rolling.errors);
         rolling_json["throughput_vs_pool_rpc"] = json!(round(*dip, 3));
         report.insert("rolling_deploy".into(), rolling_json);
+    }
+    report.insert("latency".into(), latency);
+    report.insert("connect".into(), connect.to_json(connecting));
+    report.insert("connect_direct".into(), connect_direct.to_json(connecting));
+    if let Some((ws, http)) = &reload {
+        let mut both = Map::new();
+        both.insert("ws".into(), ws.to_json(o.clients));
+        both.insert("http".into(), http.to_json(o.clients));
+        both.insert("failed_calls".into(), json!(ws.errors + http.errors));
+        report.insert("reload".into(), Value::Object(both));
     }
     report.insert("stream".into(), stream);
     report.insert("idle".into(), idle);
