@@ -139,38 +139,55 @@ pub struct GuardedStream {
     /// The phase word, set by the request handler (through [`enter`]) and by the first byte
     /// after `Idle`.
     phase: AtomicU32,
-    /// The phase word the timer was armed for (`u32::MAX`: none).
-    armed: u32,
+    /// The phase word `started` belongs to (`u32::MAX`: none).
+    seen: u32,
+    /// When that phase began: its deadline counts from here.
+    started: Instant,
+    /// Made (or moved) only when a read has to wait, so a request whose headers arrive in one
+    /// read touches no timer.
     timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl GuardedStream {
     fn new(inner: Stream, timeouts: Timeouts) -> Self {
-        let mut guarded = GuardedStream {
+        // The first request's headers count from the connection's start.
+        GuardedStream {
             inner,
             timeouts,
             phase: AtomicU32::new(HEADERS),
-            armed: u32::MAX,
+            seen: HEADERS,
+            started: Instant::now(),
             timer: None,
-        };
-        // The first request's headers count from the connection's start.
-        guarded.arm(HEADERS);
-        guarded
+        }
     }
 
-    fn arm(&mut self, word: u32) {
+    /// Notes that the phase `word` began now (if it is not the one already noted).
+    fn begin(&mut self, word: u32) {
+        if self.seen != word {
+            self.seen = word;
+            self.started = Instant::now();
+        }
+    }
+
+    /// Whether the current phase's deadline has passed; otherwise the task is woken at it.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         let (header, idle) = (self.timeouts)();
-        let limit = if word & PHASE_BITS == IDLE {
+        let limit = if self.seen & PHASE_BITS == IDLE {
             idle
         } else {
             header
         };
-        let at = Instant::now() + limit;
-        match &mut self.timer {
-            Some(timer) => timer.as_mut().reset(at),
-            None => self.timer = Some(Box::pin(tokio::time::sleep_until(at))),
-        }
-        self.armed = word;
+        let at = self.started + limit;
+        let timer = match &mut self.timer {
+            Some(timer) => {
+                if timer.deadline() != at {
+                    timer.as_mut().reset(at);
+                }
+                timer
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
+        };
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -184,15 +201,12 @@ impl AsyncRead for GuardedStream {
         let word = this.phase.load(Ordering::Acquire);
         let phase = word & PHASE_BITS;
         if phase == BUSY || phase == OPEN {
-            this.armed = u32::MAX;
             if phase == OPEN {
                 this.timer = None;
             }
             return Pin::new(&mut this.inner).poll_read(cx, buf);
         }
-        if this.armed != word {
-            this.arm(word);
-        }
+        this.begin(word);
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -204,18 +218,14 @@ impl AsyncRead for GuardedStream {
                         .compare_exchange(word, headers, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
                     {
-                        this.arm(headers);
+                        this.begin(headers);
                     }
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let expired = this
-                    .timer
-                    .as_mut()
-                    .is_some_and(|t| t.as_mut().poll(cx).is_ready());
-                if expired {
+                if this.expired(cx) {
                     // As if the peer had closed: Pingora ends the connection.
                     tracing::debug!(
                         phase = if phase == IDLE { "idle" } else { "headers" },
@@ -337,8 +347,8 @@ impl fmt::Debug for GuardedStream {
 }
 
 /// Guards `stream` (for tests of the phases without a server).
-#[doc(hidden)]
-pub fn guard(stream: Stream, timeouts: Timeouts) -> Stream {
+#[cfg(test)]
+fn guard(stream: Stream, timeouts: Timeouts) -> Stream {
     Box::new(GuardedStream::new(stream, timeouts))
 }
 

@@ -502,3 +502,27 @@ async fn a_drain_is_answered_with_what_still_runs_after_drain_timeout() {
     // The running call still finishes.
     assert_eq!(long.last().await, Ok(json!(3000)));
 }
+
+#[tokio::test]
+async fn a_reload_to_a_smaller_pool_closes_the_longest_connected_backends() {
+    let gw = Gateway::start(&pool(3));
+    let oldest = publish_named(&gw, "/shrink", "oldest").await;
+    pool_size_is(&gw, "/shrink", 1).await;
+    let middle = publish_named(&gw, "/shrink", "middle").await;
+    pool_size_is(&gw, "/shrink", 2).await;
+    let newest = publish_named(&gw, "/shrink", "newest").await;
+    pool_size_is(&gw, "/shrink", 3).await;
+    let peer = client(&gw, "/shrink", "s").await;
+    gw.rewrite_config(&Gateway::config_text(gw.port, gw.metrics_port, &pool(1)));
+    gw.signal("HUP");
+    for old in [&oldest, &middle] {
+        let code = tokio::time::timeout(WAIT, old.closed())
+            .await
+            .expect("closed");
+        assert_eq!(code, Some(1012));
+    }
+    assert!(!newest.is_closed());
+    pool_size_is(&gw, "/shrink", 1).await;
+    assert_eq!(who(&peer).await, "newest");
+    assert!(!peer.is_closed());
+}

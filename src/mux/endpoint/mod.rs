@@ -59,8 +59,6 @@ pub enum PublishError {
 /// Sizes of an endpoint's tables (for tests, leak checks and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EndpointStats {
-    /// Whether a backend is connected.
-    pub backend: bool,
     /// Live backends (draining ones included).
     pub backends: usize,
     /// Connected clients (WebSocket clients and HTTP calls in progress).
@@ -189,6 +187,14 @@ struct Fallout {
     deliveries: Vec<Delivery>,
     owed: Vec<Owed>,
     failovers: u64,
+}
+
+impl Fallout {
+    fn absorb(&mut self, other: Fallout) {
+        self.deliveries.extend(other.deliveries);
+        self.owed.extend(other.owed);
+        self.failovers += other.failovers;
+    }
 }
 
 impl State {
@@ -325,10 +331,9 @@ impl State {
             let _ = slot.close.set(reason);
         }
         let mut owed = Vec::new();
+        // The client is out of `clients` already: ending its calls leaves no client state.
         for &(key, backend_id) in slot.open.values() {
-            if let Some(answer) = self.end_call_of_gone_client(key, backend_id) {
-                owed.push(answer);
-            }
+            owed.extend(self.end_call(key, backend_id));
         }
         for &(key, backend_id) in slot.incoming.values() {
             if let Some(backend) = self.slot(key) {
@@ -342,20 +347,6 @@ impl State {
         }
         self.update_gauges();
         owed
-    }
-
-    /// A call whose client left: forgotten (late replies are dropped).
-    fn end_call_of_gone_client(&mut self, key: BackendKey, backend_id: u64) -> Option<Owed> {
-        let slot = self.slot_mut(key)?;
-        slot.calls.remove(&backend_id)?;
-        if slot.draining && slot.calls.is_empty() {
-            let tx = slot.tx.clone();
-            return slot
-                .drain_request
-                .take()
-                .map(|req| (tx, vec![drain_reply(&req, 0)]));
-        }
-        None
     }
 
     /// Takes backend `key` out of the pool: its pending calls fail with `-32000`, its calls to
@@ -449,13 +440,15 @@ impl Endpoint {
 
     /// Counts one HTTP call answered with `status` (its label) after `seconds`.
     pub fn count_http_call(&self, status: &'static str, seconds: f64) {
-        let mut series = lock(&self.series);
-        if series.gone {
-            return;
-        }
+        // The common answer counts on handles looked up once, without a lock: after the
+        // endpoint is gone they are detached from the registry, so they make no series again.
         if status == "200" {
             self.http_ok.inc();
         } else {
+            let mut series = lock(&self.series);
+            if series.gone {
+                return;
+            }
             remember(&mut series.http_codes, status);
             metrics()
                 .http_requests
@@ -483,11 +476,6 @@ impl Endpoint {
         self.state().backends.iter().map(|b| b.token).collect()
     }
 
-    /// Live backends (draining ones included).
-    pub fn backend_count(&self) -> usize {
-        self.state().backends.len()
-    }
-
     /// How long new calls wait when every live backend drains: until the drains may end, and
     /// at least the grace.
     fn hold(&self) -> Duration {
@@ -513,7 +501,6 @@ impl Endpoint {
     pub fn stats(&self) -> EndpointStats {
         let s = self.state();
         EndpointStats {
-            backend: !s.backends.is_empty(),
             backends: s.backends.len(),
             clients: s.clients.len(),
             pending_calls: s.backends.iter().map(|b| b.calls.len()).sum(),
@@ -547,9 +534,7 @@ impl Endpoint {
             let oldest = s.backends[0].key;
             let reason = CloseReason::new(close::SERVICE_RESTART, "replaced by a new backend");
             if let Some(f) = s.remove_backend(oldest, Some(reason), "backend replaced") {
-                fallout.deliveries.extend(f.deliveries);
-                fallout.owed.extend(f.owed);
-                fallout.failovers += f.failovers;
+                fallout.absorb(f);
             }
             let pool = s.backends.len();
             tracing::info!(endpoint = %self.path, pool, "longest-connected backend replaced by a new publish");
@@ -732,9 +717,7 @@ impl Endpoint {
         let mut fallout = Fallout::default();
         for (key, _) in &keys {
             if let Some(f) = s.remove_backend(*key, Some(reason.clone()), "backend unavailable") {
-                fallout.deliveries.extend(f.deliveries);
-                fallout.owed.extend(f.owed);
-                fallout.failovers += f.failovers;
+                fallout.absorb(f);
             }
         }
         let emptied = !keys.is_empty() && s.backends.is_empty();
@@ -761,9 +744,7 @@ impl Endpoint {
         for key in &oldest {
             let reason = CloseReason::new(close::SERVICE_RESTART, "pool made smaller by a reload");
             if let Some(f) = s.remove_backend(*key, Some(reason), "backend unavailable") {
-                fallout.deliveries.extend(f.deliveries);
-                fallout.owed.extend(f.owed);
-                fallout.failovers += f.failovers;
+                fallout.absorb(f);
             }
         }
         s.hold_new_calls_if_none_serve(hold);
