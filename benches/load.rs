@@ -693,7 +693,7 @@ async fn with_reloads(
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 n += 1;
-                let ping = if n % 2 == 0 { "30s" } else { "31s" };
+                let ping = if n.is_multiple_of(2) { "30s" } else { "31s" };
                 let _ = std::fs::write(&config, format!("{text}  ping_interval: {ping}\n"));
                 // A signal, not a `kill` process: forking this busy process would cost the
                 // load generator more than the reload costs the gateway.

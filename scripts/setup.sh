@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing duplex-gateway needs on a fresh Debian machine with Rust:
-# cmake (Pingora's zlib-ng build uses it), curl (the README test), chromium (the browser test)
-# and cargo-nextest. Safe to run again; does nothing when all are there.
+# cmake (Pingora's zlib-ng build uses it), curl (the README test), chromium (the browser test),
+# nats-server (the cluster tests) and cargo-nextest. Safe to run again; does nothing when all are there.
 set -euo pipefail
 MISSING=""
 command -v cmake >/dev/null 2>&1 || MISSING="$MISSING cmake"
@@ -9,6 +9,8 @@ command -v cmake >/dev/null 2>&1 || MISSING="$MISSING cmake"
 command -v curl >/dev/null 2>&1 || MISSING="$MISSING curl"
 # The browser example is tested in headless Chromium.
 command -v chromium >/dev/null 2>&1 || MISSING="$MISSING chromium"
+# The cluster tests start real NATS servers (Debian installs it as /usr/sbin/nats-server).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || MISSING="$MISSING nats-server"
 if [ -n "$MISSING" ]; then
   echo "setup: installing$MISSING" >&2
   SUDO=""

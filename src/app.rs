@@ -29,6 +29,8 @@ pub struct App {
     /// while it checks its token against the config in force and registers: so no backend slips
     /// in with a token the reload just revoked.
     pub publish_lock: std::sync::Mutex<()>,
+    /// The cluster this node belongs to (set at start-up when the config has one).
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Counts requests in progress, so a graceful stop can wait for them.
@@ -73,6 +75,7 @@ impl App {
                 .collect(),
             active: Active::default(),
             publish_lock: std::sync::Mutex::new(()),
+            cluster: std::sync::OnceLock::new(),
         })
     }
 }

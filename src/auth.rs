@@ -26,6 +26,11 @@ impl Digest {
         Some(Digest(out))
     }
 
+    /// The digest as 64 hex digits (what the cluster announces instead of a secret).
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
     /// Constant-time comparison.
     pub fn matches(&self, other: &Digest) -> bool {
         self.0.ct_eq(&other.0).into()

@@ -26,6 +26,7 @@ use pingora::{Error, ErrorType};
 
 use crate::app::{ws_settings, App, Counted};
 use crate::auth::{self, Digest};
+use crate::cluster::{Client, Cluster, ClusterClient};
 use crate::config::Config;
 use crate::http_api::{self, refuse, refuse_join, split_call_path};
 use crate::metrics::{metrics, Rejection};
@@ -99,19 +100,109 @@ pub enum Decision {
     /// A client of `endpoint`: join, upgrade, handshake.
     Connect {
         /// The endpoint.
-        endpoint: Arc<Endpoint>,
+        endpoint: Target,
         /// The digest of the secret the client presented (checked).
         secret: Digest,
     },
     /// An HTTP call of `method` on `endpoint`.
     Call {
         /// The endpoint.
-        endpoint: Arc<Endpoint>,
+        endpoint: Target,
         /// The method segment of the path.
         method: String,
         /// The digest of the secret the caller presented (checked).
         secret: Digest,
     },
+}
+
+/// Where a client's endpoint is served.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// This node's endpoint (a single node).
+    Local(Arc<Endpoint>),
+    /// In a cluster: this node's endpoint (if it has one) or other nodes'.
+    Cluster {
+        /// The endpoint path.
+        path: String,
+        /// This node's endpoint at the path, if any.
+        local: Option<Arc<Endpoint>>,
+        /// The cluster.
+        cluster: Arc<Cluster>,
+    },
+}
+
+impl Target {
+    /// The endpoint path.
+    pub fn path(&self) -> &str {
+        match self {
+            Target::Local(e) => e.path(),
+            Target::Cluster { path, .. } => path,
+        }
+    }
+
+    /// This node's endpoint at the path, if any.
+    pub fn local(&self) -> Option<&Arc<Endpoint>> {
+        match self {
+            Target::Local(e) => Some(e),
+            Target::Cluster { local, .. } => local.as_ref(),
+        }
+    }
+
+    /// Joins a client (WebSocket when `websocket`, else an HTTP call) that presented `secret`.
+    pub fn join(
+        &self,
+        websocket: bool,
+        max_clients: usize,
+        secret: Digest,
+    ) -> Result<Client, mux::JoinError> {
+        match self {
+            Target::Local(e) => e.join(websocket, max_clients, &secret).map(Client::Local),
+            Target::Cluster {
+                path,
+                local,
+                cluster,
+            } => ClusterClient::join(
+                cluster,
+                local.as_ref(),
+                path,
+                websocket,
+                max_clients,
+                secret,
+            )
+            .map(|c| Client::Cluster(Box::new(c))),
+        }
+    }
+}
+
+/// Finds the endpoint at `path`: this node's, or (in a cluster) one another node announces.
+/// Returns it with whether `secret` is its client secret (constant time).
+fn find(
+    path: &str,
+    secret: Option<&str>,
+    registry: &Registry,
+    cluster: Option<&Arc<Cluster>>,
+) -> Option<(Target, Option<Digest>)> {
+    let local = registry.lookup(path);
+    let digest = secret.map(|s| Digest::of(s.as_bytes()));
+    let Some(cluster) = cluster else {
+        let endpoint = local?;
+        let ok = digest.filter(|d| endpoint.secret_matches(d));
+        return Some((Target::Local(endpoint), ok));
+    };
+    if local.is_none() && !cluster.knows(path) {
+        return None;
+    }
+    let ok = digest.filter(|d| {
+        local.as_ref().is_some_and(|e| e.secret_matches(d)) || cluster.secret_matches(path, d)
+    });
+    Some((
+        Target::Cluster {
+            path: path.to_string(),
+            local,
+            cluster: cluster.clone(),
+        },
+        ok,
+    ))
 }
 
 fn refusal(
@@ -132,7 +223,12 @@ fn refusal(
 /// The status table: every check that needs only the request, the config and the endpoints, in
 /// the order of `docs/http-api.md` (a gateway that is stopping answers 503 before anything
 /// else). Pure: it changes nothing.
-pub fn decide(req: &Facts<'_>, config: &Config, registry: &Registry) -> Decision {
+pub fn decide(
+    req: &Facts<'_>,
+    config: &Config,
+    registry: &Registry,
+    cluster: Option<&Arc<Cluster>>,
+) -> Decision {
     if req.stopping {
         return refusal(
             503,
@@ -177,11 +273,11 @@ pub fn decide(req: &Facts<'_>, config: &Config, registry: &Registry) -> Decision
         return refusal(400, Some(Rejection::BadPath), why);
     }
     if !is_get {
-        return decide_call(req, registry);
+        return decide_call(req, registry, cluster);
     }
     match &req.creds.token {
-        Some(token) => decide_publish(req, token, config, registry),
-        None => decide_connect(req, registry),
+        Some(token) => decide_publish(req, token, config, registry, cluster),
+        None => decide_connect(req, registry, cluster),
     }
 }
 
@@ -213,6 +309,7 @@ fn decide_publish(
     presented: &str,
     config: &Config,
     registry: &Registry,
+    cluster: Option<&Arc<Cluster>>,
 ) -> Decision {
     let Some(token) = auth::find_token(&config.tokens, presented) else {
         return refusal(401, Some(Rejection::BadToken), "unknown publish token");
@@ -262,10 +359,12 @@ fn decide_publish(
     };
     // A pool shares one secret: a publish naming another one than its live backends' is
     // refused, unless the config fixes the secret (then the checks above decided).
+    let max_backends = config.max_backends(req.path);
     if fixed.is_none()
-        && registry
+        && (registry
             .lookup(req.path)
-            .is_some_and(|e| e.secret_conflicts(&secret, config.max_backends(req.path)))
+            .is_some_and(|e| e.secret_conflicts(&secret, max_backends))
+            || cluster.is_some_and(|c| c.secret_conflicts(req.path, &secret, max_backends)))
     {
         return named(
             409,
@@ -283,25 +382,30 @@ fn decide_publish(
 }
 
 /// `GET <path>?secret=S`: 426, 404, 401.
-fn decide_connect(req: &Facts<'_>, registry: &Registry) -> Decision {
+fn decide_connect(
+    req: &Facts<'_>,
+    registry: &Registry,
+    cluster: Option<&Arc<Cluster>>,
+) -> Decision {
     if !req.upgrade {
         return upgrade_required();
     }
-    let Some(endpoint) = registry.lookup(req.path) else {
+    let Some((endpoint, secret)) = find(req.path, req.creds.secret.as_deref(), registry, cluster)
+    else {
         return refusal(
             404,
             Some(Rejection::NotFound),
             "no backend is published at this path",
         );
     };
-    match secret_for(req.creds, &endpoint) {
+    match secret {
         Some(secret) => Decision::Connect { endpoint, secret },
         None => refusal(401, Some(Rejection::BadSecret), "missing or wrong secret"),
     }
 }
 
 /// `POST <endpoint>/<method>`: 404, 401 (the body's 413 and 400 come when it is read).
-fn decide_call(req: &Facts<'_>, registry: &Registry) -> Decision {
+fn decide_call(req: &Facts<'_>, registry: &Registry, cluster: Option<&Arc<Cluster>>) -> Decision {
     let Some((path, method)) = split_call_path(req.path) else {
         return refusal(
             404,
@@ -309,33 +413,25 @@ fn decide_call(req: &Facts<'_>, registry: &Registry) -> Decision {
             "POST <endpoint>/<method> calls a method",
         );
     };
-    let Some(endpoint) = registry.lookup(path) else {
+    let Some((endpoint, secret)) = find(path, req.creds.secret.as_deref(), registry, cluster)
+    else {
         return refusal(
             404,
             Some(Rejection::NotFound),
             "no backend is published at this endpoint",
         );
     };
-    match secret_for(req.creds, &endpoint) {
+    match secret {
         Some(secret) => Decision::Call {
             endpoint,
             method: method.to_string(),
             secret,
         },
         None => Decision::Refuse(Refusal {
-            endpoint: Some(endpoint),
+            endpoint: endpoint.local().cloned(),
             ..refused(401, Some(Rejection::BadSecret), "missing or wrong secret")
         }),
     }
-}
-
-/// The digest of the client secret `creds` carry, if it is the one `endpoint` wants.
-fn secret_for(creds: &Credentials, endpoint: &Endpoint) -> Option<Digest> {
-    creds
-        .secret
-        .as_deref()
-        .map(|s| Digest::of(s.as_bytes()))
-        .filter(|d| endpoint.secret_matches(d))
 }
 
 /// The Pingora proxy: decides every request and serves it in `request_filter`.
@@ -383,7 +479,7 @@ impl Gateway {
                 origin,
                 preflight,
             };
-            decide(&facts, &config, &self.app.registry)
+            decide(&facts, &config, &self.app.registry, self.app.cluster.get())
         };
         let cors: Vec<(&str, &str)> = match &allow_origin {
             Some(value) => vec![("access-control-allow-origin", value), ("vary", "Origin")],
@@ -502,11 +598,19 @@ impl Gateway {
                     ));
                 }
                 let fixed = now.endpoint(&path).secret.is_some();
+                // In a cluster the pool spans every node: make room there first.
+                let max_backends = match app.cluster.get() {
+                    Some(cluster) => {
+                        let local = crate::cluster::local_join_times(app.registry.lookup(&path).as_ref());
+                        cluster.make_room(&path, &local, now.max_backends(&path))
+                    }
+                    None => now.max_backends(&path),
+                };
                 match app.registry.publish(
                     &path,
                     secret,
                     (&token_name, token_digest),
-                    now.max_backends(&path),
+                    max_backends,
                     fixed,
                 ) {
                     Ok(conn) => {
@@ -535,11 +639,11 @@ impl Gateway {
         &self,
         session: &mut Session,
         config: &Config,
-        endpoint: Arc<Endpoint>,
+        endpoint: Target,
         secret: Digest,
         headers: &[(&str, &str)],
     ) -> pingora::Result<()> {
-        let conn = match endpoint.join(true, config.max_clients(endpoint.path()), &secret) {
+        let conn = match endpoint.join(true, config.max_clients(endpoint.path()), secret) {
             Ok(conn) => conn,
             Err(e) => return refuse_join(session, e, headers).await,
         };
@@ -793,7 +897,7 @@ mod tests {
                 origin: None,
                 preflight: false,
             };
-            let got = outcome(&decide(&facts, config, &registry));
+            let got = outcome(&decide(&facts, config, &registry, None));
             assert_eq!(got, (status.to_string(), reason), "{name}");
         }
     }
@@ -846,7 +950,7 @@ mod tests {
                 origin,
                 preflight,
             };
-            let got = outcome(&decide(&facts, config, &registry));
+            let got = outcome(&decide(&facts, config, &registry, None));
             assert_eq!(got, (status.to_string(), reason), "{name}");
         }
     }

@@ -6,7 +6,6 @@
 //! (`application/x-ndjson`, chunked) for a reply stream; `202` at once for `async=true`; errors as
 //! `{"error": {...}}` with the statuses of `docs/http-api.md`.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -15,10 +14,12 @@ use pingora::proxy::Session;
 use serde_json::value::RawValue;
 
 use crate::auth::Digest;
+use crate::cluster::Client;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
+use crate::gateway::Target;
 use crate::metrics::{metrics, Rejection};
-use crate::mux::{ClientConn, Endpoint, JoinError};
+use crate::mux::JoinError;
 
 /// The status recorded for a call whose caller hung up before the reply (nginx's 499).
 const CLIENT_CLOSED: u16 = 499;
@@ -31,7 +32,7 @@ pub use duplex::address::split_call_path;
 /// An HTTP call the status table let through.
 pub struct Call<'a> {
     /// The endpoint called.
-    pub endpoint: &'a Arc<Endpoint>,
+    pub endpoint: &'a Target,
     /// The method segment of the path.
     pub method: &'a str,
     /// The digest of the caller's secret (checked).
@@ -56,7 +57,19 @@ pub async fn serve(session: &mut Session, config: &Config, call: Call<'_>) -> pi
         .map(|t| tokio::time::Instant::from_std(call.started) + t);
     let (endpoint, started) = (call.endpoint, call.started);
     let status = run(session, config, call, deadline).await?;
-    endpoint.count_http_call(status_label(status), started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    match endpoint {
+        Target::Cluster {
+            local: None,
+            cluster,
+            path,
+        } => cluster.count_http_call(path, status_label(status), seconds),
+        _ => {
+            if let Some(endpoint) = endpoint.local() {
+                endpoint.count_http_call(status_label(status), seconds);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -104,7 +117,7 @@ async fn run(
         }
     };
 
-    let conn = match endpoint.join(false, config.max_clients(endpoint.path()), &secret) {
+    let mut conn = match endpoint.join(false, config.max_clients(endpoint.path()), secret) {
         Ok(conn) => conn,
         Err(e) => {
             let status = join_refusal(e).0;
@@ -164,7 +177,7 @@ type Headers<'a> = &'a [(&'a str, &'a str)];
 /// Waits for the reply (or reply stream) of the call and writes it.
 async fn wait_for_reply(
     session: &mut Session,
-    mut conn: ClientConn,
+    mut conn: Client,
     config: &Config,
     deadline: Option<tokio::time::Instant>,
     headers: Headers<'_>,
@@ -251,7 +264,7 @@ async fn wait_for_reply(
 
 /// The next reply for this call. Calls the backend makes to an HTTP caller are answered with
 /// `-32601`: an HTTP caller has no methods.
-async fn next_reply(conn: &mut ClientConn) -> Option<Message> {
+async fn next_reply(conn: &mut Client) -> Option<Message> {
     loop {
         let msg = conn.recv().await?;
         match msg.kind() {

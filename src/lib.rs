@@ -25,6 +25,8 @@
 //!   queues. Knows nothing about Pingora.
 //! - [`duplex`]: the protocol (messages, handshake, error codes, addressing) and a Rust peer: the
 //!   workspace's `duplex` crate, which builds without Pingora.
+//! - [`cluster`]: several nodes joined by NATS: heartbeats, and clients relayed to the node
+//!   whose backend serves them.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.
@@ -34,6 +36,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 /// The protocol and the Rust peer: the `duplex` crate of this workspace, re-exported.
 pub use duplex;

@@ -35,6 +35,12 @@ pub struct Metrics {
     pub last_reload_success: IntGauge,
     /// `duplex_gateway_backend_failovers_total{endpoint}`
     pub failovers: IntCounterVec,
+    /// `duplex_gateway_cluster_nodes`: nodes this node hears, itself included (1 alone).
+    pub cluster_nodes: IntGauge,
+    /// `duplex_gateway_cluster_connected`: 1 while the cluster link to NATS is up and usable.
+    pub cluster_connected: IntGauge,
+    /// `duplex_gateway_cluster_messages_total{direction}` (`out`, `in`).
+    pub cluster_messages: IntCounterVec,
 }
 
 /// Why a request was refused: the `reason` label of `duplex_gateway_rejected_requests_total`.
@@ -169,6 +175,21 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Unix time of the last successful configuration load",
         "gauge",
     ),
+    (
+        "duplex_gateway_cluster_nodes",
+        "Gateway nodes this node hears, itself included (1 without a cluster)",
+        "gauge",
+    ),
+    (
+        "duplex_gateway_cluster_connected",
+        "1 while connected to NATS (0 without a cluster, while disconnected, or local-only)",
+        "gauge",
+    ),
+    (
+        "duplex_gateway_cluster_messages_total",
+        "NATS messages of the cluster, per direction",
+        "counter",
+    ),
 ];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
@@ -249,12 +270,32 @@ impl Metrics {
                 &["endpoint"]
             )
             .unwrap_or_else(|e| fail(e)),
+            cluster_nodes: register_int_gauge!(
+                "duplex_gateway_cluster_nodes",
+                "Gateway nodes this node hears, itself included (1 without a cluster)"
+            )
+            .unwrap_or_else(|e| fail(e)),
+            cluster_connected: register_int_gauge!(
+                "duplex_gateway_cluster_connected",
+                "1 while connected to NATS (0 without a cluster, while disconnected, or local-only)"
+            )
+            .unwrap_or_else(|e| fail(e)),
+            cluster_messages: register_int_counter_vec!(
+                "duplex_gateway_cluster_messages_total",
+                "NATS messages of the cluster, per direction",
+                &["direction"]
+            )
+            .unwrap_or_else(|e| fail(e)),
         }
     }
 
     /// Creates the series that have fixed label values, so they show (at 0) from the first
     /// scrape on instead of appearing with their first event.
     pub fn touch(&self) {
+        self.cluster_nodes.set(1);
+        for direction in ["out", "in"] {
+            let _ = self.cluster_messages.with_label_values(&[direction]);
+        }
         for result in ["success", "failure"] {
             let _ = self.reloads.with_label_values(&[result]);
         }

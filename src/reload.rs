@@ -140,6 +140,9 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     if old.metrics != new.metrics {
         warnings.push("metrics.address changed: it applies after a restart".into());
     }
+    if old.cluster != new.cluster {
+        warnings.push("the cluster section changed: it applies after a restart".into());
+    }
     warnings
 }
 
@@ -170,6 +173,9 @@ pub fn reload(app: &App) -> Result<(), String> {
 
     // Swap first: from here on every request is checked against the new config.
     app.registry.set_limits(mux_limits(&new.limits));
+    if let Some(cluster) = app.cluster.get() {
+        cluster.set_max_message_bytes(new.limits.max_message_bytes);
+    }
     app.config.store(Arc::new(new));
     for (addr, key) in keys {
         if let Some((_, resolver)) = app.certs.iter().find(|(a, _)| *a == addr) {

@@ -43,6 +43,16 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     // Pingora retries a taken port for half a minute, then its service thread panics and the
     // process lives on, listening on nothing: find a taken address first and say so.
     check_addresses(&config)?;
+    crate::metrics::metrics().touch();
+    // Before anything listens: a cluster whose NATS cannot carry our frames stops the start.
+    if let Some(cluster_config) = &config.cluster {
+        let cluster = crate::cluster::Cluster::start(
+            cluster_config,
+            config.limits.max_message_bytes,
+            app.registry.clone(),
+        )?;
+        let _ = app.cluster.set(cluster);
+    }
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
@@ -101,7 +111,6 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
         crate::reload::Reloader { app: app.clone() },
     ));
     crate::reload::record_success();
-    crate::metrics::metrics().touch();
 
     tracing::info!(
         listeners = ?config.listeners.iter().map(|l| l.address).collect::<Vec<_>>(),
@@ -211,6 +220,10 @@ async fn drain(app: &App) {
     tracing::info!("SIGTERM: closing WebSockets, letting HTTP calls finish");
     let active = &app.active;
     active.draining.store(true, Ordering::SeqCst);
+    // The other nodes hear first, so they stop sending calls here.
+    if let Some(cluster) = app.cluster.get() {
+        cluster.leave().await;
+    }
     let reason = CloseReason::new(close::GOING_AWAY, "gateway shutting down");
     for endpoint in app.registry.endpoints() {
         endpoint.close_websocket_clients(reason.clone());

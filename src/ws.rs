@@ -26,9 +26,10 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{CloseFrame, Role, WebSocketConfig, WebSocketContext};
 use tungstenite::Message as WsMessage;
 
+use crate::cluster::Client;
 use crate::duplex::{handshake, Message};
 use crate::metrics::{metrics, Rejection};
-use crate::mux::{close, BackendConn, ClientConn, CloseReason};
+use crate::mux::{close, BackendConn, CloseReason};
 
 /// How much is read from the socket at a time.
 const READ_CHUNK: usize = 4096;
@@ -535,13 +536,12 @@ impl Side for BackendConn {
     }
 }
 
-impl Side for ClientConn {
+impl Side for Client {
     async fn on_frame(&mut self, msg: Message) -> Option<Message> {
         self.send(msg).await
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
-        tracing::debug!(endpoint = %self.endpoint().path(), %error, "malformed frame from client");
-        self.endpoint().dropped("malformed");
+        self.malformed(error);
     }
     async fn next_out(&mut self) -> Option<String> {
         self.recv().await.map(|m| m.to_json())
@@ -550,7 +550,7 @@ impl Side for ClientConn {
         self.try_recv().map(|m| m.to_json())
     }
     fn close_reason(&self) -> CloseReason {
-        ClientConn::close_reason(self)
+        Client::close_reason(self)
     }
 }
 
@@ -579,11 +579,7 @@ fn detach(session: &mut Session) -> Option<(Stream, Vec<u8>)> {
 
 /// Serves a client that has joined its endpoint: handshake, then frames. `settings` gives the
 /// limits in force (read again between frames).
-pub async fn serve_client(
-    mut ws: WsStream,
-    mut conn: ClientConn,
-    settings: impl Fn() -> WsSettings,
-) {
+pub async fn serve_client(mut ws: WsStream, mut conn: Client, settings: impl Fn() -> WsSettings) {
     let first = settings();
     if ws.handshake(first.handshake_timeout).await && ws.accept_handshake().await {
         ws.pump(&mut conn, &settings).await;

@@ -54,6 +54,10 @@ fn keys_in_code() -> BTreeSet<String> {
         ("endpoints[]", format!("{LISTEN}endpoints: [{{path: /a, zz_unknown: 1}}]")),
         ("limits", format!("{LISTEN}limits: {{zz_unknown: 1}}")),
         ("cors", format!("{LISTEN}cors: {{allowed_origins: ['*'], zz_unknown: 1}}")),
+        (
+            "cluster",
+            format!("{LISTEN}cluster: {{nats: [nats://127.0.0.1:4222], zz_unknown: 1}}"),
+        ),
     ];
     let top: BTreeSet<String> = fields(&format!("{LISTEN}zz_unknown: 1"))
         .into_iter()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::{Config, Cors, EndpointConfig, Limits, Listener, TlsFiles};
+use super::{ClusterConfig, Config, Cors, EndpointConfig, Limits, Listener, TlsFiles};
 use crate::auth::{check_path, Digest, PathScope, Token};
 
 thread_local! {
@@ -330,7 +330,62 @@ pub(super) struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     cors: Option<FileCors>,
+    #[serde(default)]
+    cluster: Option<FileCluster>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    nats: Vec<NatsUrl>,
+    #[serde(default)]
+    node: Option<NodeName>,
+    #[serde(default)]
+    subject_prefix: Option<SubjectPrefix>,
+    #[serde(default)]
+    node_timeout: Option<PositiveDur>,
+}
+
+/// A NATS server: `nats://host:port`, `tls://host:port`, or `host:port`.
+struct NatsUrl(String);
+from_env_string!(NatsUrl, |s| {
+    let rest = s
+        .strip_prefix("nats://")
+        .or_else(|| s.strip_prefix("tls://"))
+        .or_else(|| s.strip_prefix("ws://"))
+        .or_else(|| s.strip_prefix("wss://"))
+        .unwrap_or(s);
+    // The host part, after any `user:password@`.
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    if host.is_empty() || s.contains(char::is_whitespace) {
+        return Err("a NATS server URL looks like nats://127.0.0.1:4222".into());
+    }
+    Ok(NatsUrl(s.to_string()))
+});
+
+/// A node name: letters, digits, `-` and `_` (it is a NATS subject token).
+struct NodeName(String);
+from_env_string!(NodeName, |s| {
+    if crate::config::is_subject_token(s) && s.len() <= 64 {
+        Ok(NodeName(s.to_string()))
+    } else {
+        Err(format!(
+            "`{s}` is not a node name: 1 to 64 letters, digits, `-` or `_`"
+        ))
+    }
+});
+
+/// Subject tokens joined by dots: `duplex_gateway`, `prod.gateway`.
+struct SubjectPrefix(String);
+from_env_string!(SubjectPrefix, |s| {
+    if s.split('.').all(crate::config::is_subject_token) {
+        Ok(SubjectPrefix(s.to_string()))
+    } else {
+        Err(format!(
+            "`{s}` is not a subject prefix: tokens of letters, digits, `-` or `_`, joined by dots"
+        ))
+    }
+});
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -577,6 +632,29 @@ impl FileConfig {
             cors: self.cors.map(|c| Cors {
                 origins: c.allowed_origins.into_iter().map(|o| o.0).collect(),
             }),
+            cluster: match self.cluster {
+                None => None,
+                Some(c) => {
+                    if c.nats.is_empty() {
+                        return Err(Invalid::at(
+                            "`cluster.nats` needs at least one NATS server URL",
+                            "cluster",
+                            None,
+                            0,
+                        ));
+                    }
+                    Some(ClusterConfig {
+                        nats: c.nats.into_iter().map(|u| u.0).collect(),
+                        node: c.node.map(|n| n.0),
+                        subject_prefix: c
+                            .subject_prefix
+                            .map_or_else(|| "duplex_gateway".to_string(), |p| p.0),
+                        node_timeout: c
+                            .node_timeout
+                            .map_or(std::time::Duration::from_secs(5), |t| t.0),
+                    })
+                }
+            },
         })
     }
 }

@@ -147,6 +147,29 @@ pub struct Config {
     pub limits: Limits,
     /// Browser origins allowed to call (None: no CORS headers and no `Origin` check).
     pub cors: Option<Cors>,
+    /// The cluster this node joins over NATS (None: a single node; NATS is never touched).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `cluster` section: several gateway nodes joined by NATS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// NATS server URLs (the client tries them in turn).
+    pub nats: Vec<String>,
+    /// This node's name (None: the host name and a random suffix, chosen at start-up).
+    pub node: Option<String>,
+    /// Every subject of the cluster starts with it.
+    pub subject_prefix: String,
+    /// A node not heard from for this long is taken for dead.
+    pub node_timeout: Duration,
+}
+
+/// Whether `s` can be one token of a NATS subject as the cluster uses them: 1 or more ASCII
+/// letters, digits, `-` or `_`.
+pub fn is_subject_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Which browser origins may call the gateway (`cors.allowed_origins`).

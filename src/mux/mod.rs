@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-pub use endpoint::{BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PublishError};
+pub use endpoint::{
+    unix_ms, BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PoolSnapshot,
+    PublishError,
+};
 
 use crate::auth::Digest;
 
@@ -90,6 +93,9 @@ pub struct Registry {
     endpoints: Mutex<HashMap<String, Arc<Endpoint>>>,
     limits: ArcSwap<Limits>,
     me: Weak<Registry>,
+    /// Woken when a pool changes (a backend joins, leaves or drains; an endpoint goes): the
+    /// cluster then announces this node's endpoints at once.
+    pub pool_changed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -99,6 +105,7 @@ impl Registry {
             endpoints: Mutex::new(HashMap::new()),
             limits: ArcSwap::from_pointee(limits),
             me: me.clone(),
+            pool_changed: tokio::sync::Notify::new(),
         })
     }
 

@@ -56,6 +56,22 @@ pub enum PublishError {
     SecretConflict,
 }
 
+/// What the cluster announces of an endpoint (see [`Endpoint::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct PoolSnapshot {
+    /// The digest of the secret its clients present.
+    pub secret: Digest,
+    /// Its live backends, the longest-connected first: (key, joined at in Unix ms, draining).
+    pub backends: Vec<(u64, u64, bool)>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Sizes of an endpoint's tables (for tests, leak checks and metrics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct EndpointStats {
@@ -117,6 +133,8 @@ struct State {
 
 struct BackendSlot {
     key: BackendKey,
+    /// When it joined, in milliseconds since the Unix epoch (the cluster compares pools by it).
+    since_ms: u64,
     tx: BackendTx,
     close: CloseCell,
     token_name: String,
@@ -497,6 +515,54 @@ impl Endpoint {
         s.serving() || s.removed
     }
 
+    /// Whether some live backend takes new calls.
+    pub fn serving(&self) -> bool {
+        self.state().serving()
+    }
+
+    /// The endpoint's pool as the cluster announces it; None once it is removed.
+    pub fn snapshot(&self) -> Option<PoolSnapshot> {
+        let s = self.state();
+        if s.removed {
+            return None;
+        }
+        Some(PoolSnapshot {
+            secret: s.secret,
+            backends: s
+                .backends
+                .iter()
+                .map(|b| (b.key, b.since_ms, b.draining))
+                .collect(),
+        })
+    }
+
+    /// Tells the cluster (if any) that this endpoint's pool changed.
+    fn pool_changed(&self) {
+        if let Some(registry) = self.registry.upgrade() {
+            registry.pool_changed.notify_one();
+        }
+    }
+
+    /// Closes the backend `key` with `reason` (the cluster replaced it: its pool is full with a
+    /// newer backend on another node). Returns whether it was live.
+    pub fn close_backend(self: &Arc<Self>, key: u64, reason: CloseReason) -> bool {
+        let hold = self.hold();
+        let mut s = self.state();
+        let Some(fallout) = s.remove_backend(key, Some(reason), "backend replaced") else {
+            return false;
+        };
+        let emptied = s.backends.is_empty();
+        s.hold_new_calls_if_none_serve(hold);
+        drop(s);
+        tracing::info!(endpoint = %self.path, "backend replaced by a newer one on another node");
+        self.settle(fallout);
+        self.pool_changed();
+        if emptied {
+            self.start_grace();
+        }
+        true
+    }
+
     /// Table sizes.
     pub fn stats(&self) -> EndpointStats {
         let s = self.state();
@@ -547,6 +613,7 @@ impl Endpoint {
         s.grace_until = None;
         s.backends.push(BackendSlot {
             key,
+            since_ms: unix_ms(),
             tx,
             close: close.clone(),
             token_name: token_name.to_string(),
@@ -582,6 +649,7 @@ impl Endpoint {
         tracing::info!(endpoint = %self.path, token = %token_name, pool, "backend joined the pool");
         self.settle(fallout);
         self.changed.notify_waiters();
+        self.pool_changed();
         Some(Ok(BackendConn {
             endpoint: self.clone(),
             key,
@@ -617,16 +685,32 @@ impl Endpoint {
         max_clients: usize,
         secret: &Digest,
     ) -> Result<ClientConn, JoinError> {
+        self.join_checked(websocket, Some((max_clients, secret)))
+    }
+
+    /// Adds a client that another node of the cluster relays: that node checked its secret
+    /// (against the digest this one announced) and counts it against its own `max_clients`.
+    pub fn join_relayed(self: &Arc<Self>, websocket: bool) -> Result<ClientConn, JoinError> {
+        self.join_checked(websocket, None)
+    }
+
+    fn join_checked(
+        self: &Arc<Self>,
+        websocket: bool,
+        checks: Option<(usize, &Digest)>,
+    ) -> Result<ClientConn, JoinError> {
         let budget = self.limits().client_queue_bytes;
         let mut s = self.state();
         if s.removed || (s.backends.is_empty() && s.grace_until.is_none()) {
             return Err(JoinError::NotFound);
         }
-        if !s.secret.matches(secret) {
-            return Err(JoinError::BadSecret);
-        }
-        if s.clients.len() >= max_clients {
-            return Err(JoinError::Full);
+        if let Some((max_clients, secret)) = checks {
+            if !s.secret.matches(secret) {
+                return Err(JoinError::BadSecret);
+            }
+            if s.clients.len() >= max_clients {
+                return Err(JoinError::Full);
+            }
         }
         let route = route_key();
         let (tx, rx) = queue::unbounded();
@@ -726,6 +810,7 @@ impl Endpoint {
         drop(s);
         if !keys.is_empty() {
             tracing::info!(endpoint = %self.path, closed = keys.len(), pool, "backends closed");
+            self.pool_changed();
         }
         self.settle(fallout);
         if emptied {
@@ -750,6 +835,9 @@ impl Endpoint {
         s.hold_new_calls_if_none_serve(hold);
         drop(s);
         self.settle(fallout);
+        if !oldest.is_empty() {
+            self.pool_changed();
+        }
         oldest.len()
     }
 
@@ -781,6 +869,7 @@ impl Endpoint {
         drop(s);
         tracing::info!(endpoint = %self.path, pool, "backend left");
         self.settle(fallout);
+        self.pool_changed();
         if emptied {
             self.start_grace();
         }
@@ -837,6 +926,7 @@ impl Endpoint {
         self.changed.notify_waiters();
         if let Some(registry) = self.registry.upgrade() {
             registry.remove(self);
+            registry.pool_changed.notify_one();
         }
     }
 
@@ -868,6 +958,9 @@ impl Endpoint {
         s.hold_new_calls_if_none_serve(hold);
         let pool = s.backends.len();
         drop(s);
+        if first {
+            self.pool_changed();
+        }
         if let Some((tx, frames)) = earlier {
             send_nowait(&tx, frames);
         }

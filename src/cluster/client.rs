@@ -1,0 +1,589 @@
+//! The client's side of the cluster: a client of this node whose endpoint is served here or on
+//! another node.
+//!
+//! A [`ClusterClient`] is attached to one place at a time: this node's endpoint (an ordinary
+//! [`ClientConn`]) or a session on another node (its frames relayed over NATS). It attaches on
+//! its first call and again whenever the place it used stops serving (its backends left, its
+//! node died, NATS was lost): calls open there fail with `-32000` (the gateway cannot know
+//! whether they ran), and the next call goes where a backend serves: this node first, else
+//! another node in turn. With no backend anywhere the client waits as in a grace, for
+//! `limits.backend_grace`, then is closed with 1013.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_nats::Subject;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::wire::{Envelope, Op};
+use super::{lock, session_id, Cluster};
+use crate::auth::Digest;
+use crate::duplex::{code, Kind, Message, RpcError};
+use crate::mux::{close, ClientConn, CloseReason, Endpoint, JoinError};
+
+/// A client of an endpoint: attached to this node's multiplexer, or relayed by the cluster.
+pub enum Client {
+    /// Without a cluster: this node's multiplexer.
+    Local(ClientConn),
+    /// With a cluster: wherever a backend serves.
+    Cluster(Box<ClusterClient>),
+}
+
+impl Client {
+    /// Sends one frame from the client; returns what the gateway answers itself, if anything.
+    pub async fn send(&mut self, msg: Message) -> Option<Message> {
+        match self {
+            Client::Local(conn) => conn.send(msg).await,
+            Client::Cluster(c) => c.send(msg).await,
+        }
+    }
+
+    /// The next frame for the client; None once it is closed (see [`Client::close_reason`]).
+    pub async fn recv(&mut self) -> Option<Message> {
+        match self {
+            Client::Local(conn) => conn.recv().await,
+            Client::Cluster(c) => c.recv().await,
+        }
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        match self {
+            Client::Local(conn) => conn.try_recv(),
+            Client::Cluster(c) => c.try_recv(),
+        }
+    }
+
+    /// Counts a malformed frame from the client in its endpoint's metrics, and logs it.
+    pub fn malformed(&self, error: &crate::duplex::ParseError) {
+        let endpoint = match self {
+            Client::Local(conn) => Some(conn.endpoint().clone()),
+            Client::Cluster(c) => c.cluster.registry.lookup(&c.path),
+        };
+        if let Some(endpoint) = endpoint {
+            tracing::debug!(endpoint = %endpoint.path(), %error, "malformed frame from client");
+            endpoint.dropped("malformed");
+        }
+    }
+
+    /// Why the client was closed.
+    pub fn close_reason(&self) -> CloseReason {
+        match self {
+            Client::Local(conn) => conn.close_reason(),
+            Client::Cluster(c) => c.close_reason(),
+        }
+    }
+}
+
+/// What the cluster hands a relayed client.
+pub(super) enum Inbound {
+    /// A frame from the session `u128`.
+    Frame(u128, Message, usize),
+    /// The session ended.
+    Ended(u128, CloseReason),
+}
+
+/// The entry of a relayed session in the cluster's table.
+pub(super) struct Relay {
+    pub(super) node: Arc<str>,
+    pub(super) subject: Subject,
+    tx: mpsc::UnboundedSender<Inbound>,
+    queued: Arc<AtomicUsize>,
+    budget: usize,
+}
+
+impl Relay {
+    pub(super) fn end(&self, id: u128, reason: CloseReason) {
+        let _ = self.tx.send(Inbound::Ended(id, reason));
+    }
+}
+
+impl Cluster {
+    /// A frame or an end for a session this node relays.
+    pub(super) fn to_relayed_client(&self, envelope: &Envelope<'_>) {
+        let id = envelope.session;
+        match envelope.op {
+            Op::Ended { code, reason } => {
+                if let Some(relay) = lock(&self.sessions).remove(&id) {
+                    relay.end(id, CloseReason::new(code, reason));
+                }
+            }
+            Op::ToClient => {
+                let Ok(msg) = Message::parse(envelope.body) else {
+                    tracing::debug!("cluster: an unreadable frame from another node");
+                    return;
+                };
+                let size = envelope.body.len();
+                let mut sessions = lock(&self.sessions);
+                let Some(relay) = sessions.get(&id) else {
+                    return;
+                };
+                let queued = relay.queued.fetch_add(size, Ordering::Relaxed) + size;
+                if queued > relay.budget {
+                    // The client does not read: closed, as on one node.
+                    if let Some(relay) = sessions.remove(&id) {
+                        drop(sessions);
+                        relay.end(
+                            id,
+                            CloseReason::new(
+                                close::POLICY,
+                                "client too slow: it did not read its messages",
+                            ),
+                        );
+                        self.close_remote(&relay.subject, id);
+                    }
+                    return;
+                }
+                let _ = relay.tx.send(Inbound::Frame(id, msg, size));
+            }
+            _ => {}
+        }
+    }
+
+    /// Tells the node serving session `id` that its client left.
+    fn close_remote(&self, subject: &Subject, id: u128) {
+        let close = Envelope {
+            op: Op::Close,
+            session: id,
+            from: &self.me,
+            body: b"",
+        };
+        self.publish_later(subject.clone(), close.encode());
+    }
+}
+
+/// Where a [`ClusterClient`] is attached.
+enum Place {
+    Nowhere,
+    Local(ClientConn),
+    Remote(Session),
+}
+
+/// A session on another node.
+struct Session {
+    id: u128,
+    node: Arc<str>,
+    subject: Subject,
+    /// The first frame has gone (with the open).
+    opened: bool,
+    /// The other node ended it (or the final reply of an HTTP call came): no close to send.
+    over: bool,
+}
+
+/// A client of this node in a cluster (see the module's documentation).
+pub struct ClusterClient {
+    cluster: Arc<Cluster>,
+    path: Arc<str>,
+    websocket: bool,
+    max_clients: usize,
+    secret: Digest,
+    place: Place,
+    tx: mpsc::UnboundedSender<Inbound>,
+    rx: mpsc::UnboundedReceiver<Inbound>,
+    queued: Arc<AtomicUsize>,
+    /// Calls open through the session: client id -> the `ext` it sent (for failing them).
+    open: HashMap<u64, Option<Box<RawValue>>>,
+    /// Answers the gateway owes the client (calls failed when a session ended).
+    owed: VecDeque<Message>,
+    closed: Option<CloseReason>,
+    /// No backend anywhere: the client waits until then for one.
+    grace_until: Option<Instant>,
+}
+
+impl ClusterClient {
+    /// A client of `path` that presented `secret` (checked by the caller against this node's
+    /// endpoint or another node's announcement). Fails as a join does: 404 when no node serves
+    /// the path (nor has it in its grace), 503 when this node's endpoint is full.
+    pub fn join(
+        cluster: &Arc<Cluster>,
+        local: Option<&Arc<Endpoint>>,
+        path: &str,
+        websocket: bool,
+        max_clients: usize,
+        secret: Digest,
+    ) -> Result<ClusterClient, JoinError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut client = ClusterClient {
+            cluster: cluster.clone(),
+            path: Arc::from(path),
+            websocket,
+            max_clients,
+            secret,
+            place: Place::Nowhere,
+            tx,
+            rx,
+            queued: Arc::new(AtomicUsize::new(0)),
+            open: HashMap::new(),
+            owed: VecDeque::new(),
+            closed: None,
+            grace_until: None,
+        };
+        // A node that serves the endpoint takes its own clients (they count against its limits
+        // and show in its gauges at once).
+        if let Some(endpoint) = local {
+            if endpoint.serving() || !cluster.serves_elsewhere(path) {
+                client.place = Place::Local(endpoint.join(websocket, max_clients, &secret)?);
+                return Ok(client);
+            }
+        }
+        if !cluster.knows(path) {
+            return Err(JoinError::NotFound);
+        }
+        Ok(client)
+    }
+
+    /// Why the client was closed.
+    pub fn close_reason(&self) -> CloseReason {
+        if let Some(reason) = &self.closed {
+            return reason.clone();
+        }
+        match &self.place {
+            Place::Local(conn) => conn.close_reason(),
+            _ => CloseReason::new(close::GOING_AWAY, "closed"),
+        }
+    }
+
+    /// Makes sure the client is attached where a backend serves, waiting (as in a grace) while
+    /// none does. False when none came in time.
+    async fn attach(&mut self) -> bool {
+        loop {
+            let local = self.cluster.registry.lookup(&self.path);
+            let local_serves = local.as_ref().is_some_and(|e| e.serving());
+            match &self.place {
+                Place::Local(_) => {
+                    if local_serves || !self.cluster.usable() {
+                        // Served here, or (the link down) the local grace is all there is.
+                        return true;
+                    }
+                    if self.cluster.serves_elsewhere(&self.path) {
+                        // Its own pool emptied while another node serves: go there.
+                        self.place = Place::Nowhere;
+                    } else {
+                        // Nobody serves: wait for a backend on any node.
+                        if !self.wait_for_a_backend().await {
+                            return false;
+                        }
+                        continue;
+                    }
+                }
+                Place::Remote(session) => {
+                    if self.cluster.node_serves(&session.node, &self.path) {
+                        return true;
+                    }
+                    self.leave_session("backend unavailable");
+                }
+                Place::Nowhere => {}
+            }
+            if let Some(endpoint) = local.filter(|_| local_serves) {
+                match endpoint.join(self.websocket, self.max_clients, &self.secret) {
+                    Ok(conn) => {
+                        self.place = Place::Local(conn);
+                        self.grace_until = None;
+                        return true;
+                    }
+                    Err(_) => return false,
+                }
+            }
+            if let Some((node, subject)) = self.cluster.pick(&self.path, &self.secret) {
+                let id = session_id();
+                lock(&self.cluster.sessions).insert(
+                    id,
+                    Relay {
+                        node: node.clone(),
+                        subject: subject.clone(),
+                        tx: self.tx.clone(),
+                        queued: self.queued.clone(),
+                        budget: self.cluster.registry.limits().client_queue_bytes,
+                    },
+                );
+                self.place = Place::Remote(Session {
+                    id,
+                    node,
+                    subject,
+                    opened: false,
+                    over: false,
+                });
+                self.grace_until = None;
+                return true;
+            }
+            if !self.cluster.usable() {
+                // Another node may serve it, but the link is down: the call cannot be made.
+                // This node's endpoint in its grace still takes it (and waits there).
+                if let Some(endpoint) = self.cluster.registry.lookup(&self.path) {
+                    if let Ok(conn) = endpoint.join(self.websocket, self.max_clients, &self.secret)
+                    {
+                        self.place = Place::Local(conn);
+                        return true;
+                    }
+                }
+                return false;
+            }
+            if !self.wait_for_a_backend().await {
+                return false;
+            }
+        }
+    }
+
+    /// No backend serves on any node: waits for one, as in a grace (`limits.backend_grace`
+    /// from when the wait began). False when the grace ran out.
+    async fn wait_for_a_backend(&mut self) -> bool {
+        let until = *self
+            .grace_until
+            .get_or_insert_with(|| Instant::now() + self.cluster.registry.limits().backend_grace);
+        let changed = self.cluster.changed.notified();
+        // This node's own pool has no wake-up for us: it is looked at every 50 ms.
+        let poll = tokio::time::sleep(std::time::Duration::from_millis(50));
+        tokio::select! {
+            _ = changed => true,
+            _ = poll => true,
+            _ = tokio::time::sleep_until(until) => {
+                self.cluster.serves_elsewhere(&self.path)
+                    || self.cluster.registry.lookup(&self.path).is_some_and(|e| e.serving())
+            }
+        }
+    }
+
+    /// Ends the session this client is relayed through (if any): its open calls fail with
+    /// `-32000`, and the serving node forgets the client.
+    fn leave_session(&mut self, why: &str) {
+        let Place::Remote(session) = std::mem::replace(&mut self.place, Place::Nowhere) else {
+            return;
+        };
+        lock(&self.cluster.sessions).remove(&session.id);
+        if !session.over && session.opened {
+            self.cluster.close_remote(&session.subject, session.id);
+        }
+        self.fail_open_calls(why);
+    }
+
+    fn fail_open_calls(&mut self, why: &str) {
+        for (id, ext) in self.open.drain() {
+            let mut reply =
+                Message::error_reply(Some(id), &RpcError::new(code::BACKEND_UNAVAILABLE, why));
+            if let Some(ext) = ext {
+                reply.set_raw("ext", ext);
+            }
+            self.owed.push_back(reply);
+        }
+    }
+
+    /// Sends one frame from the client (see [`Client::send`]).
+    pub async fn send(&mut self, msg: Message) -> Option<Message> {
+        if self.closed.is_some() {
+            return None;
+        }
+        if msg.kind() == Kind::Request {
+            // The next frame of a call open through a session goes there; anything else may
+            // need a (new) place.
+            let continues = msg.id().is_some_and(|id| self.open.contains_key(&id));
+            if !continues && !self.attach().await {
+                return Some(unavailable(&msg));
+            }
+        }
+        let (subject, id, first) = match &mut self.place {
+            Place::Local(conn) => return conn.send(msg).await,
+            Place::Nowhere => {
+                // A reply to a call from a backend that is gone: dropped.
+                return None;
+            }
+            Place::Remote(session) => {
+                let first = !session.opened;
+                session.opened = true;
+                (session.subject.clone(), session.id, first)
+            }
+        };
+        if msg.kind() == Kind::Request {
+            if let Some(call) = msg.id() {
+                if !self.open.contains_key(&call) {
+                    let max = self.cluster.registry.limits().max_pending_calls_per_client;
+                    if self.open.len() >= max {
+                        return Some(local_error(
+                            &msg,
+                            code::TOO_MANY_PENDING_CALLS,
+                            "too many pending calls",
+                        ));
+                    }
+                    self.open
+                        .insert(call, msg.ext_raw().map(|raw| raw.to_owned()));
+                }
+            }
+        }
+        let body = msg.to_json();
+        let envelope = Envelope {
+            op: if first {
+                Op::Open {
+                    websocket: self.websocket,
+                    path: &self.path,
+                }
+            } else {
+                Op::ToBackend
+            },
+            session: id,
+            from: &self.cluster.me,
+            body: body.as_bytes(),
+        };
+        if self.cluster.publish(subject, envelope.encode()).await {
+            return None;
+        }
+        // The link is down (or the frame too large for it): the call cannot be made.
+        let failed = Message::parse(body.as_bytes()).ok()?;
+        if let Some(call) = failed.id() {
+            if failed.kind() == Kind::Request {
+                self.open.remove(&call);
+            }
+        }
+        self.leave_session("backend unavailable: the cluster link is down");
+        (failed.kind() == Kind::Request).then(|| unavailable(&failed))
+    }
+
+    /// The next frame for the client (see [`Client::recv`]).
+    pub async fn recv(&mut self) -> Option<Message> {
+        loop {
+            if let Some(msg) = self.owed.pop_front() {
+                return Some(msg);
+            }
+            if self.closed.is_some() {
+                return None;
+            }
+            let grace = self.grace_until;
+            let nowhere = matches!(self.place, Place::Nowhere);
+            let local = match &mut self.place {
+                Place::Local(conn) => Some(conn),
+                _ => None,
+            };
+            let has_local = local.is_some();
+            tokio::select! {
+                got = async { local?.recv().await }, if has_local => match got {
+                    Some(msg) => return Some(msg),
+                    None => {
+                        let reason = self.close_reason();
+                        // Its pool's grace ran out here while another node serves: stay.
+                        if reason.code == close::TRY_AGAIN_LATER
+                            && self.cluster.serves_elsewhere(&self.path)
+                        {
+                            self.place = Place::Nowhere;
+                            continue;
+                        }
+                        self.closed = Some(reason);
+                        return None;
+                    }
+                },
+                inbound = self.rx.recv() => match inbound {
+                    Some(inbound) => {
+                        if let Some(msg) = self.on_inbound(inbound) {
+                            return Some(msg);
+                        }
+                    }
+                    None => return None,
+                },
+                _ = async {
+                    match grace {
+                        Some(until) => tokio::time::sleep_until(until).await,
+                        None => std::future::pending().await,
+                    }
+                }, if self.websocket && nowhere => {
+                    self.grace_until = None;
+                    let local_serves = self.cluster.registry.lookup(&self.path).is_some_and(|e| e.serving());
+                    if !local_serves && !self.cluster.serves_elsewhere(&self.path) {
+                        self.closed = Some(CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        if let Some(msg) = self.owed.pop_front() {
+            return Some(msg);
+        }
+        if let Place::Local(conn) = &mut self.place {
+            if let Some(msg) = conn.try_recv() {
+                return Some(msg);
+            }
+        }
+        loop {
+            let inbound = self.rx.try_recv().ok()?;
+            if let Some(msg) = self.on_inbound(inbound) {
+                return Some(msg);
+            }
+            if let Some(msg) = self.owed.pop_front() {
+                return Some(msg);
+            }
+        }
+    }
+
+    /// Takes in what the cluster handed over; returns a frame for the client, if it is one.
+    fn on_inbound(&mut self, inbound: Inbound) -> Option<Message> {
+        let current = match &self.place {
+            Place::Remote(session) => Some(session.id),
+            _ => None,
+        };
+        match inbound {
+            Inbound::Frame(id, msg, size) => {
+                self.queued.fetch_sub(size, Ordering::Relaxed);
+                if Some(id) != current {
+                    return None;
+                }
+                if msg.kind() == Kind::Reply && msg.ends_call() {
+                    if let Some(call) = msg.id() {
+                        self.open.remove(&call);
+                    }
+                    // An HTTP call's session ends with its reply: the other node closes it.
+                    if !self.websocket && self.open.is_empty() {
+                        if let Place::Remote(session) = &mut self.place {
+                            session.over = true;
+                        }
+                    }
+                }
+                Some(msg)
+            }
+            Inbound::Ended(id, reason) => {
+                if Some(id) != current {
+                    return None;
+                }
+                if let Place::Remote(session) = &mut self.place {
+                    session.over = true;
+                }
+                self.leave_session("backend unavailable");
+                if reason.code == close::POLICY {
+                    // Put out by the serving node's rules (secret revoked, too slow): as on
+                    // one node, the client is closed.
+                    self.closed = Some(reason);
+                } else if !self.websocket {
+                    // An HTTP call has nowhere else to go: its failure is owed.
+                    if self.owed.is_empty() {
+                        self.closed = Some(reason);
+                    }
+                } else {
+                    self.grace_until =
+                        Some(Instant::now() + self.cluster.registry.limits().backend_grace);
+                }
+                None
+            }
+        }
+    }
+}
+
+impl Drop for ClusterClient {
+    fn drop(&mut self) {
+        self.leave_session("client left");
+    }
+}
+
+/// `-32000` for a request no backend can take (answered even without an id, so an HTTP caller
+/// can tell).
+fn unavailable(msg: &Message) -> Message {
+    local_error(msg, code::BACKEND_UNAVAILABLE, "backend unavailable")
+}
+
+fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
+    let mut reply = Message::error_reply(msg.id(), &RpcError::new(error_code, text));
+    if let Some(raw) = msg.ext_raw() {
+        reply.set_raw("ext", raw.to_owned());
+    }
+    reply
+}

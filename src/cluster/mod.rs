@@ -1,0 +1,748 @@
+//! Several gateway nodes joined by NATS (core NATS: at-most-once, no store), so that any client
+//! reaches any backend.
+//!
+//! Every node subscribes to two subjects under `cluster.subject_prefix`:
+//! - `<prefix>.hb`: heartbeats. Each node announces itself and its endpoints (path, SHA-256 of
+//!   the client secret, its backends with their join times) every second and at once when a pool
+//!   changes; a node that says it is leaving, or is not heard from for `cluster.node_timeout`, is
+//!   forgotten.
+//! - `<prefix>.node.<name>`: everything addressed to that node. Endpoint paths never appear in
+//!   subjects (they travel in the message), so any path is safe.
+//!
+//! A client whose endpoint has no serving backend on its own node is relayed: its node opens a
+//! *session* on a node that has one ([`client`]), and that node joins the client to its endpoint
+//! like any other client ([`served`]), so id rewriting, `ext`, streams, backend-to-client calls,
+//! `-32001` and limits work exactly as on one node. Frames of one session travel in order: one
+//! publisher, one subscriber, one NATS connection each way.
+//!
+//! When a node dies or NATS is lost, the sessions across it end: calls open through them fail
+//! with `-32000` (HTTP 503), and clients are relayed again, elsewhere, on their next call.
+
+pub mod client;
+mod served;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_nats::Subject;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::auth::Digest;
+use crate::config::{is_subject_token, ClusterConfig};
+use crate::metrics::metrics;
+use crate::mux::{self, Registry};
+use wire::{Announced, Envelope, Heartbeat, Op, ENVELOPE_BYTES};
+
+pub use client::{Client, ClusterClient};
+
+/// This node's link to the others.
+pub struct Cluster {
+    me: Arc<str>,
+    prefix: String,
+    node_timeout: Duration,
+    nats: async_nats::Client,
+    /// The runtime the NATS client and the cluster's tasks run on (a thread of its own, so the
+    /// link lives independently of Pingora's services).
+    rt: tokio::runtime::Handle,
+    registry: Arc<Registry>,
+    /// Other nodes, by name.
+    nodes: Mutex<HashMap<Arc<str>, Node>>,
+    /// Client sessions this node relays to others, by session id.
+    sessions: Mutex<HashMap<u128, client::Relay>>,
+    /// Sessions other nodes relay to this one, by session id.
+    served: Mutex<HashMap<u128, served::Entry>>,
+    /// Connected to NATS (as the client last told us).
+    connected: AtomicBool,
+    /// The server's `max_payload` (0 until known).
+    max_payload: AtomicUsize,
+    /// `limits.max_message_bytes` in force.
+    max_message: AtomicUsize,
+    /// Woken when what other nodes hold changes (clients waiting for a backend look again).
+    changed: Notify,
+    /// Spreads relayed clients over nodes in turn.
+    turn: AtomicUsize,
+    /// The `code` label values of the HTTP call series this node made for endpoints it has no
+    /// endpoint of its own for (removed when no node has the endpoint any more).
+    http_series: Mutex<HashMap<String, Vec<&'static str>>>,
+    me_weak: Weak<Cluster>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.me).finish()
+    }
+}
+
+/// What this node knows of another.
+struct Node {
+    last_seen: Instant,
+    subject: Subject,
+    endpoints: HashMap<String, Remote>,
+}
+
+/// An endpoint of another node.
+struct Remote {
+    secret: Digest,
+    /// (key, joined in Unix ms, draining)
+    backends: Vec<(u64, u64, bool)>,
+}
+
+impl Remote {
+    fn serving(&self) -> usize {
+        self.backends.iter().filter(|b| !b.2).count()
+    }
+}
+
+/// How long the start-up waits for NATS before starting local-only.
+const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+impl Cluster {
+    /// Connects to NATS (waiting up to 2 s; a node starts even when NATS is down, and keeps
+    /// trying) and starts the heartbeats and the subscriptions. Fails when NATS is reachable
+    /// but its `max_payload` cannot carry a frame of `max_message_bytes`.
+    pub fn start(
+        config: &ClusterConfig,
+        max_message_bytes: usize,
+        registry: Arc<Registry>,
+    ) -> Result<Arc<Cluster>, String> {
+        let me: Arc<str> = Arc::from(node_name(config.node.as_deref()));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("cluster")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cluster: cannot start its runtime: {e}"))?;
+        let handle = rt.handle().clone();
+        // The runtime lives as long as the process: its thread runs the NATS link.
+        std::thread::Builder::new()
+            .name("cluster".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))
+            .map_err(|e| format!("cluster: cannot start its thread: {e}"))?;
+
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let urls: Vec<async_nats::ServerAddr> = config
+            .nats
+            .iter()
+            .map(|u| u.parse::<async_nats::ServerAddr>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("cluster.nats: {e}"))?;
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("duplex-gateway {me}"))
+            // A dead link is found within seconds, not the client's default minutes.
+            .ping_interval(Duration::from_secs(2))
+            .connection_timeout(Duration::from_secs(2))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((attempts as u64 * 200).min(1000))
+            })
+            .event_callback(move |event| {
+                let events = events_tx.clone();
+                async move {
+                    let _ = events.send(event);
+                }
+            });
+        let nats = handle
+            .block_on(options.connect(urls))
+            .map_err(|e| format!("cluster: cannot set up the NATS client: {e}"))?;
+        let cluster = Arc::new_cyclic(|me_weak| Cluster {
+            me,
+            prefix: config.subject_prefix.clone(),
+            node_timeout: config.node_timeout,
+            nats,
+            rt: handle.clone(),
+            registry,
+            nodes: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+            served: Mutex::new(HashMap::new()),
+            connected: AtomicBool::new(false),
+            max_payload: AtomicUsize::new(0),
+            max_message: AtomicUsize::new(max_message_bytes),
+            changed: Notify::new(),
+            turn: AtomicUsize::new(0),
+            http_series: Mutex::new(HashMap::new()),
+            me_weak: me_weak.clone(),
+        });
+        // Wait a little for the first connection, so the payload check can stop the start.
+        let deadline = std::time::Instant::now() + CONNECT_WAIT;
+        while std::time::Instant::now() < deadline
+            && cluster.nats.connection_state() != async_nats::connection::State::Connected
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if cluster.nats.connection_state() == async_nats::connection::State::Connected {
+            let max_payload = cluster.nats.server_info().max_payload;
+            cluster.max_payload.store(max_payload, Ordering::SeqCst);
+            cluster.payload_fits()?;
+            cluster.connected.store(true, Ordering::SeqCst);
+        } else {
+            tracing::warn!(node = %cluster.me, "NATS unreachable: starting local-only, retrying");
+        }
+        cluster.update_gauges();
+        let c = cluster.clone();
+        handle.spawn(async move { c.run(events_rx).await });
+        tracing::info!(node = %cluster.me, prefix = %cluster.prefix, "cluster node started");
+        Ok(cluster)
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.me
+    }
+
+    fn subject_of(&self, node: &str) -> Subject {
+        Subject::from(format!("{}.node.{node}", self.prefix))
+    }
+
+    fn heartbeat_subject(&self) -> String {
+        format!("{}.hb", self.prefix)
+    }
+
+    /// Whether a frame of `max_message_bytes` plus the envelope fits the server's `max_payload`.
+    fn payload_fits(&self) -> Result<(), String> {
+        let max_payload = self.max_payload.load(Ordering::SeqCst);
+        let max_message = self.max_message.load(Ordering::SeqCst);
+        if max_payload > 0 && max_message.saturating_add(ENVELOPE_BYTES) > max_payload {
+            return Err(format!(
+                "limits.max_message_bytes {max_message} (plus {ENVELOPE_BYTES} bytes of envelope) does not fit the NATS server's max_payload {max_payload}: lower max_message_bytes to {} or raise the server's max_payload",
+                max_payload.saturating_sub(ENVELOPE_BYTES)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the link is up and can carry the frames the limits allow.
+    pub fn usable(&self) -> bool {
+        self.connected.load(Ordering::SeqCst) && self.payload_fits().is_ok()
+    }
+
+    /// A reload changed the limits: a `max_message_bytes` the servers cannot carry makes this
+    /// node local-only until the limits or the server change.
+    pub fn set_max_message_bytes(&self, max: usize) {
+        let before = self.usable();
+        self.max_message.store(max, Ordering::SeqCst);
+        if let Err(e) = self.payload_fits() {
+            tracing::error!("cluster: {e}; this node stays local-only");
+        }
+        if before && !self.usable() {
+            self.link_lost();
+        }
+        self.update_gauges();
+        self.registry.pool_changed.notify_one();
+    }
+
+    fn update_gauges(&self) {
+        let m = metrics();
+        m.cluster_connected.set(i64::from(self.usable()));
+        // While the link is down this node hears nobody.
+        let others = if self.usable() {
+            lock(&self.nodes).len()
+        } else {
+            0
+        };
+        m.cluster_nodes.set(1 + others as i64);
+    }
+
+    /// Publishes one message; false when it could not be handed to the NATS client.
+    async fn publish(&self, subject: Subject, payload: Bytes) -> bool {
+        if !self.usable() {
+            return false;
+        }
+        match self.nats.publish(subject, payload).await {
+            Ok(()) => {
+                metrics().cluster_messages.with_label_values(&["out"]).inc();
+                true
+            }
+            Err(e) => {
+                tracing::debug!("cluster: publish failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Publishes from code that cannot wait.
+    fn publish_later(&self, subject: Subject, payload: Bytes) {
+        let Some(me) = self.me_weak.upgrade() else {
+            return;
+        };
+        self.rt.spawn(async move {
+            me.publish(subject, payload).await;
+        });
+    }
+
+    /// The heartbeats, the subscriptions and the connection events, until the process ends.
+    async fn run(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<async_nats::Event>) {
+        let inbox = self.subject_of(&self.me);
+        let (mut direct, mut beats) = loop {
+            // The client re-subscribes by itself after a reconnect: subscribing once is enough.
+            let direct = self.nats.subscribe(inbox.clone()).await;
+            let beats = self.nats.subscribe(self.heartbeat_subject()).await;
+            match (direct, beats) {
+                (Ok(d), Ok(b)) => break (d, b),
+                (d, b) => {
+                    let e = d
+                        .err()
+                        .map(|e| e.to_string())
+                        .or(b.err().map(|e| e.to_string()));
+                    tracing::warn!(
+                        "cluster: cannot subscribe ({}); retrying",
+                        e.unwrap_or_default()
+                    );
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let period =
+            (self.node_timeout / 3).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = direct.next() => match msg {
+                    Some(msg) => self.on_direct(&msg.payload),
+                    None => return,
+                },
+                msg = beats.next() => match msg {
+                    Some(msg) => self.on_heartbeat(&msg.payload),
+                    None => return,
+                },
+                event = events.recv() => match event {
+                    Some(event) => self.on_event(event),
+                    None => return,
+                },
+                _ = ticker.tick() => {
+                    self.expire_silent_nodes();
+                    self.remove_gone_series();
+                    self.announce(false).await;
+                }
+                _ = self.registry.pool_changed.notified() => {
+                    // Let a burst of changes settle into one announcement.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    self.announce(false).await;
+                }
+            }
+        }
+    }
+
+    fn on_event(&self, event: async_nats::Event) {
+        match event {
+            async_nats::Event::Connected => {
+                let max_payload = self.nats.server_info().max_payload;
+                self.max_payload.store(max_payload, Ordering::SeqCst);
+                self.connected.store(true, Ordering::SeqCst);
+                // Nodes were not heard while the link was down: they get a node timeout from now.
+                let now = Instant::now();
+                for node in lock(&self.nodes).values_mut() {
+                    node.last_seen = now;
+                }
+                match self.payload_fits() {
+                    Ok(()) => tracing::info!(node = %self.me, "cluster: connected to NATS"),
+                    Err(e) => tracing::error!("cluster: {e}; this node stays local-only"),
+                }
+                self.update_gauges();
+                self.registry.pool_changed.notify_one();
+            }
+            async_nats::Event::Disconnected => {
+                tracing::warn!(node = %self.me, "cluster: NATS connection lost; serving local backends only, retrying");
+                self.connected.store(false, Ordering::SeqCst);
+                self.link_lost();
+            }
+            async_nats::Event::SlowConsumer(_) => {
+                tracing::warn!("cluster: this node reads NATS too slowly: messages were dropped");
+            }
+            other => tracing::info!("cluster: NATS {other}"),
+        }
+    }
+
+    /// The link is down (or unusable): every session across it ends (calls open through it
+    /// fail), and calls that need another node get `-32000` / 503 until it is back. The other
+    /// nodes' endpoints are remembered (so their clients get 503, not 404), but none is taken
+    /// for dead for not being heard meanwhile.
+    fn link_lost(&self) {
+        let ended: Vec<(u128, client::Relay)> = lock(&self.sessions).drain().collect();
+        for (id, relay) in ended {
+            relay.end(
+                id,
+                mux::CloseReason::new(mux::close::TRY_AGAIN_LATER, "NATS connection lost"),
+            );
+        }
+        let served: Vec<served::Entry> = lock(&self.served).drain().map(|(_, e)| e).collect();
+        drop(served);
+        self.update_gauges();
+        self.changed.notify_waiters();
+    }
+
+    /// Announces this node's endpoints (or that it leaves).
+    async fn announce(&self, leaving: bool) {
+        if !self.usable() {
+            return;
+        }
+        let mut endpoints = Vec::new();
+        if !leaving {
+            for endpoint in self.registry.endpoints() {
+                if let Some(pool) = endpoint.snapshot() {
+                    endpoints.push(Announced {
+                        path: endpoint.path().to_string(),
+                        secret: pool.secret.to_hex(),
+                        backends: pool.backends,
+                    });
+                }
+            }
+        }
+        let beat = Heartbeat {
+            node: self.me.to_string(),
+            leaving,
+            endpoints,
+        };
+        match serde_json::to_vec(&beat) {
+            Ok(body) => {
+                self.publish(Subject::from(self.heartbeat_subject()), body.into())
+                    .await;
+            }
+            Err(e) => tracing::error!("cluster: cannot encode a heartbeat: {e}"),
+        }
+    }
+
+    fn on_heartbeat(&self, payload: &[u8]) {
+        metrics().cluster_messages.with_label_values(&["in"]).inc();
+        let Ok(beat) = serde_json::from_slice::<Heartbeat>(payload) else {
+            tracing::debug!("cluster: a heartbeat that is not one");
+            return;
+        };
+        if *beat.node == *self.me || !is_subject_token(&beat.node) {
+            return;
+        }
+        if beat.leaving {
+            tracing::info!(node = %beat.node, "cluster: node left");
+            self.node_gone(&beat.node, "gateway node stopped");
+            return;
+        }
+        let endpoints: HashMap<String, Remote> = beat
+            .endpoints
+            .into_iter()
+            .filter_map(|a| {
+                Some((
+                    a.path,
+                    Remote {
+                        secret: Digest::from_hex(&a.secret)?,
+                        backends: a.backends,
+                    },
+                ))
+            })
+            .collect();
+        let mut nodes = lock(&self.nodes);
+        let new = !nodes.contains_key(beat.node.as_str());
+        let name: Arc<str> = Arc::from(beat.node.as_str());
+        let subject = self.subject_of(&name);
+        nodes.insert(
+            name.clone(),
+            Node {
+                last_seen: Instant::now(),
+                subject,
+                endpoints,
+            },
+        );
+        drop(nodes);
+        if new {
+            tracing::info!(node = %name, "cluster: node joined");
+            // Tell the newcomer what we hold now rather than at our next beat.
+            self.registry.pool_changed.notify_one();
+            self.update_gauges();
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Counts an HTTP call this node answered for an endpoint served by another node.
+    pub fn count_http_call(&self, path: &str, status: &'static str, seconds: f64) {
+        let m = metrics();
+        let mut series = lock(&self.http_series);
+        let codes = series.entry(path.to_string()).or_default();
+        if !codes.contains(&status) {
+            codes.push(status);
+        }
+        m.http_requests.with_label_values(&[path, status]).inc();
+        m.http_duration.with_label_values(&[path]).observe(seconds);
+    }
+
+    /// Removes the HTTP call series of endpoints no node has any more (and this one has none
+    /// of its own, whose series are its own business).
+    fn remove_gone_series(&self) {
+        let gone: Vec<(String, Vec<&'static str>)> = {
+            let nodes = lock(&self.nodes);
+            let mut series = lock(&self.http_series);
+            let paths: Vec<String> = series
+                .keys()
+                .filter(|p| !nodes.values().any(|n| n.endpoints.contains_key(*p)))
+                .cloned()
+                .collect();
+            paths
+                .into_iter()
+                .filter_map(|p| series.remove_entry(&p))
+                .collect()
+        };
+        let m = metrics();
+        for (path, codes) in gone {
+            if self.registry.lookup(&path).is_some() {
+                continue;
+            }
+            for code in codes {
+                let _ = m.http_requests.remove_label_values(&[&path, code]);
+            }
+            let _ = m.http_duration.remove_label_values(&[&path]);
+        }
+    }
+
+    fn expire_silent_nodes(&self) {
+        if !self.usable() {
+            return;
+        }
+        let now = Instant::now();
+        let silent: Vec<Arc<str>> = lock(&self.nodes)
+            .iter()
+            .filter(|(_, n)| now.duration_since(n.last_seen) > self.node_timeout)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for node in silent {
+            tracing::warn!(node = %node, "cluster: node not heard from: taken for dead");
+            self.node_gone(&node, "gateway node unavailable");
+        }
+    }
+
+    /// Forgets `node`: sessions relayed to it end (their calls fail), sessions it relayed here
+    /// are closed (backend calls to those clients get `-32001`).
+    fn node_gone(&self, node: &str, why: &str) {
+        lock(&self.nodes).remove(node);
+        let ended: Vec<(u128, client::Relay)> = {
+            let mut sessions = lock(&self.sessions);
+            let ids: Vec<u128> = sessions
+                .iter()
+                .filter(|(_, r)| &*r.node == node)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| sessions.remove(&id).map(|r| (id, r)))
+                .collect()
+        };
+        for (id, relay) in ended {
+            relay.end(id, mux::CloseReason::new(mux::close::TRY_AGAIN_LATER, why));
+        }
+        let dropped: Vec<served::Entry> = {
+            let mut served = lock(&self.served);
+            let ids: Vec<u128> = served
+                .iter()
+                .filter(|(_, e)| &*e.origin == node)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| served.remove(&id))
+                .collect()
+        };
+        drop(dropped);
+        self.update_gauges();
+        self.changed.notify_waiters();
+    }
+
+    /// A message on this node's own subject.
+    fn on_direct(&self, payload: &Bytes) {
+        metrics().cluster_messages.with_label_values(&["in"]).inc();
+        let Some(envelope) = wire::decode(payload) else {
+            tracing::debug!("cluster: a message that is not one of ours");
+            return;
+        };
+        match envelope.op {
+            Op::ToClient | Op::Ended { .. } => self.to_relayed_client(&envelope),
+            Op::Open { .. } | Op::ToBackend | Op::Close => self.to_served(&envelope),
+            Op::Evict { key, path } => {
+                if let Some(endpoint) = self.registry.lookup(path) {
+                    endpoint.close_backend(
+                        key,
+                        mux::CloseReason::new(
+                            mux::close::SERVICE_RESTART,
+                            "replaced by a new backend",
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Which node a new relayed client of `path` goes to: one whose endpoint serves and wants
+    /// `secret`, spread by backends in turn. None when no other node serves it.
+    fn pick(&self, path: &str, secret: &Digest) -> Option<(Arc<str>, Subject)> {
+        if !self.usable() {
+            return None;
+        }
+        let nodes = lock(&self.nodes);
+        let candidates: Vec<(&Arc<str>, &Node, usize)> = nodes
+            .iter()
+            .filter_map(|(name, node)| {
+                let remote = node.endpoints.get(path)?;
+                let serving = remote.serving();
+                (serving > 0 && remote.secret.matches(secret)).then_some((name, node, serving))
+            })
+            .collect();
+        let total: usize = candidates.iter().map(|c| c.2).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = self.turn.fetch_add(1, Ordering::Relaxed) % total;
+        for (name, node, serving) in candidates {
+            if ticket < serving {
+                return Some((name.clone(), node.subject.clone()));
+            }
+            ticket -= serving;
+        }
+        None
+    }
+
+    /// Whether `node` still has a serving backend of `path`.
+    fn node_serves(&self, node: &str, path: &str) -> bool {
+        self.usable()
+            && lock(&self.nodes)
+                .get(node)
+                .and_then(|n| n.endpoints.get(path))
+                .is_some_and(|r| r.serving() > 0)
+    }
+
+    /// Whether another node serves `path`.
+    pub fn serves_elsewhere(&self, path: &str) -> bool {
+        self.usable()
+            && lock(&self.nodes)
+                .values()
+                .any(|n| n.endpoints.get(path).is_some_and(|r| r.serving() > 0))
+    }
+
+    /// Whether another node announces `path` (serving, or in its grace), or did when the link
+    /// was lost.
+    pub fn knows(&self, path: &str) -> bool {
+        lock(&self.nodes)
+            .values()
+            .any(|n| n.endpoints.contains_key(path))
+    }
+
+    /// Whether `secret` is the secret another node announces for `path` (constant time).
+    pub fn secret_matches(&self, path: &str, secret: &Digest) -> bool {
+        lock(&self.nodes).values().any(|n| {
+            n.endpoints
+                .get(path)
+                .is_some_and(|r| r.secret.matches(secret))
+        })
+    }
+
+    /// Whether a publish of `path` with `secret` would join backends on other nodes that use
+    /// another secret (the pool shares one; a pool of one is replaced instead).
+    pub fn secret_conflicts(&self, path: &str, secret: &Digest, max_backends: usize) -> bool {
+        max_backends > 1
+            && self.usable()
+            && lock(&self.nodes).values().any(|n| {
+                n.endpoints
+                    .get(path)
+                    .is_some_and(|r| !r.backends.is_empty() && !r.secret.matches(secret))
+            })
+    }
+
+    /// Makes room for one more backend of `path` in a pool of `max_backends` counted over the
+    /// whole cluster: the longest-connected backends over the size are closed (with 1012) on
+    /// their nodes. `local` are the join times of this node's backends of the path. Returns
+    /// the pool size to apply to this node's own backends, so that the local ones among the
+    /// longest-connected are replaced by the publish itself.
+    pub fn make_room(&self, path: &str, local: &[u64], max_backends: usize) -> usize {
+        let max_backends = max_backends.max(1);
+        if !self.usable() {
+            return max_backends;
+        }
+        let mut all: Vec<(u64, Option<(Subject, u64)>)> =
+            local.iter().map(|since| (*since, None)).collect();
+        for node in lock(&self.nodes).values() {
+            if let Some(remote) = node.endpoints.get(path) {
+                for (key, since, _) in &remote.backends {
+                    all.push((*since, Some((node.subject.clone(), *key))));
+                }
+            }
+        }
+        let excess = (all.len() + 1).saturating_sub(max_backends);
+        all.sort_by_key(|(since, _)| *since);
+        let mut local_evicted = 0;
+        for (_, place) in all.into_iter().take(excess) {
+            match place {
+                None => local_evicted += 1,
+                Some((subject, key)) => {
+                    let message = Envelope {
+                        op: Op::Evict { key, path },
+                        session: 0,
+                        from: &self.me,
+                        body: b"",
+                    };
+                    self.publish_later(subject, message.encode());
+                }
+            }
+        }
+        // The local pool keeps what it has minus the evicted, plus the newcomer.
+        (local.len() + 1 - local_evicted).max(1)
+    }
+
+    /// SIGTERM: tell the others first, then end every session across the link.
+    pub async fn leave(&self) {
+        let me = self.me_weak.upgrade();
+        let Some(me) = me else { return };
+        let announce = async move {
+            me.announce(true).await;
+            let _ = me.nats.flush().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.rt.spawn(announce)).await;
+    }
+}
+
+/// Locks a mutex, carrying on if a panicking thread poisoned it.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The node's name: the configured one, or the host name (made a subject token) and a random
+/// suffix.
+fn node_name(configured: Option<&str>) -> String {
+    if let Some(name) = configured {
+        return name.to_string();
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "gateway".into());
+    let host: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(48)
+        .collect();
+    let suffix: u32 = rand::random();
+    format!(
+        "{}-{:08x}",
+        if host.is_empty() { "gateway" } else { &host },
+        suffix
+    )
+}
+
+/// A fresh session id.
+fn session_id() -> u128 {
+    // Never 0: that one marks messages about no session.
+    rand::random::<u128>().max(1)
+}
+
+/// Joined at, in Unix ms, of `endpoint`'s live backends (for [`Cluster::make_room`]).
+pub fn local_join_times(endpoint: Option<&Arc<mux::Endpoint>>) -> Vec<u64> {
+    endpoint
+        .and_then(|e| e.snapshot())
+        .map(|p| p.backends.iter().map(|b| b.1).collect())
+        .unwrap_or_default()
+}

@@ -1,0 +1,170 @@
+//! The backend's side of the cluster: clients of other nodes, relayed to this node's endpoints.
+//!
+//! Each session is an ordinary client of the endpoint ([`ClientConn`]), served by a task of its
+//! own: frames from the client's node go in through [`ClientConn::send`] in the order they
+//! came, and whatever the multiplexer has for the client goes back to its node, in order. An
+//! HTTP call's session ends with its final reply.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use async_nats::Subject;
+use tokio::sync::mpsc;
+
+use super::wire::{Envelope, Op};
+use super::{lock, Cluster};
+use crate::duplex::{Kind, Message};
+use crate::mux::{close, ClientConn, CloseReason, JoinError};
+
+/// A session this node serves for another node's client.
+pub(super) struct Entry {
+    /// The client's node.
+    pub(super) origin: Arc<str>,
+    tx: mpsc::UnboundedSender<(Message, usize)>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Cluster {
+    /// A message about a session this node serves.
+    pub(super) fn to_served(&self, envelope: &Envelope<'_>) {
+        let id = envelope.session;
+        match envelope.op {
+            Op::Open { websocket, path } => self.open_served(envelope, websocket, path),
+            Op::ToBackend => {
+                let Ok(msg) = Message::parse(envelope.body) else {
+                    return;
+                };
+                let size = envelope.body.len();
+                let budget = self.registry.limits().backend_queue_bytes;
+                let mut served = lock(&self.served);
+                let Some(entry) = served.get(&id) else {
+                    return;
+                };
+                if entry.queued.fetch_add(size, Ordering::Relaxed) + size > budget {
+                    // The client sends far faster than the backend reads: what a single node
+                    // would hold back cannot be held back across NATS, so the client goes.
+                    let entry = served.remove(&id);
+                    drop(served);
+                    if let Some(entry) = entry {
+                        let reason = CloseReason::new(
+                            close::POLICY,
+                            "client too fast: the backend is not reading",
+                        );
+                        self.end_served(&self.subject_of(&entry.origin), id, &reason);
+                    }
+                    return;
+                }
+                let _ = entry.tx.send((msg, size));
+            }
+            Op::Close => {
+                let entry = lock(&self.served).remove(&id);
+                drop(entry);
+            }
+            _ => {}
+        }
+    }
+
+    fn open_served(&self, envelope: &Envelope<'_>, websocket: bool, path: &str) {
+        let id = envelope.session;
+        let reply_to = self.subject_of(envelope.from);
+        let conn = self
+            .registry
+            .lookup(path)
+            .ok_or(JoinError::NotFound)
+            .and_then(|endpoint| endpoint.join_relayed(websocket));
+        let conn = match conn {
+            Ok(conn) => conn,
+            Err(_) => {
+                let reason = CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable");
+                self.end_served(&reply_to, id, &reason);
+                return;
+            }
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        if !envelope.body.is_empty() {
+            if let Ok(first) = Message::parse(envelope.body) {
+                let size = envelope.body.len();
+                queued.fetch_add(size, Ordering::Relaxed);
+                let _ = tx.send((first, size));
+            }
+        }
+        lock(&self.served).insert(
+            id,
+            Entry {
+                origin: Arc::from(envelope.from),
+                tx,
+                queued: queued.clone(),
+            },
+        );
+        let Some(me) = self.me_weak.upgrade() else {
+            return;
+        };
+        self.rt.spawn(async move {
+            me.serve(conn, rx, queued, reply_to, id, websocket).await;
+        });
+    }
+
+    /// Tells a client's node that its session ended.
+    fn end_served(&self, subject: &Subject, id: u128, reason: &CloseReason) {
+        let ended = Envelope {
+            op: Op::Ended {
+                code: reason.code,
+                reason: &reason.reason,
+            },
+            session: id,
+            from: &self.me,
+            body: b"",
+        };
+        self.publish_later(subject.clone(), ended.encode());
+    }
+
+    /// Serves one session until either side ends it.
+    async fn serve(
+        self: Arc<Self>,
+        mut conn: ClientConn,
+        mut rx: mpsc::UnboundedReceiver<(Message, usize)>,
+        queued: Arc<AtomicUsize>,
+        reply_to: Subject,
+        id: u128,
+        websocket: bool,
+    ) {
+        let frame = |body: &[u8]| {
+            Envelope {
+                op: Op::ToClient,
+                session: id,
+                from: &self.me,
+                body,
+            }
+            .encode()
+        };
+        loop {
+            tokio::select! {
+                from_client = rx.recv() => match from_client {
+                    // The client's node closed it (the client left, or its node is gone).
+                    None => break,
+                    Some((msg, size)) => {
+                        queued.fetch_sub(size, Ordering::Relaxed);
+                        if let Some(answer) = conn.send(msg).await {
+                            self.publish(reply_to.clone(), frame(answer.to_json().as_bytes())).await;
+                        }
+                    }
+                },
+                for_client = conn.recv() => match for_client {
+                    Some(msg) => {
+                        let last = !websocket && msg.kind() == Kind::Reply && msg.ends_call();
+                        self.publish(reply_to.clone(), frame(msg.to_json().as_bytes())).await;
+                        if last {
+                            break;
+                        }
+                    }
+                    None => {
+                        self.end_served(&reply_to, id, &conn.close_reason());
+                        break;
+                    }
+                },
+            }
+        }
+        lock(&self.served).remove(&id);
+    }
+}

@@ -1,0 +1,261 @@
+//! What nodes send each other over NATS: one header line, then a body.
+//!
+//! ```text
+//! <op> <session> <from>[ <argument>]\n<body>
+//! ```
+//!
+//! `op` is one letter, `session` 32 hex digits, `from` the sending node's name (a subject token:
+//! no spaces); the argument is the rest of the line (a path, a close code and reason, a backend
+//! key and path). The body is a Duplex frame as JSON, or empty. Heartbeats are JSON of their own
+//! (see [`Heartbeat`]).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+/// The most bytes the header line of a frame may take: what a frame needs on top of
+/// `limits.max_message_bytes` to fit in the NATS server's `max_payload`.
+pub const ENVELOPE_BYTES: usize = 1024;
+
+/// One message between nodes about a client session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op<'a> {
+    /// Client node -> backend node: a client (WebSocket when `websocket`, else one HTTP call)
+    /// joins `path`; the body, if any, is its first frame.
+    Open {
+        /// A WebSocket client (else an HTTP call).
+        websocket: bool,
+        /// The endpoint path.
+        path: &'a str,
+    },
+    /// Client node -> backend node: a frame from the client.
+    ToBackend,
+    /// Client node -> backend node: the client left.
+    Close,
+    /// Backend node -> client node: a frame for the client.
+    ToClient,
+    /// Backend node -> client node: the session ended (the backend node closed the client).
+    Ended {
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: &'a str,
+    },
+    /// Any node -> the node of a backend: close backend `key` of `path` (a pool is full
+    /// cluster-wide and it is the longest-connected).
+    Evict {
+        /// The backend's key on its node.
+        key: u64,
+        /// The endpoint path.
+        path: &'a str,
+    },
+}
+
+/// A decoded message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Envelope<'a> {
+    /// What it is.
+    pub op: Op<'a>,
+    /// The session it is about (0 for [`Op::Evict`]).
+    pub session: u128,
+    /// The node that sent it.
+    pub from: &'a str,
+    /// The frame, or empty.
+    pub body: &'a [u8],
+}
+
+impl Envelope<'_> {
+    /// The message as bytes.
+    pub fn encode(&self) -> Bytes {
+        let (letter, arg): (u8, String) = match &self.op {
+            Op::Open { websocket, path } => (b'O', format!("{} {path}", u8::from(*websocket))),
+            Op::ToBackend => (b'B', String::new()),
+            Op::Close => (b'C', String::new()),
+            Op::ToClient => (b'F', String::new()),
+            Op::Ended { code, reason } => (b'E', format!("{code} {}", one_line(reason))),
+            Op::Evict { key, path } => (b'X', format!("{key} {path}")),
+        };
+        let mut out = BytesMut::with_capacity(40 + self.from.len() + arg.len() + self.body.len());
+        out.put_u8(letter);
+        out.put_u8(b' ');
+        out.put_slice(format!("{:032x}", self.session).as_bytes());
+        out.put_u8(b' ');
+        out.put_slice(self.from.as_bytes());
+        if !arg.is_empty() {
+            out.put_u8(b' ');
+            out.put_slice(arg.as_bytes());
+        }
+        out.put_u8(b'\n');
+        out.put_slice(self.body);
+        out.freeze()
+    }
+}
+
+/// Decodes a message; None if it is not one of ours.
+pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
+    let newline = bytes.iter().position(|&b| b == b'\n')?;
+    let header = std::str::from_utf8(&bytes[..newline]).ok()?;
+    let body = &bytes[newline + 1..];
+    let mut parts = header.splitn(4, ' ');
+    let letter = parts.next()?;
+    let session = parts.next()?;
+    if session.len() != 32 {
+        return None;
+    }
+    let session = u128::from_str_radix(session, 16).ok()?;
+    let from = parts.next()?;
+    let arg = parts.next().unwrap_or("");
+    let op = match letter {
+        "O" => {
+            let (websocket, path) = arg.split_once(' ')?;
+            Op::Open {
+                websocket: websocket == "1",
+                path,
+            }
+        }
+        "B" => Op::ToBackend,
+        "C" => Op::Close,
+        "F" => Op::ToClient,
+        "E" => {
+            let (code, reason) = arg.split_once(' ').unwrap_or((arg, ""));
+            Op::Ended {
+                code: code.parse().ok()?,
+                reason,
+            }
+        }
+        "X" => {
+            let (key, path) = arg.split_once(' ')?;
+            Op::Evict {
+                key: key.parse().ok()?,
+                path,
+            }
+        }
+        _ => return None,
+    };
+    Some(Envelope {
+        op,
+        session,
+        from,
+        body,
+    })
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
+
+/// What a node announces on the heartbeat subject: itself and its endpoints. Only digests of
+/// secrets, never a secret or a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The node's name.
+    pub node: String,
+    /// The node stops: forget it now.
+    #[serde(default)]
+    pub leaving: bool,
+    /// Its endpoints (with live backends, or in their grace).
+    #[serde(default)]
+    pub endpoints: Vec<Announced>,
+}
+
+/// One endpoint of a node, as announced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announced {
+    /// The endpoint path.
+    pub path: String,
+    /// SHA-256 of its client secret, in hex.
+    pub secret: String,
+    /// Its live backends, the longest-connected first: `[key, joined (Unix ms), draining]`.
+    pub backends: Vec<(u64, u64, bool)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_op_survives_a_round_trip() {
+        let ops = [
+            Op::Open {
+                websocket: true,
+                path: "/team/a b",
+            },
+            Op::Open {
+                websocket: false,
+                path: "/x",
+            },
+            Op::ToBackend,
+            Op::Close,
+            Op::ToClient,
+            Op::Ended {
+                code: 1008,
+                reason: "secret changed by a reload",
+            },
+            Op::Evict {
+                key: 42,
+                path: "/e",
+            },
+        ];
+        for op in ops {
+            let envelope = Envelope {
+                op: op.clone(),
+                session: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+                from: "gw-1",
+                body: br#"{"type":"req","id":1}"#,
+            };
+            let bytes = envelope.encode();
+            assert_eq!(decode(&bytes), Some(envelope), "{op:?}");
+        }
+    }
+
+    #[test]
+    fn a_reason_with_a_newline_stays_on_the_header_line() {
+        let envelope = Envelope {
+            op: Op::Ended {
+                code: 1013,
+                reason: "a\nb",
+            },
+            session: 1,
+            from: "n",
+            body: b"",
+        };
+        let bytes = envelope.encode();
+        let decoded = decode(&bytes).expect("decodes");
+        assert_eq!(
+            decoded.op,
+            Op::Ended {
+                code: 1013,
+                reason: "a b"
+            }
+        );
+        assert!(decoded.body.is_empty());
+    }
+
+    #[test]
+    fn garbage_is_not_a_message() {
+        for bytes in [
+            &b""[..],
+            b"no newline",
+            b"O 12 n 1 /p\n",
+            b"Z 00000000000000000000000000000001 n\n",
+            b"E 00000000000000000000000000000001 n notanumber\n",
+            b"\xff\xfe\n",
+        ] {
+            assert!(decode(bytes).is_none(), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn the_header_of_a_frame_fits_in_the_envelope_allowance() {
+        let node = "n".repeat(64);
+        let envelope = Envelope {
+            op: Op::Ended {
+                code: 1013,
+                reason: &"r".repeat(123),
+            },
+            session: u128::MAX,
+            from: &node,
+            body: b"",
+        };
+        assert!(envelope.encode().len() <= ENVELOPE_BYTES);
+    }
+}

@@ -1,0 +1,595 @@
+//! The cluster against real processes: a real `nats-server` on a free loopback port and two or
+//! three gateway processes. Clients on one node, backends on another: WebSocket and HTTP calls,
+//! ids, streams both ways, backend-to-client calls, pools across nodes, a node killed under
+//! load, NATS restarted, and the same refusals as one node.
+//!
+//! Needs `nats-server` (Debian package `nats-server`; `scripts/setup.sh` installs it): without
+//! it these tests fail, they do not skip.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use duplex::{Call, Peer, PeerBuilder, PeerError};
+use serde_json::{json, Value};
+
+/// A `nats-server` process on a loopback port.
+struct Nats {
+    child: Option<Child>,
+    port: u16,
+}
+
+fn nats_binary() -> PathBuf {
+    for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
+        if std::path::Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v nats-server"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match found {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => panic!(
+            "nats-server is not installed: run scripts/setup.sh (Debian package nats-server)"
+        ),
+    }
+}
+
+impl Nats {
+    fn start() -> Nats {
+        let mut nats = Nats {
+            child: None,
+            port: free_port(),
+        };
+        nats.run();
+        nats
+    }
+
+    /// Starts the server (again) on its port and waits until it accepts connections.
+    fn run(&mut self) {
+        let child = Command::new(nats_binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The cluster section (and limits a default nats-server carries) for node `name`.
+fn cluster_config(nats: &Nats, name: &str, extra_limits: &str) -> String {
+    format!(
+        "limits:\n  max_message_bytes: 1000000\n  backend_grace: 3s\n{extra_limits}\
+         cluster:\n  nats: [{}]\n  node: {name}\n  subject_prefix: test.gw\n  node_timeout: 2s\n",
+        nats.url()
+    )
+}
+
+/// Starts `names.len()` nodes on `nats` and waits until each hears all the others.
+async fn nodes(nats: &Nats, names: &[&str], extra_limits: &str) -> Vec<Gateway> {
+    let gateways: Vec<Gateway> = names
+        .iter()
+        .map(|name| Gateway::start(&cluster_config(nats, name, extra_limits)))
+        .collect();
+    for gw in &gateways {
+        let n = names.len() as f64;
+        wait_for_metric(gw, "duplex_gateway_cluster_nodes", &[], |v| v == Some(n)).await;
+    }
+    gateways
+}
+
+/// Waits until `gw` knows that some node serves `path` (a call there succeeds).
+async fn served_from(gw: &Gateway, path: &str) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = http
+            .post(gw.http(&format!("{path}/echo?secret=s")))
+            .body("1")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok();
+        if status == Some(200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} not served through this node: {status:?}\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The test backend, also answering `who` with `name`.
+fn named(name: &'static str) -> PeerBuilder {
+    test_backend().handle("who", move |_call: Call| async move { Ok(json!(name)) })
+}
+
+async fn publish_named(gw: &Gateway, path: &str, name: &'static str) -> Peer {
+    named(name)
+        .connect(&gw.publish_url(path, "s"))
+        .await
+        .unwrap_or_else(|e| panic!("publish {name}: {e}\n{}", gw.log()))
+}
+
+async fn who(peer: &Peer) -> String {
+    match tokio::time::timeout(WAIT, peer.call("who", Value::Null)).await {
+        Ok(Ok(Value::String(name))) => name,
+        other => panic!("who: {other:?}"),
+    }
+}
+
+async fn post(gw: &Gateway, path_and_query: &str, body: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(gw.http(path_and_query))
+        .body(body.to_string())
+        .timeout(WAIT)
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+#[tokio::test]
+async fn websocket_and_http_calls_reach_a_backend_on_another_node() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(b, "/e", "s").await;
+    served_from(a, "/e").await;
+
+    let (status, body) = post(a, "/e/echo?secret=s", r#"{"x":[1,2]}"#).await;
+    assert_eq!((status, body.as_str()), (200, r#"{"x":[1,2]}"#));
+    let (status, body) = post(a, "/e/count?secret=s", "3").await;
+    assert_eq!((status, body.as_str()), (200, "1\n2\n3\n"));
+
+    let peer = client(a, "/e", "s").await;
+    for i in 0..20 {
+        let got = tokio::time::timeout(WAIT, peer.call("echo", json!({ "i": i })))
+            .await
+            .expect("reply in time");
+        assert_eq!(got, Ok(json!({ "i": i })));
+    }
+    // The frames crossed NATS both ways.
+    let text = a.metrics().await;
+    let out = metric(
+        &text,
+        "duplex_gateway_cluster_messages_total",
+        &[("direction", "out")],
+    );
+    let inn = metric(
+        &text,
+        "duplex_gateway_cluster_messages_total",
+        &[("direction", "in")],
+    );
+    assert!(
+        out.is_some_and(|v| v >= 20.0) && inn.is_some_and(|v| v >= 20.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "duplex_gateway_cluster_connected", &[]),
+        Some(1.0)
+    );
+    // The relayed HTTP calls (served_from's first one included) count where they were answered.
+    let ok = [("endpoint", "/e"), ("code", "200")];
+    assert_eq!(
+        metric(&text, "duplex_gateway_http_requests_total", &ok),
+        Some(3.0)
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_the_same_as_on_one_node() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let backend = publish(b, "/r", "s").await;
+    served_from(a, "/r").await;
+    // Unknown endpoint: 404 on both nodes, HTTP and WebSocket.
+    for gw in [a, b] {
+        assert_eq!(post(gw, "/nope/echo?secret=s", "1").await.0, 404);
+        assert_eq!(ws_status(&gw.client_url("/nope", "s"), &[]).await, 404);
+        // Wrong secret: 401, checked on the client's node against the announced digest.
+        assert_eq!(post(gw, "/r/echo?secret=wrong", "1").await.0, 401);
+        assert_eq!(ws_status(&gw.client_url("/r", "wrong"), &[]).await, 401);
+    }
+    // A call in flight when the backend (on the other node) leaves: 503, as on one node.
+    let slow = tokio::spawn({
+        let url = a.http("/r/slow?secret=s");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .body("3000")
+                .timeout(WAIT)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .ok()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    backend.close();
+    assert_eq!(slow.await.expect("task"), Some(503));
+    // The grace (3 s) runs out everywhere: 404 on both nodes.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (sa, sb) = (
+            post(a, "/r/echo?secret=s", "1").await.0,
+            post(b, "/r/echo?secret=s", "1").await.0,
+        );
+        if (sa, sb) == (404, 404) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {sa} / {sb}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // And the series of the relayed calls leave a's metrics with the endpoint.
+    let gone = [("endpoint", "/r"), ("code", "503")];
+    wait_for_metric(a, "duplex_gateway_http_requests_total", &gone, |v| {
+        v.is_none()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn clients_on_two_nodes_using_the_same_ids_get_their_own_replies() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(b, "/ids", "s").await;
+    served_from(a, "/ids").await;
+    // One client on each node: both number their calls from 1.
+    let on_a = client(a, "/ids", "s").await;
+    let on_b = client(b, "/ids", "s").await;
+    for round in 0..10 {
+        let (x, y) = tokio::join!(
+            on_a.call("slow", json!(20 + round)),
+            on_b.call("slow", json!(100 + round))
+        );
+        assert_eq!(x, Ok(json!(20 + round)));
+        assert_eq!(y, Ok(json!(100 + round)));
+    }
+}
+
+#[tokio::test]
+async fn streams_cross_nodes_in_order_both_ways() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(b, "/s", "s").await;
+    served_from(a, "/s").await;
+    let peer = client(a, "/s", "s").await;
+    // Backend to client: 1..=500 in order.
+    let mut replies = peer.call_stream("count", json!(500)).expect("call");
+    let mut got = Vec::new();
+    while let Some(next) = tokio::time::timeout(WAIT, replies.next())
+        .await
+        .expect("next reply in time")
+    {
+        got.push(next.expect("reply"));
+    }
+    let want: Vec<Value> = (1..=500).map(|i| json!(i)).collect();
+    assert_eq!(got, want);
+    // Client to backend: streamed input, summed in the order sent.
+    let input: Vec<Value> = (1..=300).map(|i| json!(i)).collect();
+    let sum = peer.call_with_input("add", &input).expect("call");
+    let total = tokio::time::timeout(WAIT, sum.last())
+        .await
+        .expect("in time");
+    assert_eq!(total, Ok(json!(300 * 301 / 2)));
+    // And an NDJSON stream over HTTP.
+    let (status, body) = post(a, "/s/count?secret=s", "100").await;
+    assert_eq!(status, 200);
+    let lines: Vec<String> = body.lines().map(str::to_string).collect();
+    let want: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
+    assert_eq!(lines, want);
+}
+
+#[tokio::test]
+async fn a_backend_calls_a_client_on_another_node_and_learns_when_it_left() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let backend = publish(b, "/c", "s").await;
+    served_from(a, "/c").await;
+    let peer = Peer::builder()
+        .handle("hello", |call: Call| async move {
+            Ok(json!(format!("hello {}", call.payload)))
+        })
+        .connect(&a.client_url("/c", "s"))
+        .await
+        .expect("client");
+    let route = match peer.call("route", Value::Null).await {
+        Ok(Value::String(route)) => route,
+        other => panic!("route: {other:?}"),
+    };
+    let call = backend
+        .call_route(&route, "hello", json!("b"))
+        .expect("call");
+    let answer = tokio::time::timeout(WAIT, call.last())
+        .await
+        .expect("in time");
+    assert_eq!(answer, Ok(json!("hello \"b\"")));
+
+    // The client leaves: the backend's next call to it gets -32001.
+    peer.close();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let call = backend
+            .call_route(&route, "hello", json!("again"))
+            .expect("call");
+        match tokio::time::timeout(WAIT, call.last())
+            .await
+            .expect("in time")
+        {
+            Err(PeerError::Rpc(e)) if e.code == -32001 => break,
+            other => {
+                assert!(Instant::now() < deadline, "still {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pool_spans_nodes_and_clients_stay_pinned_across() {
+    let nats = Nats::start();
+    let pool = "  max_backends_per_endpoint: 2\n";
+    let gws = nodes(&nats, &["a", "b", "c"], pool).await;
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+    let _on_a = publish_named(a, "/p", "a").await;
+    let _on_b = publish_named(b, "/p", "b").await;
+    served_from(c, "/p").await;
+    // Node c has no backend: both nodes' backends serve its clients.
+    let deadline = Instant::now() + WAIT;
+    let mut seen = std::collections::HashSet::new();
+    let mut peers = Vec::new();
+    while seen.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "clients of c only reached {seen:?}"
+        );
+        let peer = client(c, "/p", "s").await;
+        let first = who(&peer).await;
+        // Pinned: every later call of this client goes to the same backend.
+        for _ in 0..5 {
+            assert_eq!(who(&peer).await, first);
+        }
+        seen.insert(first);
+        peers.push(peer);
+    }
+    // Nodes with a backend serve their own clients with it.
+    for (gw, name) in [(a, "a"), (b, "b")] {
+        let peer = client(gw, "/p", "s").await;
+        for _ in 0..3 {
+            assert_eq!(who(&peer).await, name);
+        }
+    }
+    let text = a.metrics().await;
+    assert_eq!(
+        metric(&text, "duplex_gateway_backends", &[("endpoint", "/p")]),
+        Some(1.0),
+        "each node counts its own backends"
+    );
+}
+
+#[tokio::test]
+async fn max_backends_counts_the_whole_cluster() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    // A pool of one: a publish on b replaces the backend on a (1012), wherever it is.
+    let old = publish_named(a, "/one", "old").await;
+    served_from(b, "/one").await;
+    let _new = publish_named(b, "/one", "new").await;
+    let closed = tokio::time::timeout(WAIT, old.closed())
+        .await
+        .expect("closed in time");
+    assert_eq!(closed, Some(1012));
+    let peer = client(a, "/one", "s").await;
+    assert_eq!(who(&peer).await, "new");
+}
+
+#[tokio::test]
+async fn a_node_killed_under_load_fails_only_its_calls_and_clients_move_on() {
+    let nats = Nats::start();
+    let pool = "  max_backends_per_endpoint: 2\n";
+    let mut gws = nodes(&nats, &["a", "b", "c"], pool).await;
+    let _on_a = publish_named(&gws[0], "/k", "a").await;
+    let _on_b = publish_named(&gws[1], "/k", "b").await;
+    served_from(&gws[2], "/k").await;
+    // Clients of c spread over both nodes' backends; a client of a stays on a.
+    let c = &gws[2];
+    let mut peers = Vec::new();
+    let mut names = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !(names.contains(&"a".to_string()) && names.contains(&"b".to_string())) {
+        assert!(Instant::now() < deadline, "not spread: {names:?}");
+        let peer = client(c, "/k", "s").await;
+        names.push(who(&peer).await);
+        peers.push(peer);
+    }
+    let local_on_a = client(&gws[0], "/k", "s").await;
+    // Load: every client calls in a loop; count failures per kind.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let peers = Arc::new(peers);
+    let mut load = Vec::new();
+    for i in 0..peers.len() {
+        let (peers, stop, ok) = (peers.clone(), stop.clone(), ok.clone());
+        load.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                match tokio::time::timeout(WAIT, peers[i].call("slow", json!(20))).await {
+                    Ok(Ok(_)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Err(PeerError::Rpc(e))) => failures.push(e.code),
+                    other => panic!("client {i}: {other:?}"),
+                }
+            }
+            failures
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // SIGKILL node b: no goodbye, found by its silence.
+    let killed = gws.remove(1);
+    killed.signal("KILL");
+    let c = &gws[1];
+    wait_for_metric(c, "duplex_gateway_cluster_nodes", &[], |v| v == Some(2.0)).await;
+    let before = ok.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut failures = Vec::new();
+    for task in load {
+        failures.extend(task.await.expect("load task"));
+    }
+    // Only calls that were on b failed, each with -32000; afterwards every client is served.
+    assert!(failures.iter().all(|code| *code == -32000), "{failures:?}");
+    assert!(
+        ok.load(Ordering::SeqCst) > before,
+        "calls went on after the kill"
+    );
+    for peer in peers.iter() {
+        assert_eq!(who(peer).await, "a", "every client of c is on a now");
+    }
+    // The client of a never noticed.
+    assert_eq!(who(&local_on_a).await, "a");
+    drop(killed);
+}
+
+#[tokio::test]
+async fn a_nats_restart_fails_calls_that_need_it_then_the_cluster_recovers() {
+    let mut nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _remote = publish(b, "/n", "s").await;
+    let _local = publish(a, "/local", "s").await;
+    served_from(a, "/n").await;
+
+    nats.stop();
+    wait_for_metric(a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(0.0)
+    })
+    .await;
+    // A call that needs the other node fails clearly, and at once; local traffic goes on.
+    let started = Instant::now();
+    let (status, body) = post(a, "/n/echo?secret=s", "1").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        post(a, "/local/echo?secret=s", "7").await,
+        (200, "7".into())
+    );
+
+    // NATS comes back on the same port: the nodes reconnect by themselves.
+    nats.run();
+    wait_for_metric(a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(1.0)
+    })
+    .await;
+    served_from(a, "/n").await;
+    assert_eq!(post(a, "/n/echo?secret=s", "8").await, (200, "8".into()));
+}
+
+#[tokio::test]
+async fn a_node_starts_without_nats_and_joins_when_it_comes() {
+    let mut nats = Nats::start();
+    nats.stop();
+    let a = Gateway::start(&cluster_config(&nats, "a", ""));
+    // Up and serving its own backends, reporting the link down.
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(0.0)
+    })
+    .await;
+    let _local = publish(&a, "/here", "s").await;
+    assert_eq!(
+        post(&a, "/here/echo?secret=s", "1").await,
+        (200, "1".into())
+    );
+    nats.run();
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_message_size_nats_cannot_carry_stops_the_start() {
+    let nats = Nats::start();
+    let config = |port: u16, metrics_port: u16| {
+        Gateway::config_text(port, metrics_port, "")
+            + &format!(
+                "cluster:\n  nats: [{}]\n  node: big\n  node_timeout: 2s\n",
+                nats.url()
+            )
+    };
+    // The default max_message_bytes (1 MiB) plus the envelope does not fit the default
+    // max_payload (1 MiB).
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(&path, config(free_port(), free_port())).expect("config");
+    let out = Command::new(gateway_binary())
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("1048576") && stderr.contains("max_payload"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_tells_the_other_nodes_at_once() {
+    let nats = Nats::start();
+    // A node timeout far longer than the test: only the goodbye can explain a quick drop.
+    let long = |name: &str| {
+        cluster_config(&nats, name, "").replace("node_timeout: 2s", "node_timeout: 1m")
+    };
+    let a = Gateway::start(&long("a"));
+    let mut b = Gateway::start(&long("b"));
+    wait_for_metric(&a, "duplex_gateway_cluster_nodes", &[], |v| v == Some(2.0)).await;
+    b.signal("TERM");
+    assert!(b.wait_exit(WAIT).is_some());
+    let started = Instant::now();
+    wait_for_metric(&a, "duplex_gateway_cluster_nodes", &[], |v| v == Some(1.0)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
