@@ -13,7 +13,10 @@
 //! exits and is replaced: failed calls and the throughput dip), `reload` (`ws_rpc` and `http_rpc`
 //! while the gateway gets SIGHUP every 100 ms, alternating two valid configs), `connect` (new
 //! WebSocket clients per second: connect, handshake, one call, close) and `latency` (one client,
-//! sequential calls: the p50 the gateway adds over direct), and their ratios.
+//! sequential calls: the p50 the gateway adds over direct), `cluster_ws_rpc` and
+//! `cluster_http_rpc` (the `ws_rpc` and `http_rpc` loads with the client on one gateway node and
+//! the backend on another, joined by a real nats-server; skipped when nats-server is not
+//! installed), and their ratios.
 //!
 //! Every server runs in a process of its own: the gateway (the release binary), and this binary
 //! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
@@ -265,14 +268,20 @@ struct OurGateway {
 
 /// Starts our gateway (the release binary) on free ports.
 async fn start_gateway(dir: &std::path::Path) -> OurGateway {
+    start_gateway_with(dir, "gateway.yaml", "").await
+}
+
+/// Starts our gateway with `extra` (indented under `limits:`, then any sections) added to its
+/// config, written to `dir/name`.
+async fn start_gateway_with(dir: &std::path::Path, name: &str, extra: &str) -> OurGateway {
     let port = free_port();
     let metrics = free_port();
-    let config = dir.join("gateway.yaml");
+    let config = dir.join(name);
     let text = format!(
         "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics}\n\
          tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
          endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
-         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n"
+         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}"
     );
     std::fs::write(&config, &text).expect("config");
     let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
@@ -664,6 +673,84 @@ async fn pool_scenarios(
     (pool_rpc, rolling, dip)
 }
 
+/// The nats-server binary, if installed.
+fn nats_server() -> Option<&'static str> {
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+}
+
+/// `cluster_ws_rpc`, `cluster_http_rpc`: the `ws_rpc` and `http_rpc` loads with the clients on
+/// node A and the echo backend on node B, joined by a real nats-server; then one client's
+/// sequential calls the same way (for the latency the cluster adds). None without nats-server.
+async fn cluster_scenarios(
+    o: &Options,
+    dir: &std::path::Path,
+) -> Option<(RpcResult, RpcResult, RpcResult, RpcResult)> {
+    let Some(nats) = nats_server() else {
+        println!("cluster_*      skipped: nats-server is not installed");
+        return None;
+    };
+    let nats_port = free_port();
+    let _nats = Proc(
+        Command::new(nats)
+            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server"),
+    );
+    wait_port(nats_port).await;
+    let node = |name: &str| {
+        format!(
+            "  max_message_bytes: 1000000\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n"
+        )
+    };
+    let a = start_gateway_with(dir, "node-a.yaml", &node("a")).await;
+    let b = start_gateway_with(dir, "node-b.yaml", &node("b")).await;
+    let _backend = spawn_role(
+        "echo-backend",
+        &format!("{}{ENDPOINT}?token={}&secret={SECRET}", b.url, o.token),
+    );
+    let client_url = format!("{}{ENDPOINT}?secret={SECRET}", a.url);
+    // Wait until node A relays to the backend on node B.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(p) = Peer::builder().connect(&client_url).await {
+            if p.call("echo", json!(1)).await.is_ok() {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node A never reached the backend on node B"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let a_port: u16 = a
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let ws = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+    print_rpc("cluster_ws_rpc", &ws);
+    let http = closed_loop(o.clients, o.seconds, |_| {
+        http_caller(a_port, call_path.clone())
+    })
+    .await;
+    print_rpc("cluster_http_rpc", &http);
+    let short = o.seconds.min(5.0);
+    let lat_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
+    let lat_http = closed_loop(1, short, |_| http_caller(a_port, call_path.clone())).await;
+    Some((ws, http, lat_ws, lat_http))
+}
+
 /// A client that, on every call, connects (handshake included), calls `echo` once and closes.
 async fn connect_caller(url: String) -> Box<dyn FnMut() -> CallFuture + Send> {
     let payload = payload();
@@ -819,6 +906,7 @@ async fn bench(o: Options) {
     let lat_http_direct =
         closed_loop(1, short, |_| http_caller(http_port, "/echo".to_string())).await;
     let p50 = |r: &RpcResult| r.hist.value_at_quantile(0.5) as i64;
+    let p99 = |r: &RpcResult| r.hist.value_at_quantile(0.99) as i64;
     let latency = json!({
         "ws_p50_us": p50(&lat_ws),
         "ws_direct_p50_us": p50(&lat_ws_direct),
@@ -881,6 +969,25 @@ async fn bench(o: Options) {
         }
     };
 
+    // cluster_ws_rpc, cluster_http_rpc: only with gateways this tool starts.
+    let cluster = match &ours {
+        Some(_) => cluster_scenarios(&o, dir.path()).await,
+        None => None,
+    };
+    let cluster_latency = cluster.as_ref().map(|(_, _, lw, lh)| {
+        json!({
+            "ws_p50_us": p50(lw),
+            "ws_added_p50_us": p50(lw) - p50(&lat_ws),
+            "ws_added_p99_us": p99(lw) - p99(&lat_ws),
+            "http_p50_us": p50(lh),
+            "http_added_p50_us": p50(lh) - p50(&lat_http),
+            "http_added_p99_us": p99(lh) - p99(&lat_http),
+        })
+    });
+    if let Some(l) = &cluster_latency {
+        println!("cluster latency {l}");
+    }
+
     let mut ratios = Map::new();
     ratios.insert(
         "ws_rpc / ws_rpc_direct".into(),
@@ -916,6 +1023,16 @@ async fn bench(o: Options) {
             json!(round(pool_rpc.rate() / ws_rpc.rate(), 3)),
         );
     }
+    if let Some((ws, http, _, _)) = &cluster {
+        ratios.insert(
+            "cluster_ws_rpc / ws_rpc".into(),
+            json!(round(ws.rate() / ws_rpc.rate(), 3)),
+        );
+        ratios.insert(
+            "cluster_http_rpc / http_rpc".into(),
+            json!(round(http.rate() / http_rpc.rate(), 3)),
+        );
+    }
     println!("ratios         {}", Value::Object(ratios.clone()));
 
     report.insert("ws_rpc".into(), ws_rpc.to_json(o.clients));
@@ -934,6 +1051,13 @@ async fn bench(o: Options) {
         report.insert("rolling_deploy".into(), rolling_json);
     }
     report.insert("latency".into(), latency);
+    if let Some((ws, http, _, _)) = &cluster {
+        report.insert("cluster_ws_rpc".into(), ws.to_json(o.clients));
+        report.insert("cluster_http_rpc".into(), http.to_json(o.clients));
+    }
+    if let Some(l) = cluster_latency {
+        report.insert("cluster_latency".into(), l);
+    }
     report.insert("connect".into(), connect.to_json(connecting));
     report.insert("connect_direct".into(), connect_direct.to_json(connecting));
     if let Some((ws, http)) = &reload {

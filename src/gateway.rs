@@ -598,14 +598,9 @@ impl Gateway {
                     ));
                 }
                 let fixed = now.endpoint(&path).secret.is_some();
-                // In a cluster the pool spans every node: make room there first.
-                let max_backends = match app.cluster.get() {
-                    Some(cluster) => {
-                        let local = crate::cluster::local_join_times(app.registry.lookup(&path).as_ref());
-                        cluster.make_room(&path, &local, now.max_backends(&path))
-                    }
-                    None => now.max_backends(&path),
-                };
+                // In a cluster the pool spans every node: the nodes settle it from their
+                // heartbeats (the longest-connected backends anywhere are closed).
+                let max_backends = now.max_backends(&path);
                 match app.registry.publish(
                     &path,
                     secret,

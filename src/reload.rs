@@ -411,5 +411,15 @@ mod tests {
         let mut c = a.clone();
         c.metrics = Some("127.0.0.1:3".parse().expect("addr"));
         assert_eq!(restart_needed(&a, &c).len(), 1);
+        let mut d = a.clone();
+        d.cluster = Some(crate::config::ClusterConfig {
+            nats: vec!["nats://127.0.0.1:4222".into()],
+            node: Some("gw-1".into()),
+            subject_prefix: "duplex_gateway".into(),
+            node_timeout: std::time::Duration::from_secs(5),
+        });
+        let warnings = restart_needed(&a, &d);
+        assert_eq!(warnings.len(), 1);
+        assert!(warnings[0].contains("cluster"), "{warnings:?}");
     }
 }

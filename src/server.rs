@@ -46,10 +46,15 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     crate::metrics::metrics().touch();
     // Before anything listens: a cluster whose NATS cannot carry our frames stops the start.
     if let Some(cluster_config) = &config.cluster {
+        let weak = Arc::downgrade(&app);
         let cluster = crate::cluster::Cluster::start(
             cluster_config,
             config.limits.max_message_bytes,
             app.registry.clone(),
+            Box::new(move |path| {
+                weak.upgrade()
+                    .map_or(1, |app| app.config.load().max_backends(path))
+            }),
         )?;
         let _ = app.cluster.set(cluster);
     }
@@ -220,11 +225,11 @@ async fn drain(app: &App) {
     tracing::info!("SIGTERM: closing WebSockets, letting HTTP calls finish");
     let active = &app.active;
     active.draining.store(true, Ordering::SeqCst);
-    // The other nodes hear first, so they stop sending calls here.
-    if let Some(cluster) = app.cluster.get() {
-        cluster.leave().await;
-    }
     let reason = CloseReason::new(close::GOING_AWAY, "gateway shutting down");
+    // The other nodes hear first, so they send nothing new here; relayed clients close too.
+    if let Some(cluster) = app.cluster.get() {
+        cluster.stop(reason.clone()).await;
+    }
     for endpoint in app.registry.endpoints() {
         endpoint.close_websocket_clients(reason.clone());
     }

@@ -593,3 +593,109 @@ async fn sigterm_tells_the_other_nodes_at_once() {
     wait_for_metric(&a, "duplex_gateway_cluster_nodes", &[], |v| v == Some(1.0)).await;
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn sigterm_closes_relayed_websocket_clients_with_1001_and_lets_http_calls_finish() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(a, "/t", "s").await;
+    served_from(b, "/t").await;
+    // A WebSocket client and an HTTP call on b, both relayed to a's backend.
+    let peer = client(b, "/t", "s").await;
+    assert_eq!(peer.call("echo", json!(1)).await, Ok(json!(1)));
+    let slow = tokio::spawn({
+        let url = b.http("/t/slow?secret=s");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .body("1500")
+                .timeout(WAIT)
+                .send()
+                .await
+                .ok()?;
+            let status = response.status().as_u16();
+            Some((status, response.text().await.ok()?))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.signal("TERM");
+    let code = tokio::time::timeout(WAIT, peer.closed())
+        .await
+        .expect("closed in time");
+    assert_eq!(code, Some(1001));
+    assert_eq!(
+        slow.await.expect("task"),
+        Some((200, "1500".to_string())),
+        "the HTTP call in progress finished"
+    );
+}
+
+#[tokio::test]
+async fn max_clients_counts_a_nodes_own_clients_wherever_they_are_served() {
+    let nats = Nats::start();
+    let limits = "  max_clients_per_endpoint: 2\n";
+    let gws = nodes(&nats, &["a", "b"], limits).await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(b, "/m", "s").await;
+    served_from(a, "/m").await;
+    let one = client(a, "/m", "s").await;
+    let two = client(a, "/m", "s").await;
+    assert_eq!(ws_status(&a.client_url("/m", "s"), &[]).await, 503);
+    // Node b counts its own: relayed clients of a do not fill it.
+    let three = client(b, "/m", "s").await;
+    for peer in [&one, &two, &three] {
+        assert_eq!(peer.call("echo", json!("x")).await, Ok(json!("x")));
+    }
+    // One leaves: room again on a.
+    one.close();
+    let deadline = Instant::now() + WAIT;
+    while ws_status(&a.client_url("/m", "s"), &[]).await != 101 {
+        assert!(Instant::now() < deadline, "no room after a client left");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_drain_across_nodes_lets_running_calls_finish_and_moves_new_ones() {
+    let nats = Nats::start();
+    let pool = "  max_backends_per_endpoint: 2\n";
+    let gws = nodes(&nats, &["a", "b", "c"], pool).await;
+    let (a, b, c) = (&gws[0], &gws[1], &gws[2]);
+    let old = publish_named(b, "/d", "old").await;
+    served_from(c, "/d").await;
+    let peer = client(c, "/d", "s").await;
+    assert_eq!(who(&peer).await, "old");
+    // A slow call runs on the old backend while it drains and a new one joins on another node.
+    let running = peer.call_stream("slow", json!(1500)).expect("call");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _new = publish_named(a, "/d", "new").await;
+    let drained = tokio::spawn(async move {
+        let pending = old.drain().await;
+        (old, pending)
+    });
+    // Node c hears of the drain and of the new backend.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A new call meanwhile: it must not cut the running one, and lands on the new backend.
+    let (finished, moved) = tokio::join!(
+        tokio::time::timeout(WAIT, running.last()),
+        tokio::time::timeout(WAIT, peer.call("who", Value::Null))
+    );
+    assert_eq!(
+        finished.expect("in time"),
+        Ok(json!(1500)),
+        "the running call finished"
+    );
+    assert_eq!(moved.expect("in time"), Ok(json!("new")));
+    let (_old, pending) = drained.await.expect("drain");
+    assert_eq!(pending, Ok(0));
+    // New calls go to the new backend.
+    let deadline = Instant::now() + WAIT;
+    while who(&peer).await != "new" {
+        assert!(
+            Instant::now() < deadline,
+            "new calls never reached the new backend"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -107,8 +107,12 @@ impl Cluster {
         let id = envelope.session;
         match envelope.op {
             Op::Ended { code, reason } => {
-                if let Some(relay) = lock(&self.sessions).remove(&id) {
-                    relay.end(id, CloseReason::new(code, reason));
+                let mut sessions = lock(&self.sessions);
+                if sessions.get(&id).is_some_and(|r| *r.node == *envelope.from) {
+                    if let Some(relay) = sessions.remove(&id) {
+                        drop(sessions);
+                        relay.end(id, CloseReason::new(code, reason));
+                    }
                 }
             }
             Op::ToClient => {
@@ -118,7 +122,10 @@ impl Cluster {
                 };
                 let size = envelope.body.len();
                 let mut sessions = lock(&self.sessions);
-                let Some(relay) = sessions.get(&id) else {
+                let Some(relay) = sessions.get(&id).filter(|r| *r.node == *envelope.from) else {
+                    drop(sessions);
+                    // A session this node no longer has: the serving node forgets it too.
+                    self.close_remote(&self.subject_of(envelope.from), id);
                     return;
                 };
                 let queued = relay.queued.fetch_add(size, Ordering::Relaxed) + size;
@@ -178,7 +185,6 @@ pub struct ClusterClient {
     cluster: Arc<Cluster>,
     path: Arc<str>,
     websocket: bool,
-    max_clients: usize,
     secret: Digest,
     place: Place,
     tx: mpsc::UnboundedSender<Inbound>,
@@ -191,6 +197,8 @@ pub struct ClusterClient {
     closed: Option<CloseReason>,
     /// No backend anywhere: the client waits until then for one.
     grace_until: Option<Instant>,
+    /// SIGTERM: this node closes its WebSocket clients.
+    stop: tokio::sync::watch::Receiver<Option<CloseReason>>,
 }
 
 impl ClusterClient {
@@ -205,12 +213,21 @@ impl ClusterClient {
         max_clients: usize,
         secret: Digest,
     ) -> Result<ClusterClient, JoinError> {
+        // This node's clients of the path count against `max_clients` wherever they are
+        // served (the relayed ones of other nodes do not).
+        {
+            let mut counts = lock(&cluster.clients);
+            let count = counts.entry(Arc::from(path)).or_default();
+            if *count >= max_clients {
+                return Err(JoinError::Full);
+            }
+            *count += 1;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let mut client = ClusterClient {
             cluster: cluster.clone(),
             path: Arc::from(path),
             websocket,
-            max_clients,
             secret,
             place: Place::Nowhere,
             tx,
@@ -220,12 +237,13 @@ impl ClusterClient {
             owed: VecDeque::new(),
             closed: None,
             grace_until: None,
+            stop: cluster.stop_signal(),
         };
         // A node that serves the endpoint takes its own clients (they count against its limits
         // and show in its gauges at once).
         if let Some(endpoint) = local {
             if endpoint.serving() || !cluster.serves_elsewhere(path) {
-                client.place = Place::Local(endpoint.join(websocket, max_clients, &secret)?);
+                client.place = Place::Local(endpoint.join(websocket, usize::MAX, &secret)?);
                 return Ok(client);
             }
         }
@@ -259,7 +277,11 @@ impl ClusterClient {
                         return true;
                     }
                     if self.cluster.serves_elsewhere(&self.path) {
-                        // Its own pool emptied while another node serves: go there.
+                        // Its own pool emptied (or drains) while another node serves: go there,
+                        // once its calls running here have ended (they carry on).
+                        if self.place_busy() && !self.wait_for_running_calls().await {
+                            return true;
+                        }
                         self.place = Place::Nowhere;
                     } else {
                         // Nobody serves: wait for a backend on any node.
@@ -273,12 +295,20 @@ impl ClusterClient {
                     if self.cluster.node_serves(&session.node, &self.path) {
                         return true;
                     }
+                    // Calls running there carry on (its backends may drain): the client moves
+                    // once they have ended.
+                    if self.place_busy() && !self.wait_for_running_calls().await {
+                        return true;
+                    }
+                    if !matches!(self.place, Place::Remote(_)) {
+                        continue;
+                    }
                     self.leave_session("backend unavailable");
                 }
                 Place::Nowhere => {}
             }
             if let Some(endpoint) = local.filter(|_| local_serves) {
-                match endpoint.join(self.websocket, self.max_clients, &self.secret) {
+                match endpoint.join(self.websocket, usize::MAX, &self.secret) {
                     Ok(conn) => {
                         self.place = Place::Local(conn);
                         self.grace_until = None;
@@ -313,8 +343,7 @@ impl ClusterClient {
                 // Another node may serve it, but the link is down: the call cannot be made.
                 // This node's endpoint in its grace still takes it (and waits there).
                 if let Some(endpoint) = self.cluster.registry.lookup(&self.path) {
-                    if let Ok(conn) = endpoint.join(self.websocket, self.max_clients, &self.secret)
-                    {
+                    if let Ok(conn) = endpoint.join(self.websocket, usize::MAX, &self.secret) {
                         self.place = Place::Local(conn);
                         return true;
                     }
@@ -323,6 +352,45 @@ impl ClusterClient {
             }
             if !self.wait_for_a_backend().await {
                 return false;
+            }
+        }
+    }
+
+    /// Whether calls are running where the client is.
+    fn place_busy(&self) -> bool {
+        match &self.place {
+            Place::Local(conn) => conn.has_open_calls(),
+            Place::Remote(_) => !self.open.is_empty(),
+            Place::Nowhere => false,
+        }
+    }
+
+    /// Waits (as in a grace, at most `limits.backend_grace`) until the calls running where the
+    /// client is have ended, or that place serves again. False when they still run at the end:
+    /// the new call then goes there too (whose own rules hold or fail it), so running calls are
+    /// never cut.
+    async fn wait_for_running_calls(&mut self) -> bool {
+        let until = Instant::now() + self.cluster.registry.limits().backend_grace;
+        while Instant::now() < until {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            // Replies that end calls arrive meanwhile; take them in (they stay queued for the
+            // client in `owed`).
+            while let Some(msg) = self.try_recv_inbound() {
+                self.owed.push_back(msg);
+            }
+            if !self.place_busy() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// What the cluster handed over, without waiting, taken in.
+    fn try_recv_inbound(&mut self) -> Option<Message> {
+        loop {
+            let inbound = self.rx.try_recv().ok()?;
+            if let Some(msg) = self.on_inbound(inbound) {
+                return Some(msg);
             }
         }
     }
@@ -455,7 +523,18 @@ impl ClusterClient {
                 _ => None,
             };
             let has_local = local.is_some();
+            let websocket = self.websocket;
+            let stop = &mut self.stop;
             tokio::select! {
+                _ = stop.changed(), if websocket => {
+                    let reason = stop.borrow().clone();
+                    if let Some(reason) = reason {
+                        self.leave_session("gateway shutting down");
+                        self.place = Place::Nowhere;
+                        self.closed = Some(reason);
+                        return None;
+                    }
+                }
                 got = async { local?.recv().await }, if has_local => match got {
                     Some(msg) => return Some(msg),
                     None => {
@@ -528,6 +607,10 @@ impl ClusterClient {
                 if Some(id) != current {
                     return None;
                 }
+                if self.websocket && msg.kind() == Kind::Reply && msg.id().is_none() {
+                    // A WebSocket peer is only sent answers that carry an id.
+                    return None;
+                }
                 if msg.kind() == Kind::Reply && msg.ends_call() {
                     if let Some(call) = msg.id() {
                         self.open.remove(&call);
@@ -571,6 +654,13 @@ impl ClusterClient {
 impl Drop for ClusterClient {
     fn drop(&mut self) {
         self.leave_session("client left");
+        let mut counts = lock(&self.cluster.clients);
+        if let Some(count) = counts.get_mut(&self.path) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.path);
+            }
+        }
     }
 }
 

@@ -37,7 +37,7 @@ use crate::auth::Digest;
 use crate::config::{is_subject_token, ClusterConfig};
 use crate::metrics::metrics;
 use crate::mux::{self, Registry};
-use wire::{Announced, Envelope, Heartbeat, Op, ENVELOPE_BYTES};
+use wire::{Announced, Heartbeat, Op, ENVELOPE_BYTES};
 
 pub use client::{Client, ClusterClient};
 
@@ -67,6 +67,19 @@ pub struct Cluster {
     changed: Notify,
     /// Spreads relayed clients over nodes in turn.
     turn: AtomicUsize,
+    /// This node's current link epoch (see [`Heartbeat::epoch`]).
+    epoch: std::sync::atomic::AtomicU64,
+    /// Set on SIGTERM: heartbeats say the node leaves, and no new session is accepted.
+    leaving: AtomicBool,
+    /// Nodes that said they leave: forgotten for good (their sessions ended) at the instant
+    /// given, once their drain must be over.
+    departing: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Tells this node's relayed WebSocket clients to close (SIGTERM), with the reason.
+    stop: tokio::sync::watch::Sender<Option<mux::CloseReason>>,
+    /// This node's own clients per endpoint path (checked against `max_clients`).
+    pub(super) clients: Mutex<HashMap<Arc<str>, usize>>,
+    /// The pool size of each path (the config in force).
+    max_backends: MaxBackends,
     /// The `code` label values of the HTTP call series this node made for endpoints it has no
     /// endpoint of its own for (removed when no node has the endpoint any more).
     http_series: Mutex<HashMap<String, Vec<&'static str>>>,
@@ -82,6 +95,7 @@ impl std::fmt::Debug for Cluster {
 /// What this node knows of another.
 struct Node {
     last_seen: Instant,
+    epoch: u64,
     subject: Subject,
     endpoints: HashMap<String, Remote>,
 }
@@ -99,6 +113,13 @@ impl Remote {
     }
 }
 
+/// The pool size of an endpoint path, from the config in force.
+pub type MaxBackends = Box<dyn Fn(&str) -> usize + Send + Sync>;
+
+/// How long a node that said it leaves may still finish what runs there (its HTTP calls get
+/// 10 s, its WebSockets 2 s more) before it is forgotten for good.
+const DEPARTURE: Duration = Duration::from_secs(13);
+
 /// How long the start-up waits for NATS before starting local-only.
 const CONNECT_WAIT: Duration = Duration::from_secs(2);
 
@@ -110,6 +131,7 @@ impl Cluster {
         config: &ClusterConfig,
         max_message_bytes: usize,
         registry: Arc<Registry>,
+        max_backends: MaxBackends,
     ) -> Result<Arc<Cluster>, String> {
         let me: Arc<str> = Arc::from(node_name(config.node.as_deref()));
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -166,6 +188,12 @@ impl Cluster {
             max_message: AtomicUsize::new(max_message_bytes),
             changed: Notify::new(),
             turn: AtomicUsize::new(0),
+            epoch: std::sync::atomic::AtomicU64::new(rand::random()),
+            leaving: AtomicBool::new(false),
+            departing: Mutex::new(HashMap::new()),
+            stop: tokio::sync::watch::channel(None).0,
+            clients: Mutex::new(HashMap::new()),
+            max_backends,
             http_series: Mutex::new(HashMap::new()),
             me_weak: me_weak.clone(),
         });
@@ -302,7 +330,15 @@ impl Cluster {
             (self.node_timeout / 3).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A burst of pool changes makes one announcement, 5 ms after the first.
+        let mut announce_at: Option<Instant> = None;
         loop {
+            let debounce = async {
+                match announce_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 msg = direct.next() => match msg {
                     Some(msg) => self.on_direct(&msg.payload),
@@ -319,12 +355,14 @@ impl Cluster {
                 _ = ticker.tick() => {
                     self.expire_silent_nodes();
                     self.remove_gone_series();
-                    self.announce(false).await;
+                    self.announce().await;
                 }
-                _ = self.registry.pool_changed.notified() => {
-                    // Let a burst of changes settle into one announcement.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    self.announce(false).await;
+                _ = self.registry.pool_changed.notified(), if announce_at.is_none() => {
+                    announce_at = Some(Instant::now() + Duration::from_millis(5));
+                }
+                _ = debounce => {
+                    announce_at = None;
+                    self.announce().await;
                 }
             }
         }
@@ -354,7 +392,12 @@ impl Cluster {
                 self.link_lost();
             }
             async_nats::Event::SlowConsumer(_) => {
-                tracing::warn!("cluster: this node reads NATS too slowly: messages were dropped");
+                // Messages were dropped: sessions may have lost frames, so they all end (their
+                // calls fail rather than hang), and the peers learn it from the new epoch.
+                tracing::warn!(
+                    "cluster: this node read NATS too slowly and lost messages: its sessions end"
+                );
+                self.link_lost();
             }
             other => tracing::info!("cluster: NATS {other}"),
         }
@@ -365,6 +408,8 @@ impl Cluster {
     /// nodes' endpoints are remembered (so their clients get 503, not 404), but none is taken
     /// for dead for not being heard meanwhile.
     fn link_lost(&self) {
+        // Whatever was in flight may be lost both ways: the next heartbeats tell the others.
+        self.epoch.store(rand::random(), Ordering::SeqCst);
         let ended: Vec<(u128, client::Relay)> = lock(&self.sessions).drain().collect();
         for (id, relay) in ended {
             relay.end(
@@ -379,10 +424,11 @@ impl Cluster {
     }
 
     /// Announces this node's endpoints (or that it leaves).
-    async fn announce(&self, leaving: bool) {
+    async fn announce(&self) {
         if !self.usable() {
             return;
         }
+        let leaving = self.leaving.load(Ordering::SeqCst);
         let mut endpoints = Vec::new();
         if !leaving {
             for endpoint in self.registry.endpoints() {
@@ -398,6 +444,7 @@ impl Cluster {
         let beat = Heartbeat {
             node: self.me.to_string(),
             leaving,
+            epoch: self.epoch.load(Ordering::SeqCst),
             endpoints,
         };
         match serde_json::to_vec(&beat) {
@@ -409,6 +456,78 @@ impl Cluster {
         }
     }
 
+    /// Closes this node's backends that a pool counted over the whole cluster has no room for:
+    /// of all the backends of a path, the newest `max_backends` stay (ties by node and key, so
+    /// every node comes to the same answer), the others are closed by their own node with 1012.
+    /// Two publishes on two nodes within one heartbeat both succeed; this settles it.
+    fn enforce_pool_sizes(&self) {
+        if !self.usable() {
+            return;
+        }
+        for endpoint in self.registry.endpoints() {
+            let Some(pool) = endpoint.snapshot() else {
+                continue;
+            };
+            if pool.backends.is_empty() {
+                continue;
+            }
+            let path = endpoint.path();
+            let mut all: Vec<(u64, Arc<str>, u64)> = pool
+                .backends
+                .iter()
+                .map(|(key, since, _)| (*since, self.me.clone(), *key))
+                .collect();
+            for (name, node) in lock(&self.nodes).iter() {
+                if let Some(remote) = node.endpoints.get(path) {
+                    all.extend(
+                        remote
+                            .backends
+                            .iter()
+                            .map(|(k, s, _)| (*s, name.clone(), *k)),
+                    );
+                }
+            }
+            let max = (self.max_backends)(path).max(1);
+            if all.len() <= max {
+                continue;
+            }
+            all.sort();
+            let over = all.len() - max;
+            for (_, node, key) in all.into_iter().take(over) {
+                if node == self.me {
+                    endpoint.close_backend(
+                        key,
+                        mux::CloseReason::new(
+                            mux::close::SERVICE_RESTART,
+                            "replaced by a new backend",
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, first step: the other nodes hear that this one leaves (they send it nothing
+    /// new), no new session is accepted, and this node's relayed WebSocket clients are closed
+    /// with `reason`.
+    pub async fn stop(&self, reason: mux::CloseReason) {
+        self.leaving.store(true, Ordering::SeqCst);
+        let _ = self.stop.send(Some(reason));
+        let Some(me) = self.me_weak.upgrade() else {
+            return;
+        };
+        let announce = async move {
+            me.announce().await;
+            let _ = me.nats.flush().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.rt.spawn(announce)).await;
+    }
+
+    /// A receiver of the SIGTERM close reason (for relayed clients).
+    pub(super) fn stop_signal(&self) -> tokio::sync::watch::Receiver<Option<mux::CloseReason>> {
+        self.stop.subscribe()
+    }
+
     fn on_heartbeat(&self, payload: &[u8]) {
         metrics().cluster_messages.with_label_values(&["in"]).inc();
         let Ok(beat) = serde_json::from_slice::<Heartbeat>(payload) else {
@@ -418,11 +537,19 @@ impl Cluster {
         if *beat.node == *self.me || !is_subject_token(&beat.node) {
             return;
         }
+        let name: Arc<str> = Arc::from(beat.node.as_str());
         if beat.leaving {
-            tracing::info!(node = %beat.node, "cluster: node left");
-            self.node_gone(&beat.node, "gateway node stopped");
+            // No new client goes there; what runs there may finish (it drains), then it is
+            // forgotten for good.
+            if lock(&self.nodes).remove(&name).is_some() {
+                tracing::info!(node = %name, "cluster: node leaves");
+                lock(&self.departing).insert(name, Instant::now() + DEPARTURE);
+                self.update_gauges();
+                self.changed.notify_waiters();
+            }
             return;
         }
+        lock(&self.departing).remove(&name);
         let endpoints: HashMap<String, Remote> = beat
             .endpoints
             .into_iter()
@@ -437,18 +564,28 @@ impl Cluster {
             })
             .collect();
         let mut nodes = lock(&self.nodes);
-        let new = !nodes.contains_key(beat.node.as_str());
-        let name: Arc<str> = Arc::from(beat.node.as_str());
+        let restarted = nodes.get(&name).is_some_and(|n| n.epoch != beat.epoch);
+        if restarted {
+            // Its link started afresh (or it is a new process of the same name): whatever
+            // crossed the old one may be lost.
+            drop(nodes);
+            tracing::info!(node = %name, "cluster: node reconnected: its sessions end");
+            self.node_gone(&name, "gateway node reconnected");
+            nodes = lock(&self.nodes);
+        }
+        let new = !nodes.contains_key(&name);
         let subject = self.subject_of(&name);
         nodes.insert(
             name.clone(),
             Node {
                 last_seen: Instant::now(),
+                epoch: beat.epoch,
                 subject,
                 endpoints,
             },
         );
         drop(nodes);
+        self.enforce_pool_sizes();
         if new {
             tracing::info!(node = %name, "cluster: node joined");
             // Tell the newcomer what we hold now rather than at our next beat.
@@ -503,6 +640,21 @@ impl Cluster {
             return;
         }
         let now = Instant::now();
+        let departed: Vec<Arc<str>> = {
+            let mut departing = lock(&self.departing);
+            let over: Vec<Arc<str>> = departing
+                .iter()
+                .filter(|(_, until)| **until <= now)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &over {
+                departing.remove(name);
+            }
+            over
+        };
+        for node in departed {
+            self.node_gone(&node, "gateway node stopped");
+        }
         let silent: Vec<Arc<str>> = lock(&self.nodes)
             .iter()
             .filter(|(_, n)| now.duration_since(n.last_seen) > self.node_timeout)
@@ -555,20 +707,12 @@ impl Cluster {
             tracing::debug!("cluster: a message that is not one of ours");
             return;
         };
+        if !is_subject_token(envelope.from) || !self.usable() {
+            return;
+        }
         match envelope.op {
             Op::ToClient | Op::Ended { .. } => self.to_relayed_client(&envelope),
             Op::Open { .. } | Op::ToBackend | Op::Close => self.to_served(&envelope),
-            Op::Evict { key, path } => {
-                if let Some(endpoint) = self.registry.lookup(path) {
-                    endpoint.close_backend(
-                        key,
-                        mux::CloseReason::new(
-                            mux::close::SERVICE_RESTART,
-                            "replaced by a new backend",
-                        ),
-                    );
-                }
-            }
         }
     }
 
@@ -646,57 +790,6 @@ impl Cluster {
                     .is_some_and(|r| !r.backends.is_empty() && !r.secret.matches(secret))
             })
     }
-
-    /// Makes room for one more backend of `path` in a pool of `max_backends` counted over the
-    /// whole cluster: the longest-connected backends over the size are closed (with 1012) on
-    /// their nodes. `local` are the join times of this node's backends of the path. Returns
-    /// the pool size to apply to this node's own backends, so that the local ones among the
-    /// longest-connected are replaced by the publish itself.
-    pub fn make_room(&self, path: &str, local: &[u64], max_backends: usize) -> usize {
-        let max_backends = max_backends.max(1);
-        if !self.usable() {
-            return max_backends;
-        }
-        let mut all: Vec<(u64, Option<(Subject, u64)>)> =
-            local.iter().map(|since| (*since, None)).collect();
-        for node in lock(&self.nodes).values() {
-            if let Some(remote) = node.endpoints.get(path) {
-                for (key, since, _) in &remote.backends {
-                    all.push((*since, Some((node.subject.clone(), *key))));
-                }
-            }
-        }
-        let excess = (all.len() + 1).saturating_sub(max_backends);
-        all.sort_by_key(|(since, _)| *since);
-        let mut local_evicted = 0;
-        for (_, place) in all.into_iter().take(excess) {
-            match place {
-                None => local_evicted += 1,
-                Some((subject, key)) => {
-                    let message = Envelope {
-                        op: Op::Evict { key, path },
-                        session: 0,
-                        from: &self.me,
-                        body: b"",
-                    };
-                    self.publish_later(subject, message.encode());
-                }
-            }
-        }
-        // The local pool keeps what it has minus the evicted, plus the newcomer.
-        (local.len() + 1 - local_evicted).max(1)
-    }
-
-    /// SIGTERM: tell the others first, then end every session across the link.
-    pub async fn leave(&self) {
-        let me = self.me_weak.upgrade();
-        let Some(me) = me else { return };
-        let announce = async move {
-            me.announce(true).await;
-            let _ = me.nats.flush().await;
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.rt.spawn(announce)).await;
-    }
 }
 
 /// Locks a mutex, carrying on if a panicking thread poisoned it.
@@ -737,12 +830,4 @@ fn node_name(configured: Option<&str>) -> String {
 fn session_id() -> u128 {
     // Never 0: that one marks messages about no session.
     rand::random::<u128>().max(1)
-}
-
-/// Joined at, in Unix ms, of `endpoint`'s live backends (for [`Cluster::make_room`]).
-pub fn local_join_times(endpoint: Option<&Arc<mux::Endpoint>>) -> Vec<u64> {
-    endpoint
-        .and_then(|e| e.snapshot())
-        .map(|p| p.backends.iter().map(|b| b.1).collect())
-        .unwrap_or_default()
 }

@@ -37,7 +37,12 @@ impl Cluster {
                 let size = envelope.body.len();
                 let budget = self.registry.limits().backend_queue_bytes;
                 let mut served = lock(&self.served);
-                let Some(entry) = served.get(&id) else {
+                let Some(entry) = served.get(&id).filter(|e| *e.origin == *envelope.from) else {
+                    drop(served);
+                    // A session this node does not know (ended here, or its open was lost):
+                    // the client's node learns it, and places the client again.
+                    let reason = CloseReason::new(close::TRY_AGAIN_LATER, "session unknown");
+                    self.end_served(&self.subject_of(envelope.from), id, &reason);
                     return;
                 };
                 if entry.queued.fetch_add(size, Ordering::Relaxed) + size > budget {
@@ -57,8 +62,12 @@ impl Cluster {
                 let _ = entry.tx.send((msg, size));
             }
             Op::Close => {
-                let entry = lock(&self.served).remove(&id);
-                drop(entry);
+                let mut served = lock(&self.served);
+                if served.get(&id).is_some_and(|e| *e.origin == *envelope.from) {
+                    let entry = served.remove(&id);
+                    drop(served);
+                    drop(entry);
+                }
             }
             _ => {}
         }
@@ -67,6 +76,14 @@ impl Cluster {
     fn open_served(&self, envelope: &Envelope<'_>, websocket: bool, path: &str) {
         let id = envelope.session;
         let reply_to = self.subject_of(envelope.from);
+        if lock(&self.served).contains_key(&id) {
+            return;
+        }
+        if self.leaving.load(Ordering::SeqCst) {
+            let reason = CloseReason::new(close::TRY_AGAIN_LATER, "gateway node stopping");
+            self.end_served(&reply_to, id, &reason);
+            return;
+        }
         let conn = self
             .registry
             .lookup(path)
@@ -146,7 +163,16 @@ impl Cluster {
                     Some((msg, size)) => {
                         queued.fetch_sub(size, Ordering::Relaxed);
                         if let Some(answer) = conn.send(msg).await {
+                            // Answered by this node itself (too many calls, no backend).
+                            let last = !websocket && answer.ends_call();
+                            if websocket && answer.id().is_none() {
+                                // A WebSocket peer is only sent answers that carry an id.
+                                continue;
+                            }
                             self.publish(reply_to.clone(), frame(answer.to_json().as_bytes())).await;
+                            if last {
+                                break;
+                            }
                         }
                     }
                 },
@@ -165,6 +191,13 @@ impl Cluster {
                 },
             }
         }
-        lock(&self.served).remove(&id);
+        let mut served = lock(&self.served);
+        // Only this session's entry (a new one under the same id is not ours to remove).
+        if served
+            .get(&id)
+            .is_some_and(|e| Arc::ptr_eq(&e.queued, &queued))
+        {
+            served.remove(&id);
+        }
     }
 }

@@ -5,9 +5,9 @@
 //! ```
 //!
 //! `op` is one letter, `session` 32 hex digits, `from` the sending node's name (a subject token:
-//! no spaces); the argument is the rest of the line (a path, a close code and reason, a backend
-//! key and path). The body is a Duplex frame as JSON, or empty. Heartbeats are JSON of their own
-//! (see [`Heartbeat`]).
+//! no spaces); the argument is the rest of the line (a path, or a close code and reason). The
+//! body is a Duplex frame as JSON, or empty. Heartbeats are JSON of their own (see
+//! [`Heartbeat`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -40,14 +40,6 @@ pub enum Op<'a> {
         /// The close reason.
         reason: &'a str,
     },
-    /// Any node -> the node of a backend: close backend `key` of `path` (a pool is full
-    /// cluster-wide and it is the longest-connected).
-    Evict {
-        /// The backend's key on its node.
-        key: u64,
-        /// The endpoint path.
-        path: &'a str,
-    },
 }
 
 /// A decoded message.
@@ -55,7 +47,7 @@ pub enum Op<'a> {
 pub struct Envelope<'a> {
     /// What it is.
     pub op: Op<'a>,
-    /// The session it is about (0 for [`Op::Evict`]).
+    /// The session it is about.
     pub session: u128,
     /// The node that sent it.
     pub from: &'a str,
@@ -72,7 +64,6 @@ impl Envelope<'_> {
             Op::Close => (b'C', String::new()),
             Op::ToClient => (b'F', String::new()),
             Op::Ended { code, reason } => (b'E', format!("{code} {}", one_line(reason))),
-            Op::Evict { key, path } => (b'X', format!("{key} {path}")),
         };
         let mut out = BytesMut::with_capacity(40 + self.from.len() + arg.len() + self.body.len());
         out.put_u8(letter);
@@ -122,13 +113,6 @@ pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
                 reason,
             }
         }
-        "X" => {
-            let (key, path) = arg.split_once(' ')?;
-            Op::Evict {
-                key: key.parse().ok()?,
-                path,
-            }
-        }
         _ => return None,
     };
     Some(Envelope {
@@ -149,9 +133,13 @@ fn one_line(text: &str) -> String {
 pub struct Heartbeat {
     /// The node's name.
     pub node: String,
-    /// The node stops: forget it now.
+    /// The node stops: send it nothing new.
     #[serde(default)]
     pub leaving: bool,
+    /// Changes whenever the node's link to NATS starts afresh: what was sent to it before may
+    /// be lost, so its peers end every session across it.
+    #[serde(default)]
+    pub epoch: u64,
     /// Its endpoints (with live backends, or in their grace).
     #[serde(default)]
     pub endpoints: Vec<Announced>,
@@ -189,10 +177,6 @@ mod tests {
             Op::Ended {
                 code: 1008,
                 reason: "secret changed by a reload",
-            },
-            Op::Evict {
-                key: 42,
-                path: "/e",
             },
         ];
         for op in ops {

@@ -222,43 +222,58 @@ struct PositiveDur(Duration);
 
 impl<'de> Deserialize<'de> for PositiveDur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match Dur::deserialize(d)? {
-            Dur(t) if t.is_zero() => Err(de::Error::custom(
-                "must be between 1ms and 7 days (0 is not allowed here)",
-            )),
-            Dur(t) => Ok(PositiveDur(t)),
-        }
+        d.deserialize_any(DurVisitor { zero: false })
+            .map(|Dur(t)| PositiveDur(t))
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct DurVisitor;
-        impl Visitor<'_> for DurVisitor {
-            type Value = Dur;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a duration like 250ms, 10s, 5m or 1h")
-            }
-            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
-                if n == 0 {
-                    return Ok(Dur(Duration::ZERO));
-                }
-                Err(E::custom(format!(
-                    "`{n}` needs a unit: {n}ms, {n}s, {n}m or {n}h"
-                )))
-            }
-            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
-                match u64::try_from(n) {
-                    Ok(n) => self.visit_u64(n),
-                    Err(_) => Err(E::custom("a duration cannot be negative")),
-                }
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
-                let text = substitute(v).map_err(E::custom)?;
-                parse_duration(&text).map(Dur).map_err(E::custom)
-            }
+        d.deserialize_any(DurVisitor { zero: true })
+    }
+}
+
+/// Reads a duration. Every error is raised inside the visitor, so serde_yaml marks it with the
+/// scalar's own line and column.
+struct DurVisitor {
+    /// Whether `0` is allowed.
+    zero: bool,
+}
+
+impl DurVisitor {
+    fn check<E: de::Error>(&self, t: Duration) -> Result<Dur, E> {
+        if t.is_zero() && !self.zero {
+            return Err(E::custom(
+                "must be between 1ms and 7 days (0 is not allowed here)",
+            ));
         }
-        d.deserialize_any(DurVisitor)
+        Ok(Dur(t))
+    }
+}
+
+impl Visitor<'_> for DurVisitor {
+    type Value = Dur;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a duration like 250ms, 10s, 5m or 1h")
+    }
+    fn visit_u64<E: de::Error>(self, n: u64) -> Result<Dur, E> {
+        if n == 0 {
+            return self.check(Duration::ZERO);
+        }
+        Err(E::custom(format!(
+            "`{n}` needs a unit: {n}ms, {n}s, {n}m or {n}h"
+        )))
+    }
+    fn visit_i64<E: de::Error>(self, n: i64) -> Result<Dur, E> {
+        match u64::try_from(n) {
+            Ok(n) => self.visit_u64(n),
+            Err(_) => Err(E::custom("a duration cannot be negative")),
+        }
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Dur, E> {
+        let text = substitute(v).map_err(E::custom)?;
+        let t = parse_duration(&text).map_err(E::custom)?;
+        self.check(t)
     }
 }
 

@@ -650,4 +650,51 @@ limits:
         let e = parse_err("listen:\n  - address: 127.0.0.1:1\nlimits:\n  ping_interval: 0\n");
         assert_eq!((e.line, e.column.is_some()), (Some(4), true), "{e}");
     }
+
+    #[test]
+    fn the_cluster_section_is_read_with_its_defaults() {
+        let c = parse_ok("listen: [{address: 127.0.0.1:1}]");
+        assert!(c.cluster.is_none(), "no section, no cluster");
+        let c = parse_ok(
+            "listen: [{address: 127.0.0.1:1}]\ncluster: {nats: [nats://127.0.0.1:4222, 'tls://n2:4222']}",
+        );
+        let cluster = c.cluster.expect("cluster");
+        assert_eq!(cluster.nats.len(), 2);
+        assert_eq!(cluster.node, None);
+        assert_eq!(cluster.subject_prefix, "duplex_gateway");
+        assert_eq!(cluster.node_timeout, Duration::from_secs(5));
+        let c = parse_ok(
+            "listen: [{address: 127.0.0.1:1}]\ncluster:\n  nats: [n1:4222]\n  node: gw-1\n  subject_prefix: prod.gw\n  node_timeout: 750ms\n",
+        );
+        let cluster = c.cluster.expect("cluster");
+        assert_eq!(cluster.node.as_deref(), Some("gw-1"));
+        assert_eq!(cluster.subject_prefix, "prod.gw");
+        assert_eq!(cluster.node_timeout, Duration::from_millis(750));
+    }
+
+    #[test]
+    fn cluster_names_that_are_not_subject_tokens_are_errors_with_their_line() {
+        let base = "listen: [{address: 127.0.0.1:1}]\ncluster:\n  nats: [nats://127.0.0.1:4222]\n";
+        for (bad, line) in [
+            ("  node: gw.1\n", 4),
+            ("  node: 'gw 1'\n", 4),
+            ("  node: ''\n", 4),
+            ("  subject_prefix: 'a..b'\n", 4),
+            ("  subject_prefix: 'a.*'\n", 4),
+            ("  subject_prefix: 'a.>'\n", 4),
+            ("  node_timeout: 0s\n", 4),
+        ] {
+            let e = parse_err(&format!("{base}{bad}"));
+            assert_eq!(e.line, Some(line), "{bad}: {e}");
+        }
+        // A zero where it is not allowed is marked at the value, not at its section.
+        let e = parse_err(
+            "listen: [{address: 127.0.0.1:1}]\nlimits:\n  max_message_bytes: 5\n  ping_interval: 0s\n",
+        );
+        assert_eq!((e.line, e.column), (Some(4), Some(18)), "{e}");
+        let e = parse_err("listen: [{address: 127.0.0.1:1}]\ncluster: {nats: []}\n");
+        assert!(e.message.contains("cluster.nats"), "{e}");
+        let e = parse_err("listen: [{address: 127.0.0.1:1}]\ncluster: {node: a}\n");
+        assert!(e.message.contains("nats"), "{e}");
+    }
 }

@@ -37,6 +37,15 @@ impl ClientConn {
         &self.route
     }
 
+    /// Whether calls of this client (to a backend, or from one) are running.
+    pub fn has_open_calls(&self) -> bool {
+        self.endpoint
+            .state()
+            .clients
+            .get(&self.route)
+            .is_some_and(|c| !c.open.is_empty() || !c.incoming.is_empty())
+    }
+
     /// The next frame for this client; None once the multiplexer closed it
     /// (see [`ClientConn::close_reason`]).
     pub async fn recv(&mut self) -> Option<Message> {
