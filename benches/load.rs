@@ -266,6 +266,14 @@ struct OurGateway {
     text: String,
 }
 
+/// The gateway binary: this build's, or the one `DUPLEX_GATEWAY_BIN` names (to compare two
+/// builds side by side).
+fn gateway_binary() -> std::path::PathBuf {
+    std::env::var_os("DUPLEX_GATEWAY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_duplex-gateway")))
+}
+
 /// Starts our gateway (the release binary) on free ports.
 async fn start_gateway(dir: &std::path::Path) -> OurGateway {
     start_gateway_with(dir, "gateway.yaml", "").await
@@ -284,7 +292,7 @@ async fn start_gateway_with(dir: &std::path::Path, name: &str, extra: &str) -> O
          limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}"
     );
     std::fs::write(&config, &text).expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_duplex-gateway"))
+    let child = Command::new(gateway_binary())
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", "warn")

@@ -562,7 +562,7 @@ impl Gateway {
         let path = session.req_header().uri.path().to_string();
         let settings = ws_settings(&config.limits);
         let counted = Counted::new(&self.app.active.websockets);
-        let Some(ws) = WsStream::upgrade(session, &settings).await else {
+        let Some(ws) = WsStream::upgrade(session, &settings, ws::BACKEND_READ_CHUNK).await else {
             return Ok(());
         };
         let app = self.app.clone();
@@ -643,7 +643,8 @@ impl Gateway {
             Err(e) => return refuse_join(session, e, headers).await,
         };
         let counted = Counted::new(&self.app.active.websockets);
-        let Some(ws) = WsStream::upgrade(session, &ws_settings(&config.limits)).await else {
+        let settings = ws_settings(&config.limits);
+        let Some(ws) = WsStream::upgrade(session, &settings, ws::CLIENT_READ_CHUNK).await else {
             return Ok(());
         };
         let app = self.app.clone();

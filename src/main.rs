@@ -8,6 +8,12 @@ use duplex_gateway::app::App;
 use duplex_gateway::config::{Config, ConfigError, Source, BUILTIN_TOKEN_VAR};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc's allocator: the HTTP path allocates and frees per request (Pingora's
+/// request state, bodies, frames), and glibc's malloc and free were a quarter of the gateway's
+/// CPU on some CPUs (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Publishes private Duplex RPC services on the web.
 #[derive(Parser)]
 #[command(version, about)]

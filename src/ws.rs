@@ -31,8 +31,14 @@ use crate::duplex::{handshake, Message};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{close, BackendConn, CloseReason};
 
-/// How much is read from the socket at a time.
-const READ_CHUNK: usize = 4096;
+/// How much is read from a backend's socket at a time (a backend carries every client's
+/// frames: reads of many frames at once).
+pub const BACKEND_READ_CHUNK: usize = 4096;
+/// How much is read from a client's socket at a time. The framing keeps a buffer of this size
+/// per connection for as long as it lives, so it is most of what an idle client costs: small,
+/// since a client sends its own calls only (a larger frame gets a buffer of its size while it
+/// is read).
+pub const CLIENT_READ_CHUNK: usize = 512;
 /// The most frames written with one write call.
 const MAX_BATCH: usize = 64;
 /// A batch stops growing at this many bytes: what a connection holds in its output buffer stays
@@ -147,7 +153,12 @@ impl WsStream {
     /// Answers the upgrade with `101 Switching Protocols`, then takes the connection out of
     /// Pingora's session (see the module documentation). None when the connection is gone (or
     /// is not HTTP/1, which has no upgrade); the session is then finished as usual.
-    pub async fn upgrade(session: &mut Session, settings: &WsSettings) -> Option<WsStream> {
+    /// `read_chunk` is how much is read from the socket at a time (see [`CLIENT_READ_CHUNK`]).
+    pub async fn upgrade(
+        session: &mut Session,
+        settings: &WsSettings,
+        read_chunk: usize,
+    ) -> Option<WsStream> {
         let key = session
             .req_header()
             .headers
@@ -172,7 +183,7 @@ impl WsStream {
         // Small buffers: an idle connection should cost little memory. Frames are written
         // straight into our own output buffer (no write buffer of tungstenite's own).
         let config = WebSocketConfig::default()
-            .read_buffer_size(READ_CHUNK)
+            .read_buffer_size(read_chunk)
             .write_buffer_size(0)
             .max_message_size(Some(settings.max_message_bytes))
             .max_frame_size(Some(settings.max_message_bytes));

@@ -67,6 +67,10 @@ pub struct Cluster {
     changed: Notify,
     /// Spreads relayed clients over nodes in turn.
     turn: AtomicUsize,
+    /// `duplex_gateway_cluster_messages_total{direction="out"}` and `{direction="in"}`, looked
+    /// up once (every frame counts).
+    sent: prometheus::IntCounter,
+    received: prometheus::IntCounter,
     /// This node's current link epoch (see [`Heartbeat::epoch`]).
     epoch: std::sync::atomic::AtomicU64,
     /// Set on SIGTERM: heartbeats say the node leaves, and no new session is accepted.
@@ -188,6 +192,8 @@ impl Cluster {
             max_message: AtomicUsize::new(max_message_bytes),
             changed: Notify::new(),
             turn: AtomicUsize::new(0),
+            sent: metrics().cluster_messages.with_label_values(&["out"]),
+            received: metrics().cluster_messages.with_label_values(&["in"]),
             epoch: std::sync::atomic::AtomicU64::new(rand::random()),
             leaving: AtomicBool::new(false),
             departing: Mutex::new(HashMap::new()),
@@ -284,7 +290,7 @@ impl Cluster {
         }
         match self.nats.publish(subject, payload).await {
             Ok(()) => {
-                metrics().cluster_messages.with_label_values(&["out"]).inc();
+                self.sent.inc();
                 true
             }
             Err(e) => {
@@ -449,6 +455,15 @@ impl Cluster {
         };
         match serde_json::to_vec(&beat) {
             Ok(body) => {
+                let max_payload = self.max_payload.load(Ordering::SeqCst);
+                if max_payload > 0 && body.len() > max_payload {
+                    // The others would take this node for dead: say why, loudly.
+                    tracing::error!(
+                        bytes = body.len(),
+                        max_payload,
+                        "cluster: this node's heartbeat (all its endpoints) does not fit the NATS server's max_payload"
+                    );
+                }
                 self.publish(Subject::from(self.heartbeat_subject()), body.into())
                     .await;
             }
@@ -529,7 +544,7 @@ impl Cluster {
     }
 
     fn on_heartbeat(&self, payload: &[u8]) {
-        metrics().cluster_messages.with_label_values(&["in"]).inc();
+        self.received.inc();
         let Ok(beat) = serde_json::from_slice::<Heartbeat>(payload) else {
             tracing::debug!("cluster: a heartbeat that is not one");
             return;
@@ -702,7 +717,7 @@ impl Cluster {
 
     /// A message on this node's own subject.
     fn on_direct(&self, payload: &Bytes) {
-        metrics().cluster_messages.with_label_values(&["in"]).inc();
+        self.received.inc();
         let Some(envelope) = wire::decode(payload) else {
             tracing::debug!("cluster: a message that is not one of ours");
             return;
