@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_nats::Subject;
+use futures_channel::mpsc;
+use futures_util::StreamExt;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use super::wire::{Envelope, Op};
@@ -97,7 +98,7 @@ pub(super) struct Relay {
 
 impl Relay {
     pub(super) fn end(&self, id: u128, reason: CloseReason) {
-        let _ = self.tx.send(Inbound::Ended(id, reason));
+        let _ = self.tx.unbounded_send(Inbound::Ended(id, reason));
     }
 }
 
@@ -144,7 +145,7 @@ impl Cluster {
                     }
                     return;
                 }
-                let _ = relay.tx.send(Inbound::Frame(id, msg, size));
+                let _ = relay.tx.unbounded_send(Inbound::Frame(id, msg, size));
             }
             _ => {}
         }
@@ -199,6 +200,8 @@ pub struct ClusterClient {
     grace_until: Option<Instant>,
     /// SIGTERM: this node closes its WebSocket clients.
     stop: tokio::sync::watch::Receiver<Option<CloseReason>>,
+    /// What the cluster and the pools looked like when the client's place was last found good.
+    checked: Option<(u64, u64)>,
 }
 
 impl ClusterClient {
@@ -223,7 +226,8 @@ impl ClusterClient {
             }
             *count += 1;
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        // futures' channel: it allocates nothing up front (tokio's takes a block per channel).
+        let (tx, rx) = mpsc::unbounded();
         let mut client = ClusterClient {
             cluster: cluster.clone(),
             path: Arc::from(path),
@@ -238,6 +242,7 @@ impl ClusterClient {
             closed: None,
             grace_until: None,
             stop: cluster.stop_signal(),
+            checked: None,
         };
         // A node that serves the endpoint takes its own clients (they count against its limits
         // and show in its gauges at once).
@@ -267,6 +272,17 @@ impl ClusterClient {
     /// Makes sure the client is attached where a backend serves, waiting (as in a grace) while
     /// none does. False when none came in time.
     async fn attach(&mut self) -> bool {
+        // Nothing changed since the last call found its place good: it still is.
+        let versions = self.cluster.versions();
+        if self.checked == Some(versions) && !matches!(self.place, Place::Nowhere) {
+            return true;
+        }
+        let placed = self.place_for_call().await;
+        self.checked = placed.then_some(versions);
+        placed
+    }
+
+    async fn place_for_call(&mut self) -> bool {
         loop {
             let local = self.cluster.registry.lookup(&self.path);
             let local_serves = local.as_ref().is_some_and(|e| e.serving());
@@ -550,7 +566,7 @@ impl ClusterClient {
                         return None;
                     }
                 },
-                inbound = self.rx.recv() => match inbound {
+                inbound = self.rx.next() => match inbound {
                     Some(inbound) => {
                         if let Some(msg) = self.on_inbound(inbound) {
                             return Some(msg);

@@ -67,6 +67,8 @@ pub struct Cluster {
     changed: Notify,
     /// Spreads relayed clients over nodes in turn.
     turn: AtomicUsize,
+    /// Counts changes of what this node knows of the others (and of the link).
+    version: std::sync::atomic::AtomicU64,
     /// `duplex_gateway_cluster_messages_total{direction="out"}` and `{direction="in"}`, looked
     /// up once (every frame counts).
     sent: prometheus::IntCounter,
@@ -138,8 +140,9 @@ impl Cluster {
         max_backends: MaxBackends,
     ) -> Result<Arc<Cluster>, String> {
         let me: Arc<str> = Arc::from(node_name(config.node.as_deref()));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+        // One thread: the link's reads and writes, heartbeats and relayed sessions are light,
+        // and a single-threaded runtime wakes its own tasks without crossing threads.
+        let rt = tokio::runtime::Builder::new_current_thread()
             .thread_name("cluster")
             .enable_all()
             .build()
@@ -164,6 +167,8 @@ impl Cluster {
             .ping_interval(Duration::from_secs(2))
             .connection_timeout(Duration::from_secs(2))
             .retry_on_initial_connect()
+            // Every subject is made here from checked tokens: no need to scan each one again.
+            .skip_subject_validation(true)
             .max_reconnects(None)
             .reconnect_delay_callback(|attempts| {
                 Duration::from_millis((attempts as u64 * 200).min(1000))
@@ -192,6 +197,7 @@ impl Cluster {
             max_message: AtomicUsize::new(max_message_bytes),
             changed: Notify::new(),
             turn: AtomicUsize::new(0),
+            version: std::sync::atomic::AtomicU64::new(0),
             sent: metrics().cluster_messages.with_label_values(&["out"]),
             received: metrics().cluster_messages.with_label_values(&["in"]),
             epoch: std::sync::atomic::AtomicU64::new(rand::random()),
@@ -271,7 +277,24 @@ impl Cluster {
         self.registry.pool_changed.notify_one();
     }
 
+    /// What this node knows of the others, and of the link, and of its own pools, as a pair of
+    /// counters that move whenever any of it changes.
+    pub(super) fn versions(&self) -> (u64, u64) {
+        (
+            self.version.load(Ordering::SeqCst),
+            self.registry.pool_version(),
+        )
+    }
+
+    /// What this node knows of the others changed: counted, and waiting clients look again.
+    fn directory_changed(&self) {
+        self.version.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
     fn update_gauges(&self) {
+        // Called on every change of the link too.
+        self.version.fetch_add(1, Ordering::SeqCst);
         let m = metrics();
         m.cluster_connected.set(i64::from(self.usable()));
         // While the link is down this node hears nobody.
@@ -426,7 +449,7 @@ impl Cluster {
         let served: Vec<served::Entry> = lock(&self.served).drain().map(|(_, e)| e).collect();
         drop(served);
         self.update_gauges();
-        self.changed.notify_waiters();
+        self.directory_changed();
     }
 
     /// Announces this node's endpoints (or that it leaves).
@@ -560,7 +583,7 @@ impl Cluster {
                 tracing::info!(node = %name, "cluster: node leaves");
                 lock(&self.departing).insert(name, Instant::now() + DEPARTURE);
                 self.update_gauges();
-                self.changed.notify_waiters();
+                self.directory_changed();
             }
             return;
         }
@@ -607,7 +630,7 @@ impl Cluster {
             self.registry.pool_changed.notify_one();
             self.update_gauges();
         }
-        self.changed.notify_waiters();
+        self.directory_changed();
     }
 
     /// Counts an HTTP call this node answered for an endpoint served by another node.
@@ -712,7 +735,7 @@ impl Cluster {
         };
         drop(dropped);
         self.update_gauges();
-        self.changed.notify_waiters();
+        self.directory_changed();
     }
 
     /// A message on this node's own subject.

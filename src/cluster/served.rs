@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_nats::Subject;
-use tokio::sync::mpsc;
+use futures_channel::mpsc;
+use futures_util::StreamExt;
 
 use super::wire::{Envelope, Op};
 use super::{lock, Cluster};
@@ -59,7 +60,7 @@ impl Cluster {
                     }
                     return;
                 }
-                let _ = entry.tx.send((msg, size));
+                let _ = entry.tx.unbounded_send((msg, size));
             }
             Op::Close => {
                 let mut served = lock(&self.served);
@@ -97,13 +98,13 @@ impl Cluster {
                 return;
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
         if !envelope.body.is_empty() {
             if let Ok(first) = Message::parse(envelope.body) {
                 let size = envelope.body.len();
                 queued.fetch_add(size, Ordering::Relaxed);
-                let _ = tx.send((first, size));
+                let _ = tx.unbounded_send((first, size));
             }
         }
         lock(&self.served).insert(
@@ -157,7 +158,7 @@ impl Cluster {
         };
         loop {
             tokio::select! {
-                from_client = rx.recv() => match from_client {
+                from_client = rx.next() => match from_client {
                     // The client's node closed it (the client left, or its node is gone).
                     None => break,
                     Some((msg, size)) => {

@@ -96,6 +96,8 @@ pub struct Registry {
     /// Woken when a pool changes (a backend joins, leaves or drains; an endpoint goes): the
     /// cluster then announces this node's endpoints at once.
     pub pool_changed: tokio::sync::Notify,
+    /// Counts pool changes (so a client can tell cheaply that nothing changed since it looked).
+    pool_version: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -106,7 +108,20 @@ impl Registry {
             limits: ArcSwap::from_pointee(limits),
             me: me.clone(),
             pool_changed: tokio::sync::Notify::new(),
+            pool_version: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// A pool changed: counted, and the cluster (if any) woken to announce it.
+    pub fn note_pool_change(&self) {
+        self.pool_version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.pool_changed.notify_one();
+    }
+
+    /// How many pool changes there have been.
+    pub fn pool_version(&self) -> u64 {
+        self.pool_version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Replaces the limits; they apply to every message from now on.

@@ -539,7 +539,7 @@ impl Endpoint {
     /// Tells the cluster (if any) that this endpoint's pool changed.
     fn pool_changed(&self) {
         if let Some(registry) = self.registry.upgrade() {
-            registry.pool_changed.notify_one();
+            registry.note_pool_change();
         }
     }
 
@@ -926,7 +926,7 @@ impl Endpoint {
         self.changed.notify_waiters();
         if let Some(registry) = self.registry.upgrade() {
             registry.remove(self);
-            registry.pool_changed.notify_one();
+            registry.note_pool_change();
         }
     }
 
