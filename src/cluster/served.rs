@@ -118,7 +118,10 @@ impl Cluster {
         let Some(me) = self.me_weak.upgrade() else {
             return;
         };
-        self.rt.spawn(async move {
+        // Next to the backend's connection: handing it frames and taking its replies then wakes
+        // no other thread (only the NATS link's own thread is crossed, once each way).
+        let runtime = conn.endpoint().runtime().unwrap_or_else(|| self.rt.clone());
+        runtime.spawn(async move {
             me.serve(conn, rx, queued, reply_to, id, websocket).await;
         });
     }

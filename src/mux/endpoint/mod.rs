@@ -129,6 +129,9 @@ struct State {
     grace_until: Option<Instant>,
     removed: bool,
     gauges: Option<Gauges>,
+    /// The runtime the latest backend's connection runs on: work for this endpoint that is
+    /// not tied to a connection of its own (relayed cluster sessions) runs there, next to it.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 struct BackendSlot {
@@ -436,6 +439,7 @@ impl Endpoint {
                 grace_until: None,
                 removed: false,
                 gauges: None,
+                runtime: None,
             }),
             changed: Notify::new(),
             registry,
@@ -513,6 +517,11 @@ impl Endpoint {
     fn waiting_is_over(&self) -> bool {
         let s = self.state();
         s.serving() || s.removed
+    }
+
+    /// The runtime the latest backend's connection runs on, if any.
+    pub fn runtime(&self) -> Option<tokio::runtime::Handle> {
+        self.state().runtime.clone()
     }
 
     /// Whether some live backend takes new calls.
@@ -611,6 +620,7 @@ impl Endpoint {
         s.next_key += 1;
         s.secret = secret;
         s.grace_until = None;
+        s.runtime = tokio::runtime::Handle::try_current().ok();
         s.backends.push(BackendSlot {
             key,
             since_ms: unix_ms(),
