@@ -681,6 +681,20 @@ async fn pool_scenarios(
     (pool_rpc, rolling, dip)
 }
 
+/// Waits (20 s at most, else fails with `what`) until a client of `client_url` gets an echo.
+async fn wait_for_echo(client_url: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(p) = Peer::builder().connect(client_url).await {
+            if p.call("echo", json!(1)).await.is_ok() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The nats-server binary, if installed.
 fn nats_server() -> Option<&'static str> {
     [
@@ -725,20 +739,7 @@ async fn cluster_scenarios(
         &format!("{}{ENDPOINT}?token={}&secret={SECRET}", b.url, o.token),
     );
     let client_url = format!("{}{ENDPOINT}?secret={SECRET}", a.url);
-    // Wait until node A relays to the backend on node B.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(p) = Peer::builder().connect(&client_url).await {
-            if p.call("echo", json!(1)).await.is_ok() {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "node A never reached the backend on node B"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_echo(&client_url, "node A never reached the backend on node B").await;
     let a_port: u16 = a
         .url
         .rsplit(':')
@@ -850,20 +851,7 @@ async fn bench(o: Options) {
         &format!("{base}{ENDPOINT}?token={}&secret={SECRET}", o.token),
     );
     let client_url = format!("{base}{ENDPOINT}?secret={SECRET}");
-    // Wait until the backend is published.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(p) = Peer::builder().connect(&client_url).await {
-            if p.call("echo", json!(1)).await.is_ok() {
-                break;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the echo backend did not publish"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_echo(&client_url, "the echo backend did not publish").await;
 
     // ws_rpc / ws_rpc_direct
     let ws_rpc = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;

@@ -708,31 +708,15 @@ impl Cluster {
     /// are closed (backend calls to those clients get `-32001`).
     fn node_gone(&self, node: &str, why: &str) {
         lock(&self.nodes).remove(node);
-        let ended: Vec<(u128, client::Relay)> = {
-            let mut sessions = lock(&self.sessions);
-            let ids: Vec<u128> = sessions
-                .iter()
-                .filter(|(_, r)| &*r.node == node)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| sessions.remove(&id).map(|r| (id, r)))
-                .collect()
-        };
+        let ended: Vec<(u128, client::Relay)> = lock(&self.sessions)
+            .extract_if(|_, r| &*r.node == node)
+            .collect();
         for (id, relay) in ended {
             relay.end(id, mux::CloseReason::new(mux::close::TRY_AGAIN_LATER, why));
         }
-        let dropped: Vec<served::Entry> = {
-            let mut served = lock(&self.served);
-            let ids: Vec<u128> = served
-                .iter()
-                .filter(|(_, e)| &*e.origin == node)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.into_iter()
-                .filter_map(|id| served.remove(&id))
-                .collect()
-        };
+        let dropped: Vec<(u128, served::Entry)> = lock(&self.served)
+            .extract_if(|_, e| &*e.origin == node)
+            .collect();
         drop(dropped);
         self.update_gauges();
         self.directory_changed();
