@@ -699,3 +699,63 @@ async fn a_drain_across_nodes_lets_running_calls_finish_and_moves_new_ones() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn any_backend_of_a_pool_calls_any_client_whichever_node_serves_it() {
+    let nats = Nats::start();
+    let pool = "  max_backends_per_endpoint: 2\n";
+    let gws = nodes(&nats, &["a", "b"], pool).await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let on_a = publish_named(a, "/any", "a").await;
+    let on_b = publish_named(b, "/any", "b").await;
+    served_from(a, "/any").await;
+    served_from(b, "/any").await;
+    // A client of node a, served by a's own backend: its route is a's.
+    let peer = Peer::builder()
+        .handle("hello", |call: Call| async move {
+            Ok(json!(format!("hello {}", call.payload)))
+        })
+        .connect(&a.client_url("/any", "s"))
+        .await
+        .expect("client");
+    assert_eq!(who(&peer).await, "a");
+    let route = match peer.call("route", Value::Null).await {
+        Ok(Value::String(route)) => route,
+        other => panic!("route: {other:?}"),
+    };
+    // Both backends call it, b's from the other node; both with id 1.
+    let (mine, other) = tokio::join!(
+        async {
+            let call = on_a.call_route(&route, "hello", json!("a")).expect("call");
+            tokio::time::timeout(WAIT, call.last())
+                .await
+                .expect("in time")
+        },
+        async {
+            let call = on_b.call_route(&route, "hello", json!("b")).expect("call");
+            tokio::time::timeout(WAIT, call.last())
+                .await
+                .expect("in time")
+        }
+    );
+    assert_eq!(mine, Ok(json!("hello \"a\"")));
+    assert_eq!(other, Ok(json!("hello \"b\"")));
+    // The client leaves: b's next call to it gets -32001 from a.
+    peer.close();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let call = on_b
+            .call_route(&route, "hello", json!("again"))
+            .expect("call");
+        match tokio::time::timeout(WAIT, call.last())
+            .await
+            .expect("in time")
+        {
+            Err(PeerError::Rpc(e)) if e.code == -32001 => break,
+            other => {
+                assert!(Instant::now() < deadline, "still {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

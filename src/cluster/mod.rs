@@ -11,9 +11,11 @@
 //!
 //! A client whose endpoint has no serving backend on its own node is relayed: its node opens a
 //! *session* on a node that has one ([`client`]), and that node joins the client to its endpoint
-//! like any other client ([`served`]), so id rewriting, `ext`, streams, backend-to-client calls,
-//! `-32001` and limits work exactly as on one node. Frames of one session travel in order: one
-//! publisher, one subscriber, one NATS connection each way.
+//! like any other client (module `served`), so id rewriting, `ext`, streams, backend-to-client
+//! calls, `-32001` and limits work exactly as on one node. Frames of one session travel in
+//! order: one publisher, one subscriber, one NATS connection each way. A route key starts with
+//! its node's tag, so a backend's call to a client served on another node goes there
+//! ([`mux::Relay`]).
 //!
 //! When a node dies or NATS is lost, the sessions across it end: calls open through them fail
 //! with `-32000` (HTTP 503), and clients are relayed again, elsewhere, on their next call.
@@ -37,7 +39,7 @@ use crate::auth::Digest;
 use crate::config::{is_subject_token, ClusterConfig};
 use crate::metrics::metrics;
 use crate::mux::{self, Registry};
-use wire::{Announced, Heartbeat, Op, ENVELOPE_BYTES};
+use wire::{Announced, Envelope, Heartbeat, Op, ENVELOPE_BYTES};
 
 pub use client::{Client, ClusterClient};
 
@@ -225,6 +227,10 @@ impl Cluster {
             tracing::warn!(node = %cluster.me, "NATS unreachable: starting local-only, retrying");
         }
         cluster.update_gauges();
+        cluster.registry.join_cluster(
+            tag_of(&cluster.me),
+            Arc::new(RelayTo(Arc::downgrade(&cluster))),
+        );
         let c = cluster.clone();
         handle.spawn(async move { c.run(events_rx).await });
         tracing::info!(node = %cluster.me, prefix = %cluster.prefix, "cluster node started");
@@ -735,6 +741,38 @@ impl Cluster {
         match envelope.op {
             Op::ToClient | Op::Ended { .. } => self.to_relayed_client(&envelope),
             Op::Open { .. } | Op::ToBackend | Op::Close => self.to_served(&envelope),
+            Op::CallClient { key, path } => {
+                let Ok(call) = crate::duplex::Message::parse(envelope.body) else {
+                    return;
+                };
+                let answer = match self.registry.lookup(path) {
+                    Some(endpoint) => endpoint.call_from_remote(envelope.from, key, call),
+                    None => call.id().map(|id| {
+                        let mut reply = crate::duplex::Message::error_reply(
+                            Some(id),
+                            &crate::duplex::RpcError::new(
+                                crate::duplex::code::CLIENT_NOT_CONNECTED,
+                                "client not connected",
+                            ),
+                        );
+                        if let Some(raw) = call.ext_raw() {
+                            reply.set_raw("ext", raw.to_owned());
+                        }
+                        reply
+                    }),
+                };
+                if let Some(answer) = answer {
+                    mux::Relay::answer_backend(self, envelope.from, path, key, answer.to_json());
+                }
+            }
+            Op::AnswerBackend { key, path } => {
+                if let (Some(endpoint), Ok(frame)) = (
+                    self.registry.lookup(path),
+                    std::str::from_utf8(envelope.body),
+                ) {
+                    endpoint.answer_from_remote(key, frame.to_string());
+                }
+            }
         }
     }
 
@@ -811,6 +849,67 @@ impl Cluster {
                     .get(path)
                     .is_some_and(|r| !r.backends.is_empty() && !r.secret.matches(secret))
             })
+    }
+}
+
+/// A node's tag: the first 8 hex digits of the SHA-256 of its name. Every route key a node
+/// makes starts with it, so a backend's node can tell which node holds a client's route.
+fn tag_of(node: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(node.as_bytes())[..4])
+}
+
+impl mux::Relay for Cluster {
+    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> bool {
+        let Some(tag) = route.get(..8) else {
+            return false;
+        };
+        if !self.usable() || tag == tag_of(&self.me) {
+            return false;
+        }
+        let subject = lock(&self.nodes)
+            .iter()
+            .find(|(name, _)| tag_of(name) == tag)
+            .map(|(_, node)| node.subject.clone());
+        let Some(subject) = subject else {
+            return false;
+        };
+        let call = Envelope {
+            op: Op::CallClient { key, path },
+            session: 0,
+            from: &self.me,
+            body: frame.as_bytes(),
+        };
+        self.publish_later(subject, call.encode());
+        true
+    }
+
+    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) {
+        let answer = Envelope {
+            op: Op::AnswerBackend { key, path },
+            session: 0,
+            from: &self.me,
+            body: frame.as_bytes(),
+        };
+        self.publish_later(self.subject_of(node), answer.encode());
+    }
+}
+
+/// Hands calls to other nodes' clients to the cluster (a weak link: the registry lives in the
+/// cluster too).
+struct RelayTo(Weak<Cluster>);
+
+impl mux::Relay for RelayTo {
+    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|c| mux::Relay::call_client(&*c, path, route, key, frame))
+    }
+
+    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) {
+        if let Some(c) = self.0.upgrade() {
+            mux::Relay::answer_backend(&*c, node, path, key, frame);
+        }
     }
 }
 

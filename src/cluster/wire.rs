@@ -40,6 +40,21 @@ pub enum Op<'a> {
         /// The close reason.
         reason: &'a str,
     },
+    /// A backend's node -> the node whose route a call names: backend `key` of `path` calls a
+    /// client there (the body is the call, with its `ext.route`).
+    CallClient {
+        /// The calling backend's key on its node.
+        key: u64,
+        /// The endpoint path.
+        path: &'a str,
+    },
+    /// The client's node -> the backend's node: the client's answer to backend `key` of `path`.
+    AnswerBackend {
+        /// The backend's key on its node.
+        key: u64,
+        /// The endpoint path.
+        path: &'a str,
+    },
 }
 
 /// A decoded message.
@@ -64,6 +79,8 @@ impl Envelope<'_> {
             Op::Close => (b'C', String::new()),
             Op::ToClient => (b'F', String::new()),
             Op::Ended { code, reason } => (b'E', format!("{code} {}", one_line(reason))),
+            Op::CallClient { key, path } => (b'K', format!("{key} {path}")),
+            Op::AnswerBackend { key, path } => (b'A', format!("{key} {path}")),
         };
         let mut out = BytesMut::with_capacity(40 + self.from.len() + arg.len() + self.body.len());
         out.put_u8(letter);
@@ -111,6 +128,15 @@ pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
             Op::Ended {
                 code: code.parse().ok()?,
                 reason,
+            }
+        }
+        "K" | "A" => {
+            let (key, path) = arg.split_once(' ')?;
+            let key = key.parse().ok()?;
+            if letter == "K" {
+                Op::CallClient { key, path }
+            } else {
+                Op::AnswerBackend { key, path }
             }
         }
         _ => return None,
@@ -178,6 +204,8 @@ mod tests {
                 code: 1008,
                 reason: "secret changed by a reload",
             },
+            Op::CallClient { key: 7, path: "/p" },
+            Op::AnswerBackend { key: 7, path: "/p" },
         ];
         for op in ops {
             let envelope = Envelope {

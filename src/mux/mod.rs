@@ -15,7 +15,7 @@ mod endpoint;
 mod queue;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,6 +26,16 @@ pub use endpoint::{
 };
 
 use crate::auth::Digest;
+
+/// Carries a backend's calls to clients whose route belongs to another node of a cluster, and
+/// their answers back (implemented by the cluster; the multiplexer knows nothing of NATS).
+pub trait Relay: Send + Sync {
+    /// Hands `frame` (a call from backend `key` of `path`, with its `ext.route`) to the node
+    /// that holds client `route`. False when no node does (the caller answers `-32001`).
+    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> bool;
+    /// Hands `frame` (a client's answer) to backend `key` of `path` on `node`.
+    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String);
+}
 
 /// The limits the multiplexer enforces; replaced as a whole on reload.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,6 +108,9 @@ pub struct Registry {
     pub pool_changed: tokio::sync::Notify,
     /// Counts pool changes (so a client can tell cheaply that nothing changed since it looked).
     pool_version: std::sync::atomic::AtomicU64,
+    /// In a cluster: this node's tag (8 hex digits), the start of every route key made here, so
+    /// other nodes know where a client's route lives; and the relay to them.
+    cluster: OnceLock<(String, Arc<dyn Relay>)>,
 }
 
 impl Registry {
@@ -109,7 +122,36 @@ impl Registry {
             me: me.clone(),
             pool_changed: tokio::sync::Notify::new(),
             pool_version: std::sync::atomic::AtomicU64::new(0),
+            cluster: OnceLock::new(),
         })
+    }
+
+    /// Joins a cluster: route keys made from now on start with `tag`, and calls to routes of
+    /// other nodes go through `relay`.
+    pub fn join_cluster(&self, tag: String, relay: Arc<dyn Relay>) {
+        let _ = self.cluster.set((tag, relay));
+    }
+
+    /// The relay to the other nodes, in a cluster.
+    pub(crate) fn relay(&self) -> Option<&Arc<dyn Relay>> {
+        self.cluster.get().map(|(_, relay)| relay)
+    }
+
+    /// A fresh route key: 128 random bits as 32 hex digits, the first 8 this node's tag in a
+    /// cluster.
+    fn route_key(&self) -> Arc<str> {
+        let bits: u128 = rand::random();
+        // Encoded on the stack: one allocation per key (every HTTP call makes one).
+        let mut hex = [0u8; 32];
+        if hex::encode_to_slice(bits.to_be_bytes(), &mut hex).is_err() {
+            return Arc::from(format!("{bits:032x}"));
+        }
+        if let Some((tag, _)) = self.cluster.get() {
+            if tag.len() == 8 {
+                hex[..8].copy_from_slice(tag.as_bytes());
+            }
+        }
+        Arc::from(std::str::from_utf8(&hex).unwrap_or_default())
     }
 
     /// A pool changed: counted, and the cluster (if any) woken to announce it.
@@ -196,17 +238,6 @@ impl Registry {
 /// every critical section is a few map operations).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// A fresh route key: 128 random bits as 32 hex digits.
-fn route_key() -> Arc<str> {
-    let bits: u128 = rand::random();
-    // Encoded on the stack: one allocation per key (every HTTP call makes one).
-    let mut hex = [0u8; 32];
-    match hex::encode_to_slice(bits.to_be_bytes(), &mut hex) {
-        Ok(()) => Arc::from(std::str::from_utf8(&hex).unwrap_or_default()),
-        Err(_) => Arc::from(format!("{bits:032x}")),
-    }
 }
 
 #[cfg(test)]

@@ -107,80 +107,13 @@ impl BackendConn {
                     Some(Value::String(route)) => Some(Arc::from(route)),
                     _ => None,
                 };
-                let id = msg.id();
                 if route.is_none() {
                     // Addressed to the gateway itself: its methods start with `$`.
                     if let Some(method) = msg.method().filter(|m| m.starts_with('$')) {
                         return self.gateway_method(&method, &msg);
                     }
                 }
-                let mut s = ep.state();
-                if s.slot(self.key).is_none() {
-                    drop(s);
-                    ep.dropped("backend_closed");
-                    return None;
-                }
-                let target = route
-                    .as_ref()
-                    .and_then(|r| s.clients.get_key_value(r))
-                    .map(|(r, c)| (r.clone(), c.tx.clone()));
-                let Some((route, tx)) = target else {
-                    drop(s);
-                    ep.dropped("client_not_connected");
-                    let id = id?;
-                    let mut reply = Message::error_reply(
-                        Some(id),
-                        &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
-                    );
-                    if let Some(raw) = msg.ext_raw() {
-                        reply.set_raw("ext", raw.to_owned());
-                    }
-                    return Some(reply);
-                };
-                if let Some(id) = id {
-                    let max = ep.limits().max_pending_calls_per_client;
-                    let client = s.clients.get_mut(&route)?;
-                    // The id the client sees: the backend's own, unless another backend of the
-                    // pool already has a call open with this client under it.
-                    let existing = client
-                        .incoming
-                        .iter()
-                        .find(|(_, &(k, bid))| k == self.key && bid == id)
-                        .map(|(&cid, _)| cid);
-                    let client_id = match existing {
-                        Some(cid) => cid,
-                        None => {
-                            // A new call to this client: it counts against the client's limit.
-                            if client.incoming.len() >= max {
-                                drop(s);
-                                ep.dropped("too_many_pending_calls");
-                                let mut reply = Message::error_reply(
-                                    Some(id),
-                                    &RpcError::new(
-                                        code::TOO_MANY_PENDING_CALLS,
-                                        "too many pending calls to this client",
-                                    ),
-                                );
-                                if let Some(raw) = msg.ext_raw() {
-                                    reply.set_raw("ext", raw.to_owned());
-                                }
-                                return Some(reply);
-                            }
-                            let mut cid = id;
-                            while client.incoming.contains_key(&cid) {
-                                cid = client.next_incoming;
-                                client.next_incoming += 1;
-                            }
-                            client.incoming.insert(cid, (self.key, id));
-                            cid
-                        }
-                    };
-                    msg.set_id(Some(client_id));
-                }
-                drop(s);
-                msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
-                ep.deliver(&route, &tx, msg);
-                None
+                ep.call_client(self.key, msg, ext, route, true)
             }
         }
     }
@@ -213,5 +146,103 @@ impl Drop for BackendConn {
         // Senders waiting for room in this backend's queue stop waiting.
         self.rx.room.close();
         self.endpoint.backend_left(self.key);
+    }
+}
+
+impl Endpoint {
+    /// A call from backend `key` to the client `route` names (`ext` is the call's `ext` without
+    /// the route). `local`: the backend is one of this node's (else another node's, relayed).
+    /// A route of another node's client is handed to the cluster. Returns the answer the
+    /// gateway gives itself (`-32001`, `-32003`), if any.
+    pub(super) fn call_client(
+        self: &Arc<Self>,
+        key: BackendKey,
+        mut msg: Message,
+        ext: serde_json::Map<String, Value>,
+        route: Option<Route>,
+        local: bool,
+    ) -> Option<Message> {
+        let ep = self;
+        let id = msg.id();
+        let mut s = ep.state();
+        if local && s.slot(key).is_none() {
+            drop(s);
+            ep.dropped("backend_closed");
+            return None;
+        }
+        let target = route
+            .as_ref()
+            .and_then(|r| s.clients.get_key_value(r))
+            .map(|(r, c)| (r.clone(), c.tx.clone()));
+        let Some((route, tx)) = target else {
+            drop(s);
+            // In a cluster, the client may be another node's: its route says which.
+            if let (true, Some(route), Some(relay)) = (
+                local,
+                route.as_ref(),
+                ep.registry
+                    .upgrade()
+                    .as_ref()
+                    .and_then(|r| r.relay().cloned()),
+            ) {
+                if relay.call_client(&ep.path, route, key, msg.to_json()) {
+                    return None;
+                }
+            }
+            ep.dropped("client_not_connected");
+            let id = id?;
+            let mut reply = Message::error_reply(
+                Some(id),
+                &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+            );
+            if let Some(raw) = msg.ext_raw() {
+                reply.set_raw("ext", raw.to_owned());
+            }
+            return Some(reply);
+        };
+        if let Some(id) = id {
+            let max = ep.limits().max_pending_calls_per_client;
+            let client = s.clients.get_mut(&route)?;
+            // The id the client sees: the backend's own, unless another backend of the pool
+            // already has a call open with this client under it.
+            let existing = client
+                .incoming
+                .iter()
+                .find(|(_, &(k, bid))| k == key && bid == id)
+                .map(|(&cid, _)| cid);
+            let client_id = match existing {
+                Some(cid) => cid,
+                None => {
+                    // A new call to this client: it counts against the client's limit.
+                    if client.incoming.len() >= max {
+                        drop(s);
+                        ep.dropped("too_many_pending_calls");
+                        let mut reply = Message::error_reply(
+                            Some(id),
+                            &RpcError::new(
+                                code::TOO_MANY_PENDING_CALLS,
+                                "too many pending calls to this client",
+                            ),
+                        );
+                        if let Some(raw) = msg.ext_raw() {
+                            reply.set_raw("ext", raw.to_owned());
+                        }
+                        return Some(reply);
+                    }
+                    let mut cid = id;
+                    while client.incoming.contains_key(&cid) {
+                        cid = client.next_incoming;
+                        client.next_incoming += 1;
+                    }
+                    client.incoming.insert(cid, (key, id));
+                    cid
+                }
+            };
+            msg.set_id(Some(client_id));
+        }
+        drop(s);
+        msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
+        ep.deliver(&route, &tx, msg);
+        None
     }
 }

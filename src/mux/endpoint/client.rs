@@ -120,8 +120,29 @@ impl ClientConn {
                         b.tx.clone()
                     }
                     None => {
+                        // A backend of another node of the cluster made the call.
+                        let remote = s.remote_callers.get(&key).cloned();
                         drop(s);
-                        ep.dropped("no_backend");
+                        match remote {
+                            Some((node, remote_key)) => {
+                                msg.set_id(Some(backend_id));
+                                self.with_route(&mut msg, ext_map);
+                                if let Some(relay) = ep
+                                    .registry
+                                    .upgrade()
+                                    .as_ref()
+                                    .and_then(|r| r.relay().cloned())
+                                {
+                                    relay.answer_backend(
+                                        &node,
+                                        &ep.path,
+                                        remote_key,
+                                        msg.to_json(),
+                                    );
+                                }
+                            }
+                            None => ep.dropped("no_backend"),
+                        }
                         return None;
                     }
                 }
@@ -151,13 +172,7 @@ impl ClientConn {
             },
         };
 
-        match ext_map {
-            Some(mut ext) => {
-                ext.insert("route".into(), Value::String(self.route.to_string()));
-                msg.set_ext(Some(&ext));
-            }
-            None => msg.set_raw("ext", self.route_ext.clone()),
-        }
+        self.with_route(&mut msg, ext_map);
         if backend.send(msg.to_json()).await.is_ok() {
             ep.to_backend.inc();
         } else {
@@ -165,6 +180,19 @@ impl ClientConn {
             ep.dropped("no_backend");
         }
         None
+    }
+}
+
+impl ClientConn {
+    /// Puts this client's route into `ext` (what a backend sees of every frame).
+    fn with_route(&self, msg: &mut Message, ext_map: Option<serde_json::Map<String, Value>>) {
+        match ext_map {
+            Some(mut ext) => {
+                ext.insert("route".into(), Value::String(self.route.to_string()));
+                msg.set_ext(Some(&ext));
+            }
+            None => msg.set_raw("ext", self.route_ext.clone()),
+        }
     }
 }
 

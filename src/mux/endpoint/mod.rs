@@ -28,7 +28,7 @@ pub use backend::BackendConn;
 pub use client::ClientConn;
 
 use super::queue::{send_nowait, BackendTx, ClientTx, Push};
-use super::{close, lock, route_key, CloseReason, Limits, Registry};
+use super::{close, lock, CloseReason, Limits, Registry};
 use crate::auth::Digest;
 use crate::duplex::{code, Message, RpcError};
 use crate::metrics::metrics;
@@ -132,6 +132,12 @@ struct State {
     /// The runtime the latest backend's connection runs on: work for this endpoint that is
     /// not tied to a connection of its own (relayed cluster sessions) runs there, next to it.
     runtime: Option<tokio::runtime::Handle>,
+    /// Backends of other nodes that called clients of this one: the key each stands under in
+    /// `ClientSlot::incoming` (from [`REMOTE_KEYS`] up) -> its node and its key there.
+    remote_callers: HashMap<BackendKey, (Arc<str>, u64)>,
+    /// Answers owed to such backends (a client left with their calls open), sent once the
+    /// lock is released: (node, key there, frame).
+    remote_owed: Vec<(Arc<str>, u64, String)>,
 }
 
 struct BackendSlot {
@@ -251,6 +257,14 @@ impl State {
         }
     }
 
+    /// The last backend left: new calls wait for one until the grace ends (the grace's timer
+    /// starts once the lock is released: see `Endpoint::start_grace`).
+    fn begin_grace(&mut self, grace: Duration) {
+        if self.backends.is_empty() && !self.removed {
+            self.grace_until = Some(Instant::now() + grace);
+        }
+    }
+
     /// Whether some backend takes new calls.
     fn serving(&self) -> bool {
         self.backends.iter().any(|b| !b.draining)
@@ -357,13 +371,16 @@ impl State {
             owed.extend(self.end_call(key, backend_id));
         }
         for &(key, backend_id) in slot.incoming.values() {
+            let mut reply = Message::error_reply(
+                Some(backend_id),
+                &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+            );
+            reply.set_raw("ext", route_ext(route));
             if let Some(backend) = self.slot(key) {
-                let mut reply = Message::error_reply(
-                    Some(backend_id),
-                    &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
-                );
-                reply.set_raw("ext", route_ext(route));
                 owed.push((backend.tx.clone(), vec![reply.to_json()]));
+            } else if let Some((node, remote_key)) = self.remote_callers.get(&key) {
+                self.remote_owed
+                    .push((node.clone(), *remote_key, reply.to_json()));
             }
         }
         self.update_gauges();
@@ -440,6 +457,8 @@ impl Endpoint {
                 removed: false,
                 gauges: None,
                 runtime: None,
+                remote_callers: HashMap::new(),
+                remote_owed: Vec::new(),
             }),
             changed: Notify::new(),
             registry,
@@ -562,6 +581,10 @@ impl Endpoint {
         };
         let emptied = s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
+        if emptied {
+            // Before the failed calls are answered: a client's next call must find the grace.
+            s.begin_grace(self.limits().backend_grace);
+        }
         drop(s);
         tracing::info!(endpoint = %self.path, "backend replaced by a newer one on another node");
         self.settle(fallout);
@@ -722,7 +745,10 @@ impl Endpoint {
                 return Err(JoinError::Full);
             }
         }
-        let route = route_key();
+        let route = match self.registry.upgrade() {
+            Some(registry) => registry.route_key(),
+            None => return Err(JoinError::NotFound),
+        };
         let (tx, rx) = queue::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
         let close: CloseCell = Arc::new(OnceLock::new());
@@ -784,11 +810,74 @@ impl Endpoint {
             owed.extend(s.remove_client(&route, reason.cloned()));
             removed += 1;
         }
+        let remote_owed = std::mem::take(&mut s.remote_owed);
         drop(s);
         for (tx, frames) in owed {
             send_nowait(&tx, frames);
         }
+        self.answer_remote(remote_owed);
         removed
+    }
+
+    /// Sends answers owed to backends of other nodes.
+    fn answer_remote(&self, owed: Vec<(Arc<str>, u64, String)>) {
+        if owed.is_empty() {
+            return;
+        }
+        if let Some(relay) = self
+            .registry
+            .upgrade()
+            .as_ref()
+            .and_then(|r| r.relay().cloned())
+        {
+            for (node, key, frame) in owed {
+                relay.answer_backend(&node, &self.path, key, frame);
+            }
+        }
+    }
+
+    /// A call from backend `key` of `node` (another node of the cluster) to a client of this
+    /// endpoint. Returns the answer the gateway gives itself (`-32001`, `-32003`), if any.
+    pub fn call_from_remote(
+        self: &Arc<Self>,
+        node: &str,
+        key: u64,
+        msg: Message,
+    ) -> Option<Message> {
+        let local_key = {
+            let mut s = self.state();
+            let found = s
+                .remote_callers
+                .iter()
+                .find(|(_, (n, k))| &**n == node && *k == key)
+                .map(|(local, _)| *local);
+            match found {
+                Some(local) => local,
+                None => {
+                    let local = REMOTE_KEYS + s.remote_callers.len() as u64;
+                    s.remote_callers.insert(local, (Arc::from(node), key));
+                    local
+                }
+            }
+        };
+        let mut ext = msg.ext().unwrap_or_default();
+        let route: Option<Route> = match ext.remove("route") {
+            Some(Value::String(route)) => Some(Arc::from(route)),
+            _ => None,
+        };
+        self.call_client(local_key, msg, ext, route, false)
+    }
+
+    /// A client's answer, from another node, to backend `key` of this endpoint.
+    pub fn answer_from_remote(&self, key: u64, frame: String) {
+        let tx = self.state().slot(key).map(|b| b.tx.clone());
+        match tx {
+            Some(tx) => {
+                send_nowait(&tx, vec![frame]);
+                self.to_backend.inc();
+            }
+            None => self.dropped("backend_closed"),
+        }
     }
 
     /// Closes the backends whose token `revoked` says is no longer good (reload), or all of
@@ -816,6 +905,10 @@ impl Endpoint {
         }
         let emptied = !keys.is_empty() && s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
+        if emptied {
+            // Before the failed calls are answered: a client's next call must find the grace.
+            s.begin_grace(self.limits().backend_grace);
+        }
         let pool = s.backends.len();
         drop(s);
         if !keys.is_empty() {
@@ -875,6 +968,10 @@ impl Endpoint {
         };
         let emptied = s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
+        if emptied {
+            // Before the failed calls are answered: a client's next call must find the grace.
+            s.begin_grace(self.limits().backend_grace);
+        }
         let pool = s.backends.len();
         drop(s);
         tracing::info!(endpoint = %self.path, pool, "backend left");
@@ -1065,6 +1162,10 @@ impl Endpoint {
         }
     }
 }
+
+/// Where the keys of backends of other nodes start (see `State::remote_callers`); this node's
+/// own backends' keys count up from 1.
+const REMOTE_KEYS: BackendKey = 1 << 62;
 
 /// Stands for the failover counter among the series an endpoint remembers.
 const FAILOVERS: &str = "$failovers";
