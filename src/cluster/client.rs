@@ -542,7 +542,7 @@ impl ClusterClient {
             let websocket = self.websocket;
             let stop = &mut self.stop;
             tokio::select! {
-                _ = stop.changed(), if websocket => {
+                Ok(()) = stop.changed(), if websocket => {
                     let reason = stop.borrow().clone();
                     if let Some(reason) = reason {
                         self.leave_session("gateway shutting down");
