@@ -759,3 +759,40 @@ async fn any_backend_of_a_pool_calls_any_client_whichever_node_serves_it() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_backends_call_to_a_client_on_a_node_that_dies_fails_with_32001() {
+    let nats = Nats::start();
+    let pool = "  max_backends_per_endpoint: 2\n";
+    let mut gws = nodes(&nats, &["a", "b"], pool).await;
+    let _on_a = publish_named(&gws[0], "/gone", "a").await;
+    let on_b = publish_named(&gws[1], "/gone", "b").await;
+    served_from(&gws[0], "/gone").await;
+    // A client of node a that never answers calls made to it.
+    let peer = Peer::builder()
+        .handle("hang", |_call: Call| async move {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(Value::Null)
+        })
+        .connect(&gws[0].client_url("/gone", "s"))
+        .await
+        .expect("client");
+    assert_eq!(who(&peer).await, "a");
+    let route = match peer.call("route", Value::Null).await {
+        Ok(Value::String(route)) => route,
+        other => panic!("route: {other:?}"),
+    };
+    let call = on_b.call_route(&route, "hang", Value::Null).expect("call");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Node a dies with the call open on its client: b's backend hears -32001, not silence.
+    let killed = gws.remove(0);
+    killed.signal("KILL");
+    match tokio::time::timeout(WAIT, call.last())
+        .await
+        .expect("an answer in time")
+    {
+        Err(PeerError::Rpc(e)) => assert_eq!(e.code, -32001),
+        other => panic!("{other:?}"),
+    }
+    drop(killed);
+}

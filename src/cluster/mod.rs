@@ -104,6 +104,8 @@ impl std::fmt::Debug for Cluster {
 struct Node {
     last_seen: Instant,
     epoch: u64,
+    /// Its tag (see `tag_of`): the start of its route keys.
+    tag: String,
     subject: Subject,
     endpoints: HashMap<String, Remote>,
 }
@@ -454,6 +456,9 @@ impl Cluster {
         }
         let served: Vec<served::Entry> = lock(&self.served).drain().map(|(_, e)| e).collect();
         drop(served);
+        for endpoint in self.registry.endpoints() {
+            endpoint.fail_calls_relayed_to(|_| true);
+        }
         self.update_gauges();
         self.directory_changed();
     }
@@ -531,6 +536,17 @@ impl Cluster {
                     );
                 }
             }
+            // Nodes that no longer announce this endpoint: their backends' calls are forgotten
+            // (keys restart when an endpoint is made again, so an old key must not reach a new
+            // backend).
+            let announcing: Vec<Arc<str>> = all
+                .iter()
+                .filter(|(_, node, _)| *node != self.me)
+                .map(|(_, node, _)| node.clone())
+                .collect();
+            endpoint.forget_remote_callers(Duration::from_secs(3), |n, _| {
+                !announcing.iter().any(|an| &**an == n)
+            });
             let max = (self.max_backends)(path).max(1);
             if all.len() <= max {
                 continue;
@@ -624,6 +640,7 @@ impl Cluster {
             Node {
                 last_seen: Instant::now(),
                 epoch: beat.epoch,
+                tag: tag_of(&name),
                 subject,
                 endpoints,
             },
@@ -714,6 +731,13 @@ impl Cluster {
     /// are closed (backend calls to those clients get `-32001`).
     fn node_gone(&self, node: &str, why: &str) {
         lock(&self.nodes).remove(node);
+        // Its backends' calls to this node's clients are forgotten.
+        // Its backends' calls to this node's clients are forgotten; this node's backends' calls
+        // to its clients fail with -32001.
+        for endpoint in self.registry.endpoints() {
+            endpoint.forget_remote_callers(Duration::ZERO, |n, _| n == node);
+            endpoint.fail_calls_relayed_to(|n| n == node);
+        }
         let ended: Vec<(u128, client::Relay)> = lock(&self.sessions)
             .extract_if(|_, r| &*r.node == node)
             .collect();
@@ -745,6 +769,12 @@ impl Cluster {
                 let Ok(call) = crate::duplex::Message::parse(envelope.body) else {
                     return;
                 };
+                // Only calls, and only from a node this one hears.
+                if call.kind() != crate::duplex::Kind::Request
+                    || !lock(&self.nodes).contains_key(envelope.from)
+                {
+                    return;
+                }
                 let answer = match self.registry.lookup(path) {
                     Some(endpoint) => endpoint.call_from_remote(envelope.from, key, call),
                     None => call.id().map(|id| {
@@ -766,11 +796,15 @@ impl Cluster {
                 }
             }
             Op::AnswerBackend { key, path } => {
-                if let (Some(endpoint), Ok(frame)) = (
-                    self.registry.lookup(path),
-                    std::str::from_utf8(envelope.body),
-                ) {
-                    endpoint.answer_from_remote(key, frame.to_string());
+                // Only answers (with an id), and only from a node this one hears.
+                let answer = crate::duplex::Message::parse(envelope.body)
+                    .ok()
+                    .filter(|m| m.kind() == crate::duplex::Kind::Reply && m.id().is_some());
+                if answer.is_none() || !lock(&self.nodes).contains_key(envelope.from) {
+                    return;
+                }
+                if let (Some(endpoint), Some(answer)) = (self.registry.lookup(path), answer) {
+                    endpoint.answer_from_remote(key, answer);
                 }
             }
         }
@@ -860,20 +894,19 @@ fn tag_of(node: &str) -> String {
 }
 
 impl mux::Relay for Cluster {
-    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> bool {
-        let Some(tag) = route.get(..8) else {
-            return false;
-        };
-        if !self.usable() || tag == tag_of(&self.me) {
-            return false;
+    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>> {
+        // A route key is 32 hex digits; anything else names no client anywhere.
+        if route.len() != 32 || !route.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
         }
-        let subject = lock(&self.nodes)
+        let tag = route.get(..8)?;
+        if !self.usable() || tag == tag_of(&self.me) {
+            return None;
+        }
+        let (name, subject) = lock(&self.nodes)
             .iter()
-            .find(|(name, _)| tag_of(name) == tag)
-            .map(|(_, node)| node.subject.clone());
-        let Some(subject) = subject else {
-            return false;
-        };
+            .find(|(_, node)| node.tag == tag)
+            .map(|(name, node)| (name.clone(), node.subject.clone()))?;
         let call = Envelope {
             op: Op::CallClient { key, path },
             session: 0,
@@ -881,7 +914,7 @@ impl mux::Relay for Cluster {
             body: frame.as_bytes(),
         };
         self.publish_later(subject, call.encode());
-        true
+        Some(name)
     }
 
     fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) {
@@ -900,10 +933,10 @@ impl mux::Relay for Cluster {
 struct RelayTo(Weak<Cluster>);
 
 impl mux::Relay for RelayTo {
-    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> bool {
+    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>> {
         self.0
             .upgrade()
-            .is_some_and(|c| mux::Relay::call_client(&*c, path, route, key, frame))
+            .and_then(|c| mux::Relay::call_client(&*c, path, route, key, frame))
     }
 
     fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) {

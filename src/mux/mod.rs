@@ -31,8 +31,9 @@ use crate::auth::Digest;
 /// their answers back (implemented by the cluster; the multiplexer knows nothing of NATS).
 pub trait Relay: Send + Sync {
     /// Hands `frame` (a call from backend `key` of `path`, with its `ext.route`) to the node
-    /// that holds client `route`. False when no node does (the caller answers `-32001`).
-    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> bool;
+    /// that holds client `route`, and names that node. None when no node does (the caller
+    /// answers `-32001`).
+    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>>;
     /// Hands `frame` (a client's answer) to backend `key` of `path` on `node`.
     fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String);
 }

@@ -185,7 +185,14 @@ impl Endpoint {
                     .as_ref()
                     .and_then(|r| r.relay().cloned()),
             ) {
-                if relay.call_client(&ep.path, route, key, msg.to_json()) {
+                if let Some(node) = relay.call_client(&ep.path, route, key, msg.to_json()) {
+                    // Remembered, so the call fails (-32001) if that node goes before answering.
+                    if let Some(id) = id {
+                        let mut s = ep.state();
+                        if s.slot(key).is_some() {
+                            s.relayed_calls.insert((key, id), (node, route.clone()));
+                        }
+                    }
                     return None;
                 }
             }

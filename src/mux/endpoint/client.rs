@@ -121,7 +121,7 @@ impl ClientConn {
                     }
                     None => {
                         // A backend of another node of the cluster made the call.
-                        let remote = s.remote_callers.get(&key).cloned();
+                        let remote = s.remote_callers.get(&key).map(|(n, k, _)| (n.clone(), *k));
                         drop(s);
                         match remote {
                             Some((node, remote_key)) => {

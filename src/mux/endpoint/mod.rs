@@ -134,7 +134,12 @@ struct State {
     runtime: Option<tokio::runtime::Handle>,
     /// Backends of other nodes that called clients of this one: the key each stands under in
     /// `ClientSlot::incoming` (from [`REMOTE_KEYS`] up) -> its node and its key there.
-    remote_callers: HashMap<BackendKey, (Arc<str>, u64)>,
+    remote_callers: HashMap<BackendKey, (Arc<str>, u64, Instant)>,
+    /// The key the next one gets.
+    next_remote_key: BackendKey,
+    /// Calls this node's backends made to clients of other nodes, still open:
+    /// (backend, its call id) -> (the client's node, the client's route).
+    relayed_calls: HashMap<(BackendKey, u64), (Arc<str>, Route)>,
     /// Answers owed to such backends (a client left with their calls open), sent once the
     /// lock is released: (node, key there, frame).
     remote_owed: Vec<(Arc<str>, u64, String)>,
@@ -378,7 +383,7 @@ impl State {
             reply.set_raw("ext", route_ext(route));
             if let Some(backend) = self.slot(key) {
                 owed.push((backend.tx.clone(), vec![reply.to_json()]));
-            } else if let Some((node, remote_key)) = self.remote_callers.get(&key) {
+            } else if let Some((node, remote_key, _)) = self.remote_callers.get(&key) {
                 self.remote_owed
                     .push((node.clone(), *remote_key, reply.to_json()));
             }
@@ -420,6 +425,7 @@ impl State {
         for client in self.clients.values_mut() {
             client.incoming.retain(|_, (k, _)| *k != key);
         }
+        self.relayed_calls.retain(|(k, _), _| *k != key);
         fallout.failovers = self.repin_clients_of(key);
         self.update_gauges();
         Some(fallout)
@@ -458,6 +464,8 @@ impl Endpoint {
                 gauges: None,
                 runtime: None,
                 remote_callers: HashMap::new(),
+                next_remote_key: REMOTE_KEYS,
+                relayed_calls: HashMap::new(),
                 remote_owed: Vec::new(),
             }),
             changed: Notify::new(),
@@ -587,8 +595,10 @@ impl Endpoint {
         }
         drop(s);
         tracing::info!(endpoint = %self.path, "backend replaced by a newer one on another node");
-        self.settle(fallout);
+        // Counted before the failed calls are answered: a client that calls again at once must
+        // see that its place changed.
         self.pool_changed();
+        self.settle(fallout);
         if emptied {
             self.start_grace();
         }
@@ -849,13 +859,20 @@ impl Endpoint {
             let found = s
                 .remote_callers
                 .iter()
-                .find(|(_, (n, k))| &**n == node && *k == key)
+                .find(|(_, (n, k, _))| &**n == node && *k == key)
                 .map(|(local, _)| *local);
             match found {
                 Some(local) => local,
+                None if s.remote_callers.len() >= MAX_REMOTE_CALLERS => {
+                    drop(s);
+                    self.dropped("too_many_remote_backends");
+                    return None;
+                }
                 None => {
-                    let local = REMOTE_KEYS + s.remote_callers.len() as u64;
-                    s.remote_callers.insert(local, (Arc::from(node), key));
+                    let local = s.next_remote_key;
+                    s.next_remote_key += 1;
+                    s.remote_callers
+                        .insert(local, (Arc::from(node), key, Instant::now()));
                     local
                 }
             }
@@ -868,15 +885,75 @@ impl Endpoint {
         self.call_client(local_key, msg, ext, route, false)
     }
 
+    /// Forgets the backends of other nodes that `gone` says are gone (their node died, or
+    /// reconnected, or no longer announces them): their calls to this endpoint's clients are
+    /// dropped, so an answer can never reach a later backend under the same key.
+    /// Callers first heard of within `min_age` are kept (the heartbeat announcing a new backend
+    /// may arrive after its first call).
+    pub fn forget_remote_callers(&self, min_age: Duration, gone: impl Fn(&str, u64) -> bool) {
+        let mut s = self.state();
+        let settled = Instant::now()
+            .checked_sub(min_age)
+            .unwrap_or_else(Instant::now);
+        let keys: Vec<BackendKey> = s
+            .remote_callers
+            .iter()
+            .filter(|(_, (node, key, since))| *since <= settled && gone(node, *key))
+            .map(|(local, _)| *local)
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        for key in &keys {
+            s.remote_callers.remove(key);
+        }
+        for client in s.clients.values_mut() {
+            client.incoming.retain(|_, (k, _)| !keys.contains(k));
+        }
+    }
+
     /// A client's answer, from another node, to backend `key` of this endpoint.
-    pub fn answer_from_remote(&self, key: u64, frame: String) {
-        let tx = self.state().slot(key).map(|b| b.tx.clone());
+    pub fn answer_from_remote(&self, key: u64, answer: Message) {
+        let mut s = self.state();
+        if let Some(id) = answer.id() {
+            if answer.ends_call() {
+                s.relayed_calls.remove(&(key, id));
+            }
+        }
+        let tx = s.slot(key).map(|b| b.tx.clone());
+        drop(s);
         match tx {
             Some(tx) => {
-                send_nowait(&tx, vec![frame]);
+                send_nowait(&tx, vec![answer.to_json()]);
                 self.to_backend.inc();
             }
             None => self.dropped("backend_closed"),
+        }
+    }
+
+    /// Fails with `-32001` the calls this node's backends made to clients of the nodes `gone`
+    /// names (the node died, or the link to it was lost): nobody will answer them.
+    pub fn fail_calls_relayed_to(&self, gone: impl Fn(&str) -> bool) {
+        let mut s = self.state();
+        let failed: Vec<((BackendKey, u64), Route)> = s
+            .relayed_calls
+            .extract_if(|_, (node, _)| gone(node))
+            .map(|(call, (_, route))| (call, route))
+            .collect();
+        let mut owed = Vec::new();
+        for ((key, id), route) in failed {
+            if let Some(backend) = s.slot(key) {
+                let mut reply = Message::error_reply(
+                    Some(id),
+                    &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+                );
+                reply.set_raw("ext", route_ext(&route));
+                owed.push((backend.tx.clone(), vec![reply.to_json()]));
+            }
+        }
+        drop(s);
+        for (tx, frames) in owed {
+            send_nowait(&tx, frames);
         }
     }
 
@@ -937,10 +1014,10 @@ impl Endpoint {
         }
         s.hold_new_calls_if_none_serve(hold);
         drop(s);
-        self.settle(fallout);
         if !oldest.is_empty() {
             self.pool_changed();
         }
+        self.settle(fallout);
         oldest.len()
     }
 
@@ -975,8 +1052,8 @@ impl Endpoint {
         let pool = s.backends.len();
         drop(s);
         tracing::info!(endpoint = %self.path, pool, "backend left");
-        self.settle(fallout);
         self.pool_changed();
+        self.settle(fallout);
         if emptied {
             self.start_grace();
         }
@@ -1028,7 +1105,9 @@ impl Endpoint {
         for route in &routes {
             s.remove_client(route, Some(reason.clone()));
         }
+        let remote_owed = std::mem::take(&mut s.remote_owed);
         drop(s);
+        self.answer_remote(remote_owed);
         tracing::info!(endpoint = %self.path, clients = routes.len(), "endpoint removed: backend did not come back");
         self.changed.notify_waiters();
         if let Some(registry) = self.registry.upgrade() {
@@ -1162,6 +1241,9 @@ impl Endpoint {
         }
     }
 }
+
+/// The most backends of other nodes remembered per endpoint (they are forgotten when they go).
+const MAX_REMOTE_CALLERS: usize = 1024;
 
 /// Where the keys of backends of other nodes start (see `State::remote_callers`); this node's
 /// own backends' keys count up from 1.
