@@ -153,6 +153,34 @@ async fn who(peer: &Peer) -> String {
     }
 }
 
+/// The route key of `peer` as its backend sees it (the test backend's `route` method).
+async fn route_of(peer: &Peer) -> String {
+    match peer.call("route", Value::Null).await {
+        Ok(Value::String(route)) => route,
+        other => panic!("route: {other:?}"),
+    }
+}
+
+/// Waits until `backend`'s calls to `route` get -32001 (the client left).
+async fn client_gone_for(backend: &Peer, route: &str) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let call = backend
+            .call_route(route, "hello", json!("again"))
+            .expect("call");
+        match tokio::time::timeout(WAIT, call.last())
+            .await
+            .expect("in time")
+        {
+            Err(PeerError::Rpc(e)) if e.code == -32001 => return,
+            other => {
+                assert!(Instant::now() < deadline, "still {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 async fn post(gw: &Gateway, path_and_query: &str, body: &str) -> (u16, String) {
     let response = reqwest::Client::new()
         .post(gw.http(path_and_query))
@@ -334,10 +362,7 @@ async fn a_backend_calls_a_client_on_another_node_and_learns_when_it_left() {
         .connect(&a.client_url("/c", "s"))
         .await
         .expect("client");
-    let route = match peer.call("route", Value::Null).await {
-        Ok(Value::String(route)) => route,
-        other => panic!("route: {other:?}"),
-    };
+    let route = route_of(&peer).await;
     let call = backend
         .call_route(&route, "hello", json!("b"))
         .expect("call");
@@ -348,22 +373,7 @@ async fn a_backend_calls_a_client_on_another_node_and_learns_when_it_left() {
 
     // The client leaves: the backend's next call to it gets -32001.
     peer.close();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let call = backend
-            .call_route(&route, "hello", json!("again"))
-            .expect("call");
-        match tokio::time::timeout(WAIT, call.last())
-            .await
-            .expect("in time")
-        {
-            Err(PeerError::Rpc(e)) if e.code == -32001 => break,
-            other => {
-                assert!(Instant::now() < deadline, "still {other:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    client_gone_for(&backend, &route).await;
 }
 
 #[tokio::test]
@@ -719,10 +729,7 @@ async fn any_backend_of_a_pool_calls_any_client_whichever_node_serves_it() {
         .await
         .expect("client");
     assert_eq!(who(&peer).await, "a");
-    let route = match peer.call("route", Value::Null).await {
-        Ok(Value::String(route)) => route,
-        other => panic!("route: {other:?}"),
-    };
+    let route = route_of(&peer).await;
     // Both backends call it, b's from the other node; both with id 1.
     let (mine, other) = tokio::join!(
         async {
@@ -742,22 +749,7 @@ async fn any_backend_of_a_pool_calls_any_client_whichever_node_serves_it() {
     assert_eq!(other, Ok(json!("hello \"b\"")));
     // The client leaves: b's next call to it gets -32001 from a.
     peer.close();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let call = on_b
-            .call_route(&route, "hello", json!("again"))
-            .expect("call");
-        match tokio::time::timeout(WAIT, call.last())
-            .await
-            .expect("in time")
-        {
-            Err(PeerError::Rpc(e)) if e.code == -32001 => break,
-            other => {
-                assert!(Instant::now() < deadline, "still {other:?}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    client_gone_for(&on_b, &route).await;
 }
 
 #[tokio::test]
@@ -778,10 +770,7 @@ async fn a_backends_call_to_a_client_on_a_node_that_dies_fails_with_32001() {
         .await
         .expect("client");
     assert_eq!(who(&peer).await, "a");
-    let route = match peer.call("route", Value::Null).await {
-        Ok(Value::String(route)) => route,
-        other => panic!("route: {other:?}"),
-    };
+    let route = route_of(&peer).await;
     let call = on_b.call_route(&route, "hang", Value::Null).expect("call");
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Node a dies with the call open on its client: b's backend hears -32001, not silence.
