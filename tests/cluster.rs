@@ -785,3 +785,43 @@ async fn a_backends_call_to_a_client_on_a_node_that_dies_fails_with_32001() {
     }
     drop(killed);
 }
+
+#[tokio::test]
+async fn a_reload_to_a_message_size_nats_cannot_carry_makes_the_node_local_only_until_it_fits() {
+    let nats = Nats::start();
+    let a = Gateway::start(&cluster_config(&nats, "a", ""));
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(1.0)
+    })
+    .await;
+    let config = |max: &str| {
+        Gateway::config_text(a.port, a.metrics_port, &cluster_config(&nats, "a", "")).replace(
+            "max_message_bytes: 1000000",
+            &format!("max_message_bytes: {max}"),
+        )
+    };
+    // 2 MB does not fit the default max_payload (1 MiB): local-only, with the error logged.
+    a.rewrite_config(&config("2000000"));
+    a.signal("HUP");
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(0.0)
+    })
+    .await;
+    let log = a.log();
+    assert!(
+        log.contains("2000000") && log.contains("max_payload"),
+        "{log}"
+    );
+    let _local = publish(&a, "/still", "s").await;
+    assert_eq!(
+        post(&a, "/still/echo?secret=s", "1").await,
+        (200, "1".into())
+    );
+    // Back under the limit: connected again.
+    a.rewrite_config(&config("1000000"));
+    a.signal("HUP");
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(1.0)
+    })
+    .await;
+}

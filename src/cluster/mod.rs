@@ -239,11 +239,6 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// This node's name.
-    pub fn node(&self) -> &str {
-        &self.me
-    }
-
     fn subject_of(&self, node: &str) -> Subject {
         Subject::from(format!("{}.node.{node}", self.prefix))
     }

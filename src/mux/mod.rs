@@ -21,8 +21,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 pub use endpoint::{
-    unix_ms, BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PoolSnapshot,
-    PublishError,
+    BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PoolSnapshot, PublishError,
 };
 
 use crate::auth::Digest;

@@ -66,7 +66,7 @@ pub struct PoolSnapshot {
 }
 
 /// Milliseconds since the Unix epoch.
-pub fn unix_ms() -> u64 {
+fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -394,15 +394,18 @@ impl State {
 
     /// Takes backend `key` out of the pool: its pending calls fail with `-32000`, its calls to
     /// clients are forgotten, its clients are pinned again. `reason` (if given) is what its
-    /// connection is closed with.
+    /// connection is closed with. When it was the last one, the `grace` begins here, under the
+    /// lock, before the failed calls are answered: a client's next call must find it.
     fn remove_backend(
         &mut self,
         key: BackendKey,
         reason: Option<CloseReason>,
         why: &str,
+        grace: Duration,
     ) -> Option<Fallout> {
         let index = self.backends.iter().position(|b| b.key == key)?;
         let slot = self.backends.remove(index);
+        self.begin_grace(grace);
         if let Some(reason) = reason {
             let _ = slot.close.set(reason);
         }
@@ -583,16 +586,13 @@ impl Endpoint {
     /// newer backend on another node). Returns whether it was live.
     pub fn close_backend(self: &Arc<Self>, key: u64, reason: CloseReason) -> bool {
         let hold = self.hold();
+        let grace = self.limits().backend_grace;
         let mut s = self.state();
-        let Some(fallout) = s.remove_backend(key, Some(reason), "backend replaced") else {
+        let Some(fallout) = s.remove_backend(key, Some(reason), "backend replaced", grace) else {
             return false;
         };
         let emptied = s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
-        if emptied {
-            // Before the failed calls are answered: a client's next call must find the grace.
-            s.begin_grace(self.limits().backend_grace);
-        }
         drop(s);
         tracing::info!(endpoint = %self.path, "backend replaced by a newer one on another node");
         // Counted before the failed calls are answered: a client that calls again at once must
@@ -630,6 +630,7 @@ impl Endpoint {
     ) -> Option<Result<BackendConn, PublishError>> {
         let (token_name, token) = token;
         let limits = self.limits();
+        let grace = limits.backend_grace;
         let mut s = self.state();
         if s.removed {
             return None;
@@ -641,7 +642,7 @@ impl Endpoint {
         while s.backends.len() >= max_backends.max(1) {
             let oldest = s.backends[0].key;
             let reason = CloseReason::new(close::SERVICE_RESTART, "replaced by a new backend");
-            if let Some(f) = s.remove_backend(oldest, Some(reason), "backend replaced") {
+            if let Some(f) = s.remove_backend(oldest, Some(reason), "backend replaced", grace) {
                 fallout.absorb(f);
             }
             let pool = s.backends.len();
@@ -967,6 +968,7 @@ impl Endpoint {
         revoked: impl Fn(&Digest) -> bool,
     ) -> Vec<String> {
         let hold = self.hold();
+        let grace = self.limits().backend_grace;
         let mut s = self.state();
         let keys: Vec<(BackendKey, String)> = s
             .backends
@@ -976,16 +978,14 @@ impl Endpoint {
             .collect();
         let mut fallout = Fallout::default();
         for (key, _) in &keys {
-            if let Some(f) = s.remove_backend(*key, Some(reason.clone()), "backend unavailable") {
+            if let Some(f) =
+                s.remove_backend(*key, Some(reason.clone()), "backend unavailable", grace)
+            {
                 fallout.absorb(f);
             }
         }
         let emptied = !keys.is_empty() && s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
-        if emptied {
-            // Before the failed calls are answered: a client's next call must find the grace.
-            s.begin_grace(self.limits().backend_grace);
-        }
         let pool = s.backends.len();
         drop(s);
         if !keys.is_empty() {
@@ -1002,13 +1002,14 @@ impl Endpoint {
     /// Closes the longest-connected backends over `size` (reload: a smaller pool) with 1012.
     pub fn shrink_pool(self: &Arc<Self>, size: usize) -> usize {
         let hold = self.hold();
+        let grace = self.limits().backend_grace;
         let mut s = self.state();
         let over = s.backends.len().saturating_sub(size.max(1));
         let oldest: Vec<BackendKey> = s.backends.iter().take(over).map(|b| b.key).collect();
         let mut fallout = Fallout::default();
         for key in &oldest {
             let reason = CloseReason::new(close::SERVICE_RESTART, "pool made smaller by a reload");
-            if let Some(f) = s.remove_backend(*key, Some(reason), "backend unavailable") {
+            if let Some(f) = s.remove_backend(*key, Some(reason), "backend unavailable", grace) {
                 fallout.absorb(f);
             }
         }
@@ -1036,19 +1037,16 @@ impl Endpoint {
     /// The backend `key` has gone (its connection ended): take it out of the pool.
     fn backend_left(self: &Arc<Self>, key: BackendKey) {
         let hold = self.hold();
+        let grace = self.limits().backend_grace;
         let mut s = self.state();
         if s.removed {
             return;
         }
-        let Some(fallout) = s.remove_backend(key, None, "backend unavailable") else {
+        let Some(fallout) = s.remove_backend(key, None, "backend unavailable", grace) else {
             return;
         };
         let emptied = s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
-        if emptied {
-            // Before the failed calls are answered: a client's next call must find the grace.
-            s.begin_grace(self.limits().backend_grace);
-        }
         let pool = s.backends.len();
         drop(s);
         tracing::info!(endpoint = %self.path, pool, "backend left");
@@ -1075,7 +1073,7 @@ impl Endpoint {
             let _ = m.pending_calls.remove_label_values(&labels);
             drop(g);
         }
-        s.grace_until = Some(Instant::now() + grace);
+        // `grace_until` was set as the last backend left (`State::remove_backend`).
         let generation = s.next_key;
         drop(s);
         tracing::info!(endpoint = %self.path, grace_ms = grace.as_millis() as u64, "last backend left: grace");
