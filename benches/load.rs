@@ -413,6 +413,8 @@ struct RpcResult {
     errors: u64,
     seconds: f64,
     hist: Histogram<u64>,
+    /// CPU time (user + system) per call of each watched process, in microseconds.
+    cpu: Vec<(&'static str, f64)>,
 }
 
 impl RpcResult {
@@ -430,8 +432,75 @@ impl RpcResult {
             "p50_us": self.hist.value_at_quantile(0.50),
             "p99_us": self.hist.value_at_quantile(0.99),
             "p99.9_us": self.hist.value_at_quantile(0.999),
+            "cpu_us_per_call": self
+                .cpu
+                .iter()
+                .map(|(name, us)| (name.to_string(), json!(round(*us, 1))))
+                .collect::<Map<String, Value>>(),
         })
     }
+}
+
+/// The processes whose CPU time a run measures: a name, a pid, and whether its child processes
+/// count with it (nginx's workers with their master).
+type Watched = [(&'static str, u32, bool)];
+
+/// CPU time (user + system, all threads) of `pid` (and of its direct children if
+/// `children`), in clock ticks.
+fn cpu_ticks(pid: u32, children: bool) -> u64 {
+    let mut total = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(other) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{other}/stat")) else {
+            continue;
+        };
+        // After the command name (in parentheses, which may hold spaces): state, ppid, ...
+        let Some(fields) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
+            continue;
+        };
+        let fields: Vec<&str> = fields.split_whitespace().collect();
+        let ppid = fields.get(1).and_then(|f| f.parse::<u32>().ok());
+        if other == pid || (children && ppid == Some(pid)) {
+            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            total += field(11).unwrap_or(0) + field(12).unwrap_or(0);
+        }
+    }
+    total
+}
+
+fn cpu_sample(watch: &Watched) -> Vec<u64> {
+    watch
+        .iter()
+        .map(|(_, pid, children)| cpu_ticks(*pid, *children))
+        .collect()
+}
+
+/// The CPU time per call of each watched process between two samples.
+fn cpu_per_call(
+    watch: &Watched,
+    before: &[u64],
+    after: &[u64],
+    calls: u64,
+) -> Vec<(&'static str, f64)> {
+    // SAFETY: sysconf has no memory effects.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    watch
+        .iter()
+        .zip(before.iter().zip(after))
+        .map(|((name, _, _), (b, a))| {
+            let seconds = a.saturating_sub(*b) as f64 / ticks_per_sec;
+            (*name, seconds * 1e6 / calls.max(1) as f64)
+        })
+        .collect()
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -454,6 +523,27 @@ where
     F: Fn(usize) -> Fut,
     Fut: std::future::Future<Output = Box<dyn FnMut() -> CallFuture + Send>>,
 {
+    closed_loop_watched(clients, seconds, &[], make).await
+}
+
+/// [`closed_loop`], also measuring the CPU time per call of the `watch`ed processes (and of
+/// this load generator) over the counted seconds.
+async fn closed_loop_watched<F, Fut>(
+    clients: usize,
+    seconds: f64,
+    watch: &Watched,
+    make: F,
+) -> RpcResult
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Box<dyn FnMut() -> CallFuture + Send>>,
+{
+    let watching: Vec<(&'static str, u32, bool)> = match watch {
+        [] => Vec::new(),
+        _ => std::iter::once(("load generator", std::process::id(), false))
+            .chain(watch.iter().copied())
+            .collect(),
+    };
     let mut callers = Vec::with_capacity(clients);
     for i in 0..clients {
         callers.push(make(i).await);
@@ -486,11 +576,14 @@ where
             })
         })
         .collect();
+    tokio::time::sleep_until(start.into()).await;
+    let before = cpu_sample(&watching);
     let mut total = RpcResult {
         calls: 0,
         errors: 0,
         seconds,
         hist: new_hist(),
+        cpu: Vec::new(),
     };
     for t in tasks {
         let (calls, errors, hist) = t.await.expect("caller");
@@ -498,6 +591,8 @@ where
         total.errors += errors;
         let _ = total.hist.add(hist);
     }
+    let after = cpu_sample(&watching);
+    total.cpu = cpu_per_call(&watching, &before, &after, total.calls);
     total
 }
 
@@ -817,6 +912,14 @@ fn print_rpc(name: &str, r: &RpcResult) {
         r.hist.value_at_quantile(0.999),
         r.errors
     );
+    if !r.cpu.is_empty() {
+        let each: Vec<String> = r
+            .cpu
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.1}"))
+            .collect();
+        println!("{:<14} cpu us per call: {}", "", each.join(", "));
+    }
 }
 
 async fn bench(o: Options) {
@@ -846,41 +949,58 @@ async fn bench(o: Options) {
         .next()
         .and_then(|p| p.parse().ok())
         .expect("gateway URL with a port");
-    let _backend = spawn_role(
+    let backend = spawn_role(
         "echo-backend",
         &format!("{base}{ENDPOINT}?token={}&secret={SECRET}", o.token),
     );
     let client_url = format!("{base}{ENDPOINT}?secret={SECRET}");
     wait_for_echo(&client_url, "the echo backend did not publish").await;
+    // Where the CPU time of a call through the gateway goes.
+    let through_gateway: Vec<(&str, u32, bool)> = gateway_pid
+        .map(|pid| ("gateway", pid, false))
+        .into_iter()
+        .chain([("echo backend", backend.0.id(), false)])
+        .collect();
 
     // ws_rpc / ws_rpc_direct
-    let ws_rpc = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+    let ws_rpc = closed_loop_watched(o.clients, o.seconds, &through_gateway, |_| {
+        ws_caller(client_url.clone())
+    })
+    .await;
     print_rpc("ws_rpc", &ws_rpc);
     let ws_port = free_port();
-    let _ws_server = spawn_role("ws-server", &ws_port.to_string());
+    let ws_server = spawn_role("ws-server", &ws_port.to_string());
     wait_port(ws_port).await;
     let direct_url = format!("ws://127.0.0.1:{ws_port}/");
-    let ws_direct = closed_loop(o.clients, o.seconds, |_| ws_caller(direct_url.clone())).await;
+    let ws_direct = closed_loop_watched(
+        o.clients,
+        o.seconds,
+        &[("direct server", ws_server.0.id(), false)],
+        |_| ws_caller(direct_url.clone()),
+    )
+    .await;
     print_rpc("ws_rpc_direct", &ws_direct);
 
     // http_rpc / http_direct / http_nginx
     let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
-    let http_rpc = closed_loop(o.clients, o.seconds, |_| {
+    let http_rpc = closed_loop_watched(o.clients, o.seconds, &through_gateway, |_| {
         http_caller(gw_port, call_path.clone())
     })
     .await;
     print_rpc("http_rpc", &http_rpc);
     let http_port = free_port();
-    let _http_server = spawn_role("http-server", &http_port.to_string());
+    let http_server = spawn_role("http-server", &http_port.to_string());
     wait_port(http_port).await;
-    let http_direct = closed_loop(o.clients, o.seconds, |_| {
+    let hyper = ("hyper server", http_server.0.id(), false);
+    let http_direct = closed_loop_watched(o.clients, o.seconds, &[hyper], |_| {
         http_caller(http_port, "/echo".to_string())
     })
     .await;
     print_rpc("http_direct", &http_direct);
     let nginx = match start_nginx(dir.path(), http_port).await {
         Some((proc, port)) => {
-            let r = closed_loop(o.clients, o.seconds, |_| {
+            let watch = [("nginx", proc.0.id(), true), hyper];
+            let r = closed_loop_watched(o.clients, o.seconds, &watch, |_| {
                 http_caller(port, "/echo".to_string())
             })
             .await;
@@ -920,8 +1040,8 @@ async fn bench(o: Options) {
     let connect_direct =
         closed_loop(connecting, short, |_| connect_caller(direct_url.clone())).await;
     print_rpc("connect_direct", &connect_direct);
-    drop(_ws_server);
-    drop(_http_server);
+    drop(ws_server);
+    drop(http_server);
 
     // reload: the ws_rpc and http_rpc loads while the gateway reloads every 100 ms.
     let reload = match &ours {

@@ -15,6 +15,8 @@ pub mod code {
     pub const METHOD_NOT_FOUND: i64 = -32601;
     /// The method refused its arguments.
     pub const INVALID_PARAMS: i64 = -32602;
+    /// The method failed on its own (the peer's handler panicked).
+    pub const INTERNAL_ERROR: i64 = -32603;
     /// The endpoint's backend is not there (left, replaced, or never came back).
     pub const BACKEND_UNAVAILABLE: i64 = -32000;
     /// The client a backend called is not connected.

@@ -21,11 +21,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -124,6 +126,12 @@ pub struct PeerBuilder {
 
 impl PeerBuilder {
     /// Answers calls of `method` with `handler`. Unknown methods are answered with `-32601`.
+    ///
+    /// A handler is first polled by the connection's reader as the call arrives: if it has its
+    /// answer at once, the reply is queued there and then (no task, no wake-up); if it waits
+    /// (I/O, a timer, streamed input), it goes on in a task of its own, and other calls are read
+    /// meanwhile. So a handler should not compute for long before its first `.await`: hand
+    /// heavy work to `tokio::task::spawn_blocking` (and await it), as on any Tokio runtime.
     pub fn handle<F, Fut>(mut self, method: &str, handler: F) -> Self
     where
         F: Fn(Call) -> Fut + Send + Sync + 'static,
@@ -398,21 +406,55 @@ fn dispatch(
         id,
         out: out.clone(),
     };
+    // A handler that has its answer at once (it never waits) is answered here, in order,
+    // without a task of its own: no spawn, no wake-up of another worker. One that waits is
+    // polled again by a task of its own (which gives it a real waker). A handler that panics
+    // fails its call (-32603); the connection goes on.
+    let first = catch_unwind(AssertUnwindSafe(|| {
+        let mut running = handler(call);
+        let mut cx = Context::from_waker(Waker::noop());
+        match running.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => Err(running),
+        }
+    }));
+    let running = match first {
+        Ok(Err(running)) => running,
+        Ok(Ok(result)) => return answer(out, id, ext.as_ref(), result),
+        Err(_) => return answer(out, id, ext.as_ref(), Err(panicked())),
+    };
     let out = out.clone();
     tokio::spawn(async move {
-        let result = handler(call).await;
-        if id.is_none() {
-            return;
-        }
-        let mut reply = match result {
-            Ok(payload) => Message::reply(id, &payload, false),
-            Err(error) => Message::error_reply(id, &error),
-        };
-        if let Some(ext) = &ext {
-            reply.set_ext(Some(ext));
-        }
-        let _ = out.send(WsMessage::Text(reply.to_json().into()));
+        let result = AssertUnwindSafe(running)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err(panicked()));
+        answer(&out, id, ext.as_ref(), result);
     });
+}
+
+fn panicked() -> RpcError {
+    RpcError::new(crate::code::INTERNAL_ERROR, "the handler failed (it panicked)")
+}
+
+/// Queues a handler's answer to call `id` (nothing for a notification).
+fn answer(
+    out: &Out,
+    id: Option<u64>,
+    ext: Option<&Map<String, Value>>,
+    result: Result<Value, RpcError>,
+) {
+    if id.is_none() {
+        return;
+    }
+    let mut reply = match result {
+        Ok(payload) => Message::reply(id, &payload, false),
+        Err(error) => Message::error_reply(id, &error),
+    };
+    if let Some(ext) = ext {
+        reply.set_ext(Some(ext));
+    }
+    let _ = out.send(WsMessage::Text(reply.to_json().into()));
 }
 
 /// How many frames of a peer's reply streams may wait unwritten before [`Call::send`] waits.
