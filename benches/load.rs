@@ -21,9 +21,18 @@
 //! Every server runs in a process of its own: the gateway (the release binary), and this binary
 //! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
 //! HTTP server. This process only generates load.
+//!
+//! The loads a ratio compares run side by side: `ws_rpc` with `ws_rpc_direct`; `http_rpc` with
+//! `http_direct` and `http_nginx`; `connect` with `connect_direct`; each `reload` load with the
+//! same load without reloads. Each runs half its time in turn, then the other half in reverse
+//! order (A B B A), so what the shared machine gives the run (other tenants) weighs on both
+//! alike. The main loads also report each process's CPU time per call (from `/proc`), which is
+//! what a ratio comes from when the two cores are busy.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::TcpListener as StdListener;
+use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -596,6 +605,55 @@ where
     total
 }
 
+impl RpcResult {
+    /// Two runs of the same load as one.
+    fn merge(self, other: RpcResult) -> RpcResult {
+        let calls = self.calls + other.calls;
+        let cpu = self
+            .cpu
+            .iter()
+            .zip(&other.cpu)
+            .map(|((name, a), (_, b))| {
+                let weighted = a * self.calls as f64 + b * other.calls as f64;
+                (*name, weighted / calls.max(1) as f64)
+            })
+            .collect();
+        let mut hist = self.hist;
+        let _ = hist.add(other.hist);
+        RpcResult {
+            calls,
+            errors: self.errors + other.errors,
+            seconds: self.seconds + other.seconds,
+            hist,
+            cpu,
+        }
+    }
+}
+
+/// One load of a comparison: runs for the seconds given.
+type Load<'a> = Box<dyn FnMut(f64) -> Pin<Box<dyn Future<Output = RpcResult> + 'a>> + 'a>;
+
+/// Runs loads side by side: each for half of `seconds` in turn, then each again in the reverse
+/// order (A B B A), so a change in what the shared machine gives this run (its other tenants
+/// come and go within seconds) weighs on each load alike. Each result is its two halves.
+async fn side_by_side(seconds: f64, mut loads: Vec<Load<'_>>) -> Vec<RpcResult> {
+    let half = seconds / 2.0;
+    let mut first = Vec::with_capacity(loads.len());
+    for load in loads.iter_mut() {
+        first.push(load(half).await);
+    }
+    let mut second = Vec::with_capacity(loads.len());
+    for load in loads.iter_mut().rev() {
+        second.push(load(half).await);
+    }
+    second.reverse();
+    first
+        .into_iter()
+        .zip(second)
+        .map(|(a, b)| a.merge(b))
+        .collect()
+}
+
 type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// A WebSocket Duplex client calling `echo`.
@@ -876,7 +934,7 @@ async fn connect_caller(url: String) -> Box<dyn FnMut() -> CallFuture + Send> {
 async fn with_reloads(
     g: &OurGateway,
     load: impl std::future::Future<Output = RpcResult>,
-) -> RpcResult {
+) -> (RpcResult, u64) {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reloader = tokio::spawn({
         let (stop, config, text, pid) = (stop.clone(), g.config.clone(), g.text.clone(), g.pid);
@@ -899,8 +957,7 @@ async fn with_reloads(
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let reloads = reloader.await.unwrap_or(0);
     let _ = std::fs::write(&g.config, &g.text);
-    println!("               ({reloads} reloads during the load)");
-    result
+    (result, reloads)
 }
 
 fn print_rpc(name: &str, r: &RpcResult) {
@@ -962,57 +1019,79 @@ async fn bench(o: Options) {
         .chain([("echo backend", backend.0.id(), false)])
         .collect();
 
-    // ws_rpc / ws_rpc_direct
-    let ws_rpc = closed_loop_watched(o.clients, o.seconds, &through_gateway, |_| {
-        ws_caller(client_url.clone())
-    })
-    .await;
-    print_rpc("ws_rpc", &ws_rpc);
+    // The direct servers, and nginx: up from the start, so each comparison runs side by side.
     let ws_port = free_port();
     let ws_server = spawn_role("ws-server", &ws_port.to_string());
+    let http_port = free_port();
+    let http_server = spawn_role("http-server", &http_port.to_string());
     wait_port(ws_port).await;
+    wait_port(http_port).await;
+    let nginx_proc = start_nginx(dir.path(), http_port).await;
     let direct_url = format!("ws://127.0.0.1:{ws_port}/");
-    let ws_direct = closed_loop_watched(
-        o.clients,
+    let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let clients = o.clients;
+
+    // ws_rpc / ws_rpc_direct
+    let direct_server = [("direct server", ws_server.0.id(), false)];
+    let [ws_rpc, ws_direct]: [RpcResult; 2] = side_by_side(
         o.seconds,
-        &[("direct server", ws_server.0.id(), false)],
-        |_| ws_caller(direct_url.clone()),
+        vec![
+            Box::new(|secs| {
+                Box::pin(closed_loop_watched(clients, secs, &through_gateway, |_| {
+                    ws_caller(client_url.clone())
+                }))
+            }),
+            Box::new(|secs| {
+                Box::pin(closed_loop_watched(clients, secs, &direct_server, |_| {
+                    ws_caller(direct_url.clone())
+                }))
+            }),
+        ],
     )
-    .await;
+    .await
+    .try_into()
+    .unwrap_or_else(|_| unreachable!("two loads"));
+    print_rpc("ws_rpc", &ws_rpc);
     print_rpc("ws_rpc_direct", &ws_direct);
 
     // http_rpc / http_direct / http_nginx
-    let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
-    let http_rpc = closed_loop_watched(o.clients, o.seconds, &through_gateway, |_| {
-        http_caller(gw_port, call_path.clone())
-    })
-    .await;
-    print_rpc("http_rpc", &http_rpc);
-    let http_port = free_port();
-    let http_server = spawn_role("http-server", &http_port.to_string());
-    wait_port(http_port).await;
     let hyper = ("hyper server", http_server.0.id(), false);
-    let http_direct = closed_loop_watched(o.clients, o.seconds, &[hyper], |_| {
-        http_caller(http_port, "/echo".to_string())
-    })
-    .await;
-    print_rpc("http_direct", &http_direct);
-    let nginx = match start_nginx(dir.path(), http_port).await {
-        Some((proc, port)) => {
-            let watch = [("nginx", proc.0.id(), true), hyper];
-            let r = closed_loop_watched(o.clients, o.seconds, &watch, |_| {
-                http_caller(port, "/echo".to_string())
-            })
-            .await;
-            print_rpc("http_nginx", &r);
-            drop(proc);
-            Some(r)
-        }
-        None => {
-            println!("http_nginx     skipped: nginx is not installed");
-            None
-        }
+    let hyper_only = [hyper];
+    let nginx_watch = nginx_proc
+        .as_ref()
+        .map(|(proc, _)| [("nginx", proc.0.id(), true), hyper]);
+    let mut http_loads: Vec<Load> = vec![
+        Box::new(|secs| {
+            Box::pin(closed_loop_watched(clients, secs, &through_gateway, |_| {
+                http_caller(gw_port, call_path.clone())
+            }))
+        }),
+        Box::new(|secs| {
+            Box::pin(closed_loop_watched(clients, secs, &hyper_only, |_| {
+                http_caller(http_port, "/echo".to_string())
+            }))
+        }),
+    ];
+    if let (Some((_, nginx_port)), Some(watch)) = (&nginx_proc, &nginx_watch) {
+        let nginx_port = *nginx_port;
+        http_loads.push(Box::new(move |secs| {
+            Box::pin(closed_loop_watched(clients, secs, watch, move |_| {
+                http_caller(nginx_port, "/echo".to_string())
+            }))
+        }));
+    }
+    let mut http_results = side_by_side(o.seconds, http_loads).await.into_iter();
+    let (Some(http_rpc), Some(http_direct)) = (http_results.next(), http_results.next()) else {
+        unreachable!("two loads at least")
     };
+    let nginx = http_results.next();
+    print_rpc("http_rpc", &http_rpc);
+    print_rpc("http_direct", &http_direct);
+    match &nginx {
+        Some(r) => print_rpc("http_nginx", r),
+        None => println!("http_nginx     skipped: nginx is not installed"),
+    }
+    drop(nginx_proc);
 
     // latency: one client, sequential calls; the p50 the gateway adds over direct.
     let short = o.seconds.min(5.0);
@@ -1035,32 +1114,89 @@ async fn bench(o: Options) {
 
     // connect: new WebSocket clients per second (connect, handshake, one call, close).
     let connecting = o.clients.min(16);
-    let connect = closed_loop(connecting, short, |_| connect_caller(client_url.clone())).await;
+    let [connect, connect_direct]: [RpcResult; 2] = side_by_side(
+        short,
+        vec![
+            Box::new(|secs| {
+                Box::pin(closed_loop(connecting, secs, |_| {
+                    connect_caller(client_url.clone())
+                }))
+            }),
+            Box::new(|secs| {
+                Box::pin(closed_loop(connecting, secs, |_| {
+                    connect_caller(direct_url.clone())
+                }))
+            }),
+        ],
+    )
+    .await
+    .try_into()
+    .unwrap_or_else(|_| unreachable!("two loads"));
     print_rpc("connect", &connect);
-    let connect_direct =
-        closed_loop(connecting, short, |_| connect_caller(direct_url.clone())).await;
     print_rpc("connect_direct", &connect_direct);
     drop(ws_server);
     drop(http_server);
 
     // reload: the ws_rpc and http_rpc loads while the gateway reloads every 100 ms.
+    // Each against the same load without reloads, side by side.
     let reload = match &ours {
         Some(g) => {
-            let ws = with_reloads(
-                g,
-                closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())),
+            let reloads = std::cell::Cell::new(0u64);
+            let [ws, ws_quiet]: [RpcResult; 2] = side_by_side(
+                o.seconds,
+                vec![
+                    Box::new(|secs| {
+                        let load = closed_loop(clients, secs, |_| ws_caller(client_url.clone()));
+                        let reloads = &reloads;
+                        Box::pin(async move {
+                            let (result, n) = with_reloads(g, load).await;
+                            reloads.set(reloads.get() + n);
+                            result
+                        })
+                    }),
+                    Box::new(|secs| {
+                        Box::pin(closed_loop(clients, secs, |_| {
+                            ws_caller(client_url.clone())
+                        }))
+                    }),
+                ],
             )
-            .await;
+            .await
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two loads"));
+            println!(
+                "               ({} reloads during the load)",
+                reloads.replace(0)
+            );
             print_rpc("reload ws", &ws);
-            let http = with_reloads(
-                g,
-                closed_loop(o.clients, o.seconds, |_| {
-                    http_caller(gw_port, call_path.clone())
-                }),
+            print_rpc("ws, no reload", &ws_quiet);
+            let [http, http_quiet]: [RpcResult; 2] = side_by_side(
+                o.seconds,
+                vec![
+                    Box::new(|secs| {
+                        let load =
+                            closed_loop(clients, secs, |_| http_caller(gw_port, call_path.clone()));
+                        let reloads = &reloads;
+                        Box::pin(async move {
+                            let (result, n) = with_reloads(g, load).await;
+                            reloads.set(reloads.get() + n);
+                            result
+                        })
+                    }),
+                    Box::new(|secs| {
+                        Box::pin(closed_loop(clients, secs, |_| {
+                            http_caller(gw_port, call_path.clone())
+                        }))
+                    }),
+                ],
             )
-            .await;
+            .await
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("two loads"));
+            println!("               ({} reloads during the load)", reloads.get());
             print_rpc("reload http", &http);
-            Some((ws, http))
+            print_rpc("http, no reload", &http_quiet);
+            Some((ws, ws_quiet, http, http_quiet))
         }
         None => None,
     };
@@ -1123,14 +1259,14 @@ async fn bench(o: Options) {
         "connect / connect_direct".into(),
         json!(round(connect.rate() / connect_direct.rate(), 3)),
     );
-    if let Some((ws, http)) = &reload {
+    if let Some((ws, ws_quiet, http, http_quiet)) = &reload {
         ratios.insert(
-            "reload ws / ws_rpc".into(),
-            json!(round(ws.rate() / ws_rpc.rate(), 3)),
+            "reload ws / no reload".into(),
+            json!(round(ws.rate() / ws_quiet.rate(), 3)),
         );
         ratios.insert(
-            "reload http / http_rpc".into(),
-            json!(round(http.rate() / http_rpc.rate(), 3)),
+            "reload http / no reload".into(),
+            json!(round(http.rate() / http_quiet.rate(), 3)),
         );
     }
     if let Some((pool_rpc, _, _)) = &pools {
@@ -1176,10 +1312,12 @@ async fn bench(o: Options) {
     }
     report.insert("connect".into(), connect.to_json(connecting));
     report.insert("connect_direct".into(), connect_direct.to_json(connecting));
-    if let Some((ws, http)) = &reload {
+    if let Some((ws, ws_quiet, http, http_quiet)) = &reload {
         let mut both = Map::new();
         both.insert("ws".into(), ws.to_json(o.clients));
+        both.insert("ws_no_reload".into(), ws_quiet.to_json(o.clients));
         both.insert("http".into(), http.to_json(o.clients));
+        both.insert("http_no_reload".into(), http_quiet.to_json(o.clients));
         both.insert("failed_calls".into(), json!(ws.errors + http.errors));
         report.insert("reload".into(), Value::Object(both));
     }

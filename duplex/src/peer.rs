@@ -434,7 +434,10 @@ fn dispatch(
 }
 
 fn panicked() -> RpcError {
-    RpcError::new(crate::code::INTERNAL_ERROR, "the handler failed (it panicked)")
+    RpcError::new(
+        crate::code::INTERNAL_ERROR,
+        "the handler failed (it panicked)",
+    )
 }
 
 /// Queues a handler's answer to call `id` (nothing for a notification).
