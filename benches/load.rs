@@ -24,7 +24,7 @@
 //!
 //! The loads a ratio compares run side by side: `ws_rpc` with `ws_rpc_direct`; `http_rpc` with
 //! `http_direct` and `http_nginx`; `connect` with `connect_direct`; each `reload` load with the
-//! same load without reloads. Each runs half its time in turn, then the other half in reverse
+//! same load without reloads; each cluster load with the same load on one node. Each runs half its time in turn, then the other half in reverse
 //! order (A B B A), so what the shared machine gives the run (other tenants) weighs on both
 //! alike. The main loads also report each process's CPU time per call (from `/proc`), which is
 //! what a ratio comes from when the two cores are busy.
@@ -654,6 +654,45 @@ async fn side_by_side(seconds: f64, mut loads: Vec<Load<'_>>) -> Vec<RpcResult> 
         .collect()
 }
 
+/// [`side_by_side`] for two loads.
+async fn side_by_side_pair<'a>(seconds: f64, a: Load<'a>, b: Load<'a>) -> (RpcResult, RpcResult) {
+    let mut results = side_by_side(seconds, vec![a, b]).await.into_iter();
+    match (results.next(), results.next()) {
+        (Some(a), Some(b)) => (a, b),
+        _ => unreachable!("one result per load"),
+    }
+}
+
+/// A load while the gateway reloads every 100 ms, side by side with the same load without
+/// reloads: (with reloads, without, how many reloads were sent).
+async fn reload_side_by_side<F, Fut>(
+    g: &OurGateway,
+    clients: usize,
+    seconds: f64,
+    make: F,
+) -> (RpcResult, RpcResult, u64)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Box<dyn FnMut() -> CallFuture + Send>>,
+{
+    let reloads = std::cell::Cell::new(0u64);
+    let (make, counted) = (&make, &reloads);
+    let (with, without) = side_by_side_pair(
+        seconds,
+        Box::new(|secs| {
+            let load = closed_loop(clients, secs, make);
+            Box::pin(async move {
+                let (result, n) = with_reloads(g, load).await;
+                counted.set(counted.get() + n);
+                result
+            })
+        }),
+        Box::new(|secs| Box::pin(closed_loop(clients, secs, make))),
+    )
+    .await;
+    (with, without, reloads.get())
+}
+
 type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
 /// A WebSocket Duplex client calling `echo`.
@@ -859,13 +898,27 @@ fn nats_server() -> Option<&'static str> {
     .find(|p| std::path::Path::new(p).exists())
 }
 
+/// What the cluster scenarios measure: `cluster_ws_rpc` and `cluster_http_rpc`, the one-node
+/// loads run side by side with them, and one client's sequential calls through the cluster.
+struct ClusterResults {
+    ws: RpcResult,
+    http: RpcResult,
+    one_node_ws: RpcResult,
+    one_node_http: RpcResult,
+    latency_ws: RpcResult,
+    latency_http: RpcResult,
+}
+
 /// `cluster_ws_rpc`, `cluster_http_rpc`: the `ws_rpc` and `http_rpc` loads with the clients on
-/// node A and the echo backend on node B, joined by a real nats-server; then one client's
-/// sequential calls the same way (for the latency the cluster adds). None without nats-server.
+/// node A and the echo backend on node B, joined by a real nats-server, each side by side with
+/// the same load on one node (`one_node`: the single gateway's client URL and port); then one
+/// client's sequential calls the same way (for the latency the cluster adds). None without
+/// nats-server.
 async fn cluster_scenarios(
     o: &Options,
     dir: &std::path::Path,
-) -> Option<(RpcResult, RpcResult, RpcResult, RpcResult)> {
+    one_node: (&str, u16),
+) -> Option<ClusterResults> {
     let Some(nats) = nats_server() else {
         println!("cluster_*      skipped: nats-server is not installed");
         return None;
@@ -900,17 +953,51 @@ async fn cluster_scenarios(
         .and_then(|p| p.parse().ok())
         .expect("port");
     let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
-    let ws = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+    let (one_url, one_port) = one_node;
+    let clients = o.clients;
+    let (ws, one_node_ws) = side_by_side_pair(
+        o.seconds,
+        Box::new(|secs| {
+            Box::pin(closed_loop(clients, secs, |_| {
+                ws_caller(client_url.clone())
+            }))
+        }),
+        Box::new(|secs| {
+            Box::pin(closed_loop(clients, secs, |_| {
+                ws_caller(one_url.to_string())
+            }))
+        }),
+    )
+    .await;
     print_rpc("cluster_ws_rpc", &ws);
-    let http = closed_loop(o.clients, o.seconds, |_| {
-        http_caller(a_port, call_path.clone())
-    })
+    print_rpc("ws, one node", &one_node_ws);
+    let (http, one_node_http) = side_by_side_pair(
+        o.seconds,
+        Box::new(|secs| {
+            Box::pin(closed_loop(clients, secs, |_| {
+                http_caller(a_port, call_path.clone())
+            }))
+        }),
+        Box::new(|secs| {
+            Box::pin(closed_loop(clients, secs, |_| {
+                http_caller(one_port, call_path.clone())
+            }))
+        }),
+    )
     .await;
     print_rpc("cluster_http_rpc", &http);
+    print_rpc("http, one node", &one_node_http);
     let short = o.seconds.min(5.0);
-    let lat_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
-    let lat_http = closed_loop(1, short, |_| http_caller(a_port, call_path.clone())).await;
-    Some((ws, http, lat_ws, lat_http))
+    let latency_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
+    let latency_http = closed_loop(1, short, |_| http_caller(a_port, call_path.clone())).await;
+    Some(ClusterResults {
+        ws,
+        http,
+        one_node_ws,
+        one_node_http,
+        latency_ws,
+        latency_http,
+    })
 }
 
 /// A client that, on every call, connects (handshake included), calls `echo` once and closes.
@@ -1033,24 +1120,20 @@ async fn bench(o: Options) {
 
     // ws_rpc / ws_rpc_direct
     let direct_server = [("direct server", ws_server.0.id(), false)];
-    let [ws_rpc, ws_direct]: [RpcResult; 2] = side_by_side(
+    let (ws_rpc, ws_direct) = side_by_side_pair(
         o.seconds,
-        vec![
-            Box::new(|secs| {
-                Box::pin(closed_loop_watched(clients, secs, &through_gateway, |_| {
-                    ws_caller(client_url.clone())
-                }))
-            }),
-            Box::new(|secs| {
-                Box::pin(closed_loop_watched(clients, secs, &direct_server, |_| {
-                    ws_caller(direct_url.clone())
-                }))
-            }),
-        ],
+        Box::new(|secs| {
+            Box::pin(closed_loop_watched(clients, secs, &through_gateway, |_| {
+                ws_caller(client_url.clone())
+            }))
+        }),
+        Box::new(|secs| {
+            Box::pin(closed_loop_watched(clients, secs, &direct_server, |_| {
+                ws_caller(direct_url.clone())
+            }))
+        }),
     )
-    .await
-    .try_into()
-    .unwrap_or_else(|_| unreachable!("two loads"));
+    .await;
     print_rpc("ws_rpc", &ws_rpc);
     print_rpc("ws_rpc_direct", &ws_direct);
 
@@ -1114,24 +1197,20 @@ async fn bench(o: Options) {
 
     // connect: new WebSocket clients per second (connect, handshake, one call, close).
     let connecting = o.clients.min(16);
-    let [connect, connect_direct]: [RpcResult; 2] = side_by_side(
+    let (connect, connect_direct) = side_by_side_pair(
         short,
-        vec![
-            Box::new(|secs| {
-                Box::pin(closed_loop(connecting, secs, |_| {
-                    connect_caller(client_url.clone())
-                }))
-            }),
-            Box::new(|secs| {
-                Box::pin(closed_loop(connecting, secs, |_| {
-                    connect_caller(direct_url.clone())
-                }))
-            }),
-        ],
+        Box::new(|secs| {
+            Box::pin(closed_loop(connecting, secs, |_| {
+                connect_caller(client_url.clone())
+            }))
+        }),
+        Box::new(|secs| {
+            Box::pin(closed_loop(connecting, secs, |_| {
+                connect_caller(direct_url.clone())
+            }))
+        }),
     )
-    .await
-    .try_into()
-    .unwrap_or_else(|_| unreachable!("two loads"));
+    .await;
     print_rpc("connect", &connect);
     print_rpc("connect_direct", &connect_direct);
     drop(ws_server);
@@ -1141,59 +1220,16 @@ async fn bench(o: Options) {
     // Each against the same load without reloads, side by side.
     let reload = match &ours {
         Some(g) => {
-            let reloads = std::cell::Cell::new(0u64);
-            let [ws, ws_quiet]: [RpcResult; 2] = side_by_side(
-                o.seconds,
-                vec![
-                    Box::new(|secs| {
-                        let load = closed_loop(clients, secs, |_| ws_caller(client_url.clone()));
-                        let reloads = &reloads;
-                        Box::pin(async move {
-                            let (result, n) = with_reloads(g, load).await;
-                            reloads.set(reloads.get() + n);
-                            result
-                        })
-                    }),
-                    Box::new(|secs| {
-                        Box::pin(closed_loop(clients, secs, |_| {
-                            ws_caller(client_url.clone())
-                        }))
-                    }),
-                ],
-            )
-            .await
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("two loads"));
-            println!(
-                "               ({} reloads during the load)",
-                reloads.replace(0)
-            );
+            let (ws, ws_quiet, n) =
+                reload_side_by_side(g, clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+            println!("               ({n} reloads during the load)");
             print_rpc("reload ws", &ws);
             print_rpc("ws, no reload", &ws_quiet);
-            let [http, http_quiet]: [RpcResult; 2] = side_by_side(
-                o.seconds,
-                vec![
-                    Box::new(|secs| {
-                        let load =
-                            closed_loop(clients, secs, |_| http_caller(gw_port, call_path.clone()));
-                        let reloads = &reloads;
-                        Box::pin(async move {
-                            let (result, n) = with_reloads(g, load).await;
-                            reloads.set(reloads.get() + n);
-                            result
-                        })
-                    }),
-                    Box::new(|secs| {
-                        Box::pin(closed_loop(clients, secs, |_| {
-                            http_caller(gw_port, call_path.clone())
-                        }))
-                    }),
-                ],
-            )
-            .await
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("two loads"));
-            println!("               ({} reloads during the load)", reloads.get());
+            let (http, http_quiet, n) = reload_side_by_side(g, clients, o.seconds, |_| {
+                http_caller(gw_port, call_path.clone())
+            })
+            .await;
+            println!("               ({n} reloads during the load)");
             print_rpc("reload http", &http);
             print_rpc("http, no reload", &http_quiet);
             Some((ws, ws_quiet, http, http_quiet))
@@ -1223,10 +1259,11 @@ async fn bench(o: Options) {
 
     // cluster_ws_rpc, cluster_http_rpc: only with gateways this tool starts.
     let cluster = match &ours {
-        Some(_) => cluster_scenarios(&o, dir.path()).await,
+        Some(_) => cluster_scenarios(&o, dir.path(), (&client_url, gw_port)).await,
         None => None,
     };
-    let cluster_latency = cluster.as_ref().map(|(_, _, lw, lh)| {
+    let cluster_latency = cluster.as_ref().map(|c| {
+        let (lw, lh) = (&c.latency_ws, &c.latency_http);
         json!({
             "ws_p50_us": p50(lw),
             "ws_added_p50_us": p50(lw) - p50(&lat_ws),
@@ -1275,14 +1312,15 @@ async fn bench(o: Options) {
             json!(round(pool_rpc.rate() / ws_rpc.rate(), 3)),
         );
     }
-    if let Some((ws, http, _, _)) = &cluster {
+    if let Some(c) = &cluster {
+        // Against the same load on one node, run beside it.
         ratios.insert(
             "cluster_ws_rpc / ws_rpc".into(),
-            json!(round(ws.rate() / ws_rpc.rate(), 3)),
+            json!(round(c.ws.rate() / c.one_node_ws.rate(), 3)),
         );
         ratios.insert(
             "cluster_http_rpc / http_rpc".into(),
-            json!(round(http.rate() / http_rpc.rate(), 3)),
+            json!(round(c.http.rate() / c.one_node_http.rate(), 3)),
         );
     }
     println!("ratios         {}", Value::Object(ratios.clone()));
@@ -1303,9 +1341,17 @@ async fn bench(o: Options) {
         report.insert("rolling_deploy".into(), rolling_json);
     }
     report.insert("latency".into(), latency);
-    if let Some((ws, http, _, _)) = &cluster {
-        report.insert("cluster_ws_rpc".into(), ws.to_json(o.clients));
-        report.insert("cluster_http_rpc".into(), http.to_json(o.clients));
+    if let Some(c) = &cluster {
+        report.insert("cluster_ws_rpc".into(), c.ws.to_json(o.clients));
+        report.insert("cluster_http_rpc".into(), c.http.to_json(o.clients));
+        report.insert(
+            "cluster_one_node_ws".into(),
+            c.one_node_ws.to_json(o.clients),
+        );
+        report.insert(
+            "cluster_one_node_http".into(),
+            c.one_node_http.to_json(o.clients),
+        );
     }
     if let Some(l) = cluster_latency {
         report.insert("cluster_latency".into(), l);
