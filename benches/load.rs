@@ -457,6 +457,12 @@ type Watched = [(&'static str, u32, bool)];
 /// CPU time (user + system, all threads) of `pid` (and of its direct children if
 /// `children`), in clock ticks.
 fn cpu_ticks(pid: u32, children: bool) -> u64 {
+    if !children {
+        return std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|stat| stat_ticks(&stat).map(|(_, ticks)| ticks))
+            .unwrap_or(0);
+    }
     let mut total = 0;
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return 0;
@@ -472,18 +478,23 @@ fn cpu_ticks(pid: u32, children: bool) -> u64 {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{other}/stat")) else {
             continue;
         };
-        // After the command name (in parentheses, which may hold spaces): state, ppid, ...
-        let Some(fields) = stat.rsplit_once(')').map(|(_, rest)| rest) else {
-            continue;
-        };
-        let fields: Vec<&str> = fields.split_whitespace().collect();
-        let ppid = fields.get(1).and_then(|f| f.parse::<u32>().ok());
-        if other == pid || (children && ppid == Some(pid)) {
-            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
-            total += field(11).unwrap_or(0) + field(12).unwrap_or(0);
+        if let Some((ppid, ticks)) = stat_ticks(&stat) {
+            if other == pid || ppid == pid {
+                total += ticks;
+            }
         }
     }
     total
+}
+
+/// The parent pid and the CPU time (utime + stime, clock ticks) in a `/proc/<pid>/stat` line.
+fn stat_ticks(stat: &str) -> Option<(u32, u64)> {
+    // After the command name (in parentheses, which may hold spaces): state, ppid, ...
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    let ppid = u32::try_from(field(1)?).ok()?;
+    Some((ppid, field(11)? + field(12)?))
 }
 
 fn cpu_sample(watch: &Watched) -> Vec<u64> {
@@ -695,12 +706,21 @@ where
 
 type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
 
-/// A WebSocket Duplex client calling `echo`.
+/// Closes a peer when dropped (a `Peer` otherwise keeps its connection open).
+struct ClosedOnDrop(Peer);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A WebSocket Duplex client calling `echo`; its connection closes when the load ends.
 async fn ws_caller(url: String) -> Box<dyn FnMut() -> CallFuture + Send> {
-    let peer = Peer::builder().connect(&url).await.expect("connect");
+    let peer = ClosedOnDrop(Peer::builder().connect(&url).await.expect("connect"));
     let payload = payload();
     Box::new(move || {
-        let peer = peer.clone();
+        let peer = peer.0.clone();
         let payload = payload.clone();
         Box::pin(async move { peer.call("echo", payload.clone()).await.as_ref() == Ok(&payload) })
     })
@@ -1315,11 +1335,11 @@ async fn bench(o: Options) {
     if let Some(c) = &cluster {
         // Against the same load on one node, run beside it.
         ratios.insert(
-            "cluster_ws_rpc / ws_rpc".into(),
+            "cluster_ws_rpc / one node".into(),
             json!(round(c.ws.rate() / c.one_node_ws.rate(), 3)),
         );
         ratios.insert(
-            "cluster_http_rpc / http_rpc".into(),
+            "cluster_http_rpc / one node".into(),
             json!(round(c.http.rate() / c.one_node_http.rate(), 3)),
         );
     }

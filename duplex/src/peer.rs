@@ -131,7 +131,9 @@ impl PeerBuilder {
     /// answer at once, the reply is queued there and then (no task, no wake-up); if it waits
     /// (I/O, a timer, streamed input), it goes on in a task of its own, and other calls are read
     /// meanwhile. So a handler should not compute for long before its first `.await`: hand
-    /// heavy work to `tokio::task::spawn_blocking` (and await it), as on any Tokio runtime.
+    /// heavy work to `tokio::task::spawn_blocking` (and await it), as on any Tokio runtime. Nor
+    /// may it block the thread waiting for something this connection has yet to read (say,
+    /// `futures::executor::block_on(peer.call(..))`): that would wait forever. Await it instead.
     pub fn handle<F, Fut>(mut self, method: &str, handler: F) -> Self
     where
         F: Fn(Call) -> Fut + Send + Sync + 'static,
@@ -418,14 +420,21 @@ fn dispatch(
             Poll::Pending => Err(running),
         }
     }));
-    let running = match first {
+    let mut running = match first {
         Ok(Err(running)) => running,
         Ok(Ok(result)) => return answer(out, id, ext.as_ref(), result),
         Err(_) => return answer(out, id, ext.as_ref(), Err(panicked())),
     };
     let out = out.clone();
     tokio::spawn(async move {
-        let result = AssertUnwindSafe(running)
+        // The handler is dropped inside the guarded future too: a panic in its drop fails the
+        // call like any other.
+        let guarded = async move {
+            let result = running.as_mut().await;
+            drop(running);
+            result
+        };
+        let result = AssertUnwindSafe(guarded)
             .catch_unwind()
             .await
             .unwrap_or_else(|_| Err(panicked()));

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use duplex::{code, Peer, PeerBuilder, PeerError};
+use duplex::{code, Peer, PeerBuilder, PeerError, RpcError};
 use serde_json::{json, Value};
 
 /// Serves `handlers` on a loopback port and returns a client peer connected to it (and the
@@ -32,6 +32,23 @@ fn handlers() -> PeerBuilder {
         .handle("later", |call| async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             Ok(call.payload)
+        })
+        .handle("count", |call| async move {
+            // Starts at once (the window has room), then waits for room: it moves to a task.
+            let n = call.payload.as_u64().unwrap_or(0);
+            for i in 1..n {
+                call.send(&json!(i))
+                    .await
+                    .map_err(|e| RpcError::new(-32000, e.to_string()))?;
+            }
+            Ok(json!(n))
+        })
+        .handle("sum", |mut call| async move {
+            let mut total = call.payload.as_i64().unwrap_or(0);
+            while let Some(more) = call.next_input().await {
+                total += more.as_i64().unwrap_or(0);
+            }
+            Ok(json!(total))
         })
         .handle("panic_now", |_call| async move {
             if true {
@@ -83,4 +100,30 @@ async fn a_panicking_handler_fails_its_call_and_the_connection_goes_on() {
         assert_eq!(client.call("now", json!("still")).await, Ok(json!("still")));
         assert_eq!(client.call("later", json!("here")).await, Ok(json!("here")));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_longer_than_the_window_arrives_whole_and_in_order() {
+    let (client, _server) = pair(handlers()).await;
+    // Well over the stream window: the handler starts in the reader, then waits for room.
+    let n = 3 * duplex::peer::STREAM_WINDOW as u64;
+    let mut replies = client.call_stream("count", json!(n)).expect("call");
+    let mut got = Vec::new();
+    while let Some(item) = replies.next().await {
+        got.push(item.expect("frame"));
+    }
+    let expected: Vec<Value> = (1..=n).map(|i| json!(i)).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test]
+async fn streamed_input_reaches_a_handler_that_waits_for_it() {
+    let (client, _server) = pair(handlers()).await;
+    let input: Vec<Value> = (1..=100).map(|i| json!(i)).collect();
+    let total = client
+        .call_with_input("sum", &input)
+        .expect("call")
+        .last()
+        .await;
+    assert_eq!(total, Ok(json!(5050)));
 }
