@@ -1303,6 +1303,14 @@ async fn bench(o: Options) {
         json!(round(ws_rpc.rate() / ws_direct.rate(), 3)),
     );
     ratios.insert(
+        "ws_rpc p99 / direct p99".into(),
+        json!(round(
+            ws_rpc.hist.value_at_quantile(0.99) as f64
+                / ws_direct.hist.value_at_quantile(0.99).max(1) as f64,
+            3
+        )),
+    );
+    ratios.insert(
         "http_rpc / http_direct".into(),
         json!(round(http_rpc.rate() / http_direct.rate(), 3)),
     );
