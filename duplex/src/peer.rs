@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Bytes;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{Connector, WebSocketStream};
 
@@ -317,9 +318,10 @@ impl PeerBuilder {
             let mut incoming: HashMap<u64, mpsc::UnboundedSender<Value>> = HashMap::new();
             let mut close_code = None;
             while let Some(frame) = stream.next().await {
-                let text = match frame {
-                    Ok(WsMessage::Text(text)) => text.as_bytes().to_vec(),
-                    Ok(WsMessage::Binary(bytes)) => bytes.to_vec(),
+                // The frame's own buffer, not a copy of it.
+                let text: Bytes = match frame {
+                    Ok(WsMessage::Text(text)) => text.into(),
+                    Ok(WsMessage::Binary(bytes)) => bytes,
                     Ok(WsMessage::Close(frame)) => {
                         close_code = Some(frame.map_or(1005, |f| u16::from(f.code)));
                         break;
