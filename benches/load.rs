@@ -665,6 +665,16 @@ async fn side_by_side(seconds: f64, mut loads: Vec<Load<'_>>) -> Vec<RpcResult> 
         .collect()
 }
 
+/// The [`Load`] of `clients` callers that `make` opens, with the CPU time per call of `watch`
+/// (none if empty).
+fn load<'a, F, Fut>(clients: usize, watch: &'a Watched, make: F) -> Load<'a>
+where
+    F: Fn(usize) -> Fut + Clone + 'a,
+    Fut: Future<Output = Box<dyn FnMut() -> CallFuture + Send>> + 'a,
+{
+    Box::new(move |secs| Box::pin(closed_loop_watched(clients, secs, watch, make.clone())))
+}
+
 /// [`side_by_side`] for two loads.
 async fn side_by_side_pair<'a>(seconds: f64, a: Load<'a>, b: Load<'a>) -> (RpcResult, RpcResult) {
     let mut results = side_by_side(seconds, vec![a, b]).await.into_iter();
@@ -698,7 +708,7 @@ where
                 result
             })
         }),
-        Box::new(|secs| Box::pin(closed_loop(clients, secs, make))),
+        load(clients, &[], make),
     )
     .await;
     (with, without, reloads.get())
@@ -977,32 +987,16 @@ async fn cluster_scenarios(
     let clients = o.clients;
     let (ws, one_node_ws) = side_by_side_pair(
         o.seconds,
-        Box::new(|secs| {
-            Box::pin(closed_loop(clients, secs, |_| {
-                ws_caller(client_url.clone())
-            }))
-        }),
-        Box::new(|secs| {
-            Box::pin(closed_loop(clients, secs, |_| {
-                ws_caller(one_url.to_string())
-            }))
-        }),
+        load(clients, &[], |_| ws_caller(client_url.clone())),
+        load(clients, &[], |_| ws_caller(one_url.to_string())),
     )
     .await;
     print_rpc("cluster_ws_rpc", &ws);
     print_rpc("ws, one node", &one_node_ws);
     let (http, one_node_http) = side_by_side_pair(
         o.seconds,
-        Box::new(|secs| {
-            Box::pin(closed_loop(clients, secs, |_| {
-                http_caller(a_port, call_path.clone())
-            }))
-        }),
-        Box::new(|secs| {
-            Box::pin(closed_loop(clients, secs, |_| {
-                http_caller(one_port, call_path.clone())
-            }))
-        }),
+        load(clients, &[], |_| http_caller(a_port, call_path.clone())),
+        load(clients, &[], |_| http_caller(one_port, call_path.clone())),
     )
     .await;
     print_rpc("cluster_http_rpc", &http);
@@ -1142,16 +1136,8 @@ async fn bench(o: Options) {
     let direct_server = [("direct server", ws_server.0.id(), false)];
     let (ws_rpc, ws_direct) = side_by_side_pair(
         o.seconds,
-        Box::new(|secs| {
-            Box::pin(closed_loop_watched(clients, secs, &through_gateway, |_| {
-                ws_caller(client_url.clone())
-            }))
-        }),
-        Box::new(|secs| {
-            Box::pin(closed_loop_watched(clients, secs, &direct_server, |_| {
-                ws_caller(direct_url.clone())
-            }))
-        }),
+        load(clients, &through_gateway, |_| ws_caller(client_url.clone())),
+        load(clients, &direct_server, |_| ws_caller(direct_url.clone())),
     )
     .await;
     print_rpc("ws_rpc", &ws_rpc);
@@ -1164,23 +1150,17 @@ async fn bench(o: Options) {
         .as_ref()
         .map(|(proc, _)| [("nginx", proc.0.id(), true), hyper]);
     let mut http_loads: Vec<Load> = vec![
-        Box::new(|secs| {
-            Box::pin(closed_loop_watched(clients, secs, &through_gateway, |_| {
-                http_caller(gw_port, call_path.clone())
-            }))
+        load(clients, &through_gateway, |_| {
+            http_caller(gw_port, call_path.clone())
         }),
-        Box::new(|secs| {
-            Box::pin(closed_loop_watched(clients, secs, &hyper_only, |_| {
-                http_caller(http_port, "/echo".to_string())
-            }))
+        load(clients, &hyper_only, move |_| {
+            http_caller(http_port, "/echo".to_string())
         }),
     ];
     if let (Some((_, nginx_port)), Some(watch)) = (&nginx_proc, &nginx_watch) {
         let nginx_port = *nginx_port;
-        http_loads.push(Box::new(move |secs| {
-            Box::pin(closed_loop_watched(clients, secs, watch, move |_| {
-                http_caller(nginx_port, "/echo".to_string())
-            }))
+        http_loads.push(load(clients, watch, move |_| {
+            http_caller(nginx_port, "/echo".to_string())
         }));
     }
     let mut http_results = side_by_side(o.seconds, http_loads).await.into_iter();
@@ -1219,16 +1199,8 @@ async fn bench(o: Options) {
     let connecting = o.clients.min(16);
     let (connect, connect_direct) = side_by_side_pair(
         short,
-        Box::new(|secs| {
-            Box::pin(closed_loop(connecting, secs, |_| {
-                connect_caller(client_url.clone())
-            }))
-        }),
-        Box::new(|secs| {
-            Box::pin(closed_loop(connecting, secs, |_| {
-                connect_caller(direct_url.clone())
-            }))
-        }),
+        load(connecting, &[], |_| connect_caller(client_url.clone())),
+        load(connecting, &[], |_| connect_caller(direct_url.clone())),
     )
     .await;
     print_rpc("connect", &connect);
