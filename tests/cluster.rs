@@ -161,17 +161,19 @@ async fn route_of(peer: &Peer) -> String {
     }
 }
 
+/// `backend` calls `hello` on the client `route` names, with `payload`; its answer, in time.
+async fn hello(backend: &Peer, route: &str, payload: Value) -> Result<Value, PeerError> {
+    let call = backend.call_route(route, "hello", payload).expect("call");
+    tokio::time::timeout(WAIT, call.last())
+        .await
+        .expect("in time")
+}
+
 /// Waits until `backend`'s calls to `route` get -32001 (the client left).
 async fn client_gone_for(backend: &Peer, route: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let call = backend
-            .call_route(route, "hello", json!("again"))
-            .expect("call");
-        match tokio::time::timeout(WAIT, call.last())
-            .await
-            .expect("in time")
-        {
+        match hello(backend, route, json!("again")).await {
             Err(PeerError::Rpc(e)) if e.code == -32001 => return,
             other => {
                 assert!(Instant::now() < deadline, "still {other:?}");
@@ -363,12 +365,7 @@ async fn a_backend_calls_a_client_on_another_node_and_learns_when_it_left() {
         .await
         .expect("client");
     let route = route_of(&peer).await;
-    let call = backend
-        .call_route(&route, "hello", json!("b"))
-        .expect("call");
-    let answer = tokio::time::timeout(WAIT, call.last())
-        .await
-        .expect("in time");
+    let answer = hello(&backend, &route, json!("b")).await;
     assert_eq!(answer, Ok(json!("hello \"b\"")));
 
     // The client leaves: the backend's next call to it gets -32001.
@@ -732,18 +729,8 @@ async fn any_backend_of_a_pool_calls_any_client_whichever_node_serves_it() {
     let route = route_of(&peer).await;
     // Both backends call it, b's from the other node; both with id 1.
     let (mine, other) = tokio::join!(
-        async {
-            let call = on_a.call_route(&route, "hello", json!("a")).expect("call");
-            tokio::time::timeout(WAIT, call.last())
-                .await
-                .expect("in time")
-        },
-        async {
-            let call = on_b.call_route(&route, "hello", json!("b")).expect("call");
-            tokio::time::timeout(WAIT, call.last())
-                .await
-                .expect("in time")
-        }
+        hello(&on_a, &route, json!("a")),
+        hello(&on_b, &route, json!("b"))
     );
     assert_eq!(mine, Ok(json!("hello \"a\"")));
     assert_eq!(other, Ok(json!("hello \"b\"")));

@@ -23,7 +23,7 @@ use super::wire::{Envelope, Op};
 use super::{lock, session_id, Cluster};
 use crate::auth::Digest;
 use crate::duplex::{code, Kind, Message, RpcError};
-use crate::mux::{close, ClientConn, CloseReason, Endpoint, JoinError};
+use crate::mux::{close, local_error, ClientConn, CloseReason, Endpoint, JoinError};
 
 /// A client of an endpoint: attached to this node's multiplexer, or relayed by the cluster.
 pub enum Client {
@@ -684,12 +684,4 @@ impl Drop for ClusterClient {
 /// can tell).
 fn unavailable(msg: &Message) -> Message {
     local_error(msg, code::BACKEND_UNAVAILABLE, "backend unavailable")
-}
-
-fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
-    let mut reply = Message::error_reply(msg.id(), &RpcError::new(error_code, text));
-    if let Some(raw) = msg.ext_raw() {
-        reply.set_raw("ext", raw.to_owned());
-    }
-    reply
 }

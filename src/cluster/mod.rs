@@ -772,18 +772,12 @@ impl Cluster {
                 }
                 let answer = match self.registry.lookup(path) {
                     Some(endpoint) => endpoint.call_from_remote(envelope.from, key, call),
-                    None => call.id().map(|id| {
-                        let mut reply = crate::duplex::Message::error_reply(
-                            Some(id),
-                            &crate::duplex::RpcError::new(
-                                crate::duplex::code::CLIENT_NOT_CONNECTED,
-                                "client not connected",
-                            ),
-                        );
-                        if let Some(raw) = call.ext_raw() {
-                            reply.set_raw("ext", raw.to_owned());
-                        }
-                        reply
+                    None => call.id().map(|_| {
+                        mux::local_error(
+                            &call,
+                            crate::duplex::code::CLIENT_NOT_CONNECTED,
+                            "client not connected",
+                        )
                     }),
                 };
                 if let Some(answer) = answer {

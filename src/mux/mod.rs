@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
+pub(crate) use endpoint::local_error;
 pub use endpoint::{
     BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PoolSnapshot, PublishError,
 };

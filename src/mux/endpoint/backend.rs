@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::*;
-use crate::duplex::{code, Kind, Message, RpcError};
+use crate::duplex::{code, Kind, Message};
 use crate::mux::queue::{send_nowait, BackendRx};
 
 /// The backend side of an endpoint: one backend of its pool.
@@ -197,15 +197,12 @@ impl Endpoint {
                 }
             }
             ep.dropped("client_not_connected");
-            let id = id?;
-            let mut reply = Message::error_reply(
-                Some(id),
-                &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
-            );
-            if let Some(raw) = msg.ext_raw() {
-                reply.set_raw("ext", raw.to_owned());
-            }
-            return Some(reply);
+            id?;
+            return Some(local_error(
+                &msg,
+                code::CLIENT_NOT_CONNECTED,
+                "client not connected",
+            ));
         };
         if let Some(id) = id {
             let max = ep.limits().max_pending_calls_per_client;
@@ -224,17 +221,11 @@ impl Endpoint {
                     if client.incoming.len() >= max {
                         drop(s);
                         ep.dropped("too_many_pending_calls");
-                        let mut reply = Message::error_reply(
-                            Some(id),
-                            &RpcError::new(
-                                code::TOO_MANY_PENDING_CALLS,
-                                "too many pending calls to this client",
-                            ),
-                        );
-                        if let Some(raw) = msg.ext_raw() {
-                            reply.set_raw("ext", raw.to_owned());
-                        }
-                        return Some(reply);
+                        return Some(local_error(
+                            &msg,
+                            code::TOO_MANY_PENDING_CALLS,
+                            "too many pending calls to this client",
+                        ));
                     }
                     let mut cid = id;
                     while client.incoming.contains_key(&cid) {

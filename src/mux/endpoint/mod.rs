@@ -376,16 +376,11 @@ impl State {
             owed.extend(self.end_call(key, backend_id));
         }
         for &(key, backend_id) in slot.incoming.values() {
-            let mut reply = Message::error_reply(
-                Some(backend_id),
-                &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
-            );
-            reply.set_raw("ext", route_ext(route));
+            let reply = client_gone_frame(backend_id, route);
             if let Some(backend) = self.slot(key) {
-                owed.push((backend.tx.clone(), vec![reply.to_json()]));
+                owed.push((backend.tx.clone(), vec![reply]));
             } else if let Some((node, remote_key, _)) = self.remote_callers.get(&key) {
-                self.remote_owed
-                    .push((node.clone(), *remote_key, reply.to_json()));
+                self.remote_owed.push((node.clone(), *remote_key, reply));
             }
         }
         self.update_gauges();
@@ -944,12 +939,7 @@ impl Endpoint {
         let mut owed = Vec::new();
         for ((key, id), route) in failed {
             if let Some(backend) = s.slot(key) {
-                let mut reply = Message::error_reply(
-                    Some(id),
-                    &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
-                );
-                reply.set_raw("ext", route_ext(&route));
-                owed.push((backend.tx.clone(), vec![reply.to_json()]));
+                owed.push((backend.tx.clone(), vec![client_gone_frame(id, &route)]));
             }
         }
         drop(s);
@@ -1302,8 +1292,19 @@ fn restore_ext(reply: &mut Message, route: &str, client_ext: Option<&RawValue>) 
     reply.set_ext(Some(&ext));
 }
 
+/// `-32001` for backend call `backend_id` to the client `route` (gone, or never reached), with
+/// the route in `ext` as the backend sent it.
+fn client_gone_frame(backend_id: u64, route: &str) -> String {
+    let mut reply = Message::error_reply(
+        Some(backend_id),
+        &RpcError::new(code::CLIENT_NOT_CONNECTED, "client not connected"),
+    );
+    reply.set_raw("ext", route_ext(route));
+    reply.to_json()
+}
+
 /// An error reply the gateway makes for `msg`, with its id and `ext`.
-fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
+pub(crate) fn local_error(msg: &Message, error_code: i64, text: &str) -> Message {
     let mut reply = Message::error_reply(msg.id(), &RpcError::new(error_code, text));
     if let Some(raw) = msg.ext_raw() {
         reply.set_raw("ext", raw.to_owned());
