@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Scenarios (see BENCHMARKS.md): `ws_rpc`, `ws_rpc_direct`, `http_rpc`, `http_direct`,
-//! `http_nginx` (when nginx is installed), `stream`, `idle`, `pool_rpc` (the same WebSocket load
+//! `http_nginx` (when nginx is installed), `http_floor` (Pingora alone: a `ProxyHttp` that echoes
+//! each POST's body from `request_filter`, the ceiling of any gateway built on it), `stream`, `idle`, `pool_rpc` (the same WebSocket load
 //! on an endpoint served by a pool of 4 backends, each a process of its own) and
 //! `rolling_deploy` (WebSocket and HTTP load on that pool while each backend in turn drains,
 //! exits and is replaced: failed calls and the throughput dip), `reload` (`ws_rpc` and `http_rpc`
@@ -23,7 +24,7 @@
 //! HTTP server. This process only generates load.
 //!
 //! The loads a ratio compares run side by side: `ws_rpc` with `ws_rpc_direct`; `http_rpc` with
-//! `http_direct` and `http_nginx`; `connect` with `connect_direct`; each `reload` load with the
+//! `http_direct`, `http_floor` and `http_nginx`; `connect` with `connect_direct`; each `reload` load with the
 //! same load without reloads; each cluster load with the same load on one node. Each runs half its time in turn, then the other half in reverse
 //! order (A B B A), so what the shared machine gives the run (other tenants) weighs on both
 //! alike. The main loads also report each process's CPU time per call (from `/proc`), which is
@@ -122,6 +123,10 @@ fn echo_handlers() -> PeerBuilder {
 }
 
 fn run_role(role: &str, arg: &str) {
+    if role == "pingora-floor" {
+        // Pingora runs its own runtimes: not inside ours.
+        return pingora_floor(port(arg));
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -194,6 +199,60 @@ fn run_role(role: &str, arg: &str) {
             other => eprintln!("unknown role {other}"),
         }
     });
+}
+
+/// Pingora's floor: a `ProxyHttp` that answers every request inside `request_filter` by echoing
+/// its body, on 127.0.0.1:PORT, with the gateway's thread settings (one runtime per core, no work
+/// stealing). What every HTTP call through the gateway pays before any of the gateway's work.
+struct Floor;
+
+#[async_trait::async_trait]
+impl pingora::proxy::ProxyHttp for Floor {
+    type CTX = ();
+    fn new_ctx(&self) {}
+
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
+    async fn request_filter(
+        &self,
+        session: &mut pingora::proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<bool> {
+        let mut body = bytes::BytesMut::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            body.extend_from_slice(&chunk);
+        }
+        let mut resp = pingora::http::ResponseHeader::build_no_case(200, Some(2))?;
+        resp.insert_header("content-type", "application/json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        session.write_response_header(Box::new(resp), false).await?;
+        session
+            .write_response_body(Some(body.freeze()), true)
+            .await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<pingora::prelude::HttpPeer>> {
+        Err(pingora::Error::new(pingora::ErrorType::InternalError))
+    }
+}
+
+fn pingora_floor(port: u16) {
+    let conf = pingora::server::configuration::ServerConf {
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        work_stealing: false,
+        ..Default::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut service = pingora::proxy::http_proxy_service(&server.configuration, Floor);
+    service.add_tcp(&format!("127.0.0.1:{port}"));
+    server.add_service(service);
+    server.run_forever();
 }
 
 /// Accepts connections on 127.0.0.1:`port` forever, each served by `serve` in a task of its own.
@@ -1125,8 +1184,11 @@ async fn bench(o: Options) {
     let ws_server = spawn_role("ws-server", &ws_port.to_string());
     let http_port = free_port();
     let http_server = spawn_role("http-server", &http_port.to_string());
+    let floor_port = free_port();
+    let floor_server = spawn_role("pingora-floor", &floor_port.to_string());
     wait_port(ws_port).await;
     wait_port(http_port).await;
+    wait_port(floor_port).await;
     let nginx_proc = start_nginx(dir.path(), http_port).await;
     let direct_url = format!("ws://127.0.0.1:{ws_port}/");
     let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
@@ -1143,9 +1205,10 @@ async fn bench(o: Options) {
     print_rpc("ws_rpc", &ws_rpc);
     print_rpc("ws_rpc_direct", &ws_direct);
 
-    // http_rpc / http_direct / http_nginx
+    // http_rpc / http_direct / http_floor / http_nginx
     let hyper = ("hyper server", http_server.0.id(), false);
     let hyper_only = [hyper];
+    let floor_only = [("pingora floor", floor_server.0.id(), false)];
     let nginx_watch = nginx_proc
         .as_ref()
         .map(|(proc, _)| [("nginx", proc.0.id(), true), hyper]);
@@ -1156,6 +1219,9 @@ async fn bench(o: Options) {
         load(clients, &hyper_only, move |_| {
             http_caller(http_port, "/echo".to_string())
         }),
+        load(clients, &floor_only, move |_| {
+            http_caller(floor_port, "/echo".to_string())
+        }),
     ];
     if let (Some((_, nginx_port)), Some(watch)) = (&nginx_proc, &nginx_watch) {
         let nginx_port = *nginx_port;
@@ -1164,17 +1230,23 @@ async fn bench(o: Options) {
         }));
     }
     let mut http_results = side_by_side(o.seconds, http_loads).await.into_iter();
-    let (Some(http_rpc), Some(http_direct)) = (http_results.next(), http_results.next()) else {
-        unreachable!("two loads at least")
+    let (Some(http_rpc), Some(http_direct), Some(http_floor)) = (
+        http_results.next(),
+        http_results.next(),
+        http_results.next(),
+    ) else {
+        unreachable!("three loads at least")
     };
     let nginx = http_results.next();
     print_rpc("http_rpc", &http_rpc);
     print_rpc("http_direct", &http_direct);
+    print_rpc("http_floor", &http_floor);
     match &nginx {
         Some(r) => print_rpc("http_nginx", r),
         None => println!("http_nginx     skipped: nginx is not installed"),
     }
     drop(nginx_proc);
+    drop(floor_server);
 
     // latency: one client, sequential calls; the p50 the gateway adds over direct.
     let short = o.seconds.min(5.0);
@@ -1286,10 +1358,18 @@ async fn bench(o: Options) {
         "http_rpc / http_direct".into(),
         json!(round(http_rpc.rate() / http_direct.rate(), 3)),
     );
+    ratios.insert(
+        "http_rpc / http_floor".into(),
+        json!(round(http_rpc.rate() / http_floor.rate(), 3)),
+    );
     if let Some(n) = &nginx {
         ratios.insert(
             "http_rpc / http_nginx".into(),
             json!(round(http_rpc.rate() / n.rate(), 3)),
+        );
+        ratios.insert(
+            "http_floor / http_nginx".into(),
+            json!(round(http_floor.rate() / n.rate(), 3)),
         );
     }
     ratios.insert(
@@ -1329,6 +1409,7 @@ async fn bench(o: Options) {
     report.insert("ws_rpc_direct".into(), ws_direct.to_json(o.clients));
     report.insert("http_rpc".into(), http_rpc.to_json(o.clients));
     report.insert("http_direct".into(), http_direct.to_json(o.clients));
+    report.insert("http_floor".into(), http_floor.to_json(o.clients));
     report.insert(
         "http_nginx".into(),
         nginx.as_ref().map_or(Value::Null, |n| n.to_json(o.clients)),
