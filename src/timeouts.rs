@@ -16,18 +16,23 @@
 //! In `Headers` the deadline counts from the connection's start (first request) or from the
 //! first byte of the next request; in `Idle` from the end of the previous answer. When it
 //! passes, reads end as if the peer had closed, and Pingora drops the connection.
+//!
+//! [`Front`] also moves a plain-TCP connection's socket onto the runtime that serves it (see
+//! `rehome`).
 
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::ServerApp;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::Stream;
@@ -55,7 +60,8 @@ fn next(word: u32, phase: u32) -> u32 {
     (word & !PHASE_BITS).wrapping_add(PHASE_BITS + 1) | phase
 }
 
-/// A `ServerApp` that guards every connection, then hands it to `inner` (Pingora's HTTP proxy).
+/// A `ServerApp` that moves a plain-TCP connection onto the runtime serving it (`rehome`),
+/// guards it, then hands it to `inner` (Pingora's HTTP proxy).
 pub struct Front<A> {
     inner: Arc<A>,
     timeouts: Timeouts,
@@ -83,13 +89,54 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.inner.process_new(stream, shutdown).await;
         }
-        let guarded = GuardedStream::new(stream, self.timeouts.clone());
+        let guarded = match rehome(stream) {
+            Ok(moved) => {
+                let mut guarded = GuardedStream::new(moved, self.timeouts.clone());
+                // Pingora's write buffer stayed behind with the original: ours takes its place.
+                guarded.wbuf = Some(Vec::new());
+                guarded
+            }
+            Err(stream) => GuardedStream::new(stream, self.timeouts.clone()),
+        };
         self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
     async fn cleanup(&self) {
         self.inner.cleanup().await;
     }
+}
+
+/// What a write buffer holds at most: a response's header and a small body go out in one write
+/// (Pingora's own buffer for plain TCP, which `rehome` leaves behind, had this size).
+const WRITE_BUFFER: usize = 1460;
+
+/// Registers a plain-TCP connection's socket with the runtime of the task serving it.
+///
+/// Pingora accepts every connection on the runtime (thread) of the listener's accept loop, where
+/// the socket is registered for readiness, then serves it on a runtime it picks at random. For
+/// every other connection each readiness event then woke the accept loop's thread first, which
+/// woke the serving thread in turn: two thread wake-ups (and a system call between threads) per
+/// event instead of one. The socket is duplicated, the copy registered here, and the original
+/// dropped (nothing has been read from it yet). Err: left as it is (TLS, or a socket that cannot
+/// be duplicated: out of descriptors).
+fn rehome(stream: Stream) -> Result<Stream, Stream> {
+    let Some(l4) = (*stream).as_any().downcast_ref::<L4Stream>() else {
+        return Err(stream);
+    };
+    // SAFETY: the descriptor stays open while `stream`, which owns it, lives (below).
+    let copy = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) }.try_clone_to_owned();
+    let Ok(tcp) =
+        copy.and_then(|fd| tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)))
+    else {
+        return Err(stream);
+    };
+    // Deregisters the original from the accepting runtime and closes its descriptor; the socket
+    // lives on in the copy.
+    drop(stream);
+    let mut moved = L4Stream::from(tcp);
+    let digest = SocketDigest::from_raw_fd(moved.as_raw_fd());
+    moved.set_socket_digest(digest);
+    Ok(Box::new(moved))
 }
 
 /// What a request handler tells the guard of its connection.
@@ -127,6 +174,9 @@ pub fn unwrap(stream: Stream) -> Stream {
         return stream;
     }
     match stream.into_any().downcast::<GuardedStream>() {
+        // Bytes still buffered (never, as Pingora flushes a 101 at once) keep the guard on,
+        // so the next flush sends them; its reads pass straight through once open.
+        Ok(guarded) if guarded.wbuf.as_ref().is_some_and(|b| !b.is_empty()) => guarded,
         Ok(guarded) => guarded.inner,
         Err(_) => unreachable!("checked above"),
     }
@@ -146,6 +196,9 @@ pub struct GuardedStream {
     /// Made (or moved) only when a read has to wait, so a request whose headers arrive in one
     /// read touches no timer.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes written and not yet sent, for a stream with no write buffer of its own (see
+    /// `rehome`); None: writes go straight through.
+    wbuf: Option<Vec<u8>>,
 }
 
 impl GuardedStream {
@@ -158,6 +211,50 @@ impl GuardedStream {
             seen: HEADERS,
             started: Instant::now(),
             timer: None,
+            wbuf: None,
+        }
+    }
+
+    /// Sends what the write buffer holds.
+    fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(wbuf) = self.wbuf.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while !wbuf.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(cx, wbuf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    wbuf.drain(..n);
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Buffers `len` bytes that `append` adds, when they fit; None: they go straight through
+    /// (after what is buffered).
+    fn poll_buffer(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        append: impl FnOnce(&mut Vec<u8>),
+    ) -> Poll<io::Result<Option<usize>>> {
+        let Some(held) = self.wbuf.as_ref().map(Vec::len) else {
+            return Poll::Ready(Ok(None));
+        };
+        if held + len > WRITE_BUFFER {
+            if let Err(e) = ready!(self.poll_send_buffered(cx)) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        match self.wbuf.as_mut() {
+            Some(wbuf) if len < WRITE_BUFFER => {
+                append(wbuf);
+                Poll::Ready(Ok(Some(len)))
+            }
+            _ => Poll::Ready(Ok(None)),
         }
     }
 
@@ -245,15 +342,24 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        match ready!(this.poll_buffer(cx, buf.len(), |wbuf| wbuf.extend_from_slice(buf))) {
+            Ok(Some(n)) => Poll::Ready(Ok(n)),
+            Ok(None) => Pin::new(&mut this.inner).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_buffered(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_send_buffered(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -261,7 +367,14 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let append = |wbuf: &mut Vec<u8>| bufs.iter().for_each(|b| wbuf.extend_from_slice(b));
+        match ready!(this.poll_buffer(cx, len, append)) {
+            Ok(Some(n)) => Poll::Ready(Ok(n)),
+            Ok(None) => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -272,6 +385,7 @@ impl AsyncWrite for GuardedStream {
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
+        let _ = std::future::poll_fn(|cx| self.poll_send_buffered(cx)).await;
         self.inner.shutdown().await
     }
 }
@@ -414,6 +528,87 @@ mod tests {
         let started = Instant::now();
         assert_eq!(guarded.read(&mut [0u8; 8]).await.expect("read"), 0);
         assert!(started.elapsed() < Duration::from_millis(200));
+    }
+
+    #[test]
+    fn a_moved_socket_is_served_by_the_runtime_it_moved_to() {
+        use std::io::{Read, Write};
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        // Accepted on one runtime, as Pingora's accept loop does; then that runtime goes away,
+        // and with it the registration the socket had there.
+        let accepting = runtime();
+        let listener = accepting
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = accepting.block_on(listener.accept()).expect("accept");
+        let server: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(accepted));
+        drop(listener);
+        drop(accepting);
+
+        runtime().block_on(async move {
+            let Ok(mut moved) = rehome(server) else {
+                panic!("a plain TCP stream moves");
+            };
+            let peer = moved
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
+            assert_eq!(peer, Some(client.local_addr().expect("local addr")));
+            client.write_all(b"ping").expect("write");
+            let mut buf = [0u8; 4];
+            tokio::time::timeout(Duration::from_secs(5), moved.read_exact(&mut buf))
+                .await
+                .expect("readable here")
+                .expect("read");
+            assert_eq!(&buf, b"ping");
+            moved.write_all(b"pong").await.expect("write");
+            moved.flush().await.expect("flush");
+            let mut buf = [0u8; 4];
+            client.read_exact(&mut buf).expect("read");
+            assert_eq!(&buf, b"pong");
+        });
+    }
+
+    #[tokio::test]
+    async fn buffered_writes_go_out_on_flush_and_in_order() {
+        let (server, mut client) = pair().await;
+        let mut guarded = GuardedStream::new(server, timeouts(1000, 1000));
+        guarded.wbuf = Some(Vec::new());
+        guarded
+            .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
+            .await
+            .expect("write");
+        let mut buf = vec![0u8; 4 * WRITE_BUFFER];
+        let early = tokio::time::timeout(Duration::from_millis(100), client.read(&mut buf)).await;
+        assert!(early.is_err(), "held until flushed");
+        guarded.flush().await.expect("flush");
+        let n = client.read(&mut buf).await.expect("read");
+        assert_eq!(&buf[..n], b"HTTP/1.1 200 OK\r\n\r\n");
+        // What is buffered goes before a write too large to buffer.
+        let large = vec![b'x'; 2 * WRITE_BUFFER];
+        guarded.write_all(b"head").await.expect("write");
+        guarded.write_all(&large).await.expect("write");
+        guarded.flush().await.expect("flush");
+        let mut got = vec![0u8; 4 + large.len()];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..].iter().all(|&b| b == b'x'));
+        // Unflushed bytes keep the guard on when unwrapped, so a flush still sends them.
+        let mut guarded: Stream = Box::new(guarded);
+        enter(Some(&guarded), Phase::Open);
+        guarded.write_all(b"tail").await.expect("write");
+        let mut stream = unwrap(guarded);
+        assert!((*stream).as_any().is::<GuardedStream>());
+        stream.flush().await.expect("flush");
+        let mut tail = [0u8; 4];
+        client.read_exact(&mut tail).await.expect("read");
+        assert_eq!(&tail, b"tail");
     }
 
     #[tokio::test(start_paused = true)]
