@@ -211,12 +211,18 @@ impl ShutdownSignalWatch for Shutdown {
 }
 
 /// Socket buffers for every accepted connection. Pingora's default read buffer is 64 KiB per
-/// connection, which dominated the memory of idle WebSockets. On plain TCP there is none at all:
-/// request headers and bodies are read straight into Pingora's own buffers, and WebSocket frames
-/// into the framing's. TLS keeps a small one, because the TLS layer reads in small pieces. The
-/// write buffer lets a response header and its body go out in one write.
+/// connection, which dominated the memory of idle WebSockets. On plain TCP there are none at
+/// all: request headers and bodies are read straight into Pingora's own buffers, and WebSocket
+/// frames into the framing's; the connection's socket moves to the runtime serving it anyway
+/// (see `timeouts`), and the connection guard buffers HTTP writes, so a response header and its
+/// body still go out in one write. TLS keeps small ones, because the TLS layer reads and writes
+/// in small pieces.
 fn l4_buffer(tls: bool) -> L4BufferSettings {
-    L4BufferSettings::new(if tls { 4096 } else { 0 }, 1460)
+    if tls {
+        L4BufferSettings::new(4096, 1460)
+    } else {
+        L4BufferSettings::new(0, 0)
+    }
 }
 
 /// How long HTTP calls in progress may take to finish on SIGTERM.

@@ -89,15 +89,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             return self.inner.process_new(stream, shutdown).await;
         }
-        let guarded = match rehome(stream) {
-            Ok(moved) => {
-                let mut guarded = GuardedStream::new(moved, self.timeouts.clone());
-                // Pingora's write buffer stayed behind with the original: ours takes its place.
-                guarded.wbuf = Some(Vec::new());
-                guarded
-            }
-            Err(stream) => GuardedStream::new(stream, self.timeouts.clone()),
-        };
+        let stream = rehome(stream).unwrap_or_else(|stream| stream);
+        // Plain TCP has no write buffer of Pingora's (see `server::l4_buffer`): the guard's
+        // takes its place. TLS has its own.
+        let plain = (*stream).as_any().is::<L4Stream>();
+        let mut guarded = GuardedStream::new(stream, self.timeouts.clone());
+        if plain {
+            guarded.wbuf = Some(Vec::new());
+        }
         self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
@@ -106,8 +105,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     }
 }
 
-/// What a write buffer holds at most: a response's header and a small body go out in one write
-/// (Pingora's own buffer for plain TCP, which `rehome` leaves behind, had this size).
+/// What the guard's write buffer holds at most: a response's header and a small body go out in
+/// one write (the size Pingora's own buffer had for plain TCP).
 const WRITE_BUFFER: usize = 1460;
 
 /// Registers a plain-TCP connection's socket with the runtime of the task serving it.
@@ -196,8 +195,8 @@ pub struct GuardedStream {
     /// Made (or moved) only when a read has to wait, so a request whose headers arrive in one
     /// read touches no timer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Bytes written and not yet sent, for a stream with no write buffer of its own (see
-    /// `rehome`); None: writes go straight through.
+    /// Bytes written and not yet sent, for a plain-TCP stream (Pingora's has no write buffer
+    /// there); None: writes go straight through.
     wbuf: Option<Vec<u8>>,
 }
 
