@@ -124,6 +124,11 @@ fn rehome(stream: Stream) -> Result<Stream, Stream> {
     };
     // SAFETY: the descriptor stays open while `stream`, which owns it, lives (below).
     let copy = unsafe { BorrowedFd::borrow_raw(l4.as_raw_fd()) }.try_clone_to_owned();
+    // The addresses accept() gave: kept, so the peer's is not asked for again (and is known
+    // even if the peer has reset the connection meanwhile).
+    let addresses = l4
+        .get_socket_digest()
+        .map(|d| (d.peer_addr.get().cloned(), d.local_addr.get().cloned()));
     let Ok(tcp) =
         copy.and_then(|fd| tokio::net::TcpStream::from_std(std::net::TcpStream::from(fd)))
     else {
@@ -134,6 +139,14 @@ fn rehome(stream: Stream) -> Result<Stream, Stream> {
     drop(stream);
     let mut moved = L4Stream::from(tcp);
     let digest = SocketDigest::from_raw_fd(moved.as_raw_fd());
+    if let Some((peer, local)) = addresses {
+        if let Some(peer) = peer {
+            let _ = digest.peer_addr.set(peer);
+        }
+        if let Some(local) = local {
+            let _ = digest.local_addr.set(local);
+        }
+    }
     moved.set_socket_digest(digest);
     Ok(Box::new(moved))
 }
@@ -176,7 +189,11 @@ pub fn unwrap(stream: Stream) -> Stream {
         // Bytes still buffered (never, as Pingora flushes a 101 at once) keep the guard on,
         // so the next flush sends them; its reads pass straight through once open.
         Ok(guarded) if guarded.wbuf.as_ref().is_some_and(|b| !b.is_empty()) => guarded,
-        Ok(guarded) => guarded.inner,
+        // Nothing buffered: the guard's drop has nothing to send.
+        Ok(mut guarded) => std::mem::replace(
+            &mut guarded.inner,
+            Box::new(std::io::Cursor::new(Vec::<u8>::new())),
+        ),
         Err(_) => unreachable!("checked above"),
     }
 }
@@ -250,6 +267,10 @@ impl GuardedStream {
         }
         match self.wbuf.as_mut() {
             Some(wbuf) if len < WRITE_BUFFER => {
+                // Never more than this: it is kept for the connection's life.
+                if wbuf.capacity() == 0 {
+                    wbuf.reserve_exact(WRITE_BUFFER);
+                }
                 append(wbuf);
                 Poll::Ready(Ok(Some(len)))
             }
@@ -284,6 +305,16 @@ impl GuardedStream {
             None => self.timer.insert(Box::pin(tokio::time::sleep_until(at))),
         };
         timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl Drop for GuardedStream {
+    fn drop(&mut self) {
+        // A last try for what is still buffered (a response cut short by an error), as
+        // Pingora's own buffered stream does: whatever the socket takes now, without waiting.
+        if self.wbuf.as_ref().is_some_and(|b| !b.is_empty()) {
+            let _ = self.poll_send_buffered(&mut Context::from_waker(std::task::Waker::noop()));
+        }
     }
 }
 
@@ -547,7 +578,14 @@ mod tests {
         let addr = listener.local_addr().expect("addr");
         let mut client = std::net::TcpStream::connect(addr).expect("connect");
         let (accepted, _) = accepting.block_on(listener.accept()).expect("accept");
-        let server: Stream = Box::new(pingora::protocols::l4::stream::Stream::from(accepted));
+        let client_addr = client.local_addr().expect("local addr");
+        // As Pingora's accept loop leaves it: the peer's address noted from accept().
+        let mut server = L4Stream::from(accepted);
+        let digest = SocketDigest::from_raw_fd(server.as_raw_fd());
+        let noted = pingora::protocols::l4::socket::SocketAddr::Inet(client_addr);
+        let _ = digest.peer_addr.set(Some(noted));
+        server.set_socket_digest(digest);
+        let server: Stream = Box::new(server);
         drop(listener);
         drop(accepting);
 
@@ -555,10 +593,11 @@ mod tests {
             let Ok(mut moved) = rehome(server) else {
                 panic!("a plain TCP stream moves");
             };
+            // Carried over, not asked for again.
             let peer = moved
                 .get_socket_digest()
-                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied());
-            assert_eq!(peer, Some(client.local_addr().expect("local addr")));
+                .and_then(|d| d.peer_addr.get().cloned().flatten());
+            assert_eq!(peer.as_ref().and_then(|a| a.as_inet()), Some(&client_addr));
             client.write_all(b"ping").expect("write");
             let mut buf = [0u8; 4];
             tokio::time::timeout(Duration::from_secs(5), moved.read_exact(&mut buf))
@@ -608,6 +647,12 @@ mod tests {
         let mut tail = [0u8; 4];
         client.read_exact(&mut tail).await.expect("read");
         assert_eq!(&tail, b"tail");
+        // What a dropped stream still buffers gets a last try, as with Pingora's own buffer.
+        stream.write_all(b"bye").await.expect("write");
+        drop(stream);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.expect("read");
+        assert_eq!(rest, b"bye");
     }
 
     #[tokio::test(start_paused = true)]
