@@ -27,7 +27,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,7 +41,7 @@ use pingora::protocols::{
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// The two timeouts, read when a phase starts (so a reload applies from the next phase on).
@@ -92,11 +92,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         let stream = rehome(stream).unwrap_or_else(|stream| stream);
         // Plain TCP has no write buffer of Pingora's (see `server::l4_buffer`): the guard's
         // takes its place. TLS has its own.
-        let plain = (*stream).as_any().is::<L4Stream>();
-        let mut guarded = GuardedStream::new(stream, self.timeouts.clone());
-        if plain {
-            guarded.wbuf = Some(Vec::new());
-        }
+        let buffer = if (*stream).as_any().is::<L4Stream>() {
+            WRITE_BUFFER
+        } else {
+            0
+        };
+        let guarded = GuardedStream::new(stream, self.timeouts.clone(), buffer);
         self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
@@ -188,19 +189,23 @@ pub fn unwrap(stream: Stream) -> Stream {
     match stream.into_any().downcast::<GuardedStream>() {
         // Bytes still buffered (never, as Pingora flushes a 101 at once) keep the guard on,
         // so the next flush sends them; its reads pass straight through once open.
-        Ok(guarded) if guarded.wbuf.as_ref().is_some_and(|b| !b.is_empty()) => guarded,
+        Ok(guarded) if !guarded.inner.buffer().is_empty() => guarded,
         // Nothing buffered: the guard's drop has nothing to send.
-        Ok(mut guarded) => std::mem::replace(
-            &mut guarded.inner,
-            Box::new(std::io::Cursor::new(Vec::<u8>::new())),
-        ),
+        Ok(mut guarded) => {
+            let placeholder: Stream = Box::new(std::io::Cursor::new(Vec::<u8>::new()));
+            std::mem::replace(&mut guarded.inner, BufWriter::with_capacity(0, placeholder))
+                .into_inner()
+        }
         Err(_) => unreachable!("checked above"),
     }
 }
 
 /// A connection with a deadline on reading headers and on waiting idle.
 pub struct GuardedStream {
-    inner: Stream,
+    /// The connection, with a write buffer for a plain-TCP one (Pingora's stream has none
+    /// there): a response's header and body go out in one write. Capacity 0 (TLS, which has
+    /// its own): writes go straight through.
+    inner: BufWriter<Stream>,
     timeouts: Timeouts,
     /// The phase word, set by the request handler (through [`enter`]) and by the first byte
     /// after `Idle`.
@@ -212,69 +217,18 @@ pub struct GuardedStream {
     /// Made (or moved) only when a read has to wait, so a request whose headers arrive in one
     /// read touches no timer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// Bytes written and not yet sent, for a plain-TCP stream (Pingora's has no write buffer
-    /// there); None: writes go straight through.
-    wbuf: Option<Vec<u8>>,
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, timeouts: Timeouts) -> Self {
+    fn new(inner: Stream, timeouts: Timeouts, write_buffer: usize) -> Self {
         // The first request's headers count from the connection's start.
         GuardedStream {
-            inner,
+            inner: BufWriter::with_capacity(write_buffer, inner),
             timeouts,
             phase: AtomicU32::new(HEADERS),
             seen: HEADERS,
             started: Instant::now(),
             timer: None,
-            wbuf: None,
-        }
-    }
-
-    /// Sends what the write buffer holds.
-    fn poll_send_buffered(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let Some(wbuf) = self.wbuf.as_mut() else {
-            return Poll::Ready(Ok(()));
-        };
-        while !wbuf.is_empty() {
-            match Pin::new(&mut self.inner).poll_write(cx, wbuf) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    wbuf.drain(..n);
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-
-    /// Buffers `len` bytes that `append` adds, when they fit; None: they go straight through
-    /// (after what is buffered).
-    fn poll_buffer(
-        &mut self,
-        cx: &mut Context<'_>,
-        len: usize,
-        append: impl FnOnce(&mut Vec<u8>),
-    ) -> Poll<io::Result<Option<usize>>> {
-        let Some(held) = self.wbuf.as_ref().map(Vec::len) else {
-            return Poll::Ready(Ok(None));
-        };
-        if held + len > WRITE_BUFFER {
-            if let Err(e) = ready!(self.poll_send_buffered(cx)) {
-                return Poll::Ready(Err(e));
-            }
-        }
-        match self.wbuf.as_mut() {
-            Some(wbuf) if len < WRITE_BUFFER => {
-                // Never more than this: it is kept for the connection's life.
-                if wbuf.capacity() == 0 {
-                    wbuf.reserve_exact(WRITE_BUFFER);
-                }
-                append(wbuf);
-                Poll::Ready(Ok(Some(len)))
-            }
-            _ => Poll::Ready(Ok(None)),
         }
     }
 
@@ -312,8 +266,9 @@ impl Drop for GuardedStream {
     fn drop(&mut self) {
         // A last try for what is still buffered (a response cut short by an error), as
         // Pingora's own buffered stream does: whatever the socket takes now, without waiting.
-        if self.wbuf.as_ref().is_some_and(|b| !b.is_empty()) {
-            let _ = self.poll_send_buffered(&mut Context::from_waker(std::task::Waker::noop()));
+        if !self.inner.buffer().is_empty() {
+            let waker = std::task::Waker::noop();
+            let _ = Pin::new(&mut self.inner).poll_flush(&mut Context::from_waker(waker));
         }
     }
 }
@@ -372,24 +327,15 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        match ready!(this.poll_buffer(cx, buf.len(), |wbuf| wbuf.extend_from_slice(buf))) {
-            Ok(Some(n)) => Poll::Ready(Ok(n)),
-            Ok(None) => Pin::new(&mut this.inner).poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_send_buffered(cx))?;
-        Pin::new(&mut this.inner).poll_flush(cx)
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_send_buffered(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -397,14 +343,7 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let len = bufs.iter().map(|b| b.len()).sum();
-        let append = |wbuf: &mut Vec<u8>| bufs.iter().for_each(|b| wbuf.extend_from_slice(b));
-        match ready!(this.poll_buffer(cx, len, append)) {
-            Ok(Some(n)) => Poll::Ready(Ok(n)),
-            Ok(None) => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -415,76 +354,76 @@ impl AsyncWrite for GuardedStream {
 #[async_trait]
 impl Shutdown for GuardedStream {
     async fn shutdown(&mut self) {
-        let _ = std::future::poll_fn(|cx| self.poll_send_buffered(cx)).await;
-        self.inner.shutdown().await
+        let _ = self.inner.flush().await;
+        Shutdown::shutdown(&mut **self.inner.get_mut()).await
     }
 }
 
 impl UniqueID for GuardedStream {
     fn id(&self) -> UniqueIDType {
-        self.inner.id()
+        self.inner.get_ref().id()
     }
 }
 
 impl Ssl for GuardedStream {
     fn get_ssl(&self) -> Option<&TlsRef> {
-        self.inner.get_ssl()
+        self.inner.get_ref().get_ssl()
     }
 
     fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
-        self.inner.get_ssl_digest()
+        self.inner.get_ref().get_ssl_digest()
     }
 
     fn selected_alpn_proto(&self) -> Option<ALPN> {
-        self.inner.selected_alpn_proto()
+        self.inner.get_ref().selected_alpn_proto()
     }
 }
 
 impl GetTimingDigest for GuardedStream {
     fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
-        self.inner.get_timing_digest()
+        self.inner.get_ref().get_timing_digest()
     }
 
     fn get_read_pending_time(&self) -> Duration {
-        self.inner.get_read_pending_time()
+        self.inner.get_ref().get_read_pending_time()
     }
 
     fn get_write_pending_time(&self) -> Duration {
-        self.inner.get_write_pending_time()
+        self.inner.get_ref().get_write_pending_time()
     }
 }
 
 impl GetProxyDigest for GuardedStream {
     fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
-        self.inner.get_proxy_digest()
+        self.inner.get_ref().get_proxy_digest()
     }
 
     fn set_proxy_digest(&mut self, digest: ProxyDigest) {
-        self.inner.set_proxy_digest(digest)
+        self.inner.get_mut().set_proxy_digest(digest)
     }
 }
 
 impl GetSocketDigest for GuardedStream {
     fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
-        self.inner.get_socket_digest()
+        self.inner.get_ref().get_socket_digest()
     }
 
     fn set_socket_digest(&mut self, digest: SocketDigest) {
-        self.inner.set_socket_digest(digest)
+        self.inner.get_mut().set_socket_digest(digest)
     }
 }
 
 #[async_trait]
 impl Peek for GuardedStream {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
-        self.inner.try_peek(buf).await
+        self.inner.get_mut().try_peek(buf).await
     }
 }
 
 impl fmt::Debug for GuardedStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GuardedStream")
-            .field("inner", &self.inner)
+            .field("inner", self.inner.get_ref())
             .field("phase", &(self.phase.load(Ordering::Relaxed) & PHASE_BITS))
             .finish()
     }
@@ -493,7 +432,7 @@ impl fmt::Debug for GuardedStream {
 /// Guards `stream` (for tests of the phases without a server).
 #[cfg(test)]
 fn guard(stream: Stream, timeouts: Timeouts) -> Stream {
-    Box::new(GuardedStream::new(stream, timeouts))
+    Box::new(GuardedStream::new(stream, timeouts, 0))
 }
 
 #[cfg(test)]
@@ -616,8 +555,7 @@ mod tests {
     #[tokio::test]
     async fn buffered_writes_go_out_on_flush_and_in_order() {
         let (server, mut client) = pair().await;
-        let mut guarded = GuardedStream::new(server, timeouts(1000, 1000));
-        guarded.wbuf = Some(Vec::new());
+        let mut guarded = GuardedStream::new(server, timeouts(1000, 1000), WRITE_BUFFER);
         guarded
             .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
             .await
