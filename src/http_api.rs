@@ -215,6 +215,15 @@ async fn wait_for_reply(
         let msg = match next {
             Ok(Some(msg)) => msg,
             Ok(None) => {
+                let reason = conn.close_reason();
+                if reason.code == crate::mux::close::POLICY
+                    && reason.reason == crate::cluster::served::SECRET_REFUSED
+                {
+                    // The node serving it across the cluster no longer takes its secret.
+                    metrics().reject(Rejection::BadSecret);
+                    let error = RpcError::new(401, "missing or wrong secret");
+                    return finish_with_error(session, streaming, 401, &error, headers).await;
+                }
                 // The multiplexer closed this caller: the endpoint is gone.
                 let error = RpcError::new(code::BACKEND_UNAVAILABLE, "backend unavailable");
                 return finish_with_error(session, streaming, 503, &error, headers).await;

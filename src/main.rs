@@ -81,6 +81,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The files `cluster.auth` and `cluster.tls` name are read now, so `--check` finds them.
+    if let Some(cluster) = &config.cluster {
+        if let Err(e) = duplex_gateway::cluster::link::check(cluster) {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
     if args.check {
         println!("config is valid");
         return ExitCode::SUCCESS;

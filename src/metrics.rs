@@ -41,6 +41,9 @@ pub struct Metrics {
     pub cluster_connected: IntGauge,
     /// `duplex_gateway_cluster_messages_total{direction}` (`out`, `in`).
     pub cluster_messages: IntCounterVec,
+    /// `duplex_gateway_cluster_rejected_messages_total{reason}` (`signature`, `invalid`,
+    /// `unknown_node`, `replay`).
+    pub cluster_rejected: IntCounterVec,
 }
 
 /// Why a request was refused: the `reason` label of `duplex_gateway_rejected_requests_total`.
@@ -190,6 +193,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "NATS messages of the cluster, per direction",
         "counter",
     ),
+    (
+        "duplex_gateway_cluster_rejected_messages_total",
+        "Cluster messages dropped unread, per reason (signature, invalid, unknown_node, replay)",
+        "counter",
+    ),
 ];
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::register);
@@ -286,6 +294,12 @@ impl Metrics {
                 &["direction"]
             )
             .unwrap_or_else(|e| fail(e)),
+            cluster_rejected: register_int_counter_vec!(
+                "duplex_gateway_cluster_rejected_messages_total",
+                "Cluster messages dropped unread, per reason (signature, invalid, unknown_node, replay)",
+                &["reason"]
+            )
+            .unwrap_or_else(|e| fail(e)),
         }
     }
 
@@ -295,6 +309,9 @@ impl Metrics {
         self.cluster_nodes.set(1);
         for direction in ["out", "in"] {
             let _ = self.cluster_messages.with_label_values(&[direction]);
+        }
+        for reason in ["signature", "invalid", "unknown_node", "replay"] {
+            let _ = self.cluster_rejected.with_label_values(&[reason]);
         }
         for result in ["success", "failure"] {
             let _ = self.reloads.with_label_values(&[result]);

@@ -414,6 +414,9 @@ mod tests {
         let mut d = a.clone();
         d.cluster = Some(crate::config::ClusterConfig {
             nats: vec!["nats://127.0.0.1:4222".into()],
+            auth: None,
+            tls: None,
+            key: None,
             node: Some("gw-1".into()),
             subject_prefix: "duplex_gateway".into(),
             node_timeout: std::time::Duration::from_secs(5),

@@ -57,10 +57,7 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
             cluster_config,
             config.limits.max_message_bytes,
             app.registry.clone(),
-            Box::new(move |path| {
-                weak.upgrade()
-                    .map_or(1, |app| app.config.load().max_backends(path))
-            }),
+            Box::new(ConfigLimits(weak)),
         )?;
         let _ = app.cluster.set(cluster);
     }
@@ -262,5 +259,22 @@ async fn wait_for_zero(counter: &AtomicUsize, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while counter.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The cluster's view of the config in force (a weak link: the cluster lives in the app).
+struct ConfigLimits(std::sync::Weak<App>);
+
+impl crate::cluster::PathLimits for ConfigLimits {
+    fn max_backends(&self, path: &str) -> usize {
+        self.0
+            .upgrade()
+            .map_or(1, |app| app.config.load().max_backends(path))
+    }
+
+    fn max_clients(&self, path: &str) -> usize {
+        self.0
+            .upgrade()
+            .map_or(0, |app| app.config.load().max_clients(path))
     }
 }

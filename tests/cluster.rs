@@ -639,7 +639,7 @@ async fn sigterm_closes_relayed_websocket_clients_with_1001_and_lets_http_calls_
 }
 
 #[tokio::test]
-async fn max_clients_counts_a_nodes_own_clients_wherever_they_are_served() {
+async fn max_clients_counts_a_nodes_own_clients_and_the_sessions_relayed_to_it() {
     let nats = Nats::start();
     let limits = "  max_clients_per_endpoint: 2\n";
     let gws = nodes(&nats, &["a", "b"], limits).await;
@@ -649,18 +649,22 @@ async fn max_clients_counts_a_nodes_own_clients_wherever_they_are_served() {
     let one = client(a, "/m", "s").await;
     let two = client(a, "/m", "s").await;
     assert_eq!(ws_status(&a.client_url("/m", "s"), &[]).await, 503);
-    // Node b counts its own: relayed clients of a do not fill it.
-    let three = client(b, "/m", "s").await;
-    for peer in [&one, &two, &three] {
+    // A relayed client opens its session on b with its first call ...
+    for peer in [&one, &two] {
         assert_eq!(peer.call("echo", json!("x")).await, Ok(json!("x")));
     }
-    // One leaves: room again on a.
+    // ... and b counts the sessions relayed to it as its own clients: it is full too.
+    assert_eq!(ws_status(&b.client_url("/m", "s"), &[]).await, 503);
+    // One leaves: room again on both nodes.
     one.close();
-    let deadline = Instant::now() + WAIT;
-    while ws_status(&a.client_url("/m", "s"), &[]).await != 101 {
-        assert!(Instant::now() < deadline, "no room after a client left");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for gw in [a, b] {
+        let deadline = Instant::now() + WAIT;
+        while ws_status(&gw.client_url("/m", "s"), &[]).await != 101 {
+            assert!(Instant::now() < deadline, "no room after a client left");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
+    assert_eq!(two.call("echo", json!("y")).await, Ok(json!("y")));
 }
 
 #[tokio::test]

@@ -159,7 +159,7 @@ impl Cluster {
             from: &self.me,
             body: b"",
         };
-        self.publish_later(subject.clone(), close.encode());
+        self.post_control(subject.clone(), close.encode());
     }
 }
 
@@ -217,11 +217,12 @@ impl ClusterClient {
         secret: Digest,
     ) -> Result<ClusterClient, JoinError> {
         // This node's clients of the path count against `max_clients` wherever they are
-        // served (the relayed ones of other nodes do not).
+        // served, and so do the sessions other nodes relay to this node's endpoint.
         {
+            let relayed_here = cluster.served_on(path);
             let mut counts = lock(&cluster.clients);
             let count = counts.entry(Arc::from(path)).or_default();
-            if *count >= max_clients {
+            if *count + relayed_here >= max_clients {
                 return Err(JoinError::Full);
             }
             *count += 1;
@@ -496,10 +497,16 @@ impl ClusterClient {
             }
         }
         let body = msg.to_json();
+        let secret = if first {
+            self.secret.to_hex()
+        } else {
+            String::new()
+        };
         let envelope = Envelope {
             op: if first {
                 Op::Open {
                     websocket: self.websocket,
+                    secret: &secret,
                     path: &self.path,
                 }
             } else {
@@ -646,6 +653,11 @@ impl ClusterClient {
                 }
                 if let Place::Remote(session) = &mut self.place {
                     session.over = true;
+                }
+                if reason.code == close::POLICY && !self.websocket {
+                    // The serving node refused this caller (its secret, or it sent too much):
+                    // the call gets that answer (401), not a `-32000` for a lost backend.
+                    self.open.clear();
                 }
                 self.leave_session("backend unavailable");
                 if reason.code == close::POLICY {

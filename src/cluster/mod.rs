@@ -21,7 +21,9 @@
 //! with `-32000` (HTTP 503), and clients are relayed again, elsewhere, on their next call.
 
 pub mod client;
-mod served;
+pub mod link;
+pub mod seal;
+pub mod served;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -30,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_nats::Subject;
-use bytes::Bytes;
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -59,6 +61,8 @@ pub struct Cluster {
     sessions: Mutex<HashMap<u128, client::Relay>>,
     /// Sessions other nodes relay to this one, by session id.
     served: Mutex<HashMap<u128, served::Entry>>,
+    /// How many of them each path has (see [`Cluster::served_on`]).
+    served_counts: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
     /// Connected to NATS (as the client last told us).
     connected: AtomicBool,
     /// The server's `max_payload` (0 until known).
@@ -75,8 +79,23 @@ pub struct Cluster {
     /// up once (every frame counts).
     sent: prometheus::IntCounter,
     received: prometheus::IntCounter,
-    /// This node's current link epoch (see [`Heartbeat::epoch`]).
+    /// This node's current link epoch (see [`Heartbeat::epoch`]): grows with every new link.
     epoch: std::sync::atomic::AtomicU64,
+    /// Numbers every message this node publishes (see [`seal`]).
+    seq: std::sync::atomic::AtomicU64,
+    /// Signs this node's messages and checks the others'.
+    sealer: seal::Sealer,
+    /// What this node has taken from each node it hears (or that is departing): every message
+    /// is taken once.
+    windows: Mutex<HashMap<Arc<str>, seal::Window>>,
+    /// The last epoch of nodes forgotten, so their old messages stay refused (bounded).
+    forgotten: Mutex<HashMap<Arc<str>, u64>>,
+    /// `duplex_gateway_cluster_rejected_messages_total`, by [`seal::Rejected::ALL`].
+    rejected: [prometheus::IntCounter; 4],
+    /// Messages published by one task in order, from code that cannot wait.
+    outbox: futures_channel::mpsc::UnboundedSender<(Subject, BytesMut)>,
+    /// Bytes waiting in the outbox (bounded: see [`Cluster::post`]).
+    outbox_bytes: AtomicUsize,
     /// Set on SIGTERM: heartbeats say the node leaves, and no new session is accepted.
     leaving: AtomicBool,
     /// Nodes that said they leave: forgotten for good (their sessions ended) at the instant
@@ -86,8 +105,8 @@ pub struct Cluster {
     stop: tokio::sync::watch::Sender<Option<mux::CloseReason>>,
     /// This node's own clients per endpoint path (checked against `max_clients`).
     pub(super) clients: Mutex<HashMap<Arc<str>, usize>>,
-    /// The pool size of each path (the config in force).
-    max_backends: MaxBackends,
+    /// Pool sizes and client limits of each path (the config in force).
+    limits: Box<dyn PathLimits>,
     /// The `code` label values of the HTTP call series this node made for endpoints it has no
     /// endpoint of its own for (removed when no node has the endpoint any more).
     http_series: Mutex<HashMap<String, Vec<&'static str>>>,
@@ -123,12 +142,26 @@ impl Remote {
     }
 }
 
-/// The pool size of an endpoint path, from the config in force.
-pub type MaxBackends = Box<dyn Fn(&str) -> usize + Send + Sync>;
+/// What the config in force says of an endpoint path.
+pub trait PathLimits: Send + Sync {
+    /// Its pool size (over the whole cluster).
+    fn max_backends(&self, path: &str) -> usize;
+    /// The most clients one node takes (its own and the ones relayed to it).
+    fn max_clients(&self, path: &str) -> usize;
+}
 
 /// How long a node that said it leaves may still finish what runs there (its HTTP calls get
 /// 10 s, its WebSockets 2 s more) before it is forgotten for good.
 const DEPARTURE: Duration = Duration::from_secs(13);
+
+/// How many forgotten nodes' last epochs are remembered (to refuse their old messages).
+const MAX_FORGOTTEN: usize = 1024;
+
+/// The most backends one heartbeat may announce for one endpoint.
+pub const MAX_ANNOUNCED_BACKENDS: usize = 1024;
+
+/// The most endpoints one heartbeat may announce.
+pub const MAX_ANNOUNCED_ENDPOINTS: usize = 100_000;
 
 /// How long the start-up waits for NATS before starting local-only.
 const CONNECT_WAIT: Duration = Duration::from_secs(2);
@@ -141,7 +174,7 @@ impl Cluster {
         config: &ClusterConfig,
         max_message_bytes: usize,
         registry: Arc<Registry>,
-        max_backends: MaxBackends,
+        limits: Box<dyn PathLimits>,
     ) -> Result<Arc<Cluster>, String> {
         let me: Arc<str> = Arc::from(node_name(config.node.as_deref()));
         // One thread: the link's reads and writes, heartbeats and relayed sessions are light,
@@ -158,14 +191,19 @@ impl Cluster {
             .spawn(move || rt.block_on(std::future::pending::<()>()))
             .map_err(|e| format!("cluster: cannot start its thread: {e}"))?;
 
+        let link = link::load(config)?;
+        let shown = link.shown.join(", ");
+        if config.key.is_none() {
+            tracing::warn!(
+                "cluster: no cluster.key: cluster messages are not authenticated, so anyone who can publish on these NATS servers can act as a node"
+            );
+        }
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let urls: Vec<async_nats::ServerAddr> = config
-            .nats
-            .iter()
-            .map(|u| u.parse::<async_nats::ServerAddr>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("cluster.nats: {e}"))?;
-        let options = async_nats::ConnectOptions::new()
+        // A server that refuses the credentials says so through the client's events.
+        let refused: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let refusal = refused.clone();
+        let options = link
+            .options
             .name(format!("duplex-gateway {me}"))
             // A dead link is found within seconds, not the client's default minutes.
             .ping_interval(Duration::from_secs(2))
@@ -178,14 +216,21 @@ impl Cluster {
                 Duration::from_millis((attempts as u64 * 200).min(1000))
             })
             .event_callback(move |event| {
+                if let async_nats::Event::ClientError(async_nats::ClientError::Other(text)) = &event
+                {
+                    if is_refusal(text) {
+                        *lock(&refusal) = Some(text.clone());
+                    }
+                }
                 let events = events_tx.clone();
                 async move {
                     let _ = events.send(event);
                 }
             });
         let nats = handle
-            .block_on(options.connect(urls))
+            .block_on(options.connect(link.servers))
             .map_err(|e| format!("cluster: cannot set up the NATS client: {e}"))?;
+        let (outbox, outbox_rx) = futures_channel::mpsc::unbounded();
         let cluster = Arc::new_cyclic(|me_weak| Cluster {
             me,
             prefix: config.subject_prefix.clone(),
@@ -196,6 +241,7 @@ impl Cluster {
             nodes: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             served: Mutex::new(HashMap::new()),
+            served_counts: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
             max_payload: AtomicUsize::new(0),
             max_message: AtomicUsize::new(max_message_bytes),
@@ -204,21 +250,36 @@ impl Cluster {
             version: std::sync::atomic::AtomicU64::new(0),
             sent: metrics().cluster_messages.with_label_values(&["out"]),
             received: metrics().cluster_messages.with_label_values(&["in"]),
-            epoch: std::sync::atomic::AtomicU64::new(rand::random()),
+            epoch: std::sync::atomic::AtomicU64::new(seal::next_epoch(0)),
+            seq: std::sync::atomic::AtomicU64::new(0),
+            sealer: seal::Sealer::new(config.key.as_ref().map(|k| k.bytes())),
+            windows: Mutex::new(HashMap::new()),
+            forgotten: Mutex::new(HashMap::new()),
+            rejected: seal::Rejected::ALL
+                .map(|r| metrics().cluster_rejected.with_label_values(&[r.as_str()])),
+            outbox,
+            outbox_bytes: AtomicUsize::new(0),
             leaving: AtomicBool::new(false),
             departing: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(None).0,
             clients: Mutex::new(HashMap::new()),
-            max_backends,
+            limits,
             http_series: Mutex::new(HashMap::new()),
             me_weak: me_weak.clone(),
         });
-        // Wait a little for the first connection, so the payload check can stop the start.
+        // Wait a little for the first connection, so the payload check (and a server refusing
+        // the credentials) can stop the start.
         let deadline = std::time::Instant::now() + CONNECT_WAIT;
         while std::time::Instant::now() < deadline
             && cluster.nats.connection_state() != async_nats::connection::State::Connected
+            && lock(&refused).is_none()
         {
             std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Some(why) = lock(&refused).take() {
+            return Err(format!(
+                "cluster: the NATS server ({shown}) refused this node's credentials: {why}"
+            ));
         }
         if cluster.nats.connection_state() == async_nats::connection::State::Connected {
             let max_payload = cluster.nats.server_info().max_payload;
@@ -226,7 +287,7 @@ impl Cluster {
             cluster.payload_fits()?;
             cluster.connected.store(true, Ordering::SeqCst);
         } else {
-            tracing::warn!(node = %cluster.me, "NATS unreachable: starting local-only, retrying");
+            tracing::warn!(node = %cluster.me, servers = %shown, "NATS unreachable: starting local-only, retrying");
         }
         cluster.update_gauges();
         cluster.registry.join_cluster(
@@ -235,7 +296,15 @@ impl Cluster {
         );
         let c = cluster.clone();
         handle.spawn(async move { c.run(events_rx).await });
-        tracing::info!(node = %cluster.me, prefix = %cluster.prefix, "cluster node started");
+        let c = cluster.clone();
+        handle.spawn(async move { c.send_outbox(outbox_rx).await });
+        tracing::info!(
+            node = %cluster.me,
+            prefix = %cluster.prefix,
+            servers = %shown,
+            signed = cluster.sealer.signs(),
+            "cluster node started"
+        );
         Ok(cluster)
     }
 
@@ -309,11 +378,14 @@ impl Cluster {
         m.cluster_nodes.set(1 + others as i64);
     }
 
-    /// Publishes one message; false when it could not be handed to the NATS client.
-    async fn publish(&self, subject: Subject, payload: Bytes) -> bool {
+    /// Seals and publishes one message; false when it could not be handed to the NATS client.
+    async fn publish(&self, subject: Subject, message: BytesMut) -> bool {
         if !self.usable() {
             return false;
         }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let payload = self.sealer.seal(&subject, message, epoch, seq);
         match self.nats.publish(subject, payload).await {
             Ok(()) => {
                 self.sent.inc();
@@ -326,14 +398,60 @@ impl Cluster {
         }
     }
 
-    /// Publishes from code that cannot wait.
-    fn publish_later(&self, subject: Subject, payload: Bytes) {
-        let Some(me) = self.me_weak.upgrade() else {
-            return;
-        };
-        self.rt.spawn(async move {
-            me.publish(subject, payload).await;
-        });
+    /// Hands a message to the outbox, for code that cannot wait: one task publishes them in
+    /// order (no task per message). The outbox holds at most [`Cluster::outbox_budget`] bytes:
+    /// false when the message does not fit (the caller puts out whoever sent too much).
+    fn post(&self, subject: Subject, message: BytesMut) -> bool {
+        let size = message.len();
+        let budget = self.outbox_budget();
+        let reserved =
+            self.outbox_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                    (queued + size <= budget).then_some(queued + size)
+                });
+        if reserved.is_err() {
+            return false;
+        }
+        if self.outbox.unbounded_send((subject, message)).is_err() {
+            self.outbox_bytes.fetch_sub(size, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Hands a small control message (a session's end or close) to the outbox, whatever it
+    /// holds: dropping one would leave a call hanging.
+    fn post_control(&self, subject: Subject, message: BytesMut) {
+        self.outbox_bytes
+            .fetch_add(message.len(), Ordering::Relaxed);
+        if let Err(e) = self.outbox.unbounded_send((subject, message)) {
+            let (_, message) = e.into_inner();
+            self.outbox_bytes
+                .fetch_sub(message.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// The most bytes the outbox holds: as much as four backends' queues.
+    fn outbox_budget(&self) -> usize {
+        self.registry.limits().backend_queue_bytes.saturating_mul(4)
+    }
+
+    /// Publishes what [`Cluster::post`] queued, in order, until the process ends.
+    async fn send_outbox(
+        self: Arc<Self>,
+        mut rx: futures_channel::mpsc::UnboundedReceiver<(Subject, BytesMut)>,
+    ) {
+        while let Some((subject, message)) = rx.next().await {
+            let size = message.len();
+            self.publish(subject, message).await;
+            self.outbox_bytes.fetch_sub(size, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a message this node would not take, and why.
+    fn reject(&self, why: seal::Rejected, from: &str) {
+        self.rejected[why as usize].inc();
+        tracing::debug!(reason = why.as_str(), from = %safe_name(from), "cluster: a message refused");
     }
 
     /// The heartbeats, the subscriptions and the connection events, until the process ends.
@@ -373,11 +491,11 @@ impl Cluster {
             };
             tokio::select! {
                 msg = direct.next() => match msg {
-                    Some(msg) => self.on_direct(&msg.payload),
+                    Some(msg) => self.on_direct(&msg.subject, &msg.payload),
                     None => return,
                 },
                 msg = beats.next() => match msg {
-                    Some(msg) => self.on_heartbeat(&msg.payload),
+                    Some(msg) => self.on_heartbeat(&msg.subject, &msg.payload),
                     None => return,
                 },
                 event = events.recv() => match event {
@@ -441,7 +559,11 @@ impl Cluster {
     /// for dead for not being heard meanwhile.
     fn link_lost(&self) {
         // Whatever was in flight may be lost both ways: the next heartbeats tell the others.
-        self.epoch.store(rand::random(), Ordering::SeqCst);
+        let _ = self
+            .epoch
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| {
+                Some(seal::next_epoch(e))
+            });
         let ended: Vec<(u128, client::Relay)> = lock(&self.sessions).drain().collect();
         for (id, relay) in ended {
             relay.end(
@@ -467,6 +589,10 @@ impl Cluster {
         let mut endpoints = Vec::new();
         if !leaving {
             for endpoint in self.registry.endpoints() {
+                // A path the others would refuse is served by this node only.
+                if endpoint.path().len() > wire::MAX_PATH_BYTES {
+                    continue;
+                }
                 if let Some(pool) = endpoint.snapshot() {
                     endpoints.push(Announced {
                         path: endpoint.path().to_string(),
@@ -480,6 +606,7 @@ impl Cluster {
             node: self.me.to_string(),
             leaving,
             epoch: self.epoch.load(Ordering::SeqCst),
+            sent: unix_ms(),
             endpoints,
         };
         match serde_json::to_vec(&beat) {
@@ -493,8 +620,11 @@ impl Cluster {
                         "cluster: this node's heartbeat (all its endpoints) does not fit the NATS server's max_payload"
                     );
                 }
-                self.publish(Subject::from(self.heartbeat_subject()), body.into())
-                    .await;
+                self.publish(
+                    Subject::from(self.heartbeat_subject()),
+                    BytesMut::from(&body[..]),
+                )
+                .await;
             }
             Err(e) => tracing::error!("cluster: cannot encode a heartbeat: {e}"),
         }
@@ -542,7 +672,7 @@ impl Cluster {
             endpoint.forget_remote_callers(Duration::from_secs(3), |n, _| {
                 !announcing.iter().any(|an| &**an == n)
             });
-            let max = (self.max_backends)(path).max(1);
+            let max = self.limits.max_backends(path).max(1);
             if all.len() <= max {
                 continue;
             }
@@ -583,25 +713,69 @@ impl Cluster {
         self.stop.subscribe()
     }
 
-    fn on_heartbeat(&self, payload: &[u8]) {
+    fn on_heartbeat(&self, subject: &str, payload: &[u8]) {
         self.received.inc();
-        let Ok(beat) = serde_json::from_slice::<Heartbeat>(payload) else {
-            tracing::debug!("cluster: a heartbeat that is not one");
-            return;
+        let opened = match self.sealer.open(subject, payload) {
+            Ok(opened) => opened,
+            Err(why) => return self.reject(why, ""),
         };
-        if *beat.node == *self.me || !is_subject_token(&beat.node) {
+        let Ok(beat) = serde_json::from_slice::<Heartbeat>(opened.message) else {
+            return self.reject(seal::Rejected::Invalid, "");
+        };
+        if *beat.node == *self.me {
             return;
         }
+        if let Err(why) = check_heartbeat(&beat, opened.epoch, self.node_timeout, unix_ms()) {
+            return self.reject(why, &beat.node);
+        }
         let name: Arc<str> = Arc::from(beat.node.as_str());
+        // Each heartbeat once, and none of an older link of the node.
+        let fresh = match lock(&self.windows).get_mut(&name) {
+            Some(window) => window.check(opened.epoch, opened.seq),
+            None => seal::Fresh::NewEpoch,
+        };
+        match fresh {
+            seal::Fresh::Replay => return self.reject(seal::Rejected::Replay, &name),
+            seal::Fresh::NewEpoch => {
+                if lock(&self.forgotten)
+                    .get(&name)
+                    .is_some_and(|e| opened.epoch <= *e)
+                {
+                    return self.reject(seal::Rejected::Replay, &name);
+                }
+            }
+            seal::Fresh::Yes => {}
+        }
+        if fresh == seal::Fresh::NewEpoch {
+            let tag = tag_of(&name);
+            let taken = tag == tag_of(&self.me)
+                || lock(&self.nodes)
+                    .iter()
+                    .any(|(other, node)| node.tag == tag && *other != name);
+            if taken {
+                // Two names, one tag: routes would be ambiguous, so the newcomer is not heard.
+                return self.reject(seal::Rejected::Invalid, &name);
+            }
+            let known = lock(&self.windows).contains_key(&name);
+            if known {
+                // Its link started afresh (or it is a new process of the same name): whatever
+                // crossed the old one may be lost, and the old one's sessions end.
+                tracing::info!(node = %name, "cluster: node reconnected: its sessions end");
+                self.node_gone(&name, "gateway node reconnected");
+            }
+            lock(&self.windows).insert(name.clone(), seal::Window::new(opened.epoch, opened.seq));
+        }
         if beat.leaving {
             // No new client goes there; what runs there may finish (it drains), then it is
             // forgotten for good.
             if lock(&self.nodes).remove(&name).is_some() {
                 tracing::info!(node = %name, "cluster: node leaves");
-                lock(&self.departing).insert(name, Instant::now() + DEPARTURE);
                 self.update_gauges();
                 self.directory_changed();
             }
+            lock(&self.departing)
+                .entry(name)
+                .or_insert_with(|| Instant::now() + DEPARTURE);
             return;
         }
         lock(&self.departing).remove(&name);
@@ -619,22 +793,13 @@ impl Cluster {
             })
             .collect();
         let mut nodes = lock(&self.nodes);
-        let restarted = nodes.get(&name).is_some_and(|n| n.epoch != beat.epoch);
-        if restarted {
-            // Its link started afresh (or it is a new process of the same name): whatever
-            // crossed the old one may be lost.
-            drop(nodes);
-            tracing::info!(node = %name, "cluster: node reconnected: its sessions end");
-            self.node_gone(&name, "gateway node reconnected");
-            nodes = lock(&self.nodes);
-        }
         let new = !nodes.contains_key(&name);
         let subject = self.subject_of(&name);
         nodes.insert(
             name.clone(),
             Node {
                 last_seen: Instant::now(),
-                epoch: beat.epoch,
+                epoch: opened.epoch,
                 tag: tag_of(&name),
                 subject,
                 endpoints,
@@ -726,6 +891,22 @@ impl Cluster {
     /// are closed (backend calls to those clients get `-32001`).
     fn node_gone(&self, node: &str, why: &str) {
         lock(&self.nodes).remove(node);
+        lock(&self.departing).remove(node);
+        if let Some((name, window)) = lock(&self.windows).remove_entry(node) {
+            let mut forgotten = lock(&self.forgotten);
+            if forgotten.len() >= MAX_FORGOTTEN {
+                // Bounded: the oldest epochs are the least likely to be replayed usefully
+                // (their heartbeats are past `node_timeout` anyway).
+                if let Some(oldest) = forgotten
+                    .iter()
+                    .min_by_key(|(_, e)| **e)
+                    .map(|(n, _)| n.clone())
+                {
+                    forgotten.remove(&oldest);
+                }
+            }
+            forgotten.insert(name, window.epoch());
+        }
         // Its backends' calls to this node's clients are forgotten.
         // Its backends' calls to this node's clients are forgotten; this node's backends' calls
         // to its clients fail with -32001.
@@ -747,15 +928,36 @@ impl Cluster {
         self.directory_changed();
     }
 
-    /// A message on this node's own subject.
-    fn on_direct(&self, payload: &Bytes) {
+    /// A message on this node's own subject: taken only once, and only from a node this one
+    /// hears (or that is departing).
+    fn on_direct(&self, subject: &str, payload: &[u8]) {
         self.received.inc();
-        let Some(envelope) = wire::decode(payload) else {
-            tracing::debug!("cluster: a message that is not one of ours");
-            return;
+        let opened = match self.sealer.open(subject, payload) {
+            Ok(opened) => opened,
+            Err(why) => return self.reject(why, ""),
         };
-        if !is_subject_token(envelope.from) || !self.usable() {
+        let Some(envelope) = wire::decode(opened.message) else {
+            return self.reject(seal::Rejected::Invalid, "");
+        };
+        if !is_subject_token(envelope.from) {
+            return self.reject(seal::Rejected::Invalid, "");
+        }
+        if !self.usable() {
             return;
+        }
+        let fresh = lock(&self.windows)
+            .get_mut(envelope.from)
+            .map(|w| w.check(opened.epoch, opened.seq));
+        match fresh {
+            None => return self.reject(seal::Rejected::UnknownNode, envelope.from),
+            Some(seal::Fresh::Replay) => return self.reject(seal::Rejected::Replay, envelope.from),
+            Some(seal::Fresh::NewEpoch) => {
+                // Its link started afresh before its heartbeat said so: the sessions across the
+                // old link end, and its messages are taken from the new one on.
+                let name: Arc<str> = Arc::from(envelope.from);
+                self.restarted(&name, opened.epoch, opened.seq);
+            }
+            Some(seal::Fresh::Yes) => {}
         }
         match envelope.op {
             Op::ToClient | Op::Ended { .. } => self.to_relayed_client(&envelope),
@@ -793,10 +995,53 @@ impl Cluster {
                     return;
                 }
                 if let (Some(endpoint), Some(answer)) = (self.registry.lookup(path), answer) {
-                    endpoint.answer_from_remote(key, answer);
+                    let route = answer.ext().and_then(|mut ext| match ext.remove("route") {
+                        Some(serde_json::Value::String(route)) => Some(route),
+                        _ => None,
+                    });
+                    if !endpoint.answer_from_remote(key, answer) {
+                        // The backend does not read: the client that sends it all is put out
+                        // by its own node.
+                        if let Some(route) = route {
+                            let close = Envelope {
+                                op: Op::CloseClient { path },
+                                session: 0,
+                                from: &self.me,
+                                body: route.as_bytes(),
+                            };
+                            self.post_control(self.subject_of(envelope.from), close.encode());
+                        }
+                    }
+                }
+            }
+            Op::CloseClient { path } => {
+                let Ok(route) = std::str::from_utf8(envelope.body) else {
+                    return;
+                };
+                if let Some(endpoint) = self.registry.lookup(path) {
+                    endpoint.close_client(route, mux::CloseReason::too_fast());
                 }
             }
         }
+    }
+
+    /// `node`'s link started afresh (epoch `epoch`, first seen message `seq`): the sessions
+    /// across its old link end; what it holds stays known until its next heartbeat.
+    fn restarted(&self, node: &Arc<str>, epoch: u64, seq: u64) {
+        let held = lock(&self.nodes).remove(node);
+        let departing = lock(&self.departing).get(node).copied();
+        self.node_gone(node, "gateway node reconnected");
+        lock(&self.forgotten).remove(node);
+        lock(&self.windows).insert(node.clone(), seal::Window::new(epoch, seq));
+        if let Some(mut held) = held {
+            held.epoch = epoch;
+            lock(&self.nodes).insert(node.clone(), held);
+        }
+        if let Some(until) = departing {
+            lock(&self.departing).insert(node.clone(), until);
+        }
+        self.update_gauges();
+        self.directory_changed();
     }
 
     /// Which node a new relayed client of `path` goes to: one whose endpoint serves and wants
@@ -875,20 +1120,26 @@ impl Cluster {
     }
 }
 
-/// A node's tag: the first 8 hex digits of the SHA-256 of its name. Every route key a node
-/// makes starts with it, so a backend's node can tell which node holds a client's route.
+/// Hex digits of a node's tag.
+const TAG_HEX: usize = 16;
+
+/// A node's tag: the first 64 bits of the SHA-256 of its name, in hex. Every route key a node
+/// makes starts with it, so a backend's node can tell which node holds a client's route. No
+/// name can be chosen to collide with another node's tag (that would take about 2^64 hashes),
+/// and a node whose tag is already taken is not heard at all.
 fn tag_of(node: &str) -> String {
     use sha2::Digest as _;
-    hex::encode(&sha2::Sha256::digest(node.as_bytes())[..4])
+    hex::encode(&sha2::Sha256::digest(node.as_bytes())[..TAG_HEX / 2])
 }
 
 impl mux::Relay for Cluster {
     fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>> {
-        // A route key is 32 hex digits; anything else names no client anywhere.
-        if route.len() != 32 || !route.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // A route key of a cluster is the tag and 32 hex digits; anything else names no client
+        // anywhere.
+        if route.len() != TAG_HEX + 32 || !route.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        let tag = route.get(..8)?;
+        let tag = route.get(..TAG_HEX)?;
         if !self.usable() || tag == tag_of(&self.me) {
             return None;
         }
@@ -902,18 +1153,19 @@ impl mux::Relay for Cluster {
             from: &self.me,
             body: frame.as_bytes(),
         };
-        self.publish_later(subject, call.encode());
-        Some(name)
+        // A backend that calls faster than NATS takes the calls: they fail as if the client
+        // were gone, rather than piling up.
+        self.post(subject, call.encode()).then_some(name)
     }
 
-    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) {
+    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) -> bool {
         let answer = Envelope {
             op: Op::AnswerBackend { key, path },
             session: 0,
             from: &self.me,
             body: frame.as_bytes(),
         };
-        self.publish_later(self.subject_of(node), answer.encode());
+        self.post(self.subject_of(node), answer.encode())
     }
 }
 
@@ -928,11 +1180,73 @@ impl mux::Relay for RelayTo {
             .and_then(|c| mux::Relay::call_client(&*c, path, route, key, frame))
     }
 
-    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) {
-        if let Some(c) = self.0.upgrade() {
-            mux::Relay::answer_backend(&*c, node, path, key, frame);
+    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|c| mux::Relay::answer_backend(&*c, node, path, key, frame))
+    }
+}
+
+/// Whether a NATS client error says the server refused the credentials.
+fn is_refusal(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("authorization violation")
+        || text.contains("authentication")
+        || text.contains("signing nonce")
+}
+
+/// A node name from a message, as it may be logged: only a name a node could have.
+fn safe_name(name: &str) -> &str {
+    if name.len() <= 64 && is_subject_token(name) {
+        name
+    } else {
+        "(not a node name)"
+    }
+}
+
+/// Checks what a heartbeat says before anything of it is believed: a node name, a time of
+/// sending within `node_timeout` of `now` (older: a replay), and endpoints a node could have.
+fn check_heartbeat(
+    beat: &Heartbeat,
+    epoch: u64,
+    node_timeout: Duration,
+    now: u64,
+) -> Result<(), seal::Rejected> {
+    use seal::Rejected::{Invalid, Replay};
+    let window = u64::try_from(node_timeout.as_millis()).unwrap_or(u64::MAX);
+    if beat.node.len() > 64 || !is_subject_token(&beat.node) || epoch == 0 || beat.epoch != epoch {
+        return Err(Invalid);
+    }
+    if beat.sent > now.saturating_add(window) {
+        return Err(Invalid);
+    }
+    if beat.sent.saturating_add(window) < now {
+        return Err(Replay);
+    }
+    if beat.endpoints.len() > MAX_ANNOUNCED_ENDPOINTS {
+        return Err(Invalid);
+    }
+    let latest_join = now.saturating_add(window);
+    for endpoint in &beat.endpoints {
+        let path_ok = endpoint.path.len() <= wire::MAX_PATH_BYTES
+            && crate::auth::check_path(&endpoint.path).is_ok();
+        let backends_ok = endpoint.backends.len() <= MAX_ANNOUNCED_BACKENDS
+            && endpoint
+                .backends
+                .iter()
+                .all(|(_, joined, _)| *joined <= latest_join);
+        if !path_ok || !backends_ok || Digest::from_hex(&endpoint.secret).is_none() {
+            return Err(Invalid);
         }
     }
+    Ok(())
+}
+
+/// Now, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Locks a mutex, carrying on if a panicking thread poisoned it.

@@ -14,13 +14,20 @@ use futures_util::StreamExt;
 
 use super::wire::{Envelope, Op};
 use super::{lock, Cluster};
+use crate::auth::Digest;
 use crate::duplex::{Kind, Message};
 use crate::mux::{close, ClientConn, CloseReason, JoinError};
+
+/// Why a relayed client is refused by the node that serves it: its secret is not the one this
+/// node's endpoint wants (HTTP 401, WebSocket 1008 on the client's node).
+pub const SECRET_REFUSED: &str = "secret no longer valid";
 
 /// A session this node serves for another node's client.
 pub(super) struct Entry {
     /// The client's node.
     pub(super) origin: Arc<str>,
+    /// Counts the session among its path's relayed clients while it lives.
+    _counted: Counted,
     tx: mpsc::UnboundedSender<(Message, usize)>,
     queued: Arc<AtomicUsize>,
 }
@@ -30,7 +37,11 @@ impl Cluster {
     pub(super) fn to_served(&self, envelope: &Envelope<'_>) {
         let id = envelope.session;
         match envelope.op {
-            Op::Open { websocket, path } => self.open_served(envelope, websocket, path),
+            Op::Open {
+                websocket,
+                secret,
+                path,
+            } => self.open_served(envelope, websocket, secret, path),
             Op::ToBackend => {
                 let Ok(msg) = Message::parse(envelope.body) else {
                     return;
@@ -52,10 +63,7 @@ impl Cluster {
                     let entry = served.remove(&id);
                     drop(served);
                     if let Some(entry) = entry {
-                        let reason = CloseReason::new(
-                            close::POLICY,
-                            "client too fast: the backend is not reading",
-                        );
+                        let reason = CloseReason::too_fast();
                         self.end_served(&self.subject_of(&entry.origin), id, &reason);
                     }
                     return;
@@ -74,7 +82,7 @@ impl Cluster {
         }
     }
 
-    fn open_served(&self, envelope: &Envelope<'_>, websocket: bool, path: &str) {
+    fn open_served(&self, envelope: &Envelope<'_>, websocket: bool, secret: &str, path: &str) {
         let id = envelope.session;
         let reply_to = self.subject_of(envelope.from);
         if lock(&self.served).contains_key(&id) {
@@ -85,15 +93,34 @@ impl Cluster {
             self.end_served(&reply_to, id, &reason);
             return;
         }
+        // Only nodes this one hears open sessions here (the caller checked the message came
+        // from one it knows; departing nodes open nothing new).
+        if !lock(&self.nodes).contains_key(envelope.from) {
+            let reason = CloseReason::new(close::TRY_AGAIN_LATER, "unknown gateway node");
+            self.end_served(&reply_to, id, &reason);
+            return;
+        }
+        // The client was admitted on its node with this digest: it must still be the one this
+        // node's endpoint wants (a reload here may have changed it), and it counts against
+        // this node's `max_clients` like a client of its own.
+        let Some(secret) = Digest::from_hex(secret) else {
+            return;
+        };
         let conn = self
             .registry
             .lookup(path)
             .ok_or(JoinError::NotFound)
-            .and_then(|endpoint| endpoint.join_relayed(websocket));
+            .and_then(|endpoint| {
+                endpoint.join_relayed(websocket, self.limits.max_clients(path), &secret)
+            });
         let conn = match conn {
             Ok(conn) => conn,
-            Err(_) => {
-                let reason = CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable");
+            Err(e) => {
+                let reason = match e {
+                    JoinError::BadSecret => CloseReason::new(close::POLICY, SECRET_REFUSED),
+                    JoinError::Full => CloseReason::new(close::TRY_AGAIN_LATER, "endpoint full"),
+                    _ => CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable"),
+                };
                 self.end_served(&reply_to, id, &reason);
                 return;
             }
@@ -110,6 +137,7 @@ impl Cluster {
         lock(&self.served).insert(
             id,
             Entry {
+                _counted: Counted::new(&self.served_counts, path),
                 origin: Arc::from(envelope.from),
                 tx,
                 queued: queued.clone(),
@@ -137,7 +165,7 @@ impl Cluster {
             from: &self.me,
             body: b"",
         };
-        self.publish_later(subject.clone(), ended.encode());
+        self.post_control(subject.clone(), ended.encode());
     }
 
     /// Serves one session until either side ends it.
@@ -203,5 +231,43 @@ impl Cluster {
         {
             served.remove(&id);
         }
+    }
+}
+
+/// One session counted among the relayed clients of its path (see [`Cluster::served_on`]).
+pub(super) struct Counted(Arc<AtomicUsize>);
+
+impl Counted {
+    fn new(
+        counts: &std::sync::Mutex<std::collections::HashMap<Arc<str>, Arc<AtomicUsize>>>,
+        path: &str,
+    ) -> Counted {
+        let mut counts = lock(counts);
+        let count = match counts.get(path) {
+            Some(count) => count.clone(),
+            None => {
+                let count = Arc::new(AtomicUsize::new(0));
+                counts.insert(Arc::from(path), count.clone());
+                count
+            }
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Cluster {
+    /// How many sessions other nodes have open on this node's endpoint `path`: they count
+    /// against its `max_clients` like its own clients.
+    pub(super) fn served_on(&self, path: &str) -> usize {
+        lock(&self.served_counts)
+            .get(path)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 }

@@ -7,14 +7,19 @@
 //! `op` is one letter, `session` 32 hex digits, `from` the sending node's name (a subject token:
 //! no spaces); the argument is the rest of the line (a path, or a close code and reason). The
 //! body is a Duplex frame as JSON, or empty. Heartbeats are JSON of their own (see
-//! [`Heartbeat`]).
+//! [`Heartbeat`]). Every message then ends with the trailer of [`super::seal`] (counters and,
+//! with `cluster.key`, a signature).
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
-/// The most bytes the header line of a frame may take: what a frame needs on top of
-/// `limits.max_message_bytes` to fit in the NATS server's `max_payload`.
-pub const ENVELOPE_BYTES: usize = 1024;
+/// The most bytes the header line and the trailer of a frame may take: what a frame needs on
+/// top of `limits.max_message_bytes` to fit in the NATS server's `max_payload` (a path of up to
+/// [`MAX_PATH_BYTES`], a node name, a secret digest and the signature).
+pub const ENVELOPE_BYTES: usize = 2048;
+
+/// The longest endpoint path the cluster carries (longer ones are never announced nor relayed).
+pub const MAX_PATH_BYTES: usize = 1024;
 
 /// One message between nodes about a client session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +29,9 @@ pub enum Op<'a> {
     Open {
         /// A WebSocket client (else an HTTP call).
         websocket: bool,
+        /// The SHA-256 of the secret the client was admitted with (64 hex digits): the serving
+        /// node checks it against its own.
+        secret: &'a str,
         /// The endpoint path.
         path: &'a str,
     },
@@ -55,6 +63,12 @@ pub enum Op<'a> {
         /// The endpoint path.
         path: &'a str,
     },
+    /// The backend's node -> the client's node: the client (its route is the body) sends
+    /// answers faster than the backend reads them: close it (1008).
+    CloseClient {
+        /// The endpoint path.
+        path: &'a str,
+    },
 }
 
 /// A decoded message.
@@ -71,18 +85,25 @@ pub struct Envelope<'a> {
 }
 
 impl Envelope<'_> {
-    /// The message as bytes.
-    pub fn encode(&self) -> Bytes {
+    /// The message as bytes (with room for the trailer).
+    pub fn encode(&self) -> BytesMut {
         let (letter, arg): (u8, String) = match &self.op {
-            Op::Open { websocket, path } => (b'O', format!("{} {path}", u8::from(*websocket))),
+            Op::Open {
+                websocket,
+                secret,
+                path,
+            } => (b'O', format!("{} {secret} {path}", u8::from(*websocket))),
             Op::ToBackend => (b'B', String::new()),
             Op::Close => (b'C', String::new()),
             Op::ToClient => (b'F', String::new()),
             Op::Ended { code, reason } => (b'E', format!("{code} {}", one_line(reason))),
             Op::CallClient { key, path } => (b'K', format!("{key} {path}")),
             Op::AnswerBackend { key, path } => (b'A', format!("{key} {path}")),
+            Op::CloseClient { path } => (b'X', path.to_string()),
         };
-        let mut out = BytesMut::with_capacity(40 + self.from.len() + arg.len() + self.body.len());
+        let mut out = BytesMut::with_capacity(
+            40 + self.from.len() + arg.len() + self.body.len() + super::seal::TRAILER_BYTES,
+        );
         out.put_u8(letter);
         out.put_u8(b' ');
         out.put_slice(format!("{:032x}", self.session).as_bytes());
@@ -94,7 +115,7 @@ impl Envelope<'_> {
         }
         out.put_u8(b'\n');
         out.put_slice(self.body);
-        out.freeze()
+        out
     }
 }
 
@@ -114,12 +135,18 @@ pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
     let arg = parts.next().unwrap_or("");
     let op = match letter {
         "O" => {
-            let (websocket, path) = arg.split_once(' ')?;
+            let (websocket, rest) = arg.split_once(' ')?;
+            let (secret, path) = rest.split_once(' ')?;
+            if secret.len() != 64 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             Op::Open {
                 websocket: websocket == "1",
+                secret,
                 path,
             }
         }
+        "X" => Op::CloseClient { path: arg },
         "B" => Op::ToBackend,
         "C" => Op::Close,
         "F" => Op::ToClient,
@@ -166,6 +193,9 @@ pub struct Heartbeat {
     /// be lost, so its peers end every session across it.
     #[serde(default)]
     pub epoch: u64,
+    /// When it was sent (Unix ms): a heartbeat older than `cluster.node_timeout` is a replay.
+    #[serde(default)]
+    pub sent: u64,
     /// Its endpoints (with live backends, or in their grace).
     #[serde(default)]
     pub endpoints: Vec<Announced>,
@@ -188,15 +218,19 @@ mod tests {
 
     #[test]
     fn every_op_survives_a_round_trip() {
+        let secret = "ab".repeat(32);
         let ops = [
             Op::Open {
                 websocket: true,
+                secret: &secret,
                 path: "/team/a b",
             },
             Op::Open {
                 websocket: false,
+                secret: &secret,
                 path: "/x",
             },
+            Op::CloseClient { path: "/p" },
             Op::ToBackend,
             Op::Close,
             Op::ToClient,
@@ -250,6 +284,7 @@ mod tests {
             b"O 12 n 1 /p\n",
             b"Z 00000000000000000000000000000001 n\n",
             b"E 00000000000000000000000000000001 n notanumber\n",
+            b"O 00000000000000000000000000000001 n 1 nothex /p\n",
             b"\xff\xfe\n",
         ] {
             assert!(decode(bytes).is_none(), "{bytes:?}");
@@ -259,15 +294,36 @@ mod tests {
     #[test]
     fn the_header_of_a_frame_fits_in_the_envelope_allowance() {
         let node = "n".repeat(64);
-        let envelope = Envelope {
-            op: Op::Ended {
+        let path = format!("/{}", "p".repeat(MAX_PATH_BYTES - 1));
+        let secret = "0".repeat(64);
+        for op in [
+            Op::Ended {
                 code: 1013,
                 reason: &"r".repeat(123),
             },
-            session: u128::MAX,
-            from: &node,
-            body: b"",
-        };
-        assert!(envelope.encode().len() <= ENVELOPE_BYTES);
+            Op::Open {
+                websocket: true,
+                secret: &secret,
+                path: &path,
+            },
+            Op::CallClient {
+                key: u64::MAX,
+                path: &path,
+            },
+        ] {
+            let envelope = Envelope {
+                op,
+                session: u128::MAX,
+                from: &node,
+                body: b"",
+            };
+            let sealed = super::super::seal::Sealer::new(Some(&[7; 32])).seal(
+                "a.subject",
+                envelope.encode(),
+                u64::MAX,
+                u64::MAX,
+            );
+            assert!(sealed.len() <= ENVELOPE_BYTES);
+        }
     }
 }

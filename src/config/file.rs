@@ -12,7 +12,10 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-use super::{ClusterConfig, Config, Cors, EndpointConfig, Limits, Listener, TlsFiles};
+use super::{
+    ClusterConfig, ClusterKey, Config, Cors, EndpointConfig, Limits, Listener, NatsAuth, NatsTls,
+    TlsFiles,
+};
 use crate::auth::{check_path, Digest, PathScope, Token};
 
 thread_local! {
@@ -359,7 +362,96 @@ struct FileCluster {
     subject_prefix: Option<SubjectPrefix>,
     #[serde(default)]
     node_timeout: Option<PositiveDur>,
+    #[serde(default)]
+    auth: Option<FileNatsAuth>,
+    #[serde(default)]
+    tls: Option<FileNatsTls>,
+    #[serde(default)]
+    key: Option<ClusterKeyText>,
 }
+
+/// `cluster.auth`: how this node proves itself to NATS (at most one form).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNatsAuth {
+    #[serde(default)]
+    user: Option<EnvString>,
+    #[serde(default)]
+    password: Option<EnvString>,
+    #[serde(default)]
+    token: Option<EnvString>,
+    #[serde(default)]
+    nkey_seed_file: Option<EnvString>,
+    #[serde(default)]
+    credentials_file: Option<EnvString>,
+}
+
+impl FileNatsAuth {
+    fn into_model(self) -> Result<NatsAuth, Invalid> {
+        let forms = [
+            self.user.is_some() || self.password.is_some(),
+            self.token.is_some(),
+            self.nkey_seed_file.is_some(),
+            self.credentials_file.is_some(),
+        ];
+        let invalid = |message: &str| Invalid::at(message, "cluster", Some("auth"), 0);
+        match forms.iter().filter(|f| **f).count() {
+            0 => {
+                return Err(invalid(
+                    "`cluster.auth` needs one of user + password, token, nkey_seed_file or credentials_file",
+                ))
+            }
+            1 => {}
+            _ => {
+                return Err(invalid(
+                    "`cluster.auth` takes one form only: user + password, token, nkey_seed_file or credentials_file",
+                ))
+            }
+        }
+        if let Some(token) = self.token {
+            return Ok(NatsAuth::Token(token.0));
+        }
+        if let Some(file) = self.nkey_seed_file {
+            return Ok(NatsAuth::NkeySeedFile(PathBuf::from(file.0)));
+        }
+        if let Some(file) = self.credentials_file {
+            return Ok(NatsAuth::CredentialsFile(PathBuf::from(file.0)));
+        }
+        match (self.user, self.password) {
+            (Some(user), Some(password)) if !user.0.is_empty() => Ok(NatsAuth::UserPassword {
+                user: user.0,
+                password: password.0,
+            }),
+            _ => Err(invalid(
+                "`cluster.auth` needs both `user` (not empty) and `password`",
+            )),
+        }
+    }
+}
+
+/// `cluster.tls`: TLS to the NATS servers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNatsTls {
+    #[serde(default)]
+    ca: Option<EnvString>,
+    #[serde(default)]
+    cert: Option<EnvString>,
+    #[serde(default)]
+    key: Option<EnvString>,
+}
+
+/// `cluster.key`: the key every cluster message is signed with, at least 32 bytes.
+struct ClusterKeyText(String);
+from_env_string!(ClusterKeyText, |s| {
+    if s.len() < 32 {
+        return Err(format!(
+            "`cluster.key` must have at least 32 bytes (it has {}): for instance 64 hex digits from `openssl rand -hex 32`",
+            s.len()
+        ));
+    }
+    Ok(ClusterKeyText(s.to_string()))
+});
 
 /// A NATS server: `nats://host:port`, `tls://host:port`, or `host:port`.
 struct NatsUrl(String);
@@ -658,7 +750,31 @@ impl FileConfig {
                             0,
                         ));
                     }
+                    let auth = c.auth.map(FileNatsAuth::into_model).transpose()?;
+                    let tls = match c.tls {
+                        None => None,
+                        Some(t) => {
+                            if t.cert.is_some() != t.key.is_some() {
+                                return Err(Invalid::at(
+                                    "`cluster.tls` needs `cert` and `key` together (a client certificate and its key)",
+                                    "cluster",
+                                    Some("tls"),
+                                    0,
+                                ));
+                            }
+                            Some(NatsTls {
+                                ca: t.ca.map(|p| PathBuf::from(p.0)),
+                                client: t.cert.zip(t.key).map(|(cert, key)| TlsFiles {
+                                    cert: PathBuf::from(cert.0),
+                                    key: PathBuf::from(key.0),
+                                }),
+                            })
+                        }
+                    };
                     Some(ClusterConfig {
+                        auth,
+                        tls,
+                        key: c.key.map(|k| ClusterKey::new(k.0.into_bytes())),
                         nats: c.nats.into_iter().map(|u| u.0).collect(),
                         node: c.node.map(|n| n.0),
                         subject_prefix: c

@@ -60,7 +60,7 @@ pub struct Listener {
 }
 
 /// A PEM certificate chain and private key.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     /// Certificate chain (PEM).
     pub cert: PathBuf,
@@ -154,14 +154,82 @@ pub struct Config {
 /// The `cluster` section: several gateway nodes joined by NATS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterConfig {
-    /// NATS server URLs (the client tries them in turn).
+    /// NATS server URLs (the client tries them in turn), as written: a `user:password@` in
+    /// one is taken as credentials (see `cluster::link`).
     pub nats: Vec<String>,
+    /// How this node authenticates to NATS (`cluster.auth`).
+    pub auth: Option<NatsAuth>,
+    /// TLS to NATS (`cluster.tls`; `tls://` URLs ask for TLS too).
+    pub tls: Option<NatsTls>,
+    /// The key every cluster message is signed with (`cluster.key`); None: unsigned.
+    pub key: Option<ClusterKey>,
     /// This node's name (None: the host name and a random suffix, chosen at start-up).
     pub node: Option<String>,
     /// Every subject of the cluster starts with it.
     pub subject_prefix: String,
     /// A node not heard from for this long is taken for dead.
     pub node_timeout: Duration,
+}
+
+/// How a node authenticates to NATS: one of the four forms of `cluster.auth`. Its `Debug`
+/// never shows a password or token.
+#[derive(Clone, PartialEq, Eq)]
+pub enum NatsAuth {
+    /// `user` and `password`.
+    UserPassword {
+        /// The user name.
+        user: String,
+        /// The password.
+        password: String,
+    },
+    /// `token`.
+    Token(String),
+    /// `nkey_seed_file`: a file holding an NKey seed (`SU...`).
+    NkeySeedFile(PathBuf),
+    /// `credentials_file`: a NATS `.creds` file (a user JWT and its NKey seed).
+    CredentialsFile(PathBuf),
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NatsAuth::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            NatsAuth::Token(_) => f.write_str("Token(***)"),
+            NatsAuth::NkeySeedFile(p) => write!(f, "NkeySeedFile({})", p.display()),
+            NatsAuth::CredentialsFile(p) => write!(f, "CredentialsFile({})", p.display()),
+        }
+    }
+}
+
+/// `cluster.tls`: the CA to verify the NATS servers with, and a client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsTls {
+    /// PEM certificates of the CA (else the system's roots).
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key (mTLS).
+    pub client: Option<TlsFiles>,
+}
+
+/// The cluster's shared signing key. Its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterKey(Vec<u8>);
+
+impl ClusterKey {
+    /// A key from its bytes (the config checks that there are at least 32).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        ClusterKey(bytes)
+    }
+
+    /// The key's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(***)")
+    }
 }
 
 /// Whether `s` can be one token of a NATS subject as the cluster uses them: 1 or more ASCII

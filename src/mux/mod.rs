@@ -34,8 +34,10 @@ pub trait Relay: Send + Sync {
     /// that holds client `route`, and names that node. None when no node does (the caller
     /// answers `-32001`).
     fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>>;
-    /// Hands `frame` (a client's answer) to backend `key` of `path` on `node`.
-    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String);
+    /// Hands `frame` (a client's answer) to backend `key` of `path` on `node`. False when it
+    /// cannot be carried now (the link holds too much already): the client sending it is put
+    /// out, as one whose backend does not read.
+    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) -> bool;
 }
 
 /// The limits the multiplexer enforces; replaced as a whole on reload.
@@ -83,6 +85,12 @@ impl CloseReason {
             reason: reason.into(),
         }
     }
+
+    /// A client that sends faster than its backend reads, where it cannot be held back (its
+    /// frames cross to another node): closed with 1008.
+    pub fn too_fast() -> Self {
+        CloseReason::new(close::POLICY, "client too fast: the backend is not reading")
+    }
 }
 
 /// Close codes the multiplexer uses.
@@ -109,7 +117,7 @@ pub struct Registry {
     pub pool_changed: tokio::sync::Notify,
     /// Counts pool changes (so a client can tell cheaply that nothing changed since it looked).
     pool_version: std::sync::atomic::AtomicU64,
-    /// In a cluster: this node's tag (8 hex digits), the start of every route key made here, so
+    /// In a cluster: this node's tag (hex digits), the start of every route key made here, so
     /// other nodes know where a client's route lives; and the relay to them.
     cluster: OnceLock<(String, Arc<dyn Relay>)>,
 }
@@ -138,8 +146,8 @@ impl Registry {
         self.cluster.get().map(|(_, relay)| relay)
     }
 
-    /// A fresh route key: 128 random bits as 32 hex digits, the first 8 this node's tag in a
-    /// cluster.
+    /// A fresh route key: 128 random bits as 32 hex digits, after this node's tag in a cluster
+    /// (so other nodes can tell where the client lives without the randomness getting shorter).
     fn route_key(&self) -> Arc<str> {
         let bits: u128 = rand::random();
         // Encoded on the stack: one allocation per key (every HTTP call makes one).
@@ -147,12 +155,16 @@ impl Registry {
         if hex::encode_to_slice(bits.to_be_bytes(), &mut hex).is_err() {
             return Arc::from(format!("{bits:032x}"));
         }
-        if let Some((tag, _)) = self.cluster.get() {
-            if tag.len() == 8 {
-                hex[..8].copy_from_slice(tag.as_bytes());
+        let random = std::str::from_utf8(&hex).unwrap_or_default();
+        match self.cluster.get() {
+            Some((tag, _)) => {
+                let mut key = String::with_capacity(tag.len() + random.len());
+                key.push_str(tag);
+                key.push_str(random);
+                Arc::from(key)
             }
+            None => Arc::from(random),
         }
-        Arc::from(std::str::from_utf8(&hex).unwrap_or_default())
     }
 
     /// A pool changed: counted, and the cluster (if any) woken to announce it.

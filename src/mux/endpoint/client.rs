@@ -133,12 +133,17 @@ impl ClientConn {
                                     .as_ref()
                                     .and_then(|r| r.relay().cloned())
                                 {
-                                    relay.answer_backend(
+                                    let carried = relay.answer_backend(
                                         &node,
                                         &ep.path,
                                         remote_key,
                                         msg.to_json(),
                                     );
+                                    if !carried {
+                                        // More than the link holds: as a client whose backend
+                                        // does not read, it cannot be held back here.
+                                        ep.close_client(&self.route, CloseReason::too_fast());
+                                    }
                                 }
                             }
                             None => ep.dropped("no_backend"),

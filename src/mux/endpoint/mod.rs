@@ -727,10 +727,16 @@ impl Endpoint {
         self.join_checked(websocket, Some((max_clients, secret)))
     }
 
-    /// Adds a client that another node of the cluster relays: that node checked its secret
-    /// (against the digest this one announced) and counts it against its own `max_clients`.
-    pub fn join_relayed(self: &Arc<Self>, websocket: bool) -> Result<ClientConn, JoinError> {
-        self.join_checked(websocket, None)
+    /// Adds a client that another node of the cluster relays: its node checked its secret
+    /// against the digest this one announced, and this one checks that digest (`secret`)
+    /// against its own current secret; it counts against `max_clients` here too.
+    pub fn join_relayed(
+        self: &Arc<Self>,
+        websocket: bool,
+        max_clients: usize,
+        secret: &Digest,
+    ) -> Result<ClientConn, JoinError> {
+        self.join_checked(websocket, Some((max_clients, secret)))
     }
 
     fn join_checked(
@@ -801,6 +807,14 @@ impl Endpoint {
         })
     }
 
+    /// Closes the client `route` names with `reason` (if it is still here).
+    pub fn close_client(&self, route: &str, reason: CloseReason) -> bool {
+        let route: Route = Arc::from(route);
+        self.remove_clients(Some(&reason), |s| {
+            s.clients.contains_key(&route).then(|| route.clone())
+        }) > 0
+    }
+
     /// Removes the clients `pick` chooses (under the lock, after any change it makes), closing
     /// them with `reason`; the backends' calls to them are answered with `-32001`. Returns how
     /// many were removed.
@@ -837,7 +851,8 @@ impl Endpoint {
             .and_then(|r| r.relay().cloned())
         {
             for (node, key, frame) in owed {
-                relay.answer_backend(&node, &self.path, key, frame);
+                // Small and owed: a link too full to take it loses it, as a lost link would.
+                let _ = relay.answer_backend(&node, &self.path, key, frame);
             }
         }
     }
@@ -908,8 +923,10 @@ impl Endpoint {
         }
     }
 
-    /// A client's answer, from another node, to backend `key` of this endpoint.
-    pub fn answer_from_remote(&self, key: u64, answer: Message) {
+    /// A client's answer, from another node, to backend `key` of this endpoint. False when the
+    /// backend's queue has no room for it: that client sends faster than the backend reads, and
+    /// across nodes it cannot be held back (its node closes it).
+    pub fn answer_from_remote(&self, key: u64, answer: Message) -> bool {
         let mut s = self.state();
         if let Some(id) = answer.id() {
             if answer.ends_call() {
@@ -918,12 +935,24 @@ impl Endpoint {
         }
         let tx = s.slot(key).map(|b| b.tx.clone());
         drop(s);
-        match tx {
-            Some(tx) => {
-                send_nowait(&tx, vec![answer.to_json()]);
+        let Some(tx) = tx else {
+            self.dropped("backend_closed");
+            return true;
+        };
+        match tx.try_send(answer.to_json()) {
+            Ok(()) => {
                 self.to_backend.inc();
+                true
             }
-            None => self.dropped("backend_closed"),
+            // The backend is gone meanwhile.
+            Err(None) => {
+                self.dropped("backend_closed");
+                true
+            }
+            Err(Some(_)) => {
+                self.dropped("backend_full");
+                false
+            }
         }
     }
 
