@@ -8,85 +8,15 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::nats::Nats;
 use common::*;
 use duplex::{Call, Peer, PeerBuilder, PeerError};
 use serde_json::{json, Value};
-
-/// A `nats-server` process on a loopback port.
-struct Nats {
-    child: Option<Child>,
-    port: u16,
-}
-
-fn nats_binary() -> PathBuf {
-    for candidate in ["/usr/sbin/nats-server", "/usr/bin/nats-server"] {
-        if std::path::Path::new(candidate).exists() {
-            return PathBuf::from(candidate);
-        }
-    }
-    let found = Command::new("sh")
-        .args(["-c", "command -v nats-server"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
-    match found {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
-        _ => panic!(
-            "nats-server is not installed: run scripts/setup.sh (Debian package nats-server)"
-        ),
-    }
-}
-
-impl Nats {
-    fn start() -> Nats {
-        let mut nats = Nats {
-            child: None,
-            port: free_port(),
-        };
-        nats.run();
-        nats
-    }
-
-    /// Starts the server (again) on its port and waits until it accepts connections.
-    fn run(&mut self) {
-        let child = Command::new(nats_binary())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// The cluster section (and limits a default nats-server carries) for node `name`.
 fn cluster_config(nats: &Nats, name: &str, extra_limits: &str) -> String {

@@ -58,6 +58,14 @@ fn keys_in_code() -> BTreeSet<String> {
             "cluster",
             format!("{LISTEN}cluster: {{nats: [nats://127.0.0.1:4222], zz_unknown: 1}}"),
         ),
+        (
+            "cluster.auth",
+            format!("{LISTEN}cluster: {{nats: [nats://127.0.0.1:4222], auth: {{zz_unknown: 1}}}}"),
+        ),
+        (
+            "cluster.tls",
+            format!("{LISTEN}cluster: {{nats: [nats://127.0.0.1:4222], tls: {{zz_unknown: 1}}}}"),
+        ),
     ];
     let top: BTreeSet<String> = fields(&format!("{LISTEN}zz_unknown: 1"))
         .into_iter()
@@ -183,6 +191,11 @@ fn every_config_in_conf_passes_check() {
         ("CI_PUBLISH_TOKEN", "ci-token-0123456789"),
         ("SEARCH_TOKEN_SHA256", &"ab".repeat(32)),
         ("CHAT_SECRET", "chat-secret"),
+        ("DUPLEX_GATEWAY_NATS_PASSWORD", "a-nats-password"),
+        (
+            "DUPLEX_GATEWAY_CLUSTER_KEY",
+            "a-cluster-key-of-at-least-32-bytes",
+        ),
     ];
     let envs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, *v)).collect();
     let mut checked = 0;

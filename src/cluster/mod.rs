@@ -431,9 +431,9 @@ impl Cluster {
         }
     }
 
-    /// The most bytes the outbox holds: as much as four backends' queues.
+    /// The most bytes the outbox holds: as much as one backend's queue (16 x `max_message_bytes`).
     fn outbox_budget(&self) -> usize {
-        self.registry.limits().backend_queue_bytes.saturating_mul(4)
+        self.registry.limits().backend_queue_bytes
     }
 
     /// Publishes what [`Cluster::post`] queued, in order, until the process ends.
@@ -1287,4 +1287,121 @@ fn node_name(configured: Option<&str>) -> String {
 fn session_id() -> u128 {
     // Never 0: that one marks messages about no session.
     rand::random::<u128>().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beat(node: &str, sent: u64, endpoints: Vec<Announced>) -> Heartbeat {
+        Heartbeat {
+            node: node.into(),
+            leaving: false,
+            epoch: 9,
+            sent,
+            endpoints,
+        }
+    }
+
+    fn endpoint(path: &str, backends: Vec<(u64, u64, bool)>) -> Announced {
+        Announced {
+            path: path.into(),
+            secret: "ab".repeat(32),
+            backends,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_is_believed_only_with_values_a_node_could_send() {
+        use seal::Rejected::{Invalid, Replay};
+        let now = 1_000_000_000;
+        let timeout = Duration::from_secs(5);
+        let check = |b: &Heartbeat| check_heartbeat(b, 9, timeout, now);
+        let good = beat(
+            "gw-1",
+            now,
+            vec![endpoint("/p", vec![(1, now - 10, false)])],
+        );
+        assert_eq!(check(&good), Ok(()));
+        let cases: Vec<(&str, Heartbeat, seal::Rejected)> = vec![
+            ("not a name", beat("a b", now, vec![]), Invalid),
+            (
+                "a name too long",
+                beat(&"n".repeat(65), now, vec![]),
+                Invalid,
+            ),
+            ("sent long ago", beat("gw-1", now - 6_000, vec![]), Replay),
+            (
+                "sent in the future",
+                beat("gw-1", now + 6_000, vec![]),
+                Invalid,
+            ),
+            (
+                "a join far in the future",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![endpoint("/p", vec![(1, now + 6_000, false)])],
+                ),
+                Invalid,
+            ),
+            (
+                "too many backends",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![endpoint(
+                        "/p",
+                        vec![(1, now, false); MAX_ANNOUNCED_BACKENDS + 1],
+                    )],
+                ),
+                Invalid,
+            ),
+            (
+                "a path too long",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![endpoint(
+                        &format!("/{}", "p".repeat(wire::MAX_PATH_BYTES)),
+                        vec![],
+                    )],
+                ),
+                Invalid,
+            ),
+            (
+                "a path the gateway refuses",
+                beat("gw-1", now, vec![endpoint("no-slash", vec![])]),
+                Invalid,
+            ),
+            (
+                "a secret that is no digest",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![Announced {
+                        secret: "zz".into(),
+                        ..endpoint("/p", vec![])
+                    }],
+                ),
+                Invalid,
+            ),
+        ];
+        for (what, b, want) in cases {
+            assert_eq!(check(&b), Err(want), "{what}");
+        }
+        // The epoch in the body must be the one in the trailer.
+        assert_eq!(check_heartbeat(&good, 8, timeout, now), Err(Invalid));
+    }
+
+    #[test]
+    fn tags_are_64_bits_of_the_name_and_refusals_are_recognised() {
+        assert_eq!(tag_of("gw-1").len(), TAG_HEX);
+        assert_ne!(tag_of("gw-1"), tag_of("gw-2"));
+        assert!(is_refusal("authorization violation"));
+        assert!(is_refusal("failed signing nonce"));
+        assert!(!is_refusal("IO error"));
+        assert_eq!(safe_name("gw-1"), "gw-1");
+        assert_eq!(safe_name("a\nb"), "(not a node name)");
+    }
 }

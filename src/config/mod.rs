@@ -741,6 +741,46 @@ limits:
     }
 
     #[test]
+    fn cluster_auth_takes_one_form_the_key_32_bytes_and_a_client_certificate_its_key() {
+        let base = "listen: [{address: 127.0.0.1:1}]\ncluster:\n  nats: [nats://127.0.0.1:4222]\n";
+        let c = parse_ok(&format!(
+            "{base}  auth: {{user: gw, password: pw}}\n  tls: {{ca: /ca.pem}}\n  key: {}\n",
+            "k".repeat(32)
+        ));
+        let cluster = c.cluster.expect("cluster");
+        assert_eq!(
+            cluster.auth,
+            Some(NatsAuth::UserPassword {
+                user: "gw".into(),
+                password: "pw".into()
+            })
+        );
+        assert_eq!(format!("{:?}", cluster.auth), "Some(UserPassword(gw, ***))");
+        assert_eq!(format!("{:?}", cluster.key), "Some(ClusterKey(***))");
+        assert_eq!(
+            cluster.tls.and_then(|t| t.ca),
+            Some(PathBuf::from("/ca.pem"))
+        );
+        for (text, wanted) in [
+            (
+                "  auth: {token: t, user: u, password: p}\n",
+                "one form only",
+            ),
+            ("  auth: {user: u}\n", "both"),
+            ("  auth: {}\n", "needs one of"),
+            ("  key: short\n", "at least 32 bytes"),
+            ("  tls: {cert: /c.pem}\n", "together"),
+            ("  auth: {bogus: 1}\n", "bogus"),
+        ] {
+            let e = parse_err(&format!("{base}{text}"));
+            assert!(e.message.contains(wanted), "{text}: {e}");
+            if wanted == "at least 32 bytes" {
+                assert!(!e.message.contains("short"), "the key is echoed: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn cluster_names_that_are_not_subject_tokens_are_errors_with_their_line() {
         let base = "listen: [{address: 127.0.0.1:1}]\ncluster:\n  nats: [nats://127.0.0.1:4222]\n";
         for (bad, line) in [

@@ -2,6 +2,8 @@
 //! written for the test, and talks to it over real sockets.
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::io::Write as _;
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -460,6 +462,14 @@ impl Raw {
         raw.send("SIMPLEX/1.0;json").await;
         assert_eq!(raw.next().await, Seen::Text("+OK".into()));
         raw
+    }
+
+    /// Sends a text frame; false when the connection is gone.
+    pub async fn try_send(&mut self, text: &str) -> bool {
+        self.ws
+            .send(WsMessage::Text(text.to_string().into()))
+            .await
+            .is_ok()
     }
 
     /// Sends a text frame.
