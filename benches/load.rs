@@ -17,7 +17,8 @@
 //! sequential calls: the p50 the gateway adds over direct), `cluster_ws_rpc` and
 //! `cluster_http_rpc` (the `ws_rpc` and `http_rpc` loads with the client on one gateway node and
 //! the backend on another, joined by a real nats-server; skipped when nats-server is not
-//! installed), and their ratios.
+//! installed), `cluster_ws_rpc_signed` (the same WebSocket load through two nodes that sign every
+//! message with `cluster.key`, beside the unsigned pair), and their ratios.
 //!
 //! Every server runs in a process of its own: the gateway (the release binary), and this binary
 //! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
@@ -996,6 +997,10 @@ struct ClusterResults {
     one_node_http: RpcResult,
     latency_ws: RpcResult,
     latency_http: RpcResult,
+    /// `cluster_ws_rpc_signed`: the same load through a second pair of nodes that sign every
+    /// message (`cluster.key`), side by side with the unsigned pair.
+    signed_ws: RpcResult,
+    unsigned_ws: RpcResult,
 }
 
 /// `cluster_ws_rpc`, `cluster_http_rpc`: the `ws_rpc` and `http_rpc` loads with the clients on
@@ -1060,6 +1065,28 @@ async fn cluster_scenarios(
     .await;
     print_rpc("cluster_http_rpc", &http);
     print_rpc("http, one node", &one_node_http);
+    // The cost of signing: a second pair of nodes, on their own subjects, with a cluster key.
+    let signed_node = |name: &str| {
+        format!(
+            "  max_message_bytes: 1000000\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: signed\n  key: bench-cluster-key-0123456789abcdef0123\n"
+        )
+    };
+    let c = start_gateway_with(dir, "node-c.yaml", &signed_node("c")).await;
+    let d = start_gateway_with(dir, "node-d.yaml", &signed_node("d")).await;
+    let _signed_backend = spawn_role(
+        "echo-backend",
+        &format!("{}{ENDPOINT}?token={}&secret={SECRET}", d.url, o.token),
+    );
+    let signed_url = format!("{}{ENDPOINT}?secret={SECRET}", c.url);
+    wait_for_echo(&signed_url, "node C never reached the backend on node D").await;
+    let (signed_ws, unsigned_ws) = side_by_side_pair(
+        o.seconds,
+        load(clients, &[], |_| ws_caller(signed_url.clone())),
+        load(clients, &[], |_| ws_caller(client_url.clone())),
+    )
+    .await;
+    print_rpc("cluster_ws_rpc_signed", &signed_ws);
+    print_rpc("ws, unsigned", &unsigned_ws);
     let short = o.seconds.min(5.0);
     let latency_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
     let latency_http = closed_loop(1, short, |_| http_caller(a_port, call_path.clone())).await;
@@ -1070,6 +1097,8 @@ async fn cluster_scenarios(
         one_node_http,
         latency_ws,
         latency_http,
+        signed_ws,
+        unsigned_ws,
     })
 }
 
@@ -1402,6 +1431,10 @@ async fn bench(o: Options) {
             "cluster_http_rpc / one node".into(),
             json!(round(c.http.rate() / c.one_node_http.rate(), 3)),
         );
+        ratios.insert(
+            "cluster_ws_rpc signed / unsigned".into(),
+            json!(round(c.signed_ws.rate() / c.unsigned_ws.rate(), 3)),
+        );
     }
     println!("ratios         {}", Value::Object(ratios.clone()));
 
@@ -1432,6 +1465,14 @@ async fn bench(o: Options) {
         report.insert(
             "cluster_one_node_http".into(),
             c.one_node_http.to_json(o.clients),
+        );
+        report.insert(
+            "cluster_ws_rpc_signed".into(),
+            c.signed_ws.to_json(o.clients),
+        );
+        report.insert(
+            "cluster_ws_rpc_unsigned".into(),
+            c.unsigned_ws.to_json(o.clients),
         );
     }
     if let Some(l) = cluster_latency {

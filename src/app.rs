@@ -31,6 +31,9 @@ pub struct App {
     pub publish_lock: std::sync::Mutex<()>,
     /// The cluster this node belongs to (set at start-up when the config has one).
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// What one client address, or one endpoint, may take (`limits.*_per_ip`,
+    /// `endpoints[].calls_per_second`).
+    pub edge: Arc<crate::edge::Edge>,
 }
 
 /// Counts requests in progress, so a graceful stop can wait for them.
@@ -65,7 +68,9 @@ impl App {
     /// TLS listeners (see [`crate::tls::load_all`]).
     pub fn new(config: Config, source: Source, keys: Vec<(SocketAddr, CertifiedKey)>) -> Arc<App> {
         let registry = Registry::new(mux_limits(&config.limits));
+        let edge = Arc::new(crate::edge::Edge::new(&config));
         Arc::new(App {
+            edge,
             config: ArcSwap::from_pointee(config),
             source,
             registry,

@@ -124,6 +124,48 @@ impl PathScope {
 
 pub use duplex::address::{check_escapes, check_path};
 
+/// The longest endpoint path the gateway takes, in bytes.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// The longest method name (the last segment of an HTTP call's path), in bytes.
+pub const MAX_METHOD_BYTES: usize = 256;
+/// The most bytes of a path a log line carries.
+pub const LOGGED_PATH_BYTES: usize = 256;
+
+/// Checks the lengths of a request's path: an endpoint path of at most [`MAX_PATH_BYTES`], and
+/// for a `call` (`<endpoint>/<method>`) a method of at most [`MAX_METHOD_BYTES`].
+pub fn check_lengths(path: &str, call: bool) -> Result<(), String> {
+    let (endpoint, method) = match path.rsplit_once('/').filter(|_| call) {
+        Some((endpoint, method)) => (endpoint, method),
+        None => (path, ""),
+    };
+    if endpoint.len() > MAX_PATH_BYTES {
+        return Err(format!(
+            "an endpoint path has at most {MAX_PATH_BYTES} bytes (this one has {})",
+            endpoint.len()
+        ));
+    }
+    if method.len() > MAX_METHOD_BYTES {
+        return Err(format!(
+            "a method name has at most {MAX_METHOD_BYTES} bytes (this one has {})",
+            method.len()
+        ));
+    }
+    Ok(())
+}
+
+/// A path as a log line may carry it: at most [`LOGGED_PATH_BYTES`] bytes (cut at a character
+/// boundary, with `...` when cut).
+pub fn logged(path: &str) -> std::borrow::Cow<'_, str> {
+    if path.len() <= LOGGED_PATH_BYTES {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut end = LOGGED_PATH_BYTES;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}...", &path[..end]))
+}
+
 /// Whether a plain-HTTP request counts as HTTPS: it comes from a trusted proxy that says so in the
 /// first value of `X-Forwarded-Proto` (any case).
 pub fn forwarded_https(

@@ -27,7 +27,8 @@ use pingora::{Error, ErrorType};
 use crate::app::{ws_settings, App, Counted};
 use crate::auth::{self, Digest};
 use crate::cluster::{Client, Cluster, ClusterClient};
-use crate::config::Config;
+use crate::config::{Config, Serves};
+use crate::edge::{self, Limited};
 use crate::http_api::{self, refuse, refuse_join, split_call_path};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::{self, Endpoint, Registry};
@@ -61,6 +62,10 @@ pub struct Facts<'a> {
     pub origin: Option<&'a str>,
     /// `OPTIONS` with `Origin` and `Access-Control-Request-Method`: a browser's CORS preflight.
     pub preflight: bool,
+    /// Whom the listener the request came in on serves.
+    pub serves: Serves,
+    /// The client's address or connection is over one of its limits ([`crate::edge`]).
+    pub limited: Option<Limited>,
 }
 
 /// The answer of the status table for a request that goes no further.
@@ -258,6 +263,10 @@ pub fn decide(
             }
         }
     }
+    // A refused address costs the gateway nothing more.
+    if let Some(limited) = req.limited {
+        return refusal(429, Some(limited.reason), limited.message());
+    }
     let is_get = *req.method == http::Method::GET;
     if !is_get && *req.method != http::Method::POST {
         return Decision::Refuse(Refusal {
@@ -271,6 +280,26 @@ pub fn decide(
     }
     if let Err(why) = auth::check_escapes(req.path) {
         return refusal(400, Some(Rejection::BadPath), why);
+    }
+    if let Err(why) = auth::check_lengths(req.path, !is_get) {
+        return refusal(400, Some(Rejection::BadPath), why);
+    }
+    // Listener roles come before the credentials: a listener that does not serve backends
+    // never looks at a token, and one that does not serve clients has no endpoints for them.
+    let publish = is_get && req.creds.token.is_some();
+    if publish && !req.serves.backends {
+        return refusal(
+            403,
+            Some(Rejection::Listener),
+            "this listener does not take publishes",
+        );
+    }
+    if !publish && !req.serves.clients {
+        return refusal(
+            404,
+            Some(Rejection::NotFound),
+            "no backend is published at this path",
+        );
     }
     if !is_get {
         return decide_call(req, registry, cluster);
@@ -467,6 +496,36 @@ impl Gateway {
             .as_ref()
             .zip(origin)
             .and_then(|(cors, origin)| cors.allow(origin));
+        let serves = session
+            .server_addr()
+            .and_then(|a| a.as_inet())
+            .map_or_else(Serves::default, |local| config.serves(*local));
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| edge::client_ip(&config.trusted_proxies, a.ip(), header("x-forwarded-for")));
+        let edge = &self.app.edge;
+        let tls = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        // The socket's cookie names the connection for the watchdog (TLS) and the connection
+        // limit; asked of the kernel only when either needs it.
+        let cookie = if tls || edge.any_over() {
+            session
+                .digest()
+                .and_then(|d| d.socket_digest.as_ref())
+                .and_then(|d| d.socket_cookie().ok())
+        } else {
+            None
+        };
+        if let (true, Some(cookie), Some(watchdog)) = (tls, cookie, edge::WATCHDOG.get()) {
+            watchdog.arrived(cookie);
+        }
+        let limited = edge
+            .over_connections(cookie)
+            .or_else(|| client_ip.and_then(|ip| edge.request(ip).err()));
+        let retry_after = limited.map(|l| l.retry_after_secs().to_string());
         let decision = {
             let req = session.req_header();
             let facts = Facts {
@@ -478,6 +537,8 @@ impl Gateway {
                 stopping,
                 origin,
                 preflight,
+                serves,
+                limited,
             };
             decide(&facts, &config, &self.app.registry, self.app.cluster.get())
         };
@@ -500,13 +561,24 @@ impl Gateway {
                 http_api::respond_empty(session, 204, &headers).await
             }
             Decision::Refuse(refusal) => {
-                if stopping {
+                // A connection over its address's limit has one answer, the 429, then goes.
+                if stopping || refusal.reason == Some(Rejection::IpConnections) {
                     session.set_keepalive(None);
                 }
+                if matches!(refusal.status, 401 | 403) {
+                    if let Some(ip) = client_ip {
+                        edge.auth_failed(ip);
+                    }
+                }
+                let retry_after = retry_after
+                    .as_deref()
+                    .filter(|_| refusal.status == 429)
+                    .map(|secs| ("retry-after", secs));
                 let headers: Vec<(&str, &str)> = refusal
                     .headers
                     .iter()
                     .copied()
+                    .chain(retry_after)
                     .chain(cors.iter().copied())
                     .collect();
                 refuse(
@@ -528,6 +600,9 @@ impl Gateway {
                 method,
                 secret,
             } => {
+                if let Some(Err(limited)) = edge.endpoint(endpoint.path()).map(|b| b.take()) {
+                    return refuse_limited(session, limited, &cors).await;
+                }
                 let _counted = Counted::new(&self.app.active.http);
                 // Each path's future is boxed on its own, so a request only allocates (and
                 // moves) the state of the path it takes.
@@ -545,7 +620,12 @@ impl Gateway {
                 Box::pin(self.publish(session, &config, token, secret)).await
             }
             Decision::Connect { endpoint, secret } => {
-                Box::pin(self.connect(session, &config, endpoint, secret, &cors)).await
+                let limits = ws::CallLimits {
+                    edge: edge.clone(),
+                    ip: client_ip,
+                    endpoint: edge.endpoint(endpoint.path()),
+                };
+                Box::pin(self.connect(session, &config, endpoint, secret, &cors, limits)).await
             }
         }
     }
@@ -591,7 +671,7 @@ impl Gateway {
                     .secret
                     .is_none_or(|fixed| fixed.matches(&secret));
                 if !allowed || !secret_ok {
-                    tracing::info!(endpoint = %path, token = %token_name, "publish refused: credentials revoked by a reload");
+                    tracing::info!(endpoint = %crate::auth::logged(&path), token = %token_name, "publish refused: credentials revoked by a reload");
                     return Err(mux::CloseReason::new(
                         mux::close::POLICY,
                         "credentials revoked by a config reload",
@@ -609,12 +689,12 @@ impl Gateway {
                     fixed,
                 ) {
                     Ok(conn) => {
-                        tracing::info!(endpoint = %path, token = %token_name, "backend published");
+                        tracing::info!(endpoint = %crate::auth::logged(&path), token = %token_name, "backend published");
                         Ok(conn)
                     }
                     Err(mux::PublishError::SecretConflict) => {
                         metrics().reject(Rejection::SecretConflict);
-                        tracing::info!(endpoint = %path, token = %token_name, "publish refused: another backend joined with another secret meanwhile");
+                        tracing::info!(endpoint = %crate::auth::logged(&path), token = %token_name, "publish refused: another backend joined with another secret meanwhile");
                         Err(mux::CloseReason::new(
                             mux::close::POLICY,
                             "the endpoint's live backends use another secret",
@@ -623,7 +703,7 @@ impl Gateway {
                 }
             })
             .await;
-            tracing::info!(endpoint = %path, token = %token_name, "backend disconnected");
+            tracing::info!(endpoint = %crate::auth::logged(&path), token = %token_name, "backend disconnected");
         });
         Ok(())
     }
@@ -637,6 +717,7 @@ impl Gateway {
         endpoint: Target,
         secret: Digest,
         headers: &[(&str, &str)],
+        limits: ws::CallLimits,
     ) -> pingora::Result<()> {
         let conn = match endpoint.join(true, config.max_clients(endpoint.path()), secret) {
             Ok(conn) => conn,
@@ -650,10 +731,32 @@ impl Gateway {
         let app = self.app.clone();
         tokio::spawn(async move {
             let _counted = counted;
+            let conn = ws::LimitedClient::new(conn, limits);
             ws::serve_client(ws, conn, || ws_settings(&app.config.load().limits)).await;
         });
         Ok(())
     }
+}
+
+/// 429 for a request over a limit, with `Retry-After`.
+async fn refuse_limited(
+    session: &mut Session,
+    limited: Limited,
+    cors: &[(&str, &str)],
+) -> pingora::Result<()> {
+    let secs = limited.retry_after_secs().to_string();
+    let headers: Vec<(&str, &str)> = std::iter::once(("retry-after", secs.as_str()))
+        .chain(cors.iter().copied())
+        .collect();
+    refuse(
+        session,
+        429,
+        Some(limited.reason),
+        None,
+        limited.message(),
+        &headers,
+    )
+    .await
 }
 
 /// Whether the request came over TLS, or from a trusted proxy that terminated TLS.
@@ -700,7 +803,7 @@ impl ProxyHttp for Gateway {
     /// query string (it may carry `token=` or `secret=`) nor any header.
     fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
         let req = session.req_header();
-        format!("{} {:?}", req.method, req.uri.path())
+        format!("{} {:?}", req.method, auth::logged(req.uri.path()))
     }
 
     /// Errors returned from `request_filter` (the peer hung up mid-body or mid-stream, a write
@@ -710,7 +813,7 @@ impl ProxyHttp for Gateway {
         tracing::debug!(
             error = ?error.etype(),
             source = ?error.esource(),
-            path = ?session.req_header().uri.path(),
+            path = ?auth::logged(session.req_header().uri.path()),
             "request ended early"
         );
         true
@@ -892,8 +995,69 @@ mod tests {
                 stopping,
                 origin: None,
                 preflight: false,
+                serves: Serves::default(),
+                limited: None,
             };
             let got = outcome(&decide(&facts, config, &registry, None));
+            assert_eq!(got, (status.to_string(), reason), "{name}");
+        }
+    }
+
+    /// (case, method, path, query, listener roles, expected, reason)
+    type RoleCase<'a> = (
+        &'a str,
+        &'a http::Method,
+        &'a str,
+        String,
+        Serves,
+        &'a str,
+        Option<&'a str>,
+    );
+
+    #[test]
+    fn listener_roles_and_lengths_come_before_the_credentials() {
+        let (registry, _backend) = live_endpoint();
+        let plain = config("");
+        let (get, post) = (http::Method::GET, http::Method::POST);
+        let clients = Serves {
+            clients: true,
+            backends: false,
+        };
+        let backends = Serves {
+            clients: false,
+            backends: true,
+        };
+        let long_path = format!("/{}", "p".repeat(auth::MAX_PATH_BYTES));
+        let long_call = format!("/live/{}", "m".repeat(auth::MAX_METHOD_BYTES + 1));
+        let just_fits = format!("/live/{}", "m".repeat(auth::MAX_METHOD_BYTES));
+        #[rustfmt::skip]
+        let cases: Vec<RoleCase> = vec![
+            ("publish on a clients-only listener", &get, "/x", format!("token={MAIN}&secret=s"), clients, "403", Some("listener")),
+            ("a bad token on a clients-only listener", &get, "/x", "token=nope-0123456789abc&secret=s".into(), clients, "403", Some("listener")),
+            ("publish on a backends-only listener", &get, "/team/a", format!("token={TEAM}&secret=s"), backends, "publish", None),
+            ("client on a backends-only listener", &get, "/live", "secret=s".into(), backends, "404", Some("not_found")),
+            ("call on a backends-only listener", &post, "/live/echo", "secret=s".into(), backends, "404", Some("not_found")),
+            ("client on a clients-only listener", &get, "/live", "secret=s".into(), clients, "connect", None),
+            ("a path over 1,024 bytes", &get, &long_path, format!("token={MAIN}&secret=s"), Serves::default(), "400", Some("bad_path")),
+            ("a client path over 1,024 bytes", &get, &long_path, "secret=s".into(), Serves::default(), "400", Some("bad_path")),
+            ("a method over 256 bytes", &post, &long_call, "secret=s".into(), Serves::default(), "400", Some("bad_path")),
+            ("a method of 256 bytes", &post, &just_fits, "secret=s".into(), Serves::default(), "call", None),
+        ];
+        for (name, method, path, query, serves, status, reason) in cases {
+            let creds = Credentials::parse(Some(&query), |_| None);
+            let facts = Facts {
+                method,
+                path,
+                creds: &creds,
+                https: false,
+                upgrade: true,
+                stopping: false,
+                origin: None,
+                preflight: false,
+                serves,
+                limited: None,
+            };
+            let got = outcome(&decide(&facts, &plain, &registry, None));
             assert_eq!(got, (status.to_string(), reason), "{name}");
         }
     }
@@ -945,6 +1109,8 @@ mod tests {
                 stopping: false,
                 origin,
                 preflight,
+                serves: Serves::default(),
+                limited: None,
             };
             let got = outcome(&decide(&facts, config, &registry, None));
             assert_eq!(got, (status.to_string(), reason), "{name}");

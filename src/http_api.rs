@@ -497,8 +497,10 @@ pub async fn refuse(
         reason = reason.map_or("-", Rejection::as_str),
         token = %token.unwrap_or("-"),
         method = %req.method,
-        path = ?req.uri.path(),
-        "refused: {message}"
+        path = ?crate::auth::logged(req.uri.path()),
+        // A message may quote the path: cut like one.
+        "refused: {}",
+        crate::auth::logged(message)
     );
     respond_error(session, status, message, headers).await
 }

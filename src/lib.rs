@@ -26,7 +26,8 @@
 //! - [`duplex`]: the protocol (messages, handshake, error codes, addressing) and a Rust peer: the
 //!   workspace's `duplex` crate, which builds without Pingora.
 //! - [`cluster`]: several nodes joined by NATS: heartbeats, and clients relayed to the node
-//!   whose backend serves them.
+//!   whose backend serves them; its `link` logs in to NATS, its `seal` signs and numbers every
+//!   message so that nothing a stranger on the bus sends is taken.
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.
@@ -38,6 +39,7 @@ pub mod app;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod edge;
 /// The protocol and the Rust peer: the `duplex` crate of this workspace, re-exported.
 pub use duplex;
 pub mod gateway;

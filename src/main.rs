@@ -41,8 +41,13 @@ fn main() -> ExitCode {
         // Pingora's debug and trace lines print whole request headers (a request it cannot
         // parse, with its query string, Authorization and X-Duplex-Secret): never shown,
         // whatever RUST_LOG asks for.
+        //
+        // The NATS client's trace lines print its CONNECT, password and token included: its
+        // lines stop at debug, whatever RUST_LOG asks for.
         .with(tracing_subscriber::filter::filter_fn(|meta| {
-            !(*meta.level() > tracing::Level::INFO && meta.target().starts_with("pingora"))
+            let target = meta.target();
+            !(*meta.level() > tracing::Level::INFO && target.starts_with("pingora")
+                || *meta.level() > tracing::Level::DEBUG && target.starts_with("async_nats"))
         }))
         .init();
     let args = Args::parse();

@@ -77,11 +77,21 @@ pub enum Rejection {
     BadPath,
     /// The gateway is stopping.
     Stopping,
+    /// A publish on a listener that does not serve backends.
+    Listener,
+    /// An address over `limits.max_connections_per_ip`.
+    IpConnections,
+    /// An address over `limits.requests_per_ip_per_second`.
+    IpRate,
+    /// An address over `limits.auth_failures_per_ip_per_minute`.
+    AuthFailures,
+    /// An endpoint over its `calls_per_second`.
+    EndpointRate,
 }
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Rejection; 14] = [
+    pub const ALL: [Rejection; 19] = [
         Rejection::TlsRequired,
         Rejection::BadToken,
         Rejection::TokenScope,
@@ -96,6 +106,11 @@ impl Rejection {
         Rejection::Stopping,
         Rejection::SecretConflict,
         Rejection::Origin,
+        Rejection::Listener,
+        Rejection::IpConnections,
+        Rejection::IpRate,
+        Rejection::AuthFailures,
+        Rejection::EndpointRate,
     ];
 
     /// The label value.
@@ -115,6 +130,11 @@ impl Rejection {
             Rejection::SecretConflict => "secret_conflict",
             Rejection::Origin => "origin",
             Rejection::Stopping => "stopping",
+            Rejection::Listener => "listener",
+            Rejection::IpConnections => "ip_connections",
+            Rejection::IpRate => "ip_rate",
+            Rejection::AuthFailures => "auth_failures",
+            Rejection::EndpointRate => "endpoint_rate",
         }
     }
 }

@@ -173,6 +173,7 @@ pub fn reload(app: &App) -> Result<(), String> {
 
     // Swap first: from here on every request is checked against the new config.
     app.registry.set_limits(mux_limits(&new.limits));
+    app.edge.apply(&new);
     if let Some(cluster) = app.cluster.get() {
         cluster.set_max_message_bytes(new.limits.max_message_bytes);
     }
@@ -192,14 +193,14 @@ pub fn reload(app: &App) -> Result<(), String> {
                         |token| !crate::auth::may_publish(&tokens.tokens, token, &path),
                     );
                     for token in closed {
-                        tracing::info!(endpoint = %path, token = %token, "reload: backend closed, its token no longer allows this path");
+                        tracing::info!(endpoint = %crate::auth::logged(&path), token = %token, "reload: backend closed, its token no longer allows this path");
                     }
                 }
             }
             Action::ShrinkPool { path, size } => {
                 if let Some(endpoint) = app.registry.lookup(&path) {
                     let closed = endpoint.shrink_pool(size);
-                    tracing::info!(endpoint = %path, closed, size, "reload: pool made smaller, longest-connected backends closed");
+                    tracing::info!(endpoint = %crate::auth::logged(&path), closed, size, "reload: pool made smaller, longest-connected backends closed");
                 }
             }
             Action::CloseClients { path, secret } => {
@@ -211,7 +212,7 @@ pub fn reload(app: &App) -> Result<(), String> {
                             "endpoint secret changed by a config reload",
                         ),
                     );
-                    tracing::info!(endpoint = %path, clients = n, "reload: clients closed, the endpoint's secret changed");
+                    tracing::info!(endpoint = %crate::auth::logged(&path), clients = n, "reload: clients closed, the endpoint's secret changed");
                 }
             }
         }

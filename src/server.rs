@@ -65,14 +65,31 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     server.bootstrap();
 
     let timeouts_app = app.clone();
+    let mut http = pingora::proxy::http_proxy(&server.configuration, Gateway::new(app.clone()));
+    // An HTTP/2 connection with no stream open for `http_idle_timeout` is closed (GOAWAY), as an
+    // idle HTTP/1.1 keep-alive connection is. Pingora reads it once: a reload applies after a
+    // restart.
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h2_idle_timeout = Some(config.limits.http_idle_timeout);
+    http.server_options = Some(options);
+    let count_app = app.clone();
     let front = Front::new(
-        pingora::proxy::http_proxy(&server.configuration, Gateway::new(app.clone())),
+        http,
         Arc::new(move || {
             let limits = &timeouts_app.config.load().limits;
             (limits.request_header_timeout, limits.http_idle_timeout)
         }),
+        Arc::new(move |stream| count_connection(&count_app, stream)),
     );
     let mut proxy = pingora::services::listening::Service::new("duplex-gateway".to_string(), front);
+    // TLS connections are watched from their accept until their first request (the TLS
+    // handshake and HTTP/2 are not under Front's deadlines).
+    let watchdog_app = app.clone();
+    let watchdog = crate::edge::Watchdog::new(Arc::new(move || {
+        watchdog_app.config.load().limits.request_header_timeout
+    }));
+    let _ = crate::edge::WATCHDOG.set(watchdog.clone());
+    proxy.endpoints().set_pre_tls_callback(watchdog);
     for listener in &config.listeners {
         let addr = listener.address.to_string();
         match &listener.tls {
@@ -277,4 +294,20 @@ impl crate::cluster::PathLimits for ConfigLimits {
             .upgrade()
             .map_or(0, |app| app.config.load().max_clients(path))
     }
+}
+
+/// Counts a new connection against its address's `max_connections_per_ip` (none when the limit
+/// is off, or when the peer is a trusted proxy, which carries many clients' connections).
+fn count_connection(
+    app: &App,
+    stream: &pingora::protocols::Stream,
+) -> Option<crate::edge::ConnectionGuard> {
+    let config = app.config.load();
+    config.limits.max_connections_per_ip?;
+    let digest = stream.get_socket_digest()?;
+    let peer = digest.peer_addr()?.as_inet()?.ip();
+    if config.trusted_proxies.iter().any(|net| net.contains(&peer)) {
+        return None;
+    }
+    Some(app.edge.connection(peer, digest.socket_cookie().ok()))
 }

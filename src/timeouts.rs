@@ -44,6 +44,8 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::edge::ConnectionGuard;
+
 /// The two timeouts, read when a phase starts (so a reload applies from the next phase on).
 pub type Timeouts = Arc<dyn Fn() -> (Duration, Duration) + Send + Sync>;
 
@@ -65,15 +67,21 @@ fn next(word: u32, phase: u32) -> u32 {
 pub struct Front<A> {
     inner: Arc<A>,
     timeouts: Timeouts,
+    count: CountConnection,
 }
+
+/// Counts a new connection against its address's limit (see [`crate::edge`]); the guard lives as
+/// long as the connection (a WebSocket's included).
+pub type CountConnection = Arc<dyn Fn(&Stream) -> Option<ConnectionGuard> + Send + Sync>;
 
 impl<A> Front<A> {
     /// Guards the connections `inner` serves with the timeouts `timeouts()` gives:
-    /// `(request_header_timeout, http_idle_timeout)`.
-    pub fn new(inner: A, timeouts: Timeouts) -> Self {
+    /// `(request_header_timeout, http_idle_timeout)`, and counts each with `count`.
+    pub fn new(inner: A, timeouts: Timeouts, count: CountConnection) -> Self {
         Front {
             inner: Arc::new(inner),
             timeouts,
+            count,
         }
     }
 }
@@ -85,11 +93,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // HTTP/2 has its own connection handling (and no header-by-header reads to guard here).
+        // HTTP/2 has its own connection handling (and no header-by-header reads to guard here;
+        // its deadlines are the watchdog's and `h2_idle_timeout`): the guard only counts it.
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return self.inner.process_new(stream, shutdown).await;
+            let connection = (self.count)(&stream);
+            let mut guarded = GuardedStream::new(stream, self.timeouts.clone(), 0, connection);
+            guarded.phase = AtomicU32::new(OPEN);
+            guarded.seen = OPEN;
+            return self.inner.process_new(Box::new(guarded), shutdown).await;
         }
         let stream = rehome(stream).unwrap_or_else(|stream| stream);
+        let connection = (self.count)(&stream);
         // Plain TCP has no write buffer of Pingora's (see `server::l4_buffer`): the guard's
         // takes its place. TLS has its own.
         let buffer = if (*stream).as_any().is::<L4Stream>() {
@@ -97,7 +111,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         } else {
             0
         };
-        let guarded = GuardedStream::new(stream, self.timeouts.clone(), buffer);
+        let guarded = GuardedStream::new(stream, self.timeouts.clone(), buffer, connection);
         self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
@@ -181,20 +195,24 @@ pub fn enter(stream: Option<&Stream>, phase: Phase) {
 }
 
 /// Takes the guard off a stream that no longer needs it (a WebSocket), so its frames do not pass
-/// through it.
-pub fn unwrap(stream: Stream) -> Stream {
+/// through it; the connection's count against its address (if any) comes along, to live as long
+/// as the WebSocket.
+pub fn unwrap(stream: Stream) -> (Stream, Option<ConnectionGuard>) {
     if !(*stream).as_any().is::<GuardedStream>() {
-        return stream;
+        return (stream, None);
     }
     match stream.into_any().downcast::<GuardedStream>() {
         // Bytes still buffered (never, as Pingora flushes a 101 at once) keep the guard on,
         // so the next flush sends them; its reads pass straight through once open.
-        Ok(guarded) if !guarded.inner.buffer().is_empty() => guarded,
+        Ok(guarded) if !guarded.inner.buffer().is_empty() => (guarded, None),
         // Nothing buffered: the guard's drop has nothing to send.
         Ok(mut guarded) => {
             let placeholder: Stream = Box::new(std::io::Cursor::new(Vec::<u8>::new()));
-            std::mem::replace(&mut guarded.inner, BufWriter::with_capacity(0, placeholder))
-                .into_inner()
+            let connection = guarded.connection.take();
+            let inner =
+                std::mem::replace(&mut guarded.inner, BufWriter::with_capacity(0, placeholder))
+                    .into_inner();
+            (inner, connection)
         }
         Err(_) => unreachable!("checked above"),
     }
@@ -217,10 +235,17 @@ pub struct GuardedStream {
     /// Made (or moved) only when a read has to wait, so a request whose headers arrive in one
     /// read touches no timer.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The connection's count against its address's limit, while it lives.
+    connection: Option<ConnectionGuard>,
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, timeouts: Timeouts, write_buffer: usize) -> Self {
+    fn new(
+        inner: Stream,
+        timeouts: Timeouts,
+        write_buffer: usize,
+        connection: Option<ConnectionGuard>,
+    ) -> Self {
         // The first request's headers count from the connection's start.
         GuardedStream {
             inner: BufWriter::with_capacity(write_buffer, inner),
@@ -229,6 +254,7 @@ impl GuardedStream {
             seen: HEADERS,
             started: Instant::now(),
             timer: None,
+            connection,
         }
     }
 
@@ -432,7 +458,7 @@ impl fmt::Debug for GuardedStream {
 /// Guards `stream` (for tests of the phases without a server).
 #[cfg(test)]
 fn guard(stream: Stream, timeouts: Timeouts) -> Stream {
-    Box::new(GuardedStream::new(stream, timeouts, 0))
+    Box::new(GuardedStream::new(stream, timeouts, 0, None))
 }
 
 #[cfg(test)]
@@ -555,7 +581,7 @@ mod tests {
     #[tokio::test]
     async fn buffered_writes_go_out_on_flush_and_in_order() {
         let (server, mut client) = pair().await;
-        let mut guarded = GuardedStream::new(server, timeouts(1000, 1000), WRITE_BUFFER);
+        let mut guarded = GuardedStream::new(server, timeouts(1000, 1000), WRITE_BUFFER, None);
         guarded
             .write_all(b"HTTP/1.1 200 OK\r\n\r\n")
             .await
@@ -579,7 +605,7 @@ mod tests {
         let mut guarded: Stream = Box::new(guarded);
         enter(Some(&guarded), Phase::Open);
         guarded.write_all(b"tail").await.expect("write");
-        let mut stream = unwrap(guarded);
+        let (mut stream, _) = unwrap(guarded);
         assert!((*stream).as_any().is::<GuardedStream>());
         stream.flush().await.expect("flush");
         let mut tail = [0u8; 4];
@@ -600,7 +626,7 @@ mod tests {
         enter(Some(&guarded), Phase::Open);
         let read = tokio::time::timeout(Duration::from_secs(5), guarded.read(&mut [0u8; 8])).await;
         assert!(read.is_err(), "open: no deadline");
-        let inner = unwrap(guarded);
+        let (inner, _) = unwrap(guarded);
         assert!(!(*inner).as_any().is::<GuardedStream>());
     }
 }

@@ -10,6 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -147,6 +148,8 @@ pub struct WsStream {
     max_message: usize,
     /// How long one write may take before the connection is dropped.
     write_timeout: Duration,
+    /// The connection's count against its address's limit (see [`crate::edge`]).
+    _connection: Option<crate::edge::ConnectionGuard>,
 }
 
 impl WsStream {
@@ -174,7 +177,7 @@ impl WsStream {
             .write_response_header(Box::new(resp), false)
             .await
             .ok()?;
-        let (mut stream, preread) = detach(session)?;
+        let (mut stream, preread, connection) = detach(session)?;
         // Pingora may still hold the 101 in its write buffer.
         tokio::time::timeout(settings.write_timeout, stream.flush())
             .await
@@ -194,6 +197,7 @@ impl WsStream {
             last_heard: Instant::now(),
             max_message: settings.max_message_bytes,
             write_timeout: settings.write_timeout,
+            _connection: connection,
         })
     }
 
@@ -533,7 +537,7 @@ impl Side for BackendConn {
         self.handle(msg)
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
-        tracing::debug!(endpoint = %self.endpoint().path(), %error, "malformed frame from backend");
+        tracing::debug!(endpoint = %crate::auth::logged(self.endpoint().path()), %error, "malformed frame from backend");
         self.endpoint().dropped("malformed");
     }
     async fn next_out(&mut self) -> Option<String> {
@@ -547,21 +551,73 @@ impl Side for BackendConn {
     }
 }
 
-impl Side for Client {
+/// The rates a WebSocket client's calls are held to: its address's
+/// (`limits.requests_per_ip_per_second`) and its endpoint's (`endpoints[].calls_per_second`).
+pub struct CallLimits {
+    /// The edge's state.
+    pub edge: Arc<crate::edge::Edge>,
+    /// The client's address (None: unknown, no per-address limit).
+    pub ip: Option<std::net::IpAddr>,
+    /// The endpoint's bucket, if it has a rate.
+    pub endpoint: Option<Arc<crate::edge::EndpointBucket>>,
+}
+
+/// A client whose requests are held to its [`CallLimits`]: a request over a rate is answered
+/// `-32004` (with `data.retry_after_ms`) and never reaches the backend.
+pub struct LimitedClient {
+    client: Client,
+    limits: CallLimits,
+}
+
+impl LimitedClient {
+    /// `client`, held to `limits`.
+    pub fn new(client: Client, limits: CallLimits) -> LimitedClient {
+        LimitedClient { client, limits }
+    }
+
+    fn admit(&self) -> Result<(), crate::edge::Limited> {
+        if let Some(ip) = self.limits.ip {
+            self.limits.edge.request(ip)?;
+        }
+        match &self.limits.endpoint {
+            Some(bucket) => bucket.take(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Side for LimitedClient {
     async fn on_frame(&mut self, msg: Message) -> Option<Message> {
-        self.send(msg).await
+        if msg.kind() == crate::duplex::Kind::Request {
+            if let Err(limited) = self.admit() {
+                crate::metrics::metrics().reject(limited.reason);
+                let id = msg.id()?;
+                let millis = u64::try_from(limited.retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                let error =
+                    crate::duplex::RpcError::new(crate::duplex::code::RATE_LIMITED, "rate limited")
+                        .with_data(serde_json::json!({ "retry_after_ms": millis }));
+                let mut reply = Message::error_reply(Some(id), &error);
+                if let Some(ext) = msg.ext_raw() {
+                    reply.set_raw("ext", ext.to_owned());
+                }
+                return Some(reply);
+            }
+        }
+        self.client.send(msg).await
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
-        self.malformed(error);
+        self.client.malformed(error);
     }
     async fn next_out(&mut self) -> Option<String> {
-        self.recv().await.map(|m| m.to_json())
+        self.client.recv().await.map(|m| m.to_json())
     }
     fn try_next_out(&mut self) -> Option<String> {
-        self.try_recv().map(|m| m.to_json())
+        self.client.try_recv().map(|m| m.to_json())
     }
     fn close_reason(&self) -> CloseReason {
-        Client::close_reason(self)
+        self.client.close_reason()
     }
 }
 
@@ -569,7 +625,9 @@ impl Side for Client {
 /// right behind its request (Pingora read them with the header and holds them as the start of
 /// the upgraded body). A placeholder session, reading nothing and writing nowhere, is left behind
 /// for Pingora to finish.
-fn detach(session: &mut Session) -> Option<(Stream, Vec<u8>)> {
+fn detach(
+    session: &mut Session,
+) -> Option<(Stream, Vec<u8>, Option<crate::edge::ConnectionGuard>)> {
     let downstream = &mut *session.downstream_session;
     if !matches!(downstream, ServerSession::H1(_)) {
         return None;
@@ -583,14 +641,21 @@ fn detach(session: &mut Session) -> Option<(Stream, Vec<u8>)> {
     let placeholder = ServerSession::new_http1(Box::new(io::Cursor::new(Vec::<u8>::new())));
     match std::mem::replace(downstream, placeholder) {
         // The connection's HTTP deadlines end here: a WebSocket has pings instead.
-        ServerSession::H1(h1) => Some((crate::timeouts::unwrap(h1.into_inner()), preread)),
+        ServerSession::H1(h1) => {
+            let (stream, connection) = crate::timeouts::unwrap(h1.into_inner());
+            Some((stream, preread, connection))
+        }
         _ => None,
     }
 }
 
 /// Serves a client that has joined its endpoint: handshake, then frames. `settings` gives the
 /// limits in force (read again between frames).
-pub async fn serve_client(mut ws: WsStream, mut conn: Client, settings: impl Fn() -> WsSettings) {
+pub async fn serve_client(
+    mut ws: WsStream,
+    mut conn: LimitedClient,
+    settings: impl Fn() -> WsSettings,
+) {
     let first = settings();
     if ws.handshake(first.handshake_timeout).await && ws.accept_handshake().await {
         ws.pump(&mut conn, &settings).await;

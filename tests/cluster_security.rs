@@ -31,7 +31,8 @@ fn node_config(urls: &str, name: &str, cluster_extra: &str, extra: &str) -> Stri
 
 fn start_node(urls: &str, name: &str, cluster_extra: &str, extra: &str) -> Gateway {
     let text = node_config(urls, name, cluster_extra, extra);
-    Gateway::start_logging("debug", move |port, metrics_port| {
+    // Everything the NATS client would say, its trace lines included.
+    Gateway::start_logging("debug,async_nats=trace", move |port, metrics_port| {
         Gateway::config_text(port, metrics_port, &text)
     })
 }

@@ -25,6 +25,9 @@ pub mod code {
     pub const CALL_TIMED_OUT: i64 = -32002;
     /// The caller has too many calls open.
     pub const TOO_MANY_PENDING_CALLS: i64 = -32003;
+    /// The caller is over a rate limit of the gateway; `data.retry_after_ms` says when to try
+    /// again.
+    pub const RATE_LIMITED: i64 = -32004;
 }
 
 /// The `error` of a reply: `{code, message, data?}`.
@@ -47,6 +50,12 @@ impl RpcError {
             message: message.into(),
             data: None,
         }
+    }
+
+    /// The same error with `data`.
+    pub fn with_data(mut self, data: Value) -> Self {
+        self.data = Some(data);
+        self
     }
 
     /// `-32601`: the method does not exist.

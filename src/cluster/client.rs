@@ -65,7 +65,7 @@ impl Client {
             Client::Cluster(c) => c.cluster.registry.lookup(&c.path),
         };
         if let Some(endpoint) = endpoint {
-            tracing::debug!(endpoint = %endpoint.path(), %error, "malformed frame from client");
+            tracing::debug!(endpoint = %crate::auth::logged(endpoint.path()), %error, "malformed frame from client");
             endpoint.dropped("malformed");
         }
     }

@@ -19,6 +19,12 @@
 //!
 //! When a node dies or NATS is lost, the sessions across it end: calls open through them fail
 //! with `-32000` (HTTP 503), and clients are relayed again, elsewhere, on their next call.
+//!
+//! The bus is not trusted: [`link`] logs in to NATS (credentials, TLS) and [`seal`] numbers every
+//! message and, with `cluster.key`, signs it; a node takes each message once, only from nodes it
+//! hears in heartbeats, and a heartbeat only with values a node could send (see
+//! `check_heartbeat`). What it drops is counted in
+//! `duplex_gateway_cluster_rejected_messages_total{reason}`.
 
 pub mod client;
 pub mod link;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::{
     ClusterConfig, ClusterKey, Config, Cors, EndpointConfig, Limits, Listener, NatsAuth, NatsTls,
-    TlsFiles,
+    Serves, TlsFiles,
 };
 use crate::auth::{check_path, Digest, PathScope, Token};
 
@@ -529,7 +529,21 @@ struct FileListener {
     address: Addr,
     #[serde(default)]
     tls: Option<FileCert>,
+    #[serde(default)]
+    serves: Option<Vec<Role>>,
 }
+
+/// What a listener serves: `clients` or `backends`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Clients,
+    Backends,
+}
+from_env_string!(Role, |s| match s {
+    "clients" => Ok(Role::Clients),
+    "backends" => Ok(Role::Backends),
+    _ => Err(format!("`{s}` is not a role: `clients` or `backends`")),
+});
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -571,6 +585,24 @@ struct FileEndpoint {
     max_clients: Option<Count>,
     #[serde(default)]
     max_backends: Option<Count>,
+    #[serde(default)]
+    calls_per_second: Option<Rate>,
+}
+
+/// A rate: a count of at least 1 that fits 32 bits.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Rate(u32);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = u64::deserialize(d)?;
+        if n == 0 {
+            return Err(de::Error::custom("must be at least 1"));
+        }
+        u32::try_from(n)
+            .map(Rate)
+            .map_err(|_| de::Error::custom("too large (at most 4294967295)"))
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -588,6 +620,9 @@ struct FileLimits {
     http_idle_timeout: Option<PositiveDur>,
     max_backends_per_endpoint: Option<Count>,
     drain_timeout: Option<PositiveDur>,
+    max_connections_per_ip: Option<Count>,
+    requests_per_ip_per_second: Option<Rate>,
+    auth_failures_per_ip_per_minute: Option<Rate>,
 }
 
 impl FileConfig {
@@ -616,9 +651,26 @@ impl FileConfig {
                 cert: PathBuf::from(t.cert.0),
                 key: PathBuf::from(t.key.0),
             });
+            let serves = match l.serves {
+                None => Serves::default(),
+                Some(roles) if roles.is_empty() => {
+                    let addr = l.address.0.to_string();
+                    return Err(Invalid::at(
+                        format!("listen[{i}]: `serves` needs `clients`, `backends` or both"),
+                        "listen",
+                        Some(&addr),
+                        0,
+                    ));
+                }
+                Some(roles) => Serves {
+                    clients: roles.contains(&Role::Clients),
+                    backends: roles.contains(&Role::Backends),
+                },
+            };
             listeners.push(Listener {
                 address: l.address.0,
                 tls,
+                serves,
             });
         }
         let metrics = self.metrics.map(|m| m.address.0);
@@ -695,6 +747,7 @@ impl FileConfig {
                     secret: e.secret.map(|s| s.0),
                     max_clients: e.max_clients.map(|c| c.0),
                     max_backends: e.max_backends.map(|c| c.0),
+                    calls_per_second: e.calls_per_second.map(|r| r.0),
                 },
             );
         }
@@ -726,6 +779,9 @@ impl FileConfig {
                 .max_backends_per_endpoint
                 .map_or(d.max_backends_per_endpoint, |c| c.0),
             drain_timeout: l.drain_timeout.map_or(d.drain_timeout, |x| x.0),
+            max_connections_per_ip: l.max_connections_per_ip.map(|c| c.0),
+            requests_per_ip_per_second: l.requests_per_ip_per_second.map(|r| r.0),
+            auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute.map(|r| r.0),
         };
 
         Ok(Config {

@@ -57,6 +57,26 @@ pub struct Listener {
     pub address: SocketAddr,
     /// Certificate and key files, for a TLS listener.
     pub tls: Option<TlsFiles>,
+    /// Whom it serves (`listen[].serves`).
+    pub serves: Serves,
+}
+
+/// Whom a listener serves: clients (connections and HTTP calls), backends (publishes), or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Serves {
+    /// Client connections and HTTP calls.
+    pub clients: bool,
+    /// Publishes.
+    pub backends: bool,
+}
+
+impl Default for Serves {
+    fn default() -> Self {
+        Serves {
+            clients: true,
+            backends: true,
+        }
+    }
 }
 
 /// A PEM certificate chain and private key.
@@ -77,6 +97,8 @@ pub struct EndpointConfig {
     pub max_clients: Option<usize>,
     /// Live backends in its pool (else `limits.max_backends_per_endpoint`).
     pub max_backends: Option<usize>,
+    /// Calls per second the whole endpoint takes on this node (None: no limit).
+    pub calls_per_second: Option<u32>,
 }
 
 /// The limits section.
@@ -107,6 +129,14 @@ pub struct Limits {
     pub max_backends_per_endpoint: usize,
     /// The longest a backend's drain waits for its calls to end.
     pub drain_timeout: Duration,
+    /// Open connections from one client address (None: no limit).
+    pub max_connections_per_ip: Option<usize>,
+    /// HTTP calls, WebSocket upgrades and WebSocket calls of one address per second (a token
+    /// bucket with a burst of one second's worth; None: no limit).
+    pub requests_per_ip_per_second: Option<u32>,
+    /// Answers of 401/403 to one address in a minute before its requests get 429 (None: no
+    /// limit).
+    pub auth_failures_per_ip_per_minute: Option<u32>,
 }
 
 impl Default for Limits {
@@ -124,6 +154,9 @@ impl Default for Limits {
             http_idle_timeout: Duration::from_secs(60),
             max_backends_per_endpoint: 1,
             drain_timeout: Duration::from_secs(30),
+            max_connections_per_ip: None,
+            requests_per_ip_per_second: None,
+            auth_failures_per_ip_per_minute: None,
         }
     }
 }
@@ -260,6 +293,20 @@ impl Cors {
 }
 
 impl Config {
+    /// Whom the listener at `local` (the address a connection came in on) serves: the
+    /// listener with that exact address, else one on its port bound to every address.
+    pub fn serves(&self, local: SocketAddr) -> Serves {
+        self.listeners
+            .iter()
+            .find(|l| l.address == local)
+            .or_else(|| {
+                self.listeners
+                    .iter()
+                    .find(|l| l.address.port() == local.port() && l.address.ip().is_unspecified())
+            })
+            .map_or_else(Serves::default, |l| l.serves)
+    }
+
     /// Settings of the endpoint at `path` (defaults if it has none).
     pub fn endpoint(&self, path: &str) -> EndpointConfig {
         self.endpoints.get(path).cloned().unwrap_or_default()

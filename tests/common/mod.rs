@@ -454,6 +454,18 @@ impl Raw {
         }
     }
 
+    /// Opens a WebSocket on a connection already made (say, from a chosen source address) and
+    /// does the Duplex handshake.
+    pub async fn open_on(url: &str, tcp: TcpStream) -> Raw {
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        let mut raw = Raw { ws };
+        raw.send("SIMPLEX/1.0;json").await;
+        assert_eq!(raw.next().await, Seen::Text("+OK".into()));
+        raw
+    }
+
     /// Opens a WebSocket and does the Duplex handshake.
     pub async fn open(url: &str) -> Raw {
         let mut raw = Raw::connect(url, &[])

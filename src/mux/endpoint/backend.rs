@@ -90,7 +90,7 @@ impl BackendConn {
                 let tx = s.clients.get(&route).map(|c| c.tx.clone());
                 drop(s);
                 if let Some((tx, frames)) = drained {
-                    tracing::info!(endpoint = %ep.path, pending = 0, "backend drained");
+                    tracing::info!(endpoint = %crate::auth::logged(&ep.path), pending = 0, "backend drained");
                     send_nowait(&tx, frames);
                 }
                 msg.set_id(Some(client_id));

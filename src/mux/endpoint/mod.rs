@@ -589,7 +589,7 @@ impl Endpoint {
         let emptied = s.backends.is_empty();
         s.hold_new_calls_if_none_serve(hold);
         drop(s);
-        tracing::info!(endpoint = %self.path, "backend replaced by a newer one on another node");
+        tracing::info!(endpoint = %crate::auth::logged(&self.path), "backend replaced by a newer one on another node");
         // Counted before the failed calls are answered: a client that calls again at once must
         // see that its place changed.
         self.pool_changed();
@@ -641,7 +641,7 @@ impl Endpoint {
                 fallout.absorb(f);
             }
             let pool = s.backends.len();
-            tracing::info!(endpoint = %self.path, pool, "longest-connected backend replaced by a new publish");
+            tracing::info!(endpoint = %crate::auth::logged(&self.path), pool, "longest-connected backend replaced by a new publish");
         }
         let (tx, rx) = BackendTx::channel(limits.backend_queue_bytes);
         let close: CloseCell = Arc::new(OnceLock::new());
@@ -685,7 +685,7 @@ impl Endpoint {
         s.update_gauges();
         let pool = s.backends.len();
         drop(s);
-        tracing::info!(endpoint = %self.path, token = %token_name, pool, "backend joined the pool");
+        tracing::info!(endpoint = %crate::auth::logged(&self.path), token = %token_name, pool, "backend joined the pool");
         self.settle(fallout);
         self.changed.notify_waiters();
         self.pool_changed();
@@ -1008,7 +1008,7 @@ impl Endpoint {
         let pool = s.backends.len();
         drop(s);
         if !keys.is_empty() {
-            tracing::info!(endpoint = %self.path, closed = keys.len(), pool, "backends closed");
+            tracing::info!(endpoint = %crate::auth::logged(&self.path), closed = keys.len(), pool, "backends closed");
             self.pool_changed();
         }
         self.settle(fallout);
@@ -1068,7 +1068,7 @@ impl Endpoint {
         s.hold_new_calls_if_none_serve(hold);
         let pool = s.backends.len();
         drop(s);
-        tracing::info!(endpoint = %self.path, pool, "backend left");
+        tracing::info!(endpoint = %crate::auth::logged(&self.path), pool, "backend left");
         self.pool_changed();
         self.settle(fallout);
         if emptied {
@@ -1095,7 +1095,7 @@ impl Endpoint {
         // `grace_until` was set as the last backend left (`State::remove_backend`).
         let generation = s.next_key;
         drop(s);
-        tracing::info!(endpoint = %self.path, grace_ms = grace.as_millis() as u64, "last backend left: grace");
+        tracing::info!(endpoint = %crate::auth::logged(&self.path), grace_ms = grace.as_millis() as u64, "last backend left: grace");
         let me = self.clone();
         let expire = async move {
             tokio::time::sleep(grace).await;
@@ -1125,7 +1125,7 @@ impl Endpoint {
         let remote_owed = std::mem::take(&mut s.remote_owed);
         drop(s);
         self.answer_remote(remote_owed);
-        tracing::info!(endpoint = %self.path, clients = routes.len(), "endpoint removed: backend did not come back");
+        tracing::info!(endpoint = %crate::auth::logged(&self.path), clients = routes.len(), "endpoint removed: backend did not come back");
         self.changed.notify_waiters();
         if let Some(registry) = self.registry.upgrade() {
             registry.remove(self);
@@ -1168,11 +1168,11 @@ impl Endpoint {
             send_nowait(&tx, frames);
         }
         if let Some(request) = immediate {
-            tracing::info!(endpoint = %self.path, pending = 0, pool, "backend drained");
+            tracing::info!(endpoint = %crate::auth::logged(&self.path), pending = 0, pool, "backend drained");
             // Answered only when it has an id: a request without one expects no reply.
             return request_answer(&request);
         }
-        tracing::info!(endpoint = %self.path, pending, pool, "backend draining");
+        tracing::info!(endpoint = %crate::auth::logged(&self.path), pending, pool, "backend draining");
         if !first {
             return None;
         }
@@ -1206,7 +1206,7 @@ impl Endpoint {
                 .inc();
         }
         drop(series);
-        tracing::debug!(endpoint = %self.path, reason, "message dropped");
+        tracing::debug!(endpoint = %crate::auth::logged(&self.path), reason, "message dropped");
     }
 
     /// Hands a frame to a client; a client whose queue is over its budget is not reading (fast
@@ -1222,7 +1222,7 @@ impl Endpoint {
                     "client too slow: it did not read its messages",
                 );
                 self.remove_clients(Some(&reason), |_| [route.clone()]);
-                tracing::info!(endpoint = %self.path, "closed a client that did not read");
+                tracing::info!(endpoint = %crate::auth::logged(&self.path), "closed a client that did not read");
             }
         }
     }
