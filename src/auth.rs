@@ -124,6 +124,9 @@ impl PathScope {
 
 pub use duplex::address::{check_escapes, check_path};
 
+/// Client secrets shorter than this are warned about (`--check`, the publish log).
+pub const SHORT_SECRET_BYTES: usize = 16;
+
 /// The longest endpoint path the gateway takes, in bytes.
 pub const MAX_PATH_BYTES: usize = 1024;
 /// The longest method name (the last segment of an HTTP call's path), in bytes.

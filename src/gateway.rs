@@ -617,6 +617,18 @@ impl Gateway {
                 Box::pin(http_api::serve(session, &config, call)).await
             }
             Decision::Publish { token, secret } => {
+                if creds
+                    .secret
+                    .as_ref()
+                    .is_some_and(|s| s.len() < auth::SHORT_SECRET_BYTES)
+                {
+                    tracing::warn!(
+                        endpoint = %auth::logged(session.req_header().uri.path()),
+                        token = %token.0,
+                        "publish with a client secret of fewer than {} bytes: easy to guess",
+                        auth::SHORT_SECRET_BYTES
+                    );
+                }
                 Box::pin(self.publish(session, &config, token, secret)).await
             }
             Decision::Connect { endpoint, secret } => {

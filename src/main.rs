@@ -94,8 +94,14 @@ fn main() -> ExitCode {
         }
     }
     if args.check {
+        for warning in config.warnings() {
+            println!("warning: {warning}");
+        }
         println!("config is valid");
         return ExitCode::SUCCESS;
+    }
+    for warning in config.warnings() {
+        tracing::warn!("config: {warning}");
     }
     // A config that names ${DUPLEX_GATEWAY_TOKEN} (the built-in one does) runs without it: on a
     // random token, printed once.

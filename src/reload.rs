@@ -154,6 +154,9 @@ pub fn reload(app: &App) -> Result<(), String> {
     for warning in restart_needed(&old, &new) {
         tracing::warn!("reload: {warning}");
     }
+    for warning in new.warnings() {
+        tracing::warn!("reload: {warning}");
+    }
     // No publish registers from the snapshot below until the revocations are applied (see
     // `App::publish_lock`).
     let lock = app
@@ -205,8 +208,11 @@ pub fn reload(app: &App) -> Result<(), String> {
             }
             Action::CloseClients { path, secret } => {
                 if let Some(endpoint) = app.registry.lookup(&path) {
+                    // A fixed secret removed admits no one any more: until a backend publishes
+                    // with a secret of its own, the endpoint's is one nobody knows.
+                    let secret = secret.unwrap_or_else(|| Digest::of(&rand::random::<[u8; 32]>()));
                     let n = endpoint.close_clients(
-                        secret,
+                        Some(secret),
                         CloseReason::new(
                             close::POLICY,
                             "endpoint secret changed by a config reload",

@@ -182,7 +182,17 @@ impl ShutdownSignalWatch for Shutdown {
             tracing::error!("cannot install signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
         };
+        // SIGQUIT would hand the listening sockets to whichever process listens on the upgrade
+        // socket, a path in a shared temporary directory that anyone could have taken first:
+        // it is ignored.
+        let quit_ignored = async {
+            while quit.recv().await.is_some() {
+                tracing::warn!("SIGQUIT ignored: this gateway does not hand its listeners over");
+            }
+            std::future::pending::<()>().await;
+        };
         tokio::select! {
+            _ = quit_ignored => ShutdownSignal::FastShutdown,
             _ = term.recv() => {
                 // Pingora stops accepting once this returns; the drain runs meanwhile on a
                 // thread of its own and ends the process when it is done.
@@ -219,7 +229,6 @@ impl ShutdownSignalWatch for Shutdown {
                 ShutdownSignal::GracefulTerminate
             }
             _ = int.recv() => ShutdownSignal::FastShutdown,
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
         }
     }
 }

@@ -506,3 +506,117 @@ async fn long_paths_and_method_names_get_400_and_logs_carry_at_most_256_bytes_of
         Some(3.0)
     );
 }
+
+#[tokio::test]
+async fn a_fixed_secret_removed_by_a_reload_admits_no_one_until_a_backend_publishes_again() {
+    let fixed = "endpoints:\n  - path: /fx\n    secret: fixed-secret-000000\n";
+    let gw = Gateway::start(fixed);
+    let _backend = test_backend()
+        .connect(&format!("{}/fx?token={TOKEN}", gw.ws("")))
+        .await
+        .expect("publish without a secret: the fixed one");
+    let mut old = Raw::open(&gw.client_url("/fx", "fixed-secret-000000")).await;
+    let text = std::fs::read_to_string(&gw.config_path).expect("config");
+    gw.rewrite_config(&text.replace(fixed, ""));
+    gw.signal("HUP");
+    assert_eq!(old.closed().await, Some(1008));
+    wait_for_metric(
+        &gw,
+        "duplex_gateway_config_reloads_total",
+        &[("result", "success")],
+        |v| v == Some(1.0),
+    )
+    .await;
+    assert_eq!(
+        ws_status(&gw.client_url("/fx", "fixed-secret-000000"), &[]).await,
+        401
+    );
+    let response = reqwest::Client::new()
+        .post(gw.http("/fx/echo?secret=fixed-secret-000000"))
+        .body("1")
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(response.status().as_u16(), 401);
+    // A backend that publishes with a secret of its own takes over, with that secret.
+    let _new = publish(&gw, "/fx", "a-new-secret-11111").await;
+    let peer = client(&gw, "/fx", "a-new-secret-11111").await;
+    assert_eq!(peer.call("echo", json!(2)).await, Ok(json!(2)));
+}
+
+#[tokio::test]
+async fn short_secrets_are_warned_about_and_sigquit_is_ignored() {
+    let gw = Gateway::start("endpoints:\n  - path: /short\n    secret: tiny\n");
+    // --check warns about the fixed secret.
+    let out = std::process::Command::new(gateway_binary())
+        .args(["--check", "--config"])
+        .arg(&gw.config_path)
+        .output()
+        .expect("check");
+    assert_eq!(out.status.code(), Some(0));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("warning: endpoints[/short].secret has fewer than 16 bytes"),
+        "{stdout}"
+    );
+    // The publish log warns about a publisher's short secret.
+    let _backend = publish(&gw, "/p", "abc").await;
+    let deadline = Instant::now() + WAIT;
+    while !gw.log().contains("fewer than 16 bytes: easy to guess") {
+        assert!(Instant::now() < deadline, "{}", gw.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!gw.log().contains("secret=abc"));
+    // SIGQUIT hands nothing over: the gateway carries on serving.
+    gw.signal("QUIT");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peer = client(&gw, "/p", "abc").await;
+    assert_eq!(peer.call("echo", json!("after")).await, Ok(json!("after")));
+    assert!(gw.log().contains("SIGQUIT ignored"), "{}", gw.log());
+}
+
+/// The resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_frame_header_announcing_a_megabyte_reserves_nothing_until_the_bytes_come() {
+    let gw = Gateway::start("limits:\n  max_clients_per_endpoint: 1000\n");
+    let _backend = publish(&gw, "/big", "s").await;
+    let mut peers = Vec::new();
+    for _ in 0..4 {
+        peers.push(Raw::open(&gw.client_url("/big", "s")).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss(gw.pid());
+    // 300 clients, each sends the 14 bytes of a masked text frame's header that announces
+    // 1 MiB - 1 KiB, and nothing more.
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        let mut raw = Raw::open(&gw.client_url("/big", "s")).await;
+        let len: u64 = (1 << 20) - 1024;
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&len.to_be_bytes());
+        header.extend_from_slice(&[1, 2, 3, 4]);
+        raw.send_raw_bytes(&header).await;
+        clients.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss(gw.pid()).saturating_sub(before);
+    assert!(
+        grown < 60 << 20,
+        "the gateway grew by {} MiB for 300 headers announcing 300 MiB",
+        grown >> 20
+    );
+    // The connections still work: a client that sends whole frames is served.
+    let peer = client(&gw, "/big", "s").await;
+    assert_eq!(peer.call("echo", json!("fine")).await, Ok(json!("fine")));
+    drop(peers);
+}

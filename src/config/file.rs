@@ -202,12 +202,12 @@ from_env_string!(TokenValue, |s| {
 });
 
 #[derive(Debug, Clone)]
-struct Secret(Digest);
+struct Secret(Digest, usize);
 from_env_string!(Secret, |s| {
     if s.is_empty() {
         return Err("a secret must not be empty".into());
     }
-    Ok(Secret(Digest::of(s.as_bytes())))
+    Ok(Secret(Digest::of(s.as_bytes()), s.len()))
 });
 
 /// The longest duration any setting takes.
@@ -744,6 +744,10 @@ impl FileConfig {
             endpoints.insert(
                 path,
                 EndpointConfig {
+                    short_secret: e
+                        .secret
+                        .as_ref()
+                        .is_some_and(|s| s.1 < crate::auth::SHORT_SECRET_BYTES),
                     secret: e.secret.map(|s| s.0),
                     max_clients: e.max_clients.map(|c| c.0),
                     max_backends: e.max_backends.map(|c| c.0),

@@ -99,6 +99,8 @@ pub struct EndpointConfig {
     pub max_backends: Option<usize>,
     /// Calls per second the whole endpoint takes on this node (None: no limit).
     pub calls_per_second: Option<u32>,
+    /// The fixed secret has fewer than [`crate::auth::SHORT_SECRET_BYTES`] bytes.
+    pub short_secret: bool,
 }
 
 /// The limits section.
@@ -293,6 +295,27 @@ impl Cors {
 }
 
 impl Config {
+    /// What is allowed but unwise in this config, one line each (`--check` prints them, the
+    /// start-up logs them).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut paths: Vec<&String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.short_secret)
+            .map(|(path, _)| path)
+            .collect();
+        paths.sort();
+        paths
+            .into_iter()
+            .map(|path| {
+                format!(
+                    "endpoints[{path}].secret has fewer than {} bytes: easy to guess",
+                    crate::auth::SHORT_SECRET_BYTES
+                )
+            })
+            .collect()
+    }
+
     /// Whom the listener at `local` (the address a connection came in on) serves: the
     /// listener with that exact address, else one on its port bound to every address.
     pub fn serves(&self, local: SocketAddr) -> Serves {

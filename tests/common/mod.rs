@@ -26,18 +26,21 @@ pub const TEAM_TOKEN: &str = "team-token-0123456789";
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A free loopback TCP port, never the same one twice in this process.
+///
+/// Picked at random below the kernel's ephemeral range (32768 and up on Linux): a port the kernel
+/// hands out for `bind(0)` or an outgoing connection could be handed to another test process in
+/// the instant between this check and the gateway's own bind, and two test processes picking
+/// the same port at random out of 12,000 is rare enough.
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let port = rand::random_range(20_000..32_000u16);
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
+        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
         }
+        given.push(port);
+        return port;
     }
 }
 
@@ -506,6 +509,14 @@ impl Raw {
         use tokio_tungstenite::tungstenite::protocol::frame::Frame;
         let frame = Frame::message(data.to_vec(), OpCode::Data(Data::Text), true);
         self.ws.send(WsMessage::Frame(frame)).await.expect("send");
+    }
+
+    /// Writes bytes straight to the socket, under the WebSocket framing (a partial frame, say).
+    pub async fn send_raw_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let socket = self.ws.get_mut();
+        socket.write_all(bytes).await.expect("write");
+        socket.flush().await.expect("flush");
     }
 
     /// Sends a JSON value as a text frame.
