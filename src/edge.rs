@@ -2,8 +2,9 @@
 //! gateway.
 //!
 //! - **Connections per address** (`limits.max_connections_per_ip`): counted from the accept to
-//!   the close; a connection over the limit is remembered by its socket cookie, and its first
-//!   request gets 429 (`ip_connections`) and the connection is closed.
+//!   the close, TLS handshakes in progress included; a connection over the limit is answered 429
+//!   (`ip_connections`) at once and closed (a TLS connection over it, before its handshake, is
+//!   closed without one), so an address never holds more descriptors than its limit.
 //! - **Requests per address** (`limits.requests_per_ip_per_second`): a token bucket (GCRA, from
 //!   the `governor` crate) with a burst of one second's worth, taken by HTTP calls, WebSocket
 //!   upgrades and WebSocket calls.
@@ -20,10 +21,9 @@
 //! flood of distinct addresses costs a fixed amount of memory: the least recently seen address
 //! is forgotten first (an address with open connections is touched by each of them).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -56,6 +56,8 @@ struct EdgeLimits {
 /// What the edge knows of one client address.
 struct Address {
     connections: usize,
+    /// TLS handshakes in progress (counted against the connections too).
+    handshakes: usize,
     bucket: Option<(NonZeroU32, DefaultDirectRateLimiter)>,
     /// Failures counted in the window that began at the instant given.
     failures: Option<(Instant, u32)>,
@@ -93,10 +95,6 @@ pub struct Edge {
     limits: ArcSwap<EdgeLimits>,
     /// Token buckets of endpoints that have `calls_per_second`, by path.
     endpoints: ArcSwap<HashMap<String, Arc<EndpointBucket>>>,
-    /// Cookies of the connections over `max_connections_per_ip` (their first request is
-    /// refused), and how many there are (so the common case looks at no lock).
-    over: Mutex<HashSet<u64>>,
-    over_count: AtomicUsize,
     /// Picks an address's shard.
     seed: std::collections::hash_map::RandomState,
 }
@@ -151,8 +149,6 @@ impl Edge {
                 .collect(),
             limits: ArcSwap::from_pointee(EdgeLimits::default()),
             endpoints: ArcSwap::from_pointee(HashMap::new()),
-            over: Mutex::new(HashSet::new()),
-            over_count: AtomicUsize::new(0),
             seed: std::collections::hash_map::RandomState::new(),
         };
         edge.apply(config);
@@ -209,49 +205,53 @@ impl Edge {
         let mut shard = self.shard(&ip);
         let address = shard.get_or_insert_mut(ip, || Address {
             connections: 0,
+            handshakes: 0,
             bucket: None,
             failures: None,
         });
         f(address)
     }
 
-    /// A connection from `ip` opened (its socket's cookie is `cookie`). The guard counts it
-    /// until it is dropped; a connection over the limit has its first request refused.
-    pub fn connection(self: &Arc<Self>, ip: IpAddr, cookie: Option<u64>) -> ConnectionGuard {
+    /// A connection from `ip` opened: counted until the guard is dropped. Err (with the guard,
+    /// which must be dropped too) when the address is over `max_connections_per_ip`: the
+    /// connection is answered 429 and closed.
+    pub fn connection(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionGuard, ConnectionGuard> {
         let limits = self.limits.load();
         let count = self.with_address(ip, |a| {
             a.connections += 1;
-            a.connections
+            a.connections + a.handshakes
         });
-        if let (Some(max), Some(cookie)) = (limits.max_connections, cookie) {
-            if count > max {
-                lock(&self.over).insert(cookie);
-                self.over_count.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        ConnectionGuard {
+        let guard = ConnectionGuard {
             edge: self.clone(),
             ip,
-            cookie,
+        };
+        match limits.max_connections {
+            Some(max) if count > max => Err(guard),
+            _ => Ok(guard),
         }
     }
 
-    /// Whether some connection is over `max_connections_per_ip` now.
-    pub fn any_over(&self) -> bool {
-        self.over_count.load(Ordering::Relaxed) > 0
-    }
-
-    /// Whether the connection with `cookie` is over `max_connections_per_ip` (then its request
-    /// is refused and it is closed).
-    pub fn over_connections(&self, cookie: Option<u64>) -> Option<Limited> {
-        if self.over_count.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
-        let cookie = cookie?;
-        lock(&self.over).contains(&cookie).then_some(Limited {
-            reason: Rejection::IpConnections,
-            retry_after: Duration::from_secs(1),
+    /// A TLS connection from `ip` begins its handshake: false (close it now) when the address
+    /// already has `max_connections_per_ip` connections and handshakes.
+    pub fn begin_handshake(&self, ip: IpAddr) -> bool {
+        let Some(max) = self.limits.load().max_connections else {
+            return true;
+        };
+        self.with_address(ip, |a| {
+            if a.connections + a.handshakes >= max {
+                return false;
+            }
+            a.handshakes += 1;
+            true
         })
+    }
+
+    /// A TLS handshake that [`Edge::begin_handshake`] counted is over (done or failed).
+    pub fn end_handshake(&self, ip: IpAddr) {
+        let mut shard = self.shard(&ip);
+        if let Some(a) = shard.peek_mut(&ip) {
+            a.handshakes = a.handshakes.saturating_sub(1);
+        }
     }
 
     /// Admits a request (an HTTP call, a WebSocket upgrade or a WebSocket call) from `ip`:
@@ -310,7 +310,14 @@ impl Edge {
 pub struct ConnectionGuard {
     edge: Arc<Edge>,
     ip: IpAddr,
-    cookie: Option<u64>,
+}
+
+impl std::fmt::Debug for ConnectionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectionGuard")
+            .field("ip", &self.ip)
+            .finish()
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -319,16 +326,13 @@ impl Drop for ConnectionGuard {
         if let Some(a) = shard.peek_mut(&self.ip) {
             a.connections = a.connections.saturating_sub(1);
         }
-        drop(shard);
-        if let Some(cookie) = self.cookie {
-            if self.edge.over_count.load(Ordering::Relaxed) > 0
-                && lock(&self.edge.over).remove(&cookie)
-            {
-                self.edge.over_count.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
     }
 }
+
+/// The answer to a connection over its address's limit, written before it sends anything.
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 73\r\n\r\n\
+{\"error\":{\"code\":429,\"message\":\"too many connections from this address\"}}";
 
 /// The client address of a request: the peer's, or, from a trusted proxy, the last address in
 /// `X-Forwarded-For` that is not a trusted proxy's.
@@ -374,34 +378,51 @@ pub fn socket_cookie(fd: std::os::fd::RawFd) -> Option<u64> {
 /// Watches TLS connections from their accept until their first request's headers have come,
 /// and shuts down the socket of one that did not within `limits.request_header_timeout`
 /// (stalled in the TLS handshake, in HTTP/2's preface, or silent after them). Pingora's own
-/// bound on the TLS handshake is 60 s, and HTTP/2 has none.
+/// bound on the TLS handshake is 60 s, and HTTP/2 has none. It also counts handshakes in
+/// progress against their address's `max_connections_per_ip`.
 pub struct Watchdog {
-    /// Connections being watched, by socket cookie.
-    watched: Mutex<HashMap<u64, ()>>,
+    /// Connections being watched, by socket cookie, with their address while their handshake
+    /// is counted.
+    watched: Mutex<HashMap<u64, Option<IpAddr>>>,
     timeout: Arc<dyn Fn() -> Duration + Send + Sync>,
+    edge: Arc<Edge>,
 }
 
 impl Watchdog {
     /// A watchdog with the header timeout `timeout()` gives (read at each accept).
-    pub fn new(timeout: Arc<dyn Fn() -> Duration + Send + Sync>) -> Arc<Watchdog> {
+    pub fn new(timeout: Arc<dyn Fn() -> Duration + Send + Sync>, edge: Arc<Edge>) -> Arc<Watchdog> {
         Arc::new(Watchdog {
             watched: Mutex::new(HashMap::new()),
             timeout,
+            edge,
         })
     }
 
-    /// Starts watching the connection on `fd`.
-    pub fn watch(self: &Arc<Self>, fd: std::os::fd::RawFd) {
+    /// Starts watching the connection on `fd` from `ip`; false when its address is over its
+    /// connections (close it now).
+    pub fn watch(self: &Arc<Self>, fd: std::os::fd::RawFd, ip: Option<IpAddr>) -> bool {
         let Some(cookie) = socket_cookie(fd) else {
-            return;
+            return true;
         };
-        lock(&self.watched).insert(cookie, ());
+        let counted = match ip {
+            Some(ip) => {
+                if !self.edge.begin_handshake(ip) {
+                    return false;
+                }
+                Some(ip)
+            }
+            None => None,
+        };
+        lock(&self.watched).insert(cookie, counted);
         let me = self.clone();
         let deadline = Instant::now() + (self.timeout)();
         tokio::spawn(async move {
             tokio::time::sleep_until(deadline).await;
-            if lock(&me.watched).remove(&cookie).is_none() {
+            let Some(counted) = lock(&me.watched).remove(&cookie) else {
                 return;
+            };
+            if let Some(ip) = counted {
+                me.edge.end_handshake(ip);
             }
             // Still waiting for its first request: if the descriptor still holds the same
             // socket, shut it down (reads end, the handshake or the session fails, Pingora
@@ -415,13 +436,30 @@ impl Watchdog {
                 tracing::debug!("TLS connection silent past request_header_timeout: closed");
             }
         });
+        true
+    }
+
+    /// The connection with `cookie` finished its TLS handshake: its address counts it as a
+    /// connection from now on (the watch goes on until its first request).
+    pub fn handshake_done(&self, cookie: u64) {
+        let mut watched = lock(&self.watched);
+        if let Some(counted) = watched.get_mut(&cookie) {
+            if let Some(ip) = counted.take() {
+                drop(watched);
+                self.edge.end_handshake(ip);
+            }
+        }
     }
 
     /// The connection with `cookie` sent its first request's headers.
     pub fn arrived(&self, cookie: u64) {
         let mut watched = lock(&self.watched);
-        if !watched.is_empty() {
-            watched.remove(&cookie);
+        if watched.is_empty() {
+            return;
+        }
+        if let Some(Some(ip)) = watched.remove(&cookie) {
+            drop(watched);
+            self.edge.end_handshake(ip);
         }
     }
 }
@@ -432,11 +470,23 @@ impl pingora::listeners::PreTlsProcess for Watchdog {
         &self,
         stream: &mut pingora::protocols::l4::stream::Stream,
     ) -> pingora::Result<()> {
+        use pingora::protocols::GetSocketDigest;
         use std::os::fd::AsRawFd;
         let fd = stream.as_raw_fd();
-        // `watch` needs the Arc: the callback holds it, so take it again from the registry.
-        if let Some(me) = WATCHDOG.get() {
-            me.watch(fd);
+        let ip = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // `watch` needs the Arc: the callback only has `&self`.
+        let admitted = match WATCHDOG.get() {
+            Some(me) => me.watch(fd, ip),
+            None => true,
+        };
+        if !admitted {
+            crate::metrics::metrics().reject(Rejection::IpConnections);
+            return pingora::Error::e_explain(
+                pingora::ErrorType::ConnectRefused,
+                "too many connections from this address",
+            );
         }
         Ok(())
     }
@@ -465,22 +515,34 @@ mod tests {
 
     #[test]
     fn an_address_over_its_connections_is_refused_until_one_closes() {
-        let e = edge("limits: {max_connections_per_ip: 2}");
-        let a = e.connection(ip(1), Some(1));
-        let b = e.connection(ip(1), Some(2));
-        let other = e.connection(ip(2), Some(3));
-        assert_eq!(e.over_connections(Some(1)), None);
-        let c = e.connection(ip(1), Some(4));
-        assert_eq!(
-            e.over_connections(Some(4)).map(|l| l.reason),
-            Some(Rejection::IpConnections)
+        let e = edge("limits: {max_connections_per_ip: 3}");
+        let a = e.connection(ip(1)).expect("first");
+        assert!(
+            e.begin_handshake(ip(1)),
+            "a handshake counts as a connection"
         );
-        assert_eq!(e.over_connections(Some(3)), None);
-        drop((a, c));
-        let d = e.connection(ip(1), Some(5));
-        assert_eq!(e.over_connections(Some(5)), None);
-        drop((b, d, other));
-        assert_eq!(e.over_count.load(Ordering::Relaxed), 0);
+        let b = e.connection(ip(1)).expect("third");
+        let other = e.connection(ip(2)).expect("another address");
+        assert!(!e.begin_handshake(ip(1)), "three already");
+        assert!(e.connection(ip(1)).is_err(), "a fourth");
+        e.end_handshake(ip(1));
+        let c = e.connection(ip(1)).expect("the handshake is over");
+        drop((a, b));
+        assert!(e.begin_handshake(ip(1)));
+        drop((c, other));
+    }
+
+    #[test]
+    fn the_answer_to_a_connection_over_the_limit_is_whole_http() {
+        let text = std::str::from_utf8(TOO_MANY_CONNECTIONS).expect("text");
+        let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
+        assert!(head.starts_with("HTTP/1.1 429 "));
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let json: serde_json::Value = serde_json::from_str(body).expect("json");
+        assert_eq!(json["error"]["code"], 429);
     }
 
     #[test]

@@ -509,22 +509,18 @@ impl Gateway {
             .digest()
             .and_then(|d| d.ssl_digest.as_ref())
             .is_some();
-        // The socket's cookie names the connection for the watchdog (TLS) and the connection
-        // limit; asked of the kernel only when either needs it.
-        let cookie = if tls || edge.any_over() {
-            session
+        // A TLS connection's first request ends the watchdog's watch (its socket's cookie names
+        // it; asked of the kernel for TLS connections only).
+        if let (true, Some(watchdog)) = (tls, edge::WATCHDOG.get()) {
+            if let Some(cookie) = session
                 .digest()
                 .and_then(|d| d.socket_digest.as_ref())
                 .and_then(|d| d.socket_cookie().ok())
-        } else {
-            None
-        };
-        if let (true, Some(cookie), Some(watchdog)) = (tls, cookie, edge::WATCHDOG.get()) {
-            watchdog.arrived(cookie);
+            {
+                watchdog.arrived(cookie);
+            }
         }
-        let limited = edge
-            .over_connections(cookie)
-            .or_else(|| client_ip.and_then(|ip| edge.request(ip).err()));
+        let limited = client_ip.and_then(|ip| edge.request(ip).err());
         let retry_after = limited.map(|l| l.retry_after_secs().to_string());
         let decision = {
             let req = session.req_header();
@@ -561,8 +557,7 @@ impl Gateway {
                 http_api::respond_empty(session, 204, &headers).await
             }
             Decision::Refuse(refusal) => {
-                // A connection over its address's limit has one answer, the 429, then goes.
-                if stopping || refusal.reason == Some(Rejection::IpConnections) {
+                if stopping {
                     session.set_keepalive(None);
                 }
                 if matches!(refusal.status, 401 | 403) {

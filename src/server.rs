@@ -85,9 +85,10 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
     // TLS connections are watched from their accept until their first request (the TLS
     // handshake and HTTP/2 are not under Front's deadlines).
     let watchdog_app = app.clone();
-    let watchdog = crate::edge::Watchdog::new(Arc::new(move || {
-        watchdog_app.config.load().limits.request_header_timeout
-    }));
+    let watchdog = crate::edge::Watchdog::new(
+        Arc::new(move || watchdog_app.config.load().limits.request_header_timeout),
+        app.edge.clone(),
+    );
     let _ = crate::edge::WATCHDOG.set(watchdog.clone());
     proxy.endpoints().set_pre_tls_callback(watchdog);
     for listener in &config.listeners {
@@ -310,7 +311,7 @@ impl crate::cluster::PathLimits for ConfigLimits {
 fn count_connection(
     app: &App,
     stream: &pingora::protocols::Stream,
-) -> Option<crate::edge::ConnectionGuard> {
+) -> Option<Result<crate::edge::ConnectionGuard, crate::edge::ConnectionGuard>> {
     let config = app.config.load();
     config.limits.max_connections_per_ip?;
     let digest = stream.get_socket_digest()?;
@@ -318,5 +319,5 @@ fn count_connection(
     if config.trusted_proxies.iter().any(|net| net.contains(&peer)) {
         return None;
     }
-    Some(app.edge.connection(peer, digest.socket_cookie().ok()))
+    Some(app.edge.connection(peer))
 }

@@ -41,7 +41,7 @@ use pingora::protocols::{
     TimingDigest, UniqueID, UniqueIDType, ALPN,
 };
 use pingora::server::ShutdownWatch;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::edge::ConnectionGuard;
@@ -71,8 +71,9 @@ pub struct Front<A> {
 }
 
 /// Counts a new connection against its address's limit (see [`crate::edge`]); the guard lives as
-/// long as the connection (a WebSocket's included).
-pub type CountConnection = Arc<dyn Fn(&Stream) -> Option<ConnectionGuard> + Send + Sync>;
+/// long as the connection (a WebSocket's included). None: not counted; Err: over the limit.
+pub type CountConnection =
+    Arc<dyn Fn(&Stream) -> Option<Result<ConnectionGuard, ConnectionGuard>> + Send + Sync>;
 
 impl<A> Front<A> {
     /// Guards the connections `inner` serves with the timeouts `timeouts()` gives:
@@ -95,15 +96,52 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
     ) -> Option<Stream> {
         // HTTP/2 has its own connection handling (and no header-by-header reads to guard here;
         // its deadlines are the watchdog's and `h2_idle_timeout`): the guard only counts it.
-        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let connection = (self.count)(&stream);
+        if let Some(watchdog) = crate::edge::WATCHDOG.get() {
+            if let Some(cookie) = stream
+                .get_socket_digest()
+                .and_then(|d| d.socket_cookie().ok())
+            {
+                watchdog.handshake_done(cookie);
+            }
+        }
+        let h2 = matches!(stream.selected_alpn_proto(), Some(ALPN::H2));
+        let connection = match (self.count)(&stream) {
+            None => None,
+            Some(Ok(guard)) => Some(guard),
+            Some(Err(_over)) => {
+                // Over its address's limit: told so at once (HTTP/1 reads the answer to the
+                // request it sends), and closed.
+                crate::metrics::metrics().reject(crate::metrics::Rejection::IpConnections);
+                let mut stream = stream;
+                let answer = async {
+                    if !h2 {
+                        stream.write_all(crate::edge::TOO_MANY_CONNECTIONS).await?;
+                    }
+                    stream.shutdown().await?;
+                    // What the peer sends meanwhile (its request) is read and dropped, so the
+                    // close does not reset the connection before the answer is read.
+                    let mut sink = [0u8; 1024];
+                    let mut left: usize = 64 << 10;
+                    while left > 0 {
+                        let n = stream.read(&mut sink).await?;
+                        if n == 0 {
+                            break;
+                        }
+                        left = left.saturating_sub(n);
+                    }
+                    io::Result::Ok(())
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+                return None;
+            }
+        };
+        if h2 {
             let mut guarded = GuardedStream::new(stream, self.timeouts.clone(), 0, connection);
             guarded.phase = AtomicU32::new(OPEN);
             guarded.seen = OPEN;
             return self.inner.process_new(Box::new(guarded), shutdown).await;
         }
         let stream = rehome(stream).unwrap_or_else(|stream| stream);
-        let connection = (self.count)(&stream);
         // Plain TCP has no write buffer of Pingora's (see `server::l4_buffer`): the guard's
         // takes its place. TLS has its own.
         let buffer = if (*stream).as_any().is::<L4Stream>() {

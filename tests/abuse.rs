@@ -620,3 +620,38 @@ async fn a_frame_header_announcing_a_megabyte_reserves_nothing_until_the_bytes_c
     assert_eq!(peer.call("echo", json!("fine")).await, Ok(json!("fine")));
     drop(peers);
 }
+
+#[tokio::test]
+async fn tls_handshakes_count_against_an_address_so_it_never_holds_more_sockets_than_its_limit() {
+    let TlsGateway { gw, tls_port, .. } =
+        start_tls("limits:\n  max_connections_per_ip: 3\n  request_header_timeout: 5s\n");
+    // Three silent TCP connections on the TLS port hold the address's three places ...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(ip(9), tls_port).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // ... so the next ones are closed at once, before any handshake.
+    for _ in 0..5 {
+        let mut extra = connect_from(ip(9), tls_port).await;
+        let closed = closed_within(&mut extra, Duration::from_secs(2)).await;
+        assert!(closed.is_some(), "an extra connection was held");
+    }
+    // The held ones are still open (the header timeout is 5 s), and another address is served.
+    for tcp in &mut held {
+        assert!(closed_within(tcp, Duration::from_millis(100))
+            .await
+            .is_none());
+    }
+    let mut other = connect_from(ip(10), gw.port).await;
+    let answer = post_on(&mut other, "/none/m?secret=s", "1", "").await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let m = gw.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "duplex_gateway_rejected_requests_total",
+            &[("reason", "ip_connections")]
+        ) >= Some(5.0)
+    );
+}

@@ -536,12 +536,17 @@ async fn a_client_admitted_elsewhere_with_a_secret_the_serving_node_dropped_is_r
     .await;
     let (status, body) = post(&a, "/f/echo?secret=old-secret-0000000", "1").await;
     assert_eq!(status, 401, "{body}");
-    // A WebSocket client of a with the old secret is closed with 1008 on its first call.
-    if ws_status(&a.client_url("/f", "old-secret-0000000"), &[]).await == 101 {
-        let mut raw = Raw::open(&a.client_url("/f", "old-secret-0000000")).await;
-        raw.send(r#"{"type":"req","method":"echo","id":1,"payload":1}"#)
-            .await;
-        assert_eq!(raw.closed().await, Some(1008));
+    // A WebSocket client of a with the old secret is refused: at the upgrade (401) once a has
+    // heard the new digest, else with 1008 on its first call, where it is served.
+    match Raw::connect(&a.client_url("/f", "old-secret-0000000"), &[]).await {
+        Ok(mut raw) => {
+            raw.send("SIMPLEX/1.0;json").await;
+            assert_eq!(raw.next().await, Seen::Text("+OK".into()));
+            raw.send(r#"{"type":"req","method":"echo","id":1,"payload":1}"#)
+                .await;
+            assert_eq!(raw.closed().await, Some(1008));
+        }
+        Err(status) => assert_eq!(status, 401),
     }
 }
 
