@@ -96,6 +96,7 @@ pub fn mux_limits(limits: &Limits) -> mux::Limits {
         // A backend's queue has the same bound: clients then wait for it to read.
         backend_queue_bytes: queue_bytes(limits),
         drain_timeout: limits.drain_timeout,
+        max_queued_bytes: limits.max_queued_bytes,
     }
 }
 

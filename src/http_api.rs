@@ -130,7 +130,7 @@ async fn run(
         let request = Message::request_raw(method, None, payload);
         match until(deadline, conn.send(request)).await {
             Ok(None) => {}
-            Ok(Some(answer)) => return respond_rpc_error(session, &answer, headers).await,
+            Ok(Some(answer)) => return respond_own_error(session, &answer, headers).await,
             Err(_) => return timed_out(session, headers).await,
         }
         respond(
@@ -148,7 +148,7 @@ async fn run(
     // The send may wait: for a backend in its grace, or for room in a backend's queue.
     match until(deadline, conn.send(request)).await {
         Ok(None) => {}
-        Ok(Some(answer)) => return respond_rpc_error(session, &answer, headers).await,
+        Ok(Some(answer)) => return respond_own_error(session, &answer, headers).await,
         Err(_) => return timed_out(session, headers).await,
     }
     wait_for_reply(session, conn, config, deadline, headers).await
@@ -343,7 +343,36 @@ async fn respond_rpc_error(
     msg: &Message,
     headers: Headers<'_>,
 ) -> pingora::Result<u16> {
-    let status = status_for(msg.error().map_or(0, |e| e.code));
+    respond_error_with(
+        session,
+        msg,
+        headers,
+        status_for(msg.error().map_or(0, |e| e.code)),
+    )
+    .await
+}
+
+/// The gateway's own answer to a call it did not send on (no backend, or its queues full): as
+/// a backend's error, but `-32003` (an HTTP call is one call: the gateway's queues are what is
+/// full) is a 503.
+async fn respond_own_error(
+    session: &mut Session,
+    msg: &Message,
+    headers: Headers<'_>,
+) -> pingora::Result<u16> {
+    let status = match msg.error().map_or(0, |e| e.code) {
+        code::TOO_MANY_PENDING_CALLS => 503,
+        other => status_for(other),
+    };
+    respond_error_with(session, msg, headers, status).await
+}
+
+async fn respond_error_with(
+    session: &mut Session,
+    msg: &Message,
+    headers: Headers<'_>,
+    status: u16,
+) -> pingora::Result<u16> {
     respond(
         session,
         status,

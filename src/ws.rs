@@ -168,12 +168,18 @@ impl Gate {
                 self.ready -= self.taken;
                 self.taken = 0;
             }
+            // Read straight into the buffer's spare room (nothing zeroed first): as much as
+            // the framing asked for, within bounds.
+            let want = buf.len().clamp(512, 16 << 10);
+            self.held.reserve(want);
             let start = self.held.len();
-            self.held.resize(start + buf.len().max(512), 0);
-            let mut read = ReadBuf::new(&mut self.held[start..]);
+            let spare = &mut self.held.spare_capacity_mut()[..want];
+            let mut read = ReadBuf::uninit(spare);
             let polled = Pin::new(&mut *stream).poll_read(cx, &mut read);
             let got = read.filled().len();
-            self.held.truncate(start + got);
+            // SAFETY: `ReadBuf` guarantees its first `got` bytes, in the spare room right after
+            // the buffer's length, were written.
+            unsafe { self.held.set_len(start + got) };
             match polled {
                 Poll::Ready(Ok(())) if got == 0 => self.ended = true,
                 Poll::Ready(Ok(())) => self.scan(max_frame),

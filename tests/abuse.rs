@@ -655,3 +655,57 @@ async fn tls_handshakes_count_against_an_address_so_it_never_holds_more_sockets_
         ) >= Some(5.0)
     );
 }
+
+#[tokio::test]
+async fn over_max_queued_bytes_new_calls_are_refused_until_the_queues_drain() {
+    let gw = Gateway::start("limits:\n  max_queued_bytes: 300000\n");
+    // A backend that does its handshake and never reads again: what is sent to it stays queued.
+    let stuck = Raw::open(&gw.publish_url("/stuck", "s")).await;
+    let _ok = publish(&gw, "/ok", "s").await;
+    let mut sender = Raw::open(&gw.client_url("/stuck", "s")).await;
+    let big = "x".repeat(100_000);
+    // More than the sockets' buffers hold, so that the rest waits in the gateway's queue.
+    let flood = tokio::spawn(async move {
+        for id in 1..=200 {
+            let frame = json!({"type":"req","method":"echo","id":id,"payload":big});
+            if !sender.try_send(&frame.to_string()).await {
+                break;
+            }
+        }
+        sender
+    });
+    // Past 300 KB queued, a call elsewhere is refused: -32003, 503 over HTTP.
+    let deadline = Instant::now() + WAIT;
+    let peer = client(&gw, "/ok", "s").await;
+    loop {
+        match peer.call("echo", json!(1)).await {
+            Err(duplex::PeerError::Rpc(e)) if e.code == -32003 => break,
+            other => {
+                assert!(Instant::now() < deadline, "never refused: {other:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let response = reqwest::Client::new()
+        .post(gw.http("/ok/echo?secret=s"))
+        .body("1")
+        .send()
+        .await
+        .expect("call");
+    assert_eq!(response.status().as_u16(), 503);
+    let body: Value = response.json().await.expect("json");
+    assert_eq!(body["error"]["code"], json!(-32003));
+    // The stuck backend goes, and its queue with it: calls are taken again.
+    drop(stuck);
+    flood.abort();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match peer.call("echo", json!(2)).await {
+            Ok(v) if v == json!(2) => break,
+            other => {
+                assert!(Instant::now() < deadline, "still refused: {other:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

@@ -623,6 +623,7 @@ struct FileLimits {
     max_connections_per_ip: Option<Count>,
     requests_per_ip_per_second: Option<Rate>,
     auth_failures_per_ip_per_minute: Option<Rate>,
+    max_queued_bytes: Option<Count>,
 }
 
 impl FileConfig {
@@ -786,6 +787,7 @@ impl FileConfig {
             max_connections_per_ip: l.max_connections_per_ip.map(|c| c.0),
             requests_per_ip_per_second: l.requests_per_ip_per_second.map(|r| r.0),
             auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute.map(|r| r.0),
+            max_queued_bytes: l.max_queued_bytes.map_or(d.max_queued_bytes, |c| c.0),
         };
 
         Ok(Config {

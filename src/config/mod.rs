@@ -139,6 +139,8 @@ pub struct Limits {
     /// Answers of 401/403 to one address in a minute before its requests get 429 (None: no
     /// limit).
     pub auth_failures_per_ip_per_minute: Option<u32>,
+    /// Bytes held for peers, all connections together: over it, new calls are refused.
+    pub max_queued_bytes: usize,
 }
 
 impl Default for Limits {
@@ -159,6 +161,7 @@ impl Default for Limits {
             max_connections_per_ip: None,
             requests_per_ip_per_second: None,
             auth_failures_per_ip_per_minute: None,
+            max_queued_bytes: 1 << 30,
         }
     }
 }

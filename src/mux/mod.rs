@@ -24,6 +24,7 @@ pub(crate) use endpoint::local_error;
 pub use endpoint::{
     BackendConn, ClientConn, Endpoint, EndpointStats, JoinError, PoolSnapshot, PublishError,
 };
+pub use queue::queued_bytes;
 
 use crate::auth::Digest;
 
@@ -54,6 +55,8 @@ pub struct Limits {
     pub backend_queue_bytes: usize,
     /// The longest a backend's drain waits for its calls to end.
     pub drain_timeout: Duration,
+    /// Bytes queued in every queue together over which new calls are refused (`-32003`).
+    pub max_queued_bytes: usize,
 }
 
 impl Default for Limits {
@@ -64,6 +67,7 @@ impl Default for Limits {
             client_queue_bytes: 16 << 20,
             backend_queue_bytes: 16 << 20,
             drain_timeout: Duration::from_secs(30),
+            max_queued_bytes: 1 << 30,
         }
     }
 }

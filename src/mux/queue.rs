@@ -5,6 +5,20 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+/// Bytes queued in every queue of the process together (`limits.max_queued_bytes` bounds it:
+/// over it, new calls are refused).
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes queued in every queue of the process together.
+pub fn queued_bytes() -> usize {
+    QUEUED.load(Ordering::Relaxed)
+}
+
+/// `bytes` left a queue (taken, or dropped with it).
+pub(super) fn dequeued(bytes: usize) {
+    QUEUED.fetch_sub(bytes, Ordering::Relaxed);
+}
+
 use futures_channel::mpsc as queue;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -39,9 +53,14 @@ impl ClientTx {
         if reserved.is_err() {
             return Push::Full;
         }
+        // Counted before it is queued: the receiver may take it (and count it out) at once.
+        QUEUED.fetch_add(size, Ordering::Relaxed);
         match self.tx.unbounded_send((msg, size)) {
             Ok(()) => Push::Sent,
-            Err(_) => Push::Gone,
+            Err(_) => {
+                dequeued(size);
+                Push::Gone
+            }
         }
     }
 }
@@ -84,7 +103,10 @@ impl BackendTx {
         let cost = self.cost(&frame);
         let permit = self.room.acquire_many(cost).await.map_err(|_| ())?;
         permit.forget();
-        self.tx.send((frame, cost)).map_err(|_| ())
+        QUEUED.fetch_add(cost as usize, Ordering::Relaxed);
+        self.tx
+            .send((frame, cost))
+            .map_err(|_| dequeued(cost as usize))
     }
 
     /// Queues a frame if there is room now.
@@ -93,7 +115,11 @@ impl BackendTx {
         match self.room.try_acquire_many(cost) {
             Ok(permit) => {
                 permit.forget();
-                self.tx.send((frame, cost)).map_err(|_| None)
+                QUEUED.fetch_add(cost as usize, Ordering::Relaxed);
+                self.tx.send((frame, cost)).map_err(|_| {
+                    dequeued(cost as usize);
+                    None
+                })
             }
             Err(tokio::sync::TryAcquireError::NoPermits) => Err(Some(frame)),
             Err(tokio::sync::TryAcquireError::Closed) => Err(None),
@@ -115,7 +141,18 @@ pub(super) struct BackendRx {
 impl BackendRx {
     pub(super) fn took(&self, (frame, cost): (String, u32)) -> String {
         self.room.add_permits(cost as usize);
+        dequeued(cost as usize);
         frame
+    }
+}
+
+impl Drop for BackendRx {
+    fn drop(&mut self) {
+        // What is still queued goes with the queue.
+        self.rx.close();
+        while let Ok((_, cost)) = self.rx.try_recv() {
+            dequeued(cost as usize);
+        }
     }
 }
 

@@ -54,6 +54,7 @@ impl ClientConn {
         }
         let (msg, size) = self.rx.next().await?;
         self.queued.fetch_sub(size, Ordering::Relaxed);
+        crate::mux::queue::dequeued(size);
         Some(msg)
     }
 
@@ -64,6 +65,7 @@ impl ClientConn {
         }
         let (msg, size) = self.rx.try_recv().ok()?;
         self.queued.fetch_sub(size, Ordering::Relaxed);
+        crate::mux::queue::dequeued(size);
         Some(msg)
     }
 
@@ -245,6 +247,17 @@ impl ClientConn {
                 return Admit::Send(slot.tx.clone(), Some(backend_id));
             }
         }
+        // Every queue of the process together is over `limits.max_queued_bytes`: no new call
+        // until they drain (what runs carries on).
+        if crate::mux::queued_bytes() > limits.max_queued_bytes {
+            drop(guard);
+            ep.dropped("queues_full");
+            return Admit::Answer(Some(local_error(
+                msg,
+                code::TOO_MANY_PENDING_CALLS,
+                "the gateway holds too much for its peers now: try again",
+            )));
+        }
         let pinned = client.pinned;
         let websocket = client.websocket;
         let key = match pinned.filter(|k| s.slot(*k).is_some_and(|b| !b.draining)) {
@@ -323,5 +336,10 @@ impl Drop for ClientConn {
     fn drop(&mut self) {
         let route = self.route.clone();
         self.endpoint.remove_clients(None, |_| [route]);
+        // What is still queued for the client goes with it.
+        self.rx.close();
+        while let Ok((_, size)) = self.rx.try_recv() {
+            crate::mux::queue::dequeued(size);
+        }
     }
 }
