@@ -197,6 +197,8 @@ fn run_role(role: &str, arg: &str) {
                 })
                 .await
             }
+            // Attacks the gateway from 127.0.0.2 until killed: ARG is "TLS_PORT PLAIN_PORT CA".
+            "attacker" => attack(arg).await,
             other => eprintln!("unknown role {other}"),
         }
     });
@@ -351,11 +353,23 @@ async fn start_gateway(dir: &std::path::Path) -> OurGateway {
 /// Starts our gateway with `extra` (indented under `limits:`, then any sections) added to its
 /// config, written to `dir/name`.
 async fn start_gateway_with(dir: &std::path::Path, name: &str, extra: &str) -> OurGateway {
+    start_gateway_listening(dir, name, extra, "", true).await
+}
+
+/// [`start_gateway_with`], with `listeners` (YAML list items) besides the plain one; its
+/// warnings shown when `warnings` (an attacked gateway's are not: one per refused connection).
+async fn start_gateway_listening(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &str,
+    listeners: &str,
+    warnings: bool,
+) -> OurGateway {
     let port = free_port();
     let metrics = free_port();
     let config = dir.join(name);
     let text = format!(
-        "listen:\n  - address: 127.0.0.1:{port}\nmetrics:\n  address: 127.0.0.1:{metrics}\n\
+        "listen:\n  - address: 127.0.0.1:{port}\n{listeners}metrics:\n  address: 127.0.0.1:{metrics}\n\
          tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
          endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
          limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}"
@@ -364,9 +378,13 @@ async fn start_gateway_with(dir: &std::path::Path, name: &str, extra: &str) -> O
     let child = Command::new(gateway_binary())
         .arg("--config")
         .arg(&config)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", if warnings { "warn" } else { "off" })
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(if warnings {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("start the gateway");
     let pid = child.id();
@@ -1149,6 +1167,237 @@ async fn with_reloads(
     (result, reloads)
 }
 
+// ---- abuse ----------------------------------------------------------------------------------
+
+/// The address the attacker connects from.
+const ATTACKER: [u8; 4] = [127, 0, 0, 2];
+
+/// A TCP connection to 127.0.0.1:`port` from the attacker's address.
+async fn attacker_connect(port: u16) -> Option<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4().ok()?;
+    socket
+        .bind(std::net::SocketAddr::from((ATTACKER, 0)))
+        .ok()?;
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .ok()
+}
+
+/// Reads until the peer closes (or 30 s pass).
+async fn hold(mut stream: impl tokio::io::AsyncRead + Unpin) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// The attacker: from 127.0.0.2, as fast as it can, silent TCP connections on the TLS port,
+/// TLS connections that ask for h2 and say nothing, HTTP headers trickled a byte at a time,
+/// and secrets guessed on new connections.
+async fn attack(arg: &str) {
+    let mut parts = arg.split(' ');
+    let tls_port = port(parts.next().unwrap_or_default());
+    let plain_port = port(parts.next().unwrap_or_default());
+    let ca = parts.next().unwrap_or_default().to_string();
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(pem) = std::fs::read(&ca) {
+        for cert in rustls_pemfile_certs(&pem) {
+            let _ = roots.add(cert);
+        }
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match attacker_connect(tls_port).await {
+                    Some(tcp) => hold(tcp).await,
+                    None => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        }));
+    }
+    for _ in 0..50 {
+        let tls = tls.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(tcp) = attacker_connect(tls_port).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+                if let Ok(stream) = tls.connect(name, tcp).await {
+                    hold(stream).await;
+                }
+            }
+        }));
+    }
+    for _ in 0..50 {
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            loop {
+                let Some(mut tcp) = attacker_connect(plain_port).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                for byte in b"POST /bench/echo HTTP/1.1\r\nHost: x\r\nX-Slow: ".iter().cycle() {
+                    if tcp.write_all(&[*byte]).await.is_err() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }));
+    }
+    for i in 0..50u64 {
+        tasks.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut n = i << 32;
+            loop {
+                n += 1;
+                let Some(mut tcp) = attacker_connect(plain_port).await else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let request = format!(
+                    "POST {ENDPOINT}/echo?secret=guess-{n} HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\n1"
+                );
+                if tcp.write_all(request.as_bytes()).await.is_ok() {
+                    let mut buf = [0u8; 1024];
+                    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// The certificates of a PEM file.
+fn rustls_pemfile_certs(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// How many descriptors a process has open.
+fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count())
+}
+
+/// `abuse`: the `ws_rpc` load from 127.0.0.1, side by side without and with an attacker
+/// process on 127.0.0.2 (silent TLS and h2 connections, trickled headers, guessed secrets, as
+/// fast as it can), against a gateway with the abuse controls on: the throughput kept, the
+/// gateway's open descriptors at their highest under attack against the bound
+/// (`max_connections_per_ip` + those of the run without attack), and its memory.
+async fn abuse_scenario(o: &Options, dir: &std::path::Path) -> Value {
+    const MAX_CONNECTIONS_PER_IP: usize = 256;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+        .expect("certificate");
+    let (cert, key) = (dir.join("abuse.pem"), dir.join("abuse.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    let tls_port = free_port();
+    let g = start_gateway_listening(
+        dir,
+        "abuse.yaml",
+        &format!(
+            "  max_connections_per_ip: {MAX_CONNECTIONS_PER_IP}\n  requests_per_ip_per_second: 200\n  auth_failures_per_ip_per_minute: 30\n  request_header_timeout: 2s\n"
+        ),
+        &format!(
+            "  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
+        false,
+    )
+    .await;
+    wait_port(tls_port).await;
+    let (pid, url) = (g.pid, g.url.clone());
+    let plain_port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let _backend = spawn_role(
+        "echo-backend",
+        &format!("{url}{ENDPOINT}?token={}&secret={SECRET}", o.token),
+    );
+    let client_url = format!("{url}{ENDPOINT}?secret={SECRET}");
+    wait_for_echo(&client_url, "the abuse gateway never reached its backend").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss_kib(pid).unwrap_or(0);
+    let fds_before = open_fds(pid).unwrap_or(0);
+    let highest = Arc::new(std::sync::Mutex::new((0usize, 0u64)));
+    let attack_arg = format!("{tls_port} {plain_port} {}", cert.display());
+    let clients = o.clients;
+    let (calm, attacked) = side_by_side_pair(
+        o.seconds,
+        load(clients, &[], |_| ws_caller(client_url.clone())),
+        Box::new(|secs: f64| {
+            let attack_arg = attack_arg.clone();
+            let client_url = client_url.clone();
+            let highest = highest.clone();
+            Box::pin(async move {
+                let attacker = spawn_role("attacker", &attack_arg);
+                let sampling = tokio::spawn(async move {
+                    loop {
+                        let fds = open_fds(pid).unwrap_or(0);
+                        let rss = rss_kib(pid).unwrap_or(0);
+                        if let Ok(mut h) = highest.lock() {
+                            h.0 = h.0.max(fds);
+                            h.1 = h.1.max(rss);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+                let result =
+                    closed_loop(clients, secs, |_| ws_caller(client_url.clone())).await;
+                sampling.abort();
+                drop(attacker);
+                // The attacker's connections go before the next load.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                result
+            })
+        }),
+    )
+    .await;
+    print_rpc("abuse, calm", &calm);
+    print_rpc("abuse, attacked", &attacked);
+    let (max_fds, max_rss) = highest.lock().map(|h| *h).unwrap_or_default();
+    let report = json!({
+        "calm": calm.to_json(clients),
+        "attacked": attacked.to_json(clients),
+        "throughput_ratio": round(attacked.rate() / calm.rate(), 3),
+        "fds_before": fds_before,
+        "max_fds_attacked": max_fds,
+        "fds_bound": MAX_CONNECTIONS_PER_IP + fds_before,
+        "rss_kib_before": rss_before,
+        "max_rss_kib_attacked": max_rss,
+        "rss_ratio": round(max_rss as f64 / rss_before.max(1) as f64, 3),
+    });
+    println!(
+        "abuse          throughput {} of calm, descriptors {} (bound {}), RSS {}x",
+        report["throughput_ratio"], max_fds, report["fds_bound"], report["rss_ratio"]
+    );
+    report
+}
+
 fn print_rpc(name: &str, r: &RpcResult) {
     println!(
         "{name:<14} {:>10.0} calls/s   p50 {:>6} us   p99 {:>6} us   p99.9 {:>6} us   errors {}",
@@ -1350,6 +1599,12 @@ async fn bench(o: Options) {
         }
     };
 
+    // abuse: only with gateways this tool starts.
+    let abuse = match &ours {
+        Some(_) => Some(abuse_scenario(&o, dir.path()).await),
+        None => None,
+    };
+
     // cluster_ws_rpc, cluster_http_rpc: only with gateways this tool starts.
     let cluster = match &ours {
         Some(_) => cluster_scenarios(&o, dir.path(), (&client_url, gw_port)).await,
@@ -1436,6 +1691,9 @@ async fn bench(o: Options) {
             json!(round(c.signed_ws.rate() / c.unsigned_ws.rate(), 3)),
         );
     }
+    if let Some(a) = &abuse {
+        ratios.insert("abuse attacked / calm".into(), a["throughput_ratio"].clone());
+    }
     println!("ratios         {}", Value::Object(ratios.clone()));
 
     report.insert("ws_rpc".into(), ws_rpc.to_json(o.clients));
@@ -1477,6 +1735,9 @@ async fn bench(o: Options) {
     }
     if let Some(l) = cluster_latency {
         report.insert("cluster_latency".into(), l);
+    }
+    if let Some(a) = abuse {
+        report.insert("abuse".into(), a);
     }
     report.insert("connect".into(), connect.to_json(connecting));
     report.insert("connect_direct".into(), connect_direct.to_json(connecting));
