@@ -117,21 +117,23 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
                     if !h2 {
                         stream.write_all(crate::edge::TOO_MANY_CONNECTIONS).await?;
                     }
-                    stream.shutdown().await?;
-                    // What the peer sends meanwhile (its request) is read and dropped, so the
-                    // close does not reset the connection before the answer is read.
+                    stream.shutdown().await
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+                // What the peer sends meanwhile (its request) is read and dropped for a moment,
+                // so that the close does not reset the connection before the answer is read;
+                // a silent peer does not hold the descriptor longer than that.
+                let drain = async {
                     let mut sink = [0u8; 1024];
                     let mut left: usize = 64 << 10;
                     while left > 0 {
-                        let n = stream.read(&mut sink).await?;
-                        if n == 0 {
-                            break;
+                        match stream.read(&mut sink).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => left = left.saturating_sub(n),
                         }
-                        left = left.saturating_sub(n);
                     }
-                    io::Result::Ok(())
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
+                let _ = tokio::time::timeout(Duration::from_millis(100), drain).await;
                 return None;
             }
         };

@@ -575,17 +575,6 @@ async fn short_secrets_are_warned_about_and_sigquit_is_ignored() {
     assert!(gw.log().contains("SIGQUIT ignored"), "{}", gw.log());
 }
 
-/// The resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
-
 #[tokio::test]
 async fn a_frame_header_announcing_a_megabyte_reserves_nothing_until_the_bytes_come() {
     let gw = Gateway::start("limits:\n  max_clients_per_endpoint: 1000\n");

@@ -40,30 +40,6 @@ async fn nodes(nats: &Nats, names: &[&str], extra_limits: &str) -> Vec<Gateway> 
     gateways
 }
 
-/// Waits until `gw` knows that some node serves `path` (a call there succeeds).
-async fn served_from(gw: &Gateway, path: &str) {
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = http
-            .post(gw.http(&format!("{path}/echo?secret=s")))
-            .body("1")
-            .send()
-            .await
-            .map(|r| r.status().as_u16())
-            .ok();
-        if status == Some(200) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{path} not served through this node: {status:?}\n{}",
-            gw.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// The test backend, also answering `who` with `name`.
 fn named(name: &'static str) -> PeerBuilder {
     test_backend().handle("who", move |_call: Call| async move { Ok(json!(name)) })

@@ -56,19 +56,6 @@ async fn post(gw: &Gateway, path_and_query: &str, body: &str) -> (u16, String) {
     (status, response.text().await.expect("body"))
 }
 
-/// Waits until an HTTP call of `path` through `gw` succeeds (its backend is on another node).
-async fn served_from(gw: &Gateway, path: &str) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, _) = post(gw, &format!("{path}/echo?secret=s"), "1").await;
-        if status == 200 {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{path}: {status}\n{}", gw.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A backend that counts its `count` calls.
 async fn counting_backend(gw: &Gateway, path: &str) -> (Peer, Arc<AtomicUsize>) {
     let count = Arc::new(AtomicUsize::new(0));
@@ -550,17 +537,6 @@ async fn a_client_admitted_elsewhere_with_a_secret_the_serving_node_dropped_is_r
     }
 }
 
-/// The resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
-
 #[tokio::test]
 async fn a_client_flooding_answers_to_another_nodes_backend_that_does_not_read_stays_bounded() {
     let nats = Nats::start();
@@ -722,4 +698,63 @@ async fn the_shipped_nats_config_and_cluster_config_run_as_written() {
     line.clear();
     stream.read_line(&mut line).await.expect("answer");
     assert!(line.contains("Authorization Violation"), "{line}");
+}
+
+/// Base64url without padding, as JWTs are written.
+fn b64url(bytes: &[u8]) -> String {
+    data_encoding::BASE64URL_NOPAD.encode(bytes)
+}
+
+/// An operator JWT, self-signed (the `nats-jwt` crate makes account and user JWTs only).
+fn operator_jwt(operator: &nkeys::KeyPair) -> String {
+    let header = b64url(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let claims = json!({
+        "jti": format!("OPERATOR{now}"),
+        "iat": now,
+        "iss": operator.public_key(),
+        "sub": operator.public_key(),
+        "name": "test operator",
+        "nats": {"type": "operator", "version": 2},
+    });
+    let claims = b64url(claims.to_string().as_bytes());
+    let signed = format!("{header}.{claims}");
+    let signature = operator.sign(signed.as_bytes()).expect("sign");
+    format!("{signed}.{}", b64url(&signature))
+}
+
+#[tokio::test]
+async fn a_credentials_file_authenticates_against_an_operator_mode_server() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let account_jwt = nats_jwt::Token::new_account(account.public_key())
+        .name("gateways")
+        .sign(&operator);
+    let user_jwt = nats_jwt::Token::new_user(account.public_key(), user.public_key())
+        .name("gw")
+        .sign(&account);
+    let nats = Nats::start_with_config(&format!(
+        "operator: \"{}\"\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{}\"\n}}\n",
+        operator_jwt(&operator),
+        account.public_key(),
+        account_jwt
+    ));
+    let dir = tempfile::tempdir().expect("dir");
+    let creds = dir.path().join("gw.creds");
+    let seed = user.seed().expect("seed");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .expect("creds");
+    let auth = format!("  auth:\n    credentials_file: {}\n", creds.display());
+    let [a, b] = two_nodes_carry_a_call([&nats.url(), &nats.url()], [&auth, &auth]).await;
+    assert_no_secret_in_logs(&[&a, &b], &[&seed]);
 }

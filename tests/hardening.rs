@@ -159,17 +159,6 @@ async fn a_websocket_outlives_the_http_timeouts() {
     assert_eq!(answer, json!("still here"));
 }
 
-/// The resident memory of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS");
-    kb * 1024
-}
-
 #[tokio::test]
 async fn what_is_held_for_a_backend_that_does_not_read_stays_under_its_byte_bound() {
     // The default max_message_bytes (1 MiB): the bound is 16 MiB per backend.

@@ -662,8 +662,12 @@ async fn sigint_stops_at_once() {
     let _backend = publish(&gw, "/int", "s").await;
     let c = client(&gw, "/int", "s").await;
     gw.signal("INT");
-    gw.wait_exit(Duration::from_secs(5))
-        .expect("exited within 5 s");
+    // "At once": well before a graceful stop's 10 s drain. Under a full parallel test run on two
+    // cores the exit has been seen to take just over 5 s, hence the margin; the log says where
+    // the time went if it ever takes longer.
+    if gw.wait_exit(Duration::from_secs(8)).is_none() {
+        panic!("not exited within 8 s of SIGINT:\n{}", gw.log());
+    }
     assert!(tokio::time::timeout(WAIT, c.closed()).await.is_ok());
 }
 

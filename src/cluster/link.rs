@@ -213,17 +213,22 @@ mod tests {
         assert_eq!(redact("gw:pw@n1:4222"), "gw:***@n1:4222");
     }
 
-    #[test]
-    fn credentials_in_a_url_and_in_auth_are_refused() {
-        let config = ClusterConfig {
-            nats: vec!["nats://a:b@127.0.0.1:4222".into()],
-            auth: Some(NatsAuth::Token("t".into())),
+    /// A cluster section on `url` with `auth`.
+    fn cluster(url: &str, auth: NatsAuth) -> ClusterConfig {
+        ClusterConfig {
+            nats: vec![url.into()],
+            auth: Some(auth),
             tls: None,
             key: None,
             node: None,
             subject_prefix: "p".into(),
             node_timeout: std::time::Duration::from_secs(5),
-        };
+        }
+    }
+
+    #[test]
+    fn credentials_in_a_url_and_in_auth_are_refused() {
+        let config = cluster("nats://a:b@127.0.0.1:4222", NatsAuth::Token("t".into()));
         let e = load(&config).err().expect("refused");
         assert!(!e.contains("a:b@"), "{e}");
         assert!(e.contains("once"), "{e}");
@@ -235,15 +240,10 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let file = dir.join("bad.nk");
         std::fs::write(&file, "not a seed\n").expect("write");
-        let config = ClusterConfig {
-            nats: vec!["nats://127.0.0.1:4222".into()],
-            auth: Some(NatsAuth::NkeySeedFile(file.clone())),
-            tls: None,
-            key: None,
-            node: None,
-            subject_prefix: "p".into(),
-            node_timeout: std::time::Duration::from_secs(5),
-        };
+        let config = cluster(
+            "nats://127.0.0.1:4222",
+            NatsAuth::NkeySeedFile(file.clone()),
+        );
         let e = load(&config).err().expect("refused");
         assert!(e.contains("bad.nk"), "{e}");
         let missing = ClusterConfig {

@@ -601,3 +601,39 @@ pub fn client_frame(text: &str) -> Vec<u8> {
     frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame
 }
+
+/// The resident memory of a process, in bytes.
+pub fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb * 1024
+}
+
+/// Waits until an HTTP call of `path` (its `echo`, secret `s`) through `gw` succeeds: in a
+/// cluster, until `gw` knows the node that serves it.
+pub async fn served_from(gw: &Gateway, path: &str) {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = http
+            .post(gw.http(&format!("{path}/echo?secret=s")))
+            .body("1")
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok();
+        if status == Some(200) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} not served through this node: {status:?}\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
