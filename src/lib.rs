@@ -16,6 +16,9 @@
 //! - [`gateway`]: the Pingora `ProxyHttp` implementation: [`gateway::decide`], the status table
 //!   as a pure function, then the hand-off to [`ws`] or [`http_api`].
 //! - [`timeouts`]: the request-header and keep-alive idle deadlines of every HTTP connection.
+//! - [`edge`]: what one client address or one endpoint may take (connections, request rates,
+//!   failed authentications, calls per endpoint), and the watchdog that holds TLS and HTTP/2
+//!   connections to the header deadline.
 //! - [`ws`]: the upgrade answer, then (on the socket taken out of Pingora's session, in a task of
 //!   its own) WebSocket framing, the Duplex handshake, pings, and the loop between the socket and
 //!   the multiplexer.

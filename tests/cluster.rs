@@ -89,18 +89,6 @@ async fn client_gone_for(backend: &Peer, route: &str) {
     }
 }
 
-async fn post(gw: &Gateway, path_and_query: &str, body: &str) -> (u16, String) {
-    let response = reqwest::Client::new()
-        .post(gw.http(path_and_query))
-        .body(body.to_string())
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("POST");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
 #[tokio::test]
 async fn websocket_and_http_calls_reach_a_backend_on_another_node() {
     let nats = Nats::start();

@@ -44,18 +44,6 @@ async fn all_hear(gws: &[&Gateway], n: f64) {
     }
 }
 
-async fn post(gw: &Gateway, path_and_query: &str, body: &str) -> (u16, String) {
-    let response = reqwest::Client::new()
-        .post(gw.http(path_and_query))
-        .body(body.to_string())
-        .timeout(WAIT)
-        .send()
-        .await
-        .expect("POST");
-    let status = response.status().as_u16();
-    (status, response.text().await.expect("body"))
-}
-
 /// A backend that counts its `count` calls.
 async fn counting_backend(gw: &Gateway, path: &str) -> (Peer, Arc<AtomicUsize>) {
     let count = Arc::new(AtomicUsize::new(0));

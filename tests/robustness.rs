@@ -267,7 +267,7 @@ async fn a_client_that_never_reads_is_closed_and_the_others_keep_going() {
     let mut stuck = Raw::open(&gw.client_url("/slow", "s")).await;
     // Ask for far more than socket buffers hold, then never read.
     stuck
-        .send_json(&json!({"type":"req","method":"count","id":1,"payload":50000}))
+        .send_json(&json!({"type":"req","method":"count","id":1,"payload":200000}))
         .await;
     let started = Instant::now();
     for i in 0..300 {

@@ -144,18 +144,11 @@ impl Gateway {
         };
         let deadline = Instant::now() + WAIT;
         loop {
-            let pid = gw.child.id();
-            let up = [port, metrics_port].iter().all(|p| listens(pid, *p));
+            let up = [port, metrics_port]
+                .iter()
+                .all(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok());
             if up {
                 return Ok(gw);
-            }
-            // Another test process took one of its ports in the meantime: the gateway would
-            // wait for it; try again elsewhere.
-            let taken = [port, metrics_port].iter().any(|p| {
-                std::net::TcpStream::connect(("127.0.0.1", *p)).is_ok() && !listens(pid, *p)
-            });
-            if taken {
-                return Err(format!("a port was taken by another process: {}", gw.log()));
             }
             if let Ok(Some(_)) = gw.child.try_wait() {
                 return Err(gw.log());
@@ -645,31 +638,15 @@ pub async fn served_from(gw: &Gateway, path: &str) {
     }
 }
 
-/// Whether process `pid` itself listens on 127.0.0.1:`port` (not another process that took the
-/// port): the listening socket's inode, from `/proc/net/tcp`, is among the process's descriptors.
-pub fn listens(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    let wanted = format!("0100007F:{port:04X}");
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            // local_address, state 0A (LISTEN), inode.
-            (fields.get(1) == Some(&wanted.as_str()) && fields.get(3) == Some(&"0A"))
-                .then(|| fields.get(9).map(|i| format!("socket:[{i}]")))
-                .flatten()
-        })
-        .collect();
-    if inodes.is_empty() {
-        return false;
-    }
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.filter_map(Result::ok)
-        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-        .any(|target| inodes.iter().any(|i| target.to_string_lossy() == *i))
+/// POSTs `body` to `path_and_query` on `gw`: its status and body.
+pub async fn post(gw: &Gateway, path_and_query: &str, body: &str) -> (u16, String) {
+    let response = reqwest::Client::new()
+        .post(gw.http(path_and_query))
+        .body(body.to_string())
+        .timeout(WAIT)
+        .send()
+        .await
+        .expect("POST");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
 }
