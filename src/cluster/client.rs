@@ -356,6 +356,15 @@ impl ClusterClient {
                 self.grace_until = None;
                 return true;
             }
+            if self.cluster.serves_elsewhere(&self.path) {
+                // Other nodes serve the path, none with this client's secret: a reload there
+                // changed it since the client was let in. Refused, as the serving node would.
+                self.closed = Some(CloseReason::new(
+                    close::POLICY,
+                    super::served::SECRET_REFUSED,
+                ));
+                return false;
+            }
             if !self.cluster.usable() {
                 // Another node may serve it, but the link is down: the call cannot be made.
                 // This node's endpoint in its grace still takes it (and waits there).
@@ -465,6 +474,10 @@ impl ClusterClient {
             // need a (new) place.
             let continues = msg.id().is_some_and(|id| self.open.contains_key(&id));
             if !continues && !self.attach().await {
+                // Refused for its secret: the client is closed (HTTP: 401), nothing to answer.
+                if self.closed.is_some() {
+                    return None;
+                }
                 return Some(unavailable(&msg));
             }
         }
