@@ -1001,13 +1001,13 @@ impl Cluster {
                     return;
                 }
                 if let (Some(endpoint), Some(answer)) = (self.registry.lookup(path), answer) {
-                    let route = answer.ext().and_then(|mut ext| match ext.remove("route") {
-                        Some(serde_json::Value::String(route)) => Some(route),
-                        _ => None,
-                    });
-                    if !endpoint.answer_from_remote(key, answer) {
+                    if !endpoint.answer_from_remote(key, &answer) {
                         // The backend does not read: the client that sends it all is put out
-                        // by its own node.
+                        // by its own node (its route is read only then).
+                        let route = answer.ext().and_then(|mut ext| match ext.remove("route") {
+                            Some(serde_json::Value::String(route)) => Some(route),
+                            _ => None,
+                        });
                         if let Some(route) = route {
                             let close = Envelope {
                                 op: Op::CloseClient { path },

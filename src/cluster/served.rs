@@ -110,9 +110,7 @@ impl Cluster {
             .registry
             .lookup(path)
             .ok_or(JoinError::NotFound)
-            .and_then(|endpoint| {
-                endpoint.join_relayed(websocket, self.limits.max_clients(path), &secret)
-            });
+            .and_then(|endpoint| endpoint.join(websocket, self.limits.max_clients(path), &secret));
         let conn = match conn {
             Ok(conn) => conn,
             Err(e) => {

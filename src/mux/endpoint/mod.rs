@@ -715,47 +715,27 @@ impl Endpoint {
         }
     }
 
-    /// Adds a client (a WebSocket peer, or an HTTP call when `websocket` is false).
-    /// The secret is checked again here, under the endpoint's lock, so a client cannot join with a
-    /// secret that a reload has just replaced.
+    /// Adds a client (a WebSocket peer, or an HTTP call when `websocket` is false). The secret
+    /// is checked again here, under the endpoint's lock, so a client cannot join with a secret
+    /// that a reload has just replaced. A client another node of the cluster relays joins the
+    /// same way, with the digest it was admitted with there: it counts against `max_clients`
+    /// here too.
     pub fn join(
         self: &Arc<Self>,
         websocket: bool,
         max_clients: usize,
         secret: &Digest,
     ) -> Result<ClientConn, JoinError> {
-        self.join_checked(websocket, Some((max_clients, secret)))
-    }
-
-    /// Adds a client that another node of the cluster relays: its node checked its secret
-    /// against the digest this one announced, and this one checks that digest (`secret`)
-    /// against its own current secret; it counts against `max_clients` here too.
-    pub fn join_relayed(
-        self: &Arc<Self>,
-        websocket: bool,
-        max_clients: usize,
-        secret: &Digest,
-    ) -> Result<ClientConn, JoinError> {
-        self.join_checked(websocket, Some((max_clients, secret)))
-    }
-
-    fn join_checked(
-        self: &Arc<Self>,
-        websocket: bool,
-        checks: Option<(usize, &Digest)>,
-    ) -> Result<ClientConn, JoinError> {
         let budget = self.limits().client_queue_bytes;
         let mut s = self.state();
         if s.removed || (s.backends.is_empty() && s.grace_until.is_none()) {
             return Err(JoinError::NotFound);
         }
-        if let Some((max_clients, secret)) = checks {
-            if !s.secret.matches(secret) {
-                return Err(JoinError::BadSecret);
-            }
-            if s.clients.len() >= max_clients {
-                return Err(JoinError::Full);
-            }
+        if !s.secret.matches(secret) {
+            return Err(JoinError::BadSecret);
+        }
+        if s.clients.len() >= max_clients {
+            return Err(JoinError::Full);
         }
         let route = match self.registry.upgrade() {
             Some(registry) => registry.route_key(),
@@ -926,7 +906,7 @@ impl Endpoint {
     /// A client's answer, from another node, to backend `key` of this endpoint. False when the
     /// backend's queue has no room for it: that client sends faster than the backend reads, and
     /// across nodes it cannot be held back (its node closes it).
-    pub fn answer_from_remote(&self, key: u64, answer: Message) -> bool {
+    pub fn answer_from_remote(&self, key: u64, answer: &Message) -> bool {
         let mut s = self.state();
         if let Some(id) = answer.id() {
             if answer.ends_call() {
