@@ -658,7 +658,7 @@ impl Side for BackendConn {
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
         tracing::debug!(endpoint = %crate::auth::logged(self.endpoint().path()), %error, "malformed frame from backend");
-        self.endpoint().dropped("malformed");
+        self.endpoint().dropped(crate::mux::Dropped::Malformed);
     }
     async fn next_out(&mut self) -> Option<String> {
         self.recv().await

@@ -66,7 +66,7 @@ impl Client {
         };
         if let Some(endpoint) = endpoint {
             tracing::debug!(endpoint = %crate::auth::logged(endpoint.path()), %error, "malformed frame from client");
-            endpoint.dropped("malformed");
+            endpoint.dropped(crate::mux::Dropped::Malformed);
         }
     }
 
@@ -202,6 +202,9 @@ pub struct ClusterClient {
     stop: tokio::sync::watch::Receiver<Option<CloseReason>>,
     /// What the cluster and the pools looked like when the client's place was last found good.
     checked: Option<(u64, u64)>,
+    /// Wakes a client waiting for a backend when a pool of this node changes (made at its
+    /// first wait).
+    pools: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl ClusterClient {
@@ -244,6 +247,7 @@ impl ClusterClient {
             grace_until: None,
             stop: cluster.stop_signal(),
             checked: None,
+            pools: None,
         };
         // A node that serves the endpoint takes its own clients (they count against its limits
         // and show in its gauges at once).
@@ -427,12 +431,15 @@ impl ClusterClient {
         let until = *self
             .grace_until
             .get_or_insert_with(|| Instant::now() + self.cluster.registry.limits().backend_grace);
+        let Some(pools) = self.pools.as_mut() else {
+            // Watching from now on; a change just before is found by looking again at once.
+            self.pools = Some(self.cluster.registry.watch_pools());
+            return true;
+        };
         let changed = self.cluster.changed.notified();
-        // This node's own pool has no wake-up for us: it is looked at every 50 ms.
-        let poll = tokio::time::sleep(std::time::Duration::from_millis(50));
         tokio::select! {
             _ = changed => true,
-            _ = poll => true,
+            _ = pools.changed() => true,
             _ = tokio::time::sleep_until(until) => {
                 self.cluster.serves_elsewhere(&self.path)
                     || self.cluster.registry.lookup(&self.path).is_some_and(|e| e.serving())

@@ -26,6 +26,7 @@
 //! `check_heartbeat`). What it drops is counted in
 //! `duplex_gateway_cluster_rejected_messages_total{reason}`.
 
+mod calls;
 pub mod client;
 pub mod link;
 pub mod seal;
@@ -47,7 +48,7 @@ use crate::auth::Digest;
 use crate::config::{is_subject_token, ClusterConfig};
 use crate::metrics::metrics;
 use crate::mux::{self, Registry};
-use wire::{Announced, Envelope, Heartbeat, Op, ENVELOPE_BYTES};
+use wire::{Announced, Heartbeat, Op, ENVELOPE_BYTES};
 
 pub use client::{Client, ClusterClient};
 
@@ -73,10 +74,17 @@ pub struct Cluster {
     connected: AtomicBool,
     /// The server's `max_payload` (0 until known).
     max_payload: AtomicUsize,
+    /// Backends of other nodes calling this node's clients (see [`calls`]).
+    guests: Mutex<HashMap<calls::GuestKey, calls::Guest>>,
+    /// Calls of this node's backends to other nodes' clients, still open (see [`calls`]).
+    relayed: Mutex<HashMap<calls::RelayedKey, calls::Relayed>>,
     /// `limits.max_message_bytes` in force.
     max_message: AtomicUsize,
     /// Woken when what other nodes hold changes (clients waiting for a backend look again).
     changed: Notify,
+    /// Woken when this node should announce its endpoints before its next heartbeat (the
+    /// link came back, a node joined, the limits changed).
+    announce_soon: Notify,
     /// Spreads relayed clients over nodes in turn.
     turn: AtomicUsize,
     /// Counts changes of what this node knows of the others (and of the link).
@@ -251,7 +259,10 @@ impl Cluster {
             connected: AtomicBool::new(false),
             max_payload: AtomicUsize::new(0),
             max_message: AtomicUsize::new(max_message_bytes),
+            guests: Mutex::new(HashMap::new()),
+            relayed: Mutex::new(HashMap::new()),
             changed: Notify::new(),
+            announce_soon: Notify::new(),
             turn: AtomicUsize::new(0),
             version: std::sync::atomic::AtomicU64::new(0),
             sent: metrics().cluster_messages.with_label_values(&["out"]),
@@ -298,7 +309,7 @@ impl Cluster {
         cluster.update_gauges();
         cluster.registry.join_cluster(
             tag_of(&cluster.me),
-            Arc::new(RelayTo(Arc::downgrade(&cluster))),
+            Arc::new(calls::RelayTo(Arc::downgrade(&cluster))),
         );
         let c = cluster.clone();
         handle.spawn(async move { c.run(events_rx).await });
@@ -352,7 +363,7 @@ impl Cluster {
             self.link_lost();
         }
         self.update_gauges();
-        self.registry.pool_changed.notify_one();
+        self.announce_soon.notify_one();
     }
 
     /// What this node knows of the others, and of the link, and of its own pools, as a pair of
@@ -488,6 +499,7 @@ impl Cluster {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A burst of pool changes makes one announcement, 5 ms after the first.
         let mut announce_at: Option<Instant> = None;
+        let mut pools = self.registry.watch_pools();
         loop {
             let debounce = async {
                 match announce_at {
@@ -510,10 +522,15 @@ impl Cluster {
                 },
                 _ = ticker.tick() => {
                     self.expire_silent_nodes();
+                    // Calls of backends that left are forgotten.
+                    self.fail_relayed_calls(|_| false);
                     self.remove_gone_series();
                     self.announce().await;
                 }
-                _ = self.registry.pool_changed.notified(), if announce_at.is_none() => {
+                _ = pools.changed(), if announce_at.is_none() => {
+                    announce_at = Some(Instant::now() + Duration::from_millis(5));
+                }
+                _ = self.announce_soon.notified(), if announce_at.is_none() => {
                     announce_at = Some(Instant::now() + Duration::from_millis(5));
                 }
                 _ = debounce => {
@@ -540,7 +557,7 @@ impl Cluster {
                     Err(e) => tracing::error!("cluster: {e}; this node stays local-only"),
                 }
                 self.update_gauges();
-                self.registry.pool_changed.notify_one();
+                self.announce_soon.notify_one();
             }
             async_nats::Event::Disconnected => {
                 tracing::warn!(node = %self.me, "cluster: NATS connection lost; serving local backends only, retrying");
@@ -579,9 +596,7 @@ impl Cluster {
         }
         let served: Vec<served::Entry> = lock(&self.served).drain().map(|(_, e)| e).collect();
         drop(served);
-        for endpoint in self.registry.endpoints() {
-            endpoint.fail_calls_relayed_to(|_| true);
-        }
+        self.fail_relayed_calls(|_| true);
         self.update_gauges();
         self.directory_changed();
     }
@@ -644,6 +659,14 @@ impl Cluster {
         if !self.usable() {
             return;
         }
+        // Backends of nodes that no longer announce their endpoint: their calls are forgotten
+        // (keys restart when an endpoint is made again, so an old key must not reach a new
+        // backend).
+        self.forget_guests(Duration::from_secs(3), |(path, node, _)| {
+            lock(&self.nodes)
+                .get(node)
+                .is_none_or(|n| !n.endpoints.contains_key(path))
+        });
         for endpoint in self.registry.endpoints() {
             let Some(pool) = endpoint.snapshot() else {
                 continue;
@@ -667,17 +690,6 @@ impl Cluster {
                     );
                 }
             }
-            // Nodes that no longer announce this endpoint: their backends' calls are forgotten
-            // (keys restart when an endpoint is made again, so an old key must not reach a new
-            // backend).
-            let announcing: Vec<Arc<str>> = all
-                .iter()
-                .filter(|(_, node, _)| *node != self.me)
-                .map(|(_, node, _)| node.clone())
-                .collect();
-            endpoint.forget_remote_callers(Duration::from_secs(3), |n, _| {
-                !announcing.iter().any(|an| &**an == n)
-            });
             let max = self.limits.max_backends(path).max(1);
             if all.len() <= max {
                 continue;
@@ -816,7 +828,7 @@ impl Cluster {
         if new {
             tracing::info!(node = %name, "cluster: node joined");
             // Tell the newcomer what we hold now rather than at our next beat.
-            self.registry.pool_changed.notify_one();
+            self.announce_soon.notify_one();
             self.update_gauges();
         }
         self.directory_changed();
@@ -913,13 +925,10 @@ impl Cluster {
             }
             forgotten.insert(name, window.epoch());
         }
-        // Its backends' calls to this node's clients are forgotten.
         // Its backends' calls to this node's clients are forgotten; this node's backends' calls
         // to its clients fail with -32001.
-        for endpoint in self.registry.endpoints() {
-            endpoint.forget_remote_callers(Duration::ZERO, |n, _| n == node);
-            endpoint.fail_calls_relayed_to(|n| n == node);
-        }
+        self.forget_guests(Duration::ZERO, |(_, n, _)| &**n == node);
+        self.fail_relayed_calls(|n| n == node);
         let ended: Vec<(u128, client::Relay)> = lock(&self.sessions)
             .extract_if(|_, r| &*r.node == node)
             .collect();
@@ -978,19 +987,7 @@ impl Cluster {
                 {
                     return;
                 }
-                let answer = match self.registry.lookup(path) {
-                    Some(endpoint) => endpoint.call_from_remote(envelope.from, key, call),
-                    None => call.id().map(|_| {
-                        mux::local_error(
-                            &call,
-                            crate::duplex::code::CLIENT_NOT_CONNECTED,
-                            "client not connected",
-                        )
-                    }),
-                };
-                if let Some(answer) = answer {
-                    mux::Relay::answer_backend(self, envelope.from, path, key, answer.to_json());
-                }
+                self.call_from(envelope.from, path, key, call);
             }
             Op::AnswerBackend { key, path } => {
                 // Only answers (with an id), and only from a node this one hears.
@@ -1000,24 +997,8 @@ impl Cluster {
                 if answer.is_none() || !lock(&self.nodes).contains_key(envelope.from) {
                     return;
                 }
-                if let (Some(endpoint), Some(answer)) = (self.registry.lookup(path), answer) {
-                    if !endpoint.answer_from_remote(key, &answer) {
-                        // The backend does not read: the client that sends it all is put out
-                        // by its own node (its route is read only then).
-                        let route = answer.ext().and_then(|mut ext| match ext.remove("route") {
-                            Some(serde_json::Value::String(route)) => Some(route),
-                            _ => None,
-                        });
-                        if let Some(route) = route {
-                            let close = Envelope {
-                                op: Op::CloseClient { path },
-                                session: 0,
-                                from: &self.me,
-                                body: route.as_bytes(),
-                            };
-                            self.post_control(self.subject_of(envelope.from), close.encode());
-                        }
-                    }
+                if let Some(answer) = answer {
+                    self.answer_from(envelope.from, path, key, &answer);
                 }
             }
             Op::CloseClient { path } => {
@@ -1136,61 +1117,6 @@ const TAG_HEX: usize = 16;
 fn tag_of(node: &str) -> String {
     use sha2::Digest as _;
     hex::encode(&sha2::Sha256::digest(node.as_bytes())[..TAG_HEX / 2])
-}
-
-impl mux::Relay for Cluster {
-    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>> {
-        // A route key of a cluster is the tag and 32 hex digits; anything else names no client
-        // anywhere.
-        if route.len() != TAG_HEX + 32 || !route.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let tag = route.get(..TAG_HEX)?;
-        if !self.usable() || tag == tag_of(&self.me) {
-            return None;
-        }
-        let (name, subject) = lock(&self.nodes)
-            .iter()
-            .find(|(_, node)| node.tag == tag)
-            .map(|(name, node)| (name.clone(), node.subject.clone()))?;
-        let call = Envelope {
-            op: Op::CallClient { key, path },
-            session: 0,
-            from: &self.me,
-            body: frame.as_bytes(),
-        };
-        // A backend that calls faster than NATS takes the calls: they fail as if the client
-        // were gone, rather than piling up.
-        self.post(subject, call.encode()).then_some(name)
-    }
-
-    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) -> bool {
-        let answer = Envelope {
-            op: Op::AnswerBackend { key, path },
-            session: 0,
-            from: &self.me,
-            body: frame.as_bytes(),
-        };
-        self.post(self.subject_of(node), answer.encode())
-    }
-}
-
-/// Hands calls to other nodes' clients to the cluster (a weak link: the registry lives in the
-/// cluster too).
-struct RelayTo(Weak<Cluster>);
-
-impl mux::Relay for RelayTo {
-    fn call_client(&self, path: &str, route: &str, key: u64, frame: String) -> Option<Arc<str>> {
-        self.0
-            .upgrade()
-            .and_then(|c| mux::Relay::call_client(&*c, path, route, key, frame))
-    }
-
-    fn answer_backend(&self, node: &str, path: &str, key: u64, frame: String) -> bool {
-        self.0
-            .upgrade()
-            .is_some_and(|c| mux::Relay::answer_backend(&*c, node, path, key, frame))
-    }
 }
 
 /// Whether a NATS client error says the server refused the credentials.

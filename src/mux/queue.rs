@@ -43,6 +43,20 @@ pub(super) enum Push {
 }
 
 impl ClientTx {
+    /// A client's queue of at most `budget` bytes.
+    pub(super) fn channel(budget: usize) -> (ClientTx, ClientRx) {
+        let (tx, rx) = queue::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        (
+            ClientTx {
+                tx,
+                queued: queued.clone(),
+                budget,
+            },
+            ClientRx { rx, queued },
+        )
+    }
+
     pub(super) fn push(&self, msg: Message) -> Push {
         let size = msg.approx_len();
         let reserved = self
@@ -61,6 +75,44 @@ impl ClientTx {
                 dequeued(size);
                 Push::Gone
             }
+        }
+    }
+}
+
+/// The receiving side of a client's queue.
+pub(super) struct ClientRx {
+    rx: queue::UnboundedReceiver<(Message, usize)>,
+    /// Bytes queued (shared with the sending side).
+    queued: Arc<AtomicUsize>,
+}
+
+impl ClientRx {
+    /// The next frame; None once every sender is gone.
+    pub(super) async fn recv(&mut self) -> Option<Message> {
+        use futures_util::StreamExt;
+        let item = self.rx.next().await?;
+        Some(self.took(item))
+    }
+
+    /// A frame already queued, without waiting.
+    pub(super) fn try_recv(&mut self) -> Option<Message> {
+        let item = self.rx.try_recv().ok()?;
+        Some(self.took(item))
+    }
+
+    fn took(&self, (msg, size): (Message, usize)) -> Message {
+        self.queued.fetch_sub(size, Ordering::Relaxed);
+        dequeued(size);
+        msg
+    }
+}
+
+impl Drop for ClientRx {
+    fn drop(&mut self) {
+        // What is still queued goes with the queue.
+        self.rx.close();
+        while let Ok((_, size)) = self.rx.try_recv() {
+            dequeued(size);
         }
     }
 }

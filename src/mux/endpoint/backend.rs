@@ -5,9 +5,12 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::*;
+use super::ext::{local_error, restore_ext};
+use super::state::DrainRequest;
+use super::{BackendKey, CloseCell, Dropped, Endpoint, Route};
 use crate::duplex::{code, Kind, Message};
-use crate::mux::queue::{send_nowait, BackendRx};
+use crate::mux::queue::BackendRx;
+use crate::mux::{close, CloseReason};
 
 /// The backend side of an endpoint: one backend of its pool.
 pub struct BackendConn {
@@ -65,18 +68,18 @@ impl BackendConn {
         match msg.kind() {
             Kind::Reply => {
                 let Some(id) = msg.id() else {
-                    ep.dropped("reply_without_id");
+                    ep.dropped(Dropped::ReplyWithoutId);
                     return None;
                 };
                 let mut s = ep.state();
                 let Some(slot) = s.slot(self.key) else {
                     drop(s);
-                    ep.dropped("backend_closed");
+                    ep.dropped(Dropped::BackendClosed);
                     return None;
                 };
                 let Some(call) = slot.calls.get(&id) else {
                     drop(s);
-                    ep.dropped("unknown_call");
+                    ep.dropped(Dropped::UnknownCall);
                     return None;
                 };
                 let route = call.route.clone();
@@ -89,15 +92,15 @@ impl BackendConn {
                 };
                 let tx = s.clients.get(&route).map(|c| c.tx.clone());
                 drop(s);
-                if let Some((tx, frames)) = drained {
-                    tracing::info!(endpoint = %crate::auth::logged(&ep.path), pending = 0, "backend drained");
-                    send_nowait(&tx, frames);
+                if let Some(owed) = drained {
+                    tracing::info!(endpoint = %ep.logged(), pending = 0, "backend drained");
+                    owed.send();
                 }
                 msg.set_id(Some(client_id));
                 restore_ext(&mut msg, &route, client_ext.as_deref());
                 match tx {
                     Some(tx) => ep.deliver(&route, &tx, msg),
-                    None => ep.dropped("client_gone"),
+                    None => ep.dropped(Dropped::ClientGone),
                 }
                 None
             }
@@ -122,7 +125,7 @@ impl BackendConn {
     fn gateway_method(&self, method: &str, msg: &Message) -> Option<Message> {
         let ep = &self.endpoint;
         if ep.state().slot(self.key).is_none() {
-            ep.dropped("backend_closed");
+            ep.dropped(Dropped::BackendClosed);
             return None;
         }
         if method == "$drain" {
@@ -167,7 +170,7 @@ impl Endpoint {
         let mut s = ep.state();
         if local && s.slot(key).is_none() {
             drop(s);
-            ep.dropped("backend_closed");
+            ep.dropped(Dropped::BackendClosed);
             return None;
         }
         let target = route
@@ -185,18 +188,11 @@ impl Endpoint {
                     .as_ref()
                     .and_then(|r| r.relay().cloned()),
             ) {
-                if let Some(node) = relay.call_client(&ep.path, route, key, msg.to_json()) {
-                    // Remembered, so the call fails (-32001) if that node goes before answering.
-                    if let Some(id) = id {
-                        let mut s = ep.state();
-                        if s.slot(key).is_some() {
-                            s.relayed_calls.insert((key, id), (node, route.clone()));
-                        }
-                    }
+                if relay.call_client(&ep.path, route, key, id, msg.to_json()) {
                     return None;
                 }
             }
-            ep.dropped("client_not_connected");
+            ep.dropped(Dropped::ClientNotConnected);
             id?;
             return Some(local_error(
                 &msg,
@@ -220,7 +216,7 @@ impl Endpoint {
                     // A new call to this client: it counts against the client's limit.
                     if client.incoming.len() >= max {
                         drop(s);
-                        ep.dropped("too_many_pending_calls");
+                        ep.dropped(Dropped::TooManyPendingCalls);
                         return Some(local_error(
                             &msg,
                             code::TOO_MANY_PENDING_CALLS,

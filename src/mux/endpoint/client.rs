@@ -1,18 +1,17 @@
 //! The client side of an endpoint: a WebSocket peer or one HTTP call, admitting its calls to a
 //! backend of the pool and delivering what comes back.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use futures_channel::mpsc as queue;
-use futures_util::StreamExt;
 use serde_json::value::RawValue;
-use serde_json::Value;
 use tokio::time::Instant;
 
-use super::*;
+use super::ext::{local_error, route_ext, with_route};
+use super::state::{ClientSlot, Owed, PendingCall, State};
+use super::{CloseCell, Digest, Dropped, Endpoint, JoinError, Route};
 use crate::duplex::{code, Kind, Message};
-use crate::mux::queue::BackendTx;
+use crate::mux::queue::{BackendTx, ClientRx, ClientTx};
+use crate::mux::{close, CloseReason};
 
 /// A client of an endpoint: a WebSocket peer or one HTTP call.
 pub struct ClientConn {
@@ -20,9 +19,7 @@ pub struct ClientConn {
     pub(super) route: Route,
     /// `{"route":"<route>"}`, made once.
     pub(super) route_ext: Box<RawValue>,
-    pub(super) rx: queue::UnboundedReceiver<(Message, usize)>,
-    /// Bytes queued in `rx` (shared with the endpoint's side of the queue).
-    pub(super) queued: Arc<AtomicUsize>,
+    pub(super) rx: ClientRx,
     pub(super) close: CloseCell,
 }
 
@@ -52,10 +49,7 @@ impl ClientConn {
         if self.dropped_out() {
             return None;
         }
-        let (msg, size) = self.rx.next().await?;
-        self.queued.fetch_sub(size, Ordering::Relaxed);
-        crate::mux::queue::dequeued(size);
-        Some(msg)
+        self.rx.recv().await
     }
 
     /// A frame already queued, without waiting.
@@ -63,10 +57,7 @@ impl ClientConn {
         if self.dropped_out() {
             return None;
         }
-        let (msg, size) = self.rx.try_recv().ok()?;
-        self.queued.fetch_sub(size, Ordering::Relaxed);
-        crate::mux::queue::dequeued(size);
-        Some(msg)
+        self.rx.try_recv()
     }
 
     /// Whether this client was put out for policy (it did not read, or its secret was revoked):
@@ -100,7 +91,7 @@ impl ClientConn {
                 // A reply to a call a backend made to this client: back to that backend, under
                 // its own id.
                 let Some(id) = msg.id() else {
-                    ep.dropped("reply_without_id");
+                    ep.dropped(Dropped::ReplyWithoutId);
                     return None;
                 };
                 let mut s = ep.state();
@@ -108,7 +99,7 @@ impl ClientConn {
                     s.clients.get(&self.route).and_then(|c| c.incoming.get(&id))
                 else {
                     drop(s);
-                    ep.dropped("unknown_call");
+                    ep.dropped(Dropped::UnknownCall);
                     return None;
                 };
                 if msg.ends_call() {
@@ -116,42 +107,26 @@ impl ClientConn {
                         c.incoming.remove(&id);
                     }
                 }
-                match s.slot(key) {
-                    Some(b) => {
-                        msg.set_id(Some(backend_id));
-                        b.tx.clone()
-                    }
-                    None => {
-                        // A backend of another node of the cluster made the call.
-                        let remote = s.remote_callers.get(&key).map(|(n, k, _)| (n.clone(), *k));
-                        drop(s);
-                        match remote {
-                            Some((node, remote_key)) => {
-                                msg.set_id(Some(backend_id));
-                                self.with_route(&mut msg, ext_map);
-                                if let Some(relay) = ep
-                                    .registry
-                                    .upgrade()
-                                    .as_ref()
-                                    .and_then(|r| r.relay().cloned())
-                                {
-                                    let carried = relay.answer_backend(
-                                        &node,
-                                        &ep.path,
-                                        remote_key,
-                                        msg.to_json(),
-                                    );
-                                    if !carried {
-                                        // More than the link holds: as a client whose backend
-                                        // does not read, it cannot be held back here.
-                                        ep.close_client(&self.route, CloseReason::too_fast());
-                                    }
-                                }
+                if let Some(b) = s.slot(key) {
+                    msg.set_id(Some(backend_id));
+                    b.tx.clone()
+                } else {
+                    // A guest (a backend of another node) made the call.
+                    let outlet = s.guests.get(&key).cloned();
+                    drop(s);
+                    match outlet {
+                        Some(outlet) => {
+                            msg.set_id(Some(backend_id));
+                            with_route(&mut msg, &self.route, &self.route_ext, ext_map);
+                            if !outlet.offer(msg.to_json()) {
+                                // More than the way there holds: as a client whose backend
+                                // does not read, it cannot be held back here.
+                                ep.close_client(&self.route, CloseReason::too_fast());
                             }
-                            None => ep.dropped("no_backend"),
                         }
-                        return None;
+                        None => ep.dropped(Dropped::NoBackend),
                     }
+                    return None;
                 }
             }
             Kind::Request => loop {
@@ -179,27 +154,14 @@ impl ClientConn {
             },
         };
 
-        self.with_route(&mut msg, ext_map);
+        with_route(&mut msg, &self.route, &self.route_ext, ext_map);
         if backend.send(msg.to_json()).await.is_ok() {
-            ep.to_backend.inc();
+            ep.series.to_backend.inc();
         } else {
             // The backend left while we queued; its departure fails the call.
-            ep.dropped("no_backend");
+            ep.dropped(Dropped::NoBackend);
         }
         None
-    }
-}
-
-impl ClientConn {
-    /// Puts this client's route into `ext` (what a backend sees of every frame).
-    fn with_route(&self, msg: &mut Message, ext_map: Option<serde_json::Map<String, Value>>) {
-        match ext_map {
-            Some(mut ext) => {
-                ext.insert("route".into(), Value::String(self.route.to_string()));
-                msg.set_ext(Some(&ext));
-            }
-            None => msg.set_raw("ext", self.route_ext.clone()),
-        }
     }
 }
 
@@ -223,7 +185,7 @@ impl ClientConn {
         let mut guard = ep.state();
         let s = &mut *guard;
         let unavailable = |msg: &Message| {
-            ep.dropped("no_backend");
+            ep.dropped(Dropped::NoBackend);
             // Answered even without an id, so an HTTP caller can tell; WebSocket peers are only
             // sent answers that carry an id.
             Admit::Answer(Some(local_error(
@@ -251,7 +213,7 @@ impl ClientConn {
         // until they drain (what runs carries on).
         if crate::mux::queued_bytes() > limits.max_queued_bytes {
             drop(guard);
-            ep.dropped("queues_full");
+            ep.dropped(Dropped::QueuesFull);
             return Admit::Answer(Some(local_error(
                 msg,
                 code::TOO_MANY_PENDING_CALLS,
@@ -289,7 +251,7 @@ impl ClientConn {
         };
         if client.open.len() >= limits.max_pending_calls_per_client {
             drop(guard);
-            ep.dropped("too_many_pending_calls");
+            ep.dropped(Dropped::TooManyPendingCalls);
             return Admit::Answer(Some(local_error(
                 msg,
                 code::TOO_MANY_PENDING_CALLS,
@@ -300,7 +262,7 @@ impl ClientConn {
         let ext_len = msg.ext_raw().map_or(0, |e| e.get().len());
         if client.ext_bytes + ext_len > limits.client_queue_bytes {
             drop(guard);
-            ep.dropped("too_many_pending_calls");
+            ep.dropped(Dropped::TooManyPendingCalls);
             return Admit::Answer(Some(local_error(
                 msg,
                 code::TOO_MANY_PENDING_CALLS,
@@ -335,11 +297,106 @@ impl ClientConn {
 impl Drop for ClientConn {
     fn drop(&mut self) {
         let route = self.route.clone();
+        // What is still queued for the client goes with its queue.
         self.endpoint.remove_clients(None, |_| [route]);
-        // What is still queued for the client goes with it.
-        self.rx.close();
-        while let Ok((_, size)) = self.rx.try_recv() {
-            crate::mux::queue::dequeued(size);
+    }
+}
+
+impl Endpoint {
+    /// Adds a client (a WebSocket peer, or an HTTP call when `websocket` is false). The secret
+    /// is checked again here, under the endpoint's lock, so a client cannot join with a secret
+    /// that a reload has just replaced. A client another node of the cluster relays joins the
+    /// same way, with the digest it was admitted with there: it counts against `max_clients`
+    /// here too.
+    pub fn join(
+        self: &Arc<Self>,
+        websocket: bool,
+        max_clients: usize,
+        secret: &Digest,
+    ) -> Result<ClientConn, JoinError> {
+        let budget = self.limits().client_queue_bytes;
+        let mut s = self.state();
+        if s.removed || (s.backends.is_empty() && s.grace_until.is_none()) {
+            return Err(JoinError::NotFound);
         }
+        if !s.secret.matches(secret) {
+            return Err(JoinError::BadSecret);
+        }
+        if s.clients.len() >= max_clients {
+            return Err(JoinError::Full);
+        }
+        let route = match self.registry.upgrade() {
+            Some(registry) => registry.route_key(),
+            None => return Err(JoinError::NotFound),
+        };
+        let (tx, rx) = ClientTx::channel(budget);
+        let close: CloseCell = Arc::new(OnceLock::new());
+        s.websocket_clients += usize::from(websocket);
+        s.clients
+            .insert(route.clone(), ClientSlot::new(tx, close.clone(), websocket));
+        if websocket {
+            s.pin(&route);
+        }
+        s.update_gauges();
+        Ok(ClientConn {
+            endpoint: self.clone(),
+            route_ext: route_ext(&route),
+            route,
+            rx,
+            close,
+        })
+    }
+
+    /// Closes every client with `reason` (reload: the endpoint's fixed secret changed), and makes
+    /// `secret` (if given) the one new clients must present.
+    pub fn close_clients(&self, secret: Option<Digest>, reason: CloseReason) -> usize {
+        self.remove_clients(Some(&reason), |s| {
+            if let Some(secret) = secret {
+                s.secret = secret;
+            }
+            s.clients.keys().cloned().collect::<Vec<_>>()
+        })
+    }
+
+    /// Closes the client `route` names with `reason` (if it is still here).
+    pub fn close_client(&self, route: &str, reason: CloseReason) -> bool {
+        let route: Route = Arc::from(route);
+        self.remove_clients(Some(&reason), |s| {
+            s.clients.contains_key(&route).then(|| route.clone())
+        }) > 0
+    }
+
+    /// Closes every WebSocket client with `reason` (shutdown, first step: HTTP calls in progress
+    /// keep running). Returns how many were closed.
+    pub fn close_websocket_clients(&self, reason: CloseReason) -> usize {
+        self.remove_clients(Some(&reason), |s| {
+            s.clients
+                .iter()
+                .filter(|(_, c)| c.websocket)
+                .map(|(r, _)| r.clone())
+                .collect::<Vec<_>>()
+        })
+    }
+
+    /// Removes the clients `pick` chooses (under the lock, after any change it makes), closing
+    /// them with `reason`; the backends' calls to them are answered with `-32001`. Returns how
+    /// many were removed.
+    pub(super) fn remove_clients<R: IntoIterator<Item = Route>>(
+        &self,
+        reason: Option<&CloseReason>,
+        pick: impl FnOnce(&mut State) -> R,
+    ) -> usize {
+        let mut s = self.state();
+        let mut removed = 0;
+        let mut owed: Vec<Owed> = Vec::new();
+        for route in pick(&mut s) {
+            owed.extend(s.remove_client(&route, reason.cloned()));
+            removed += 1;
+        }
+        drop(s);
+        for o in owed {
+            o.send();
+        }
+        removed
     }
 }
