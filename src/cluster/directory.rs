@@ -1,0 +1,497 @@
+//! The directory: the other nodes this one hears and the endpoints each announces, kept from
+//! their heartbeats (each checked whole before it is believed), and the questions the front asks
+//! of it (does any node serve this path, with which secret, which node takes a new client).
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Subject;
+use tokio::time::Instant;
+
+use super::wire::{self, Heartbeat};
+use super::{lock, seal, served, unix_ms, Cluster};
+use crate::auth::Digest;
+use crate::config::is_subject_token;
+use crate::mux;
+
+/// What this node knows of another.
+pub(super) struct Node {
+    pub(super) last_seen: Instant,
+    pub(super) epoch: u64,
+    /// Its tag (see `tag_of`): the start of its route keys.
+    pub(super) tag: String,
+    pub(super) subject: Subject,
+    pub(super) endpoints: HashMap<String, Remote>,
+}
+
+/// An endpoint of another node.
+pub(super) struct Remote {
+    pub(super) secret: Digest,
+    /// (key, joined in Unix ms, draining)
+    pub(super) backends: Vec<(u64, u64, bool)>,
+}
+
+impl Remote {
+    pub(super) fn serving(&self) -> usize {
+        self.backends.iter().filter(|b| !b.2).count()
+    }
+}
+
+/// How long a node that said it leaves may still finish what runs there (its HTTP calls get
+/// 10 s, its WebSockets 2 s more) before it is forgotten for good.
+pub(super) const DEPARTURE: Duration = Duration::from_secs(13);
+
+/// How many forgotten nodes' last epochs are remembered (to refuse their old messages).
+pub(super) const MAX_FORGOTTEN: usize = 1024;
+
+/// The most backends one heartbeat may announce for one endpoint.
+pub const MAX_ANNOUNCED_BACKENDS: usize = 1024;
+
+/// The most endpoints one heartbeat may announce.
+pub const MAX_ANNOUNCED_ENDPOINTS: usize = 100_000;
+
+/// Hex digits of a node's tag.
+pub(super) const TAG_HEX: usize = 16;
+
+/// A node's tag: the first 64 bits of the SHA-256 of its name, in hex. Every route key a node
+/// makes starts with it, so a backend's node can tell which node holds a client's route. No
+/// name can be chosen to collide with another node's tag (that would take about 2^64 hashes),
+/// and a node whose tag is already taken is not heard at all.
+pub(super) fn tag_of(node: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(node.as_bytes())[..TAG_HEX / 2])
+}
+
+/// Checks what a heartbeat says before anything of it is believed: a node name, a time of
+/// sending within `node_timeout` of `now` (older: a replay), and endpoints a node could have.
+pub(super) fn check_heartbeat(
+    beat: &Heartbeat,
+    epoch: u64,
+    node_timeout: Duration,
+    now: u64,
+) -> Result<(), seal::Rejected> {
+    use seal::Rejected::{Invalid, Replay};
+    let window = u64::try_from(node_timeout.as_millis()).unwrap_or(u64::MAX);
+    if beat.node.len() > 64 || !is_subject_token(&beat.node) || epoch == 0 || beat.epoch != epoch {
+        return Err(Invalid);
+    }
+    if beat.sent > now.saturating_add(window) {
+        return Err(Invalid);
+    }
+    if beat.sent.saturating_add(window) < now {
+        return Err(Replay);
+    }
+    if beat.endpoints.len() > MAX_ANNOUNCED_ENDPOINTS {
+        return Err(Invalid);
+    }
+    let latest_join = now.saturating_add(window);
+    for endpoint in &beat.endpoints {
+        let path_ok = endpoint.path.len() <= wire::MAX_PATH_BYTES
+            && crate::auth::check_path(&endpoint.path).is_ok();
+        let backends_ok = endpoint.backends.len() <= MAX_ANNOUNCED_BACKENDS
+            && endpoint
+                .backends
+                .iter()
+                .all(|(_, joined, _)| *joined <= latest_join);
+        if !path_ok || !backends_ok || Digest::from_hex(&endpoint.secret).is_none() {
+            return Err(Invalid);
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// What this node knows of the others changed: counted, and waiting clients look again.
+    pub(super) fn directory_changed(&self) {
+        self.version.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    pub(super) fn on_heartbeat(&self, subject: &str, payload: &[u8]) {
+        self.received.inc();
+        let opened = match self.sealer.open(subject, payload) {
+            Ok(opened) => opened,
+            Err(why) => return self.reject(why, ""),
+        };
+        let Ok(beat) = serde_json::from_slice::<Heartbeat>(opened.message) else {
+            return self.reject(seal::Rejected::Invalid, "");
+        };
+        if *beat.node == *self.me {
+            return;
+        }
+        if let Err(why) = check_heartbeat(&beat, opened.epoch, self.node_timeout, unix_ms()) {
+            return self.reject(why, &beat.node);
+        }
+        let name: Arc<str> = Arc::from(beat.node.as_str());
+        // Each heartbeat once, and none of an older link of the node.
+        let fresh = match lock(&self.windows).get_mut(&name) {
+            Some(window) => window.check(opened.epoch, opened.seq),
+            None => seal::Fresh::NewEpoch,
+        };
+        match fresh {
+            seal::Fresh::Replay => return self.reject(seal::Rejected::Replay, &name),
+            seal::Fresh::NewEpoch => {
+                if lock(&self.forgotten)
+                    .get(&name)
+                    .is_some_and(|e| opened.epoch <= *e)
+                {
+                    return self.reject(seal::Rejected::Replay, &name);
+                }
+            }
+            seal::Fresh::Yes => {}
+        }
+        if fresh == seal::Fresh::NewEpoch {
+            let tag = tag_of(&name);
+            let taken = tag == tag_of(&self.me)
+                || lock(&self.nodes)
+                    .iter()
+                    .any(|(other, node)| node.tag == tag && *other != name);
+            if taken {
+                // Two names, one tag: routes would be ambiguous, so the newcomer is not heard.
+                return self.reject(seal::Rejected::Invalid, &name);
+            }
+            let known = lock(&self.windows).contains_key(&name);
+            if known {
+                // Its link started afresh (or it is a new process of the same name): whatever
+                // crossed the old one may be lost, and the old one's sessions end.
+                tracing::info!(node = %name, "cluster: node reconnected: its sessions end");
+                self.node_gone(&name, "gateway node reconnected");
+            }
+            lock(&self.windows).insert(name.clone(), seal::Window::new(opened.epoch, opened.seq));
+        }
+        if beat.leaving {
+            // No new client goes there; what runs there may finish (it drains), then it is
+            // forgotten for good.
+            if lock(&self.nodes).remove(&name).is_some() {
+                tracing::info!(node = %name, "cluster: node leaves");
+                self.update_gauges();
+                self.directory_changed();
+            }
+            lock(&self.departing)
+                .entry(name)
+                .or_insert_with(|| Instant::now() + DEPARTURE);
+            return;
+        }
+        lock(&self.departing).remove(&name);
+        let endpoints: HashMap<String, Remote> = beat
+            .endpoints
+            .into_iter()
+            .filter_map(|a| {
+                Some((
+                    a.path,
+                    Remote {
+                        secret: Digest::from_hex(&a.secret)?,
+                        backends: a.backends,
+                    },
+                ))
+            })
+            .collect();
+        let mut nodes = lock(&self.nodes);
+        let new = !nodes.contains_key(&name);
+        let subject = self.subject_of(&name);
+        nodes.insert(
+            name.clone(),
+            Node {
+                last_seen: Instant::now(),
+                epoch: opened.epoch,
+                tag: tag_of(&name),
+                subject,
+                endpoints,
+            },
+        );
+        drop(nodes);
+        self.enforce_pool_sizes();
+        if new {
+            tracing::info!(node = %name, "cluster: node joined");
+            // Tell the newcomer what we hold now rather than at our next beat.
+            self.announce_soon.notify_one();
+            self.update_gauges();
+        }
+        self.directory_changed();
+    }
+
+    pub(super) fn expire_silent_nodes(&self) {
+        if !self.usable() {
+            return;
+        }
+        let now = Instant::now();
+        let departed: Vec<Arc<str>> = {
+            let mut departing = lock(&self.departing);
+            let over: Vec<Arc<str>> = departing
+                .iter()
+                .filter(|(_, until)| **until <= now)
+                .map(|(name, _)| name.clone())
+                .collect();
+            for name in &over {
+                departing.remove(name);
+            }
+            over
+        };
+        for node in departed {
+            self.node_gone(&node, "gateway node stopped");
+        }
+        let silent: Vec<Arc<str>> = lock(&self.nodes)
+            .iter()
+            .filter(|(_, n)| now.duration_since(n.last_seen) > self.node_timeout)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for node in silent {
+            tracing::warn!(node = %node, "cluster: node not heard from: taken for dead");
+            self.node_gone(&node, "gateway node unavailable");
+        }
+    }
+
+    /// Forgets `node`: sessions relayed to it end (their calls fail), sessions it relayed here
+    /// are closed (backend calls to those clients get `-32001`).
+    pub(super) fn node_gone(&self, node: &str, why: &str) {
+        lock(&self.nodes).remove(node);
+        lock(&self.departing).remove(node);
+        if let Some((name, window)) = lock(&self.windows).remove_entry(node) {
+            let mut forgotten = lock(&self.forgotten);
+            if forgotten.len() >= MAX_FORGOTTEN {
+                // Bounded: the oldest epochs are the least likely to be replayed usefully
+                // (their heartbeats are past `node_timeout` anyway).
+                if let Some(oldest) = forgotten
+                    .iter()
+                    .min_by_key(|(_, e)| **e)
+                    .map(|(n, _)| n.clone())
+                {
+                    forgotten.remove(&oldest);
+                }
+            }
+            forgotten.insert(name, window.epoch());
+        }
+        // Its backends' calls to this node's clients are forgotten; this node's backends' calls
+        // to its clients fail with -32001.
+        self.forget_guests(Duration::ZERO, |(_, n, _)| &**n == node);
+        self.fail_relayed_calls(|n| n == node);
+        let ended: Vec<(u128, super::client::Relay)> = lock(&self.sessions)
+            .extract_if(|_, r| &*r.node == node)
+            .collect();
+        for (id, relay) in ended {
+            relay.end(id, mux::CloseReason::new(mux::close::TRY_AGAIN_LATER, why));
+        }
+        let dropped: Vec<(u128, served::Entry)> = lock(&self.served)
+            .extract_if(|_, e| &*e.origin == node)
+            .collect();
+        drop(dropped);
+        self.update_gauges();
+        self.directory_changed();
+    }
+
+    /// `node`'s link started afresh (epoch `epoch`, first seen message `seq`): the sessions
+    /// across its old link end; what it holds stays known until its next heartbeat.
+    pub(super) fn restarted(&self, node: &Arc<str>, epoch: u64, seq: u64) {
+        let held = lock(&self.nodes).remove(node);
+        let departing = lock(&self.departing).get(node).copied();
+        self.node_gone(node, "gateway node reconnected");
+        lock(&self.forgotten).remove(node);
+        lock(&self.windows).insert(node.clone(), seal::Window::new(epoch, seq));
+        if let Some(mut held) = held {
+            held.epoch = epoch;
+            lock(&self.nodes).insert(node.clone(), held);
+        }
+        if let Some(until) = departing {
+            lock(&self.departing).insert(node.clone(), until);
+        }
+        self.update_gauges();
+        self.directory_changed();
+    }
+
+    /// Which node a new relayed client of `path` goes to: one whose endpoint serves and wants
+    /// `secret`, spread by backends in turn. None when no other node serves it.
+    pub(super) fn pick(&self, path: &str, secret: &Digest) -> Option<(Arc<str>, Subject)> {
+        if !self.usable() {
+            return None;
+        }
+        let nodes = lock(&self.nodes);
+        let candidates: Vec<(&Arc<str>, &Node, usize)> = nodes
+            .iter()
+            .filter_map(|(name, node)| {
+                let remote = node.endpoints.get(path)?;
+                let serving = remote.serving();
+                (serving > 0 && remote.secret.matches(secret)).then_some((name, node, serving))
+            })
+            .collect();
+        let total: usize = candidates.iter().map(|c| c.2).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut ticket = self.turn.fetch_add(1, Ordering::Relaxed) % total;
+        for (name, node, serving) in candidates {
+            if ticket < serving {
+                return Some((name.clone(), node.subject.clone()));
+            }
+            ticket -= serving;
+        }
+        None
+    }
+
+    /// Whether `node` still has a serving backend of `path`.
+    pub(super) fn node_serves(&self, node: &str, path: &str) -> bool {
+        self.usable()
+            && lock(&self.nodes)
+                .get(node)
+                .and_then(|n| n.endpoints.get(path))
+                .is_some_and(|r| r.serving() > 0)
+    }
+
+    /// Whether another node serves `path`.
+    pub fn serves_elsewhere(&self, path: &str) -> bool {
+        self.usable()
+            && lock(&self.nodes)
+                .values()
+                .any(|n| n.endpoints.get(path).is_some_and(|r| r.serving() > 0))
+    }
+
+    /// Whether another node announces `path` (serving, or in its grace), or did when the link
+    /// was lost.
+    pub fn knows(&self, path: &str) -> bool {
+        lock(&self.nodes)
+            .values()
+            .any(|n| n.endpoints.contains_key(path))
+    }
+
+    /// Whether `secret` is the secret another node announces for `path` (constant time).
+    pub fn secret_matches(&self, path: &str, secret: &Digest) -> bool {
+        lock(&self.nodes).values().any(|n| {
+            n.endpoints
+                .get(path)
+                .is_some_and(|r| r.secret.matches(secret))
+        })
+    }
+
+    /// Whether a publish of `path` with `secret` would join backends on other nodes that use
+    /// another secret (the pool shares one; a pool of one is replaced instead).
+    pub fn secret_conflicts(&self, path: &str, secret: &Digest, max_backends: usize) -> bool {
+        max_backends > 1
+            && self.usable()
+            && lock(&self.nodes).values().any(|n| {
+                n.endpoints
+                    .get(path)
+                    .is_some_and(|r| !r.backends.is_empty() && !r.secret.matches(secret))
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::bus::safe_name;
+    use crate::cluster::is_refusal;
+    use crate::cluster::wire::Announced;
+
+    fn beat(node: &str, sent: u64, endpoints: Vec<Announced>) -> Heartbeat {
+        Heartbeat {
+            node: node.into(),
+            leaving: false,
+            epoch: 9,
+            sent,
+            endpoints,
+        }
+    }
+
+    fn endpoint(path: &str, backends: Vec<(u64, u64, bool)>) -> Announced {
+        Announced {
+            path: path.into(),
+            secret: "ab".repeat(32),
+            backends,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_is_believed_only_with_values_a_node_could_send() {
+        use seal::Rejected::{Invalid, Replay};
+        let now = 1_000_000_000;
+        let timeout = Duration::from_secs(5);
+        let check = |b: &Heartbeat| check_heartbeat(b, 9, timeout, now);
+        let good = beat(
+            "gw-1",
+            now,
+            vec![endpoint("/p", vec![(1, now - 10, false)])],
+        );
+        assert_eq!(check(&good), Ok(()));
+        let cases: Vec<(&str, Heartbeat, seal::Rejected)> = vec![
+            ("not a name", beat("a b", now, vec![]), Invalid),
+            (
+                "a name too long",
+                beat(&"n".repeat(65), now, vec![]),
+                Invalid,
+            ),
+            ("sent long ago", beat("gw-1", now - 6_000, vec![]), Replay),
+            (
+                "sent in the future",
+                beat("gw-1", now + 6_000, vec![]),
+                Invalid,
+            ),
+            (
+                "a join far in the future",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![endpoint("/p", vec![(1, now + 6_000, false)])],
+                ),
+                Invalid,
+            ),
+            (
+                "too many backends",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![endpoint(
+                        "/p",
+                        vec![(1, now, false); MAX_ANNOUNCED_BACKENDS + 1],
+                    )],
+                ),
+                Invalid,
+            ),
+            (
+                "a path too long",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![endpoint(
+                        &format!("/{}", "p".repeat(wire::MAX_PATH_BYTES)),
+                        vec![],
+                    )],
+                ),
+                Invalid,
+            ),
+            (
+                "a path the gateway refuses",
+                beat("gw-1", now, vec![endpoint("no-slash", vec![])]),
+                Invalid,
+            ),
+            (
+                "a secret that is no digest",
+                beat(
+                    "gw-1",
+                    now,
+                    vec![Announced {
+                        secret: "zz".into(),
+                        ..endpoint("/p", vec![])
+                    }],
+                ),
+                Invalid,
+            ),
+        ];
+        for (what, b, want) in cases {
+            assert_eq!(check(&b), Err(want), "{what}");
+        }
+        // The epoch in the body must be the one in the trailer.
+        assert_eq!(check_heartbeat(&good, 8, timeout, now), Err(Invalid));
+    }
+
+    #[test]
+    fn tags_are_64_bits_of_the_name_and_refusals_are_recognised() {
+        assert_eq!(tag_of("gw-1").len(), TAG_HEX);
+        assert_ne!(tag_of("gw-1"), tag_of("gw-2"));
+        assert!(is_refusal("authorization violation"));
+        assert!(is_refusal("failed signing nonce"));
+        assert!(!is_refusal("IO error"));
+        assert_eq!(safe_name("gw-1"), "gw-1");
+        assert_eq!(safe_name("a\nb"), "(not a node name)");
+    }
+}
