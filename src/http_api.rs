@@ -17,17 +17,15 @@ use crate::auth::Digest;
 use crate::cluster::Client;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
-use crate::gateway::Target;
 use crate::metrics::{metrics, Rejection};
-use crate::mux::JoinError;
+use crate::refusal::{respond, Refusal};
+use crate::target::Target;
 
 /// The status recorded for a call whose caller hung up before the reply (nginx's 499).
 const CLIENT_CLOSED: u16 = 499;
 
 /// How long one write of a response may take.
 const WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-pub use duplex::address::split_call_path;
 
 /// An HTTP call the status table let through.
 pub struct Call<'a> {
@@ -45,9 +43,9 @@ pub struct Call<'a> {
     pub headers: &'a [(&'a str, &'a str)],
 }
 
-/// Serves one `POST` that [`crate::gateway::decide`] let through: reads the body, sends the
-/// call, writes the answer, and counts it in the endpoint's metrics.
-pub async fn serve(session: &mut Session, config: &Config, call: Call<'_>) -> pingora::Result<()> {
+/// Serves one `POST` that the status table let through: reads the body, sends the call, writes
+/// the answer. Returns the status answered (the caller counts it in the endpoint's series).
+pub async fn serve(session: &mut Session, config: &Config, call: Call<'_>) -> pingora::Result<u16> {
     // A caller that stops reading its reply must not hold the call forever.
     session.set_write_timeout(Some(WRITE_TIMEOUT));
     // `call_timeout` covers the whole call, from its arrival to its reply.
@@ -55,22 +53,7 @@ pub async fn serve(session: &mut Session, config: &Config, call: Call<'_>) -> pi
         .limits
         .call_timeout
         .map(|t| tokio::time::Instant::from_std(call.started) + t);
-    let (endpoint, started) = (call.endpoint, call.started);
-    let status = run(session, config, call, deadline).await?;
-    let seconds = started.elapsed().as_secs_f64();
-    match endpoint {
-        Target::Cluster {
-            local: None,
-            cluster,
-            path,
-        } => cluster.count_http_call(path, status_label(status), seconds),
-        _ => {
-            if let Some(endpoint) = endpoint.local() {
-                endpoint.count_http_call(status_label(status), seconds);
-            }
-        }
-    }
-    Ok(())
+    run(session, config, call, deadline).await
 }
 
 /// The call itself; returns the status answered.
@@ -103,27 +86,19 @@ async fn run(
         match serde_json::from_slice::<&RawValue>(&body) {
             Ok(raw) => raw.to_owned(),
             Err(e) => {
-                refuse(
-                    session,
+                let refusal = Refusal::new(
                     400,
                     Some(Rejection::BadJson),
-                    None,
-                    &format!("the body is not JSON: {e}"),
-                    headers,
-                )
-                .await?;
-                return Ok(400);
+                    format!("the body is not JSON: {e}"),
+                );
+                return refusal.send(session, headers).await;
             }
         }
     };
 
     let mut conn = match endpoint.join(false, config.max_clients(endpoint.path()), secret) {
         Ok(conn) => conn,
-        Err(e) => {
-            let status = join_refusal(e).0;
-            refuse_join(session, e, headers).await?;
-            return Ok(status);
-        }
+        Err(e) => return Refusal::join(e).send(session, headers).await,
     };
 
     if is_async {
@@ -397,18 +372,15 @@ async fn read_body(
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let too_large = || format!("the body is over the limit of {max} bytes");
-    if declared.is_some_and(|len| len > max as u64) {
-        refuse(
-            session,
+    let too_large = || {
+        Refusal::new(
             413,
             Some(Rejection::TooLarge),
-            None,
-            &too_large(),
-            headers,
+            format!("the body is over the limit of {max} bytes"),
         )
-        .await?;
-        return Ok(Err(413));
+    };
+    if declared.is_some_and(|len| len > max as u64) {
+        return Ok(Err(too_large().send(session, headers).await?));
     }
     let expects_continue = session
         .req_header()
@@ -425,16 +397,7 @@ async fn read_body(
     let mut body = BytesMut::new();
     while let Some(chunk) = session.read_request_body().await? {
         if body.len() + chunk.len() > max {
-            refuse(
-                session,
-                413,
-                Some(Rejection::TooLarge),
-                None,
-                &too_large(),
-                headers,
-            )
-            .await?;
-            return Ok(Err(413));
+            return Ok(Err(too_large().send(session, headers).await?));
         }
         body.extend_from_slice(&chunk);
     }
@@ -446,137 +409,6 @@ async fn read_body(
 
 fn internal(e: serde_json::Error) -> Box<pingora::Error> {
     pingora::Error::because(pingora::ErrorType::InternalError, "payload", e)
-}
-
-fn status_label(status: u16) -> &'static str {
-    match status {
-        200 => "200",
-        202 => "202",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        413 => "413",
-        500 => "500",
-        501 => "501",
-        503 => "503",
-        504 => "504",
-        499 => "499",
-        _ => "other",
-    }
-}
-
-/// Writes a whole response. A request whose body was not read to the end closes the connection
-/// afterwards, so unread bytes are never taken for the next request.
-pub async fn respond(
-    session: &mut Session,
-    status: u16,
-    content_type: &str,
-    body: Bytes,
-    headers: &[(&str, &str)],
-) -> pingora::Result<()> {
-    // No header-name case map: the names are ours, written in lower case (as HTTP/2 would).
-    let mut resp = ResponseHeader::build_no_case(status, Some(4 + headers.len()))?;
-    resp.insert_header("content-type", content_type)?;
-    resp.insert_header("content-length", body.len().to_string())?;
-    for (name, value) in headers {
-        resp.insert_header(name.to_string(), *value)?;
-    }
-    if !session.is_body_done() {
-        session.set_keepalive(None);
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
-}
-
-/// Answers with `status`, no body, and `headers` (a CORS preflight's 204).
-pub async fn respond_empty(
-    session: &mut Session,
-    status: u16,
-    headers: &[(&str, &str)],
-) -> pingora::Result<()> {
-    let mut resp = ResponseHeader::build_no_case(status, Some(1 + headers.len()))?;
-    for (name, value) in headers {
-        resp.insert_header(name.to_string(), *value)?;
-    }
-    resp.insert_header("content-length", "0")?;
-    if !session.is_body_done() {
-        session.set_keepalive(None);
-    }
-    session.write_response_header(Box::new(resp), true).await
-}
-
-/// Refuses a request: counts it (when `reason` is given), logs one line (with the publishing
-/// token's name when known; never a credential, never the query string), and answers
-/// `{"error": {...}}` with `status`.
-pub async fn refuse(
-    session: &mut Session,
-    status: u16,
-    reason: Option<Rejection>,
-    token: Option<&str>,
-    message: &str,
-    headers: &[(&str, &str)],
-) -> pingora::Result<()> {
-    if let Some(reason) = reason {
-        metrics().reject(reason);
-    }
-    let req = session.req_header();
-    tracing::info!(
-        status,
-        reason = reason.map_or("-", Rejection::as_str),
-        token = %token.unwrap_or("-"),
-        method = %req.method,
-        path = ?crate::auth::logged(req.uri.path()),
-        // A message may quote the path: cut like one.
-        "refused: {}",
-        crate::auth::logged(message)
-    );
-    respond_error(session, status, message, headers).await
-}
-
-/// The status, reason and message for a client that could not join its endpoint.
-fn join_refusal(e: JoinError) -> (u16, Rejection, &'static str) {
-    match e {
-        JoinError::NotFound => (
-            404,
-            Rejection::NotFound,
-            "no backend is published at this endpoint",
-        ),
-        JoinError::BadSecret => (401, Rejection::BadSecret, "missing or wrong secret"),
-        JoinError::Full => (
-            503,
-            Rejection::Full,
-            "this endpoint has all the clients it may have",
-        ),
-    }
-}
-
-/// Refuses a client (WebSocket or HTTP call) that could not join its endpoint.
-pub async fn refuse_join(
-    session: &mut Session,
-    e: JoinError,
-    headers: &[(&str, &str)],
-) -> pingora::Result<()> {
-    let (status, reason, message) = join_refusal(e);
-    refuse(session, status, Some(reason), None, message, headers).await
-}
-
-/// Writes `{"error": {"code": status, "message": message}}` with `status`.
-pub async fn respond_error(
-    session: &mut Session,
-    status: u16,
-    message: &str,
-    headers: &[(&str, &str)],
-) -> pingora::Result<()> {
-    let body = serde_json::json!({ "error": { "code": status, "message": message } }).to_string();
-    respond(
-        session,
-        status,
-        "application/json",
-        Bytes::from(body),
-        headers,
-    )
-    .await
 }
 
 #[cfg(test)]

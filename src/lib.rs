@@ -14,7 +14,11 @@
 //! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the one
 //!   rule for "may this token publish this path", the trusted-proxy check.
 //! - [`gateway`]: the Pingora `ProxyHttp` implementation: [`gateway::decide`], the status table
-//!   as a pure function, then the hand-off to [`ws`] or [`http_api`].
+//!   as a pure function, then the hand-off to [`ws`] or [`http_api`]; a publish's last check of
+//!   its credentials; HTTP calls counted once, in `logging`.
+//! - [`refusal`]: the one [`refusal::Refusal`] type (status, reason, message, headers) every
+//!   refusal is answered, counted and logged with, and responses written whole.
+//! - [`target`]: where a client's endpoint is served (this node, or other nodes of a cluster).
 //! - [`timeouts`]: the request-header and keep-alive idle deadlines of every HTTP connection.
 //! - [`edge`]: what one client address or one endpoint may take (connections, request rates,
 //!   failed authentications, calls per endpoint), and the watchdog that holds TLS and HTTP/2
@@ -49,8 +53,10 @@ pub mod gateway;
 pub mod http_api;
 pub mod metrics;
 pub mod mux;
+pub mod refusal;
 pub mod reload;
 pub mod server;
+pub mod target;
 pub mod timeouts;
 pub mod tls;
 pub mod ws;

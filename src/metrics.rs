@@ -46,6 +46,26 @@ pub struct Metrics {
     pub cluster_rejected: IntCounterVec,
 }
 
+/// The `code` label of an HTTP call answered with `status` (statuses the gateway does not
+/// answer calls with count as `other`).
+pub fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        413 => "413",
+        500 => "500",
+        501 => "501",
+        503 => "503",
+        504 => "504",
+        499 => "499",
+        _ => "other",
+    }
+}
+
 /// Why a request was refused: the `reason` label of `duplex_gateway_rejected_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {

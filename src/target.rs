@@ -1,0 +1,116 @@
+//! Where a client's endpoint is served: this node's endpoint, or (in a cluster) this node's
+//! and other nodes'. The status table finds it; WebSocket clients and HTTP calls join it.
+
+use std::sync::Arc;
+
+use crate::auth::Digest;
+use crate::cluster::{Client, Cluster, ClusterClient};
+use crate::mux::{self, Endpoint, Registry};
+
+/// Where a client's endpoint is served.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// This node's endpoint (a single node).
+    Local(Arc<Endpoint>),
+    /// In a cluster: this node's endpoint (if it has one) or other nodes'.
+    Cluster {
+        /// The endpoint path.
+        path: String,
+        /// This node's endpoint at the path, if any.
+        local: Option<Arc<Endpoint>>,
+        /// The cluster.
+        cluster: Arc<Cluster>,
+    },
+}
+
+impl Target {
+    /// The endpoint path.
+    pub fn path(&self) -> &str {
+        match self {
+            Target::Local(e) => e.path(),
+            Target::Cluster { path, .. } => path,
+        }
+    }
+
+    /// This node's endpoint at the path, if any.
+    pub fn local(&self) -> Option<&Arc<Endpoint>> {
+        match self {
+            Target::Local(e) => Some(e),
+            Target::Cluster { local, .. } => local.as_ref(),
+        }
+    }
+
+    /// Counts one HTTP call answered with `status` after `seconds`: in this node's endpoint's
+    /// series, or (served only by other nodes) in the cluster's series for the path.
+    pub fn count_http_call(&self, status: u16, seconds: f64) {
+        let label = crate::metrics::status_label(status);
+        match self {
+            Target::Cluster {
+                local: None,
+                cluster,
+                path,
+            } => cluster.count_http_call(path, label, seconds),
+            _ => {
+                if let Some(endpoint) = self.local() {
+                    endpoint.count_http_call(label, seconds);
+                }
+            }
+        }
+    }
+
+    /// Joins a client (WebSocket when `websocket`, else an HTTP call) that presented `secret`.
+    pub fn join(
+        &self,
+        websocket: bool,
+        max_clients: usize,
+        secret: Digest,
+    ) -> Result<Client, mux::JoinError> {
+        match self {
+            Target::Local(e) => e.join(websocket, max_clients, &secret).map(Client::Local),
+            Target::Cluster {
+                path,
+                local,
+                cluster,
+            } => ClusterClient::join(
+                cluster,
+                local.as_ref(),
+                path,
+                websocket,
+                max_clients,
+                secret,
+            )
+            .map(|c| Client::Cluster(Box::new(c))),
+        }
+    }
+}
+
+/// Finds the endpoint at `path`: this node's, or (in a cluster) one another node announces.
+/// Returns it with whether `secret` is its client secret (constant time).
+pub fn find(
+    path: &str,
+    secret: Option<&str>,
+    registry: &Registry,
+    cluster: Option<&Arc<Cluster>>,
+) -> Option<(Target, Option<Digest>)> {
+    let local = registry.lookup(path);
+    let digest = secret.map(|s| Digest::of(s.as_bytes()));
+    let Some(cluster) = cluster else {
+        let endpoint = local?;
+        let ok = digest.filter(|d| endpoint.secret_matches(d));
+        return Some((Target::Local(endpoint), ok));
+    };
+    if local.is_none() && !cluster.knows(path) {
+        return None;
+    }
+    let ok = digest.filter(|d| {
+        local.as_ref().is_some_and(|e| e.secret_matches(d)) || cluster.secret_matches(path, d)
+    });
+    Some((
+        Target::Cluster {
+            path: path.to_string(),
+            local,
+            cluster: cluster.clone(),
+        },
+        ok,
+    ))
+}
