@@ -27,7 +27,7 @@ impl Digest {
     }
 
     /// The digest as 64 hex digits (what the cluster announces instead of a secret).
-    pub fn to_hex(&self) -> String {
+    pub fn to_hex(self) -> String {
         hex::encode(self.0)
     }
 
@@ -97,7 +97,7 @@ pub enum PathScope {
 
 impl PathScope {
     /// Parses `/exact` or `/prefix/*`.
-    pub fn parse(pattern: &str) -> Result<PathScope, String> {
+    pub fn parse(pattern: &str) -> Result<PathScope, InvalidPath> {
         if let Some(prefix) = pattern.strip_suffix("/*") {
             let prefix = format!("{prefix}/");
             check_path(&prefix)?;
@@ -105,9 +105,9 @@ impl PathScope {
         } else {
             check_path(pattern)?;
             if pattern.contains('*') {
-                return Err(format!(
+                return Err(InvalidPath(format!(
                     "`{pattern}`: `*` is only allowed as a final `/*` segment"
-                ));
+                )));
             }
             Ok(PathScope::Exact(pattern.to_string()))
         }
@@ -122,7 +122,7 @@ impl PathScope {
     }
 }
 
-pub use duplex::address::{check_escapes, check_path};
+pub use duplex::address::{check_escapes, check_path, InvalidPath};
 
 /// Client secrets shorter than this are warned about (`--check`, the publish log).
 pub const SHORT_SECRET_BYTES: usize = 16;
@@ -136,22 +136,22 @@ pub const LOGGED_PATH_BYTES: usize = 256;
 
 /// Checks the lengths of a request's path: an endpoint path of at most [`MAX_PATH_BYTES`], and
 /// for a `call` (`<endpoint>/<method>`) a method of at most [`MAX_METHOD_BYTES`].
-pub fn check_lengths(path: &str, call: bool) -> Result<(), String> {
+pub fn check_lengths(path: &str, call: bool) -> Result<(), InvalidPath> {
     let (endpoint, method) = match path.rsplit_once('/').filter(|_| call) {
         Some((endpoint, method)) => (endpoint, method),
         None => (path, ""),
     };
     if endpoint.len() > MAX_PATH_BYTES {
-        return Err(format!(
+        return Err(InvalidPath(format!(
             "an endpoint path has at most {MAX_PATH_BYTES} bytes (this one has {})",
             endpoint.len()
-        ));
+        )));
     }
     if method.len() > MAX_METHOD_BYTES {
-        return Err(format!(
+        return Err(InvalidPath(format!(
             "a method name has at most {MAX_METHOD_BYTES} bytes (this one has {})",
             method.len()
-        ));
+        )));
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use crate::cluster::Client;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
 use crate::metrics::{metrics, Rejection};
+use crate::mux::Outcome;
 use crate::refusal::{respond, Refusal};
 use crate::target::Target;
 
@@ -104,8 +105,10 @@ async fn run(
     if is_async {
         let request = Message::request_raw(method, None, payload);
         match until(deadline, conn.send(request)).await {
-            Ok(None) => {}
-            Ok(Some(answer)) => return respond_own_error(session, &answer, headers).await,
+            Ok(Outcome::Done) => {}
+            Ok(Outcome::Answer(answer)) => {
+                return respond_own_error(session, &answer, headers).await
+            }
             Err(_) => return timed_out(session, headers).await,
         }
         respond(
@@ -122,8 +125,8 @@ async fn run(
     let request = Message::request_raw(method, Some(1), payload);
     // The send may wait: for a backend in its grace, or for room in a backend's queue.
     match until(deadline, conn.send(request)).await {
-        Ok(None) => {}
-        Ok(Some(answer)) => return respond_own_error(session, &answer, headers).await,
+        Ok(Outcome::Done) => {}
+        Ok(Outcome::Answer(answer)) => return respond_own_error(session, &answer, headers).await,
         Err(_) => return timed_out(session, headers).await,
     }
     wait_for_reply(session, conn, config, deadline, headers).await
@@ -258,7 +261,8 @@ async fn next_reply(conn: &mut Client) -> Option<Message> {
                     let method = msg.method().unwrap_or_default();
                     let reply =
                         Message::error_reply(Some(id), &RpcError::method_not_found(&method));
-                    conn.send(reply).await;
+                    // The backend's call gets its -32601; the gateway has nothing to add.
+                    let _ = conn.send(reply).await;
                 }
             }
         }

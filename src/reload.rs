@@ -146,9 +146,20 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     warnings
 }
 
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new config is not valid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A certificate of the new config could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
 /// Reloads the config of `app` from its source. Returns what went wrong, having changed nothing.
-pub fn reload(app: &App) -> Result<(), String> {
-    let new = app.source.load().map_err(|e| e.to_string())?;
+pub fn reload(app: &App) -> Result<(), ReloadError> {
+    let new = app.source.load()?;
     let keys = crate::tls::load_all(&new)?;
     let old = app.config.load_full();
     for warning in restart_needed(&old, &new) {

@@ -18,8 +18,32 @@ use crate::gateway::Gateway;
 use crate::mux::{close, CloseReason};
 use crate::timeouts::Front;
 
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// An address is taken (or not this machine's).
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The listener's (or the metrics') address.
+        address: std::net::SocketAddr,
+        /// What binding said.
+        source: std::io::Error,
+    },
+    /// A TLS listener could not be set up.
+    #[error("TLS listener {address}: {reason}")]
+    Tls {
+        /// The listener's address.
+        address: std::net::SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The cluster could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
+}
+
 /// Starts the gateway and runs until SIGTERM or SIGINT.
-pub fn run(app: Arc<App>) -> Result<(), String> {
+pub fn run(app: Arc<App>) -> Result<(), StartError> {
     let config: Arc<Config> = app.config.load_full();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let tmp = std::env::temp_dir();
@@ -105,9 +129,15 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
                     .iter()
                     .find(|(a, _)| *a == listener.address)
                     .map(|(_, r)| r.clone())
-                    .ok_or_else(|| format!("TLS listener {addr}: certificate not loaded"))?;
+                    .ok_or_else(|| StartError::Tls {
+                        address: listener.address,
+                        reason: "certificate not loaded".into(),
+                    })?;
                 let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                    .map_err(|e| format!("TLS listener {addr}: {e}"))?;
+                    .map_err(|e| StartError::Tls {
+                        address: listener.address,
+                        reason: e.to_string(),
+                    })?;
                 settings.set_cert_resolver(resolver);
                 // HTTP/2 for HTTP calls, as browsers prefer; WebSocket upgrades stay on HTTP/1.1
                 // (a client that asks for h2 only cannot upgrade, and gets 426).
@@ -150,7 +180,7 @@ pub fn run(app: Arc<App>) -> Result<(), String> {
 }
 
 /// Fails with one line naming the first listener (or metrics) address that cannot be bound.
-fn check_addresses(config: &Config) -> Result<(), String> {
+fn check_addresses(config: &Config) -> Result<(), StartError> {
     let addresses = config
         .listeners
         .iter()
@@ -161,7 +191,12 @@ fn check_addresses(config: &Config) -> Result<(), String> {
     for addr in addresses {
         match std::net::TcpListener::bind(addr) {
             Ok(listener) => bound.push(listener),
-            Err(e) => return Err(format!("cannot listen on {addr}: {e}")),
+            Err(source) => {
+                return Err(StartError::Listen {
+                    address: addr,
+                    source,
+                })
+            }
         }
     }
     Ok(())

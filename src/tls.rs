@@ -42,27 +42,60 @@ impl CertResolver {
     }
 }
 
+/// Why a certificate could not be loaded: each names the files.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read TLS files {cert} / {key}: {source}")]
+    Read {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+        /// What reading said.
+        source: Box<pingora::Error>,
+    },
+    /// The files hold no certificate, or no key.
+    #[error("no certificate in {cert} or no private key (PKCS#1, PKCS#8 or SEC1 PEM) in {key}")]
+    Missing {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+    },
+    /// The key is not the certificate's, or is of a kind rustls does not take.
+    #[error("TLS certificate {cert} with key {key}: {source}")]
+    Mismatch {
+        /// The certificate file.
+        cert: String,
+        /// The key file.
+        key: String,
+        /// What rustls said.
+        source: rustls::Error,
+    },
+}
+
 /// Loads a certificate chain and its private key, and checks that they belong together.
-pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
+pub fn load(files: &TlsFiles) -> Result<CertifiedKey, TlsError> {
     let cert = files.cert.display().to_string();
     let key = files.key.display().to_string();
-    let loaded = pingora::tls::load_certs_and_key_files(&cert, &key)
-        .map_err(|e| format!("cannot read TLS files {cert} / {key}: {e}"))?;
+    let loaded = match pingora::tls::load_certs_and_key_files(&cert, &key) {
+        Ok(loaded) => loaded,
+        Err(source) => return Err(TlsError::Read { cert, key, source }),
+    };
     let Some((certs, private_key)) = loaded else {
-        return Err(format!(
-            "no certificate in {cert} or no private key (PKCS#1, PKCS#8 or SEC1 PEM) in {key}"
-        ));
+        return Err(TlsError::Missing { cert, key });
     };
     CertifiedKey::from_der(
         certs,
         private_key,
         &rustls::crypto::ring::default_provider(),
     )
-    .map_err(|e| format!("TLS certificate {cert} with key {key}: {e}"))
+    .map_err(|source| TlsError::Mismatch { cert, key, source })
 }
 
 /// Loads the certificate of every TLS listener of `config`.
-pub fn load_all(config: &Config) -> Result<Vec<(SocketAddr, CertifiedKey)>, String> {
+pub fn load_all(config: &Config) -> Result<Vec<(SocketAddr, CertifiedKey)>, TlsError> {
     config
         .listeners
         .iter()

@@ -30,7 +30,7 @@ use tungstenite::Message as WsMessage;
 use crate::cluster::Client;
 use crate::duplex::{handshake, Message};
 use crate::metrics::{metrics, Rejection};
-use crate::mux::{close, BackendConn, CloseReason};
+use crate::mux::{close, BackendConn, CloseReason, Outcome};
 
 /// How much is read from a backend's socket at a time (a backend carries every client's
 /// frames: reads of many frames at once).
@@ -500,7 +500,7 @@ impl WsStream {
                         Ok(()) => true,
                         Err(reason) => {
                             metrics().reject(Rejection::BadHandshake);
-                            self.queue_text(handshake::refusal(&reason));
+                            self.queue_text(handshake::refusal(&reason.0));
                             self.close(&CloseReason::new(1002, "bad handshake")).await;
                             false
                         }
@@ -543,7 +543,7 @@ impl WsStream {
                                     // A call can wait (for a backend in its grace); the peer's
                                     // silence meanwhile is ours, not a sign it is dead.
                                     self.last_heard = Instant::now();
-                                    if let Some(answer) = answer {
+                                    if let Outcome::Answer(answer) = answer {
                                         if answer.id().is_some() {
                                             self.queue_text(answer.to_json());
                                         }
@@ -641,7 +641,7 @@ fn truncate(text: &str, max: usize) -> &str {
 /// One side of the multiplexer as seen by a WebSocket connection.
 trait Side {
     /// A frame from the peer; returns an answer to write back to the peer, if any.
-    async fn on_frame(&mut self, msg: Message) -> Option<Message>;
+    async fn on_frame(&mut self, msg: Message) -> Outcome;
     /// A frame the peer sent that is not a valid message.
     fn on_malformed(&mut self, error: &crate::duplex::ParseError);
     /// The next frame for the peer; None when the multiplexer closed this connection.
@@ -653,7 +653,7 @@ trait Side {
 }
 
 impl Side for BackendConn {
-    async fn on_frame(&mut self, msg: Message) -> Option<Message> {
+    async fn on_frame(&mut self, msg: Message) -> Outcome {
         self.handle(msg)
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
@@ -707,11 +707,13 @@ impl LimitedClient {
 }
 
 impl Side for LimitedClient {
-    async fn on_frame(&mut self, msg: Message) -> Option<Message> {
+    async fn on_frame(&mut self, msg: Message) -> Outcome {
         if msg.kind() == crate::duplex::Kind::Request {
             if let Err(limited) = self.admit() {
                 crate::metrics::metrics().reject(limited.reason);
-                let id = msg.id()?;
+                let Some(id) = msg.id() else {
+                    return Outcome::Done;
+                };
                 let millis = u64::try_from(limited.retry_after.as_millis())
                     .unwrap_or(u64::MAX)
                     .max(1);
@@ -722,7 +724,7 @@ impl Side for LimitedClient {
                 if let Some(ext) = msg.ext_raw() {
                     reply.set_raw("ext", ext.to_owned());
                 }
-                return Some(reply);
+                return Outcome::Answer(reply);
             }
         }
         self.client.send(msg).await

@@ -32,13 +32,17 @@ fn a_single_node_multiplexer_answers_a_call() {
         let endpoint: Arc<mux::Endpoint> = registry.lookup("/alone").expect("endpoint");
         let mut client = endpoint.join(true, 10, &secret).expect("join");
         let call = duplex::Message::parse(br#"{"type":"req","method":"m","id":1}"#).expect("call");
-        assert!(client.send(call).await.is_none());
+        assert!(client.send(call).await.is_done());
         let to_backend = backend.recv().await.expect("the call reaches the backend");
         let sent: serde_json::Value = serde_json::from_str(&to_backend).expect("json");
-        let reply = serde_json::json!({"type":"rep","id":sent["id"],"payload":"ok","ext":sent["ext"]});
+        let reply =
+            serde_json::json!({"type":"rep","id":sent["id"],"payload":"ok","ext":sent["ext"]});
         let reply = duplex::Message::parse(reply.to_string().as_bytes()).expect("reply");
-        assert!(backend.handle(reply).is_none());
+        assert!(backend.handle(reply).is_done());
         let got = client.recv().await.expect("the reply");
-        assert_eq!((got.id(), got.payload()), (Some(1), serde_json::json!("ok")));
+        assert_eq!(
+            (got.id(), got.payload()),
+            (Some(1), serde_json::json!("ok"))
+        );
     });
 }

@@ -76,20 +76,27 @@ pub fn split_call_path(path: &str) -> Option<(&str, &str)> {
     Some((if endpoint.is_empty() { "/" } else { endpoint }, method))
 }
 
+/// Why a path is refused (the message says which rule it breaks).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidPath(pub String);
+
 /// Checks that `path` is a usable endpoint path: starts with `/`, no empty, `.` or `..` segments
 /// (so a path means the same to every client library), printable ASCII only.
-pub fn check_path(path: &str) -> Result<(), String> {
+pub fn check_path(path: &str) -> Result<(), InvalidPath> {
     if !path.starts_with('/') {
-        return Err(format!("`{path}`: an endpoint path starts with `/`"));
+        return Err(InvalidPath(format!(
+            "`{path}`: an endpoint path starts with `/`"
+        )));
     }
     if path
         .bytes()
         .any(|b| !(0x21..0x7f).contains(&b) || b == b'?' || b == b'#')
     {
-        return Err(format!(
+        return Err(InvalidPath(format!(
             "`{}`: an endpoint path is printable ASCII without `?` or `#`",
             path.escape_debug()
-        ));
+        )));
     }
     if path == "/" {
         return Ok(());
@@ -97,9 +104,9 @@ pub fn check_path(path: &str) -> Result<(), String> {
     let inner = path.strip_suffix('/').unwrap_or(path);
     for segment in inner[1..].split('/') {
         if segment.is_empty() || segment == "." || segment == ".." {
-            return Err(format!(
+            return Err(InvalidPath(format!(
                 "`{path}`: empty, `.` and `..` segments are not allowed"
-            ));
+            )));
         }
     }
     Ok(())
@@ -109,7 +116,7 @@ pub fn check_path(path: &str) -> Result<(), String> {
 /// further on: an escaped `/`, `.`, `?`, `#` or `\\`, or an escaped control character. Paths are
 /// taken as they are sent (never decoded), so `/a%2fb` and `/a/b` would be two endpoints, and
 /// `%2e%2e` a `..` to whatever decodes it later: refused instead.
-pub fn check_escapes(path: &str) -> Result<(), String> {
+pub fn check_escapes(path: &str) -> Result<(), InvalidPath> {
     let bytes = path.as_bytes();
     for (i, _) in path.match_indices('%') {
         let escaped = bytes
@@ -118,10 +125,10 @@ pub fn check_escapes(path: &str) -> Result<(), String> {
             .and_then(|hex_digits| u8::from_str_radix(hex_digits, 16).ok());
         if let Some(b) = escaped {
             if matches!(b, b'/' | b'.' | b'?' | b'#' | b'\\') || b < 0x20 || b == 0x7f {
-                return Err(format!(
+                return Err(InvalidPath(format!(
                     "the path has an escaped `{}`: separators and control characters must not be escaped",
                     if b.is_ascii_graphic() { (b as char).to_string() } else { format!("\\x{b:02x}") }
-                ));
+                )));
             }
         }
     }

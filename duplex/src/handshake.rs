@@ -10,33 +10,45 @@ const PROTOCOL: &str = "SIMPLEX";
 const VERSION: &str = "1.0";
 const CODEC: &str = "json";
 
+/// Why a handshake is refused: the reason to send after `-ERR`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
 /// Checks a connecting peer's handshake frame. `Err` holds the reason to send after `-ERR`.
-pub fn check(frame: &[u8]) -> Result<(), String> {
-    let text = std::str::from_utf8(frame).map_err(|_| "handshake is not UTF-8 text".to_string())?;
+pub fn check(frame: &[u8]) -> Result<(), Refused> {
+    let text = std::str::from_utf8(frame)
+        .map_err(|_| Refused("handshake is not UTF-8 text".to_string()))?;
     let text = text.trim();
     let Some((protocol, rest)) = text.split_once('/') else {
-        return Err(format!("expected {HANDSHAKE}, got {}", shown(text)));
+        return Err(Refused(format!(
+            "expected {HANDSHAKE}, got {}",
+            shown(text)
+        )));
     };
     let Some((version, codec)) = rest.split_once(';') else {
-        return Err(format!("expected {HANDSHAKE}, got {}", shown(text)));
+        return Err(Refused(format!(
+            "expected {HANDSHAKE}, got {}",
+            shown(text)
+        )));
     };
     if protocol != PROTOCOL {
-        return Err(format!(
+        return Err(Refused(format!(
             "unsupported protocol {}: this gateway speaks {PROTOCOL}",
             shown(protocol)
-        ));
+        )));
     }
     if version != VERSION {
-        return Err(format!(
+        return Err(Refused(format!(
             "unsupported version {}: this gateway speaks {VERSION}",
             shown(version)
-        ));
+        )));
     }
     if codec != CODEC {
-        return Err(format!(
+        return Err(Refused(format!(
             "unsupported codec {}: this gateway speaks {CODEC}",
             shown(codec)
-        ));
+        )));
     }
     Ok(())
 }
@@ -83,7 +95,7 @@ mod tests {
             ("{\"type\":\"req\"}", "expected"),
         ];
         for (frame, word) in cases {
-            let reason = check(frame.as_bytes()).expect_err(frame);
+            let reason = check(frame.as_bytes()).expect_err(frame).0;
             assert!(reason.contains(word), "{frame}: {reason}");
         }
         assert!(check(&[0xff, 0xfe]).is_err());
@@ -92,7 +104,7 @@ mod tests {
     #[test]
     fn long_junk_is_cut_in_the_reason() {
         let junk = "x".repeat(10_000);
-        let reason = check(junk.as_bytes()).expect_err("junk");
+        let reason = check(junk.as_bytes()).expect_err("junk").0;
         assert!(reason.len() < 200, "{}", reason.len());
     }
 

@@ -48,9 +48,17 @@ type Handler = Arc<dyn Fn(Call) -> HandlerFuture + Send + Sync>;
 /// Why a peer operation failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PeerError {
-    /// The WebSocket connection could not be opened (includes the HTTP status of a refused upgrade).
+    /// The WebSocket connection could not be opened (the network, TLS, or a malformed URL).
     #[error("connect failed: {0}")]
     Connect(String),
+    /// The server answered the upgrade with an HTTP status (401, 404, 429, 503, ...) instead.
+    #[error("connect failed: HTTP {status} {body}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The answer's body (the gateway's says why).
+        body: String,
+    },
     /// The gateway refused the handshake.
     #[error("handshake refused: {0}")]
     Handshake(String),
@@ -66,10 +74,7 @@ impl PeerError {
     /// The HTTP status of a refused WebSocket upgrade, if that is what happened.
     pub fn http_status(&self) -> Option<u16> {
         match self {
-            PeerError::Connect(text) => text
-                .strip_prefix("HTTP ")
-                .and_then(|rest| rest.get(..3))
-                .and_then(|code| code.parse().ok()),
+            PeerError::Refused { status, .. } => Some(*status),
             _ => None,
         }
     }
@@ -176,9 +181,10 @@ impl PeerBuilder {
             tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
                 .await
                 .map_err(|e| match e {
-                    tokio_tungstenite::tungstenite::Error::Http(resp) => PeerError::Connect(
-                        format!("HTTP {} {}", resp.status().as_u16(), body_text(resp.body())),
-                    ),
+                    tokio_tungstenite::tungstenite::Error::Http(resp) => PeerError::Refused {
+                        status: resp.status().as_u16(),
+                        body: body_text(resp.body()),
+                    },
                     other => PeerError::Connect(other.to_string()),
                 })?;
 
@@ -232,7 +238,7 @@ impl PeerBuilder {
                 Ok(()) => break,
                 Err(reason) => {
                     let _ = ws
-                        .send(WsMessage::Text(handshake::refusal(&reason).into()))
+                        .send(WsMessage::Text(handshake::refusal(&reason.0).into()))
                         .await;
                     let _ = ws
                         .send(WsMessage::Close(Some(CloseFrame {
@@ -240,7 +246,7 @@ impl PeerBuilder {
                             reason: "bad handshake".into(),
                         })))
                         .await;
-                    return Err(PeerError::Handshake(reason));
+                    return Err(PeerError::Handshake(reason.0));
                 }
             }
         }

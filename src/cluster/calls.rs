@@ -79,7 +79,7 @@ impl Cluster {
     pub(super) fn call_from(&self, node: &str, path: &str, key: u64, call: Message) {
         let answer = match self.registry.lookup(path) {
             Some(endpoint) => match self.guest_key(&endpoint, node, key) {
-                Some(guest) => endpoint.call_as_guest(guest, call),
+                Some(guest) => endpoint.call_as_guest(guest, call).into_answer(),
                 None => None,
             },
             None => call.id().map(|_| {

@@ -23,7 +23,7 @@ use super::wire::{Envelope, Op};
 use super::{lock, session_id, Cluster};
 use crate::auth::Digest;
 use crate::duplex::{code, Kind, Message, RpcError};
-use crate::mux::{close, local_error, ClientConn, CloseReason, Endpoint, JoinError};
+use crate::mux::{close, local_error, ClientConn, CloseReason, Endpoint, JoinError, Outcome};
 
 /// A client of an endpoint: attached to this node's multiplexer, or relayed by the cluster.
 pub enum Client {
@@ -35,7 +35,7 @@ pub enum Client {
 
 impl Client {
     /// Sends one frame from the client; returns what the gateway answers itself, if anything.
-    pub async fn send(&mut self, msg: Message) -> Option<Message> {
+    pub async fn send(&mut self, msg: Message) -> Outcome {
         match self {
             Client::Local(conn) => conn.send(msg).await,
             Client::Cluster(c) => c.send(msg).await,
@@ -472,7 +472,11 @@ impl ClusterClient {
     }
 
     /// Sends one frame from the client (see [`Client::send`]).
-    pub async fn send(&mut self, msg: Message) -> Option<Message> {
+    pub async fn send(&mut self, msg: Message) -> Outcome {
+        self.pass(msg).await.into()
+    }
+
+    async fn pass(&mut self, msg: Message) -> Option<Message> {
         if self.closed.is_some() {
             return None;
         }
@@ -489,7 +493,7 @@ impl ClusterClient {
             }
         }
         let (subject, id, first) = match &mut self.place {
-            Place::Local(conn) => return conn.send(msg).await,
+            Place::Local(conn) => return conn.send(msg).await.into_answer(),
             Place::Nowhere => {
                 // A reply to a call from a backend that is gone: dropped.
                 return None;

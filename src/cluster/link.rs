@@ -6,9 +6,55 @@
 //! taken out of it here and handed over as `auth` would be; the URL the client (and every log
 //! line) sees has none. A URL is only ever shown with its password as `***`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::{ClusterConfig, NatsAuth};
+
+/// Why the link's settings cannot be used: each names the setting or the file, never a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// A server URL does not parse (shown with its password as `***`).
+    #[error("cluster.nats: {url}: {reason}")]
+    Url {
+        /// The URL, redacted.
+        url: String,
+        /// What the parser said.
+        reason: String,
+    },
+    /// Two URLs carry different credentials.
+    #[error("cluster.nats: the URLs name different credentials; give one `cluster.auth` instead")]
+    UrlsDisagree,
+    /// Credentials both in a URL and in `cluster.auth`.
+    #[error("cluster: credentials in a NATS URL and in `cluster.auth`: give them once")]
+    CredentialsTwice,
+    /// A file could not be read.
+    #[error("{setting}: cannot read {}: {source}", path.display())]
+    Read {
+        /// The setting naming the file.
+        setting: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What reading said.
+        source: std::io::Error,
+    },
+    /// The NKey seed file holds no seed.
+    #[error("cluster.auth.nkey_seed_file: {} holds no NKey seed (a line starting with S)", .0.display())]
+    NoSeed(PathBuf),
+    /// The credentials file is not one.
+    #[error("cluster.auth.credentials_file: {} is not a NATS credentials file (a user JWT and an NKey seed)", .0.display())]
+    NotCredentials(PathBuf),
+    /// The CA file is not PEM, or holds no certificate.
+    #[error("cluster.tls.ca: {}: {reason}", path.display())]
+    Ca {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The client certificate or its key.
+    #[error("cluster.tls: {0}")]
+    ClientCertificate(#[from] crate::tls::TlsError),
+}
 
 /// What the NATS client needs to connect, read from the config and the files it names.
 pub struct Link {
@@ -22,7 +68,7 @@ pub struct Link {
 
 /// Reads `config`'s servers, credentials and TLS files. Every error names the setting or the
 /// file, never a secret.
-pub fn load(config: &ClusterConfig) -> Result<Link, String> {
+pub fn load(config: &ClusterConfig) -> Result<Link, LinkError> {
     let mut options = async_nats::ConnectOptions::new();
     let mut servers = Vec::new();
     let mut shown = Vec::new();
@@ -31,13 +77,13 @@ pub fn load(config: &ClusterConfig) -> Result<Link, String> {
         let (bare, credentials) = split_credentials(url);
         let addr = bare
             .parse::<async_nats::ServerAddr>()
-            .map_err(|e| format!("cluster.nats: {}: {e}", redact(url)))?;
+            .map_err(|e| LinkError::Url {
+                url: redact(url),
+                reason: e.to_string(),
+            })?;
         if let Some(credentials) = credentials {
             if from_url.as_ref().is_some_and(|c| *c != credentials) {
-                return Err(
-                    "cluster.nats: the URLs name different credentials; give one `cluster.auth` instead"
-                        .into(),
-                );
+                return Err(LinkError::UrlsDisagree);
             }
             from_url = Some(credentials);
         }
@@ -45,11 +91,7 @@ pub fn load(config: &ClusterConfig) -> Result<Link, String> {
         shown.push(redact(url));
     }
     match (&config.auth, from_url) {
-        (Some(_), Some(_)) => {
-            return Err(
-                "cluster: credentials in a NATS URL and in `cluster.auth`: give them once".into(),
-            )
-        }
+        (Some(_), Some(_)) => return Err(LinkError::CredentialsTwice),
         (None, Some((user, password))) => {
             options = options.user_and_password(user, password);
         }
@@ -64,7 +106,7 @@ pub fn load(config: &ClusterConfig) -> Result<Link, String> {
         }
         if let Some(client) = &tls.client {
             // Read and matched now, so a wrong file stops the start (and `--check`).
-            crate::tls::load(client).map_err(|e| format!("cluster.tls: {e}"))?;
+            crate::tls::load(client)?;
             options = options.add_client_certificate(client.cert.clone(), client.key.clone());
         }
     }
@@ -76,14 +118,14 @@ pub fn load(config: &ClusterConfig) -> Result<Link, String> {
 }
 
 /// Checks the files `config` names (for `--check`): the same reading as at start-up.
-pub fn check(config: &ClusterConfig) -> Result<(), String> {
+pub fn check(config: &ClusterConfig) -> Result<(), LinkError> {
     load(config).map(drop)
 }
 
 fn with_auth(
     options: async_nats::ConnectOptions,
     auth: &NatsAuth,
-) -> Result<async_nats::ConnectOptions, String> {
+) -> Result<async_nats::ConnectOptions, LinkError> {
     Ok(match auth {
         NatsAuth::UserPassword { user, password } => {
             options.user_and_password(user.clone(), password.clone())
@@ -100,41 +142,39 @@ fn with_auth(
                 .unwrap_or(&seed)
                 .to_string();
             if nkeys::KeyPair::from_seed(&seed).is_err() {
-                return Err(format!(
-                    "cluster.auth.nkey_seed_file: {} holds no NKey seed (a line starting with S)",
-                    path.display()
-                ));
+                return Err(LinkError::NoSeed(path.clone()));
             }
             options.nkey(seed)
         }
         NatsAuth::CredentialsFile(path) => {
             let text = read(path, "cluster.auth.credentials_file")?;
-            options.credentials(&text).map_err(|_| {
-                format!(
-                    "cluster.auth.credentials_file: {} is not a NATS credentials file (a user JWT and an NKey seed)",
-                    path.display()
-                )
-            })?
+            options
+                .credentials(&text)
+                .map_err(|_| LinkError::NotCredentials(path.clone()))?
         }
     })
 }
 
-fn read(path: &Path, setting: &str) -> Result<String, String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| format!("{setting}: cannot read {}: {e}", path.display()))
+fn read(path: &Path, setting: &'static str) -> Result<String, LinkError> {
+    std::fs::read_to_string(path).map_err(|source| LinkError::Read {
+        setting,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-fn check_ca(path: &Path) -> Result<(), String> {
+fn check_ca(path: &Path) -> Result<(), LinkError> {
     use rustls::pki_types::pem::PemObject;
+    let ca = |reason: String| LinkError::Ca {
+        path: path.to_path_buf(),
+        reason,
+    };
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cluster.tls.ca: cannot read {}: {e}", path.display()))?
+        .map_err(|e| ca(format!("cannot read it: {e}")))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("cluster.tls.ca: {}: {e}", path.display()))?;
+        .map_err(|e| ca(e.to_string()))?;
     if certs.is_empty() {
-        return Err(format!(
-            "cluster.tls.ca: no PEM certificate in {}",
-            path.display()
-        ));
+        return Err(ca("no PEM certificate in it".into()));
     }
     Ok(())
 }
@@ -229,7 +269,7 @@ mod tests {
     #[test]
     fn credentials_in_a_url_and_in_auth_are_refused() {
         let config = cluster("nats://a:b@127.0.0.1:4222", NatsAuth::Token("t".into()));
-        let e = load(&config).err().expect("refused");
+        let e = load(&config).err().expect("refused").to_string();
         assert!(!e.contains("a:b@"), "{e}");
         assert!(e.contains("once"), "{e}");
     }
@@ -244,13 +284,13 @@ mod tests {
             "nats://127.0.0.1:4222",
             NatsAuth::NkeySeedFile(file.clone()),
         );
-        let e = load(&config).err().expect("refused");
+        let e = load(&config).err().expect("refused").to_string();
         assert!(e.contains("bad.nk"), "{e}");
         let missing = ClusterConfig {
             auth: Some(NatsAuth::CredentialsFile(dir.join("missing.creds"))),
             ..config
         };
-        let e = load(&missing).err().expect("refused");
+        let e = load(&missing).err().expect("refused").to_string();
         assert!(e.contains("missing.creds"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -156,6 +156,36 @@ pub trait PathLimits: Send + Sync {
 /// How long the start-up waits for NATS before starting local-only.
 const CONNECT_WAIT: Duration = Duration::from_secs(2);
 
+/// Why a cluster node could not start (or, for [`ClusterError::Payload`], cannot use its link).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Its runtime or its thread could not be made.
+    #[error("cluster: cannot start its runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The link's settings or files.
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    /// The NATS client could not be set up.
+    #[error("cluster: cannot set up the NATS client: {0}")]
+    Client(async_nats::ConnectError),
+    /// The server refused this node's credentials.
+    #[error("cluster: the NATS server ({servers}) refused this node's credentials: {why}")]
+    Refused {
+        /// The servers, as they may be shown.
+        servers: String,
+        /// What the server said.
+        why: String,
+    },
+    /// A frame of `max_message_bytes` does not fit the server's `max_payload`.
+    #[error("limits.max_message_bytes {max_message} (plus {ENVELOPE_BYTES} bytes of envelope) does not fit the NATS server's max_payload {max_payload}: lower max_message_bytes to {} or raise the server's max_payload", max_payload.saturating_sub(ENVELOPE_BYTES))]
+    Payload {
+        /// `limits.max_message_bytes`.
+        max_message: usize,
+        /// The server's `max_payload`.
+        max_payload: usize,
+    },
+}
+
 impl Cluster {
     /// Connects to NATS (waiting up to 2 s; a node starts even when NATS is down, and keeps
     /// trying) and starts the heartbeats and the subscriptions. Fails when NATS is reachable
@@ -165,7 +195,7 @@ impl Cluster {
         max_message_bytes: usize,
         registry: Arc<Registry>,
         limits: Box<dyn PathLimits>,
-    ) -> Result<Arc<Cluster>, String> {
+    ) -> Result<Arc<Cluster>, ClusterError> {
         let me: Arc<str> = Arc::from(node_name(config.node.as_deref()));
         // One thread: the link's reads and writes, heartbeats and relayed sessions are light,
         // and a single-threaded runtime wakes its own tasks without crossing threads.
@@ -173,13 +203,13 @@ impl Cluster {
             .thread_name("cluster")
             .enable_all()
             .build()
-            .map_err(|e| format!("cluster: cannot start its runtime: {e}"))?;
+            .map_err(ClusterError::Runtime)?;
         let handle = rt.handle().clone();
         // The runtime lives as long as the process: its thread runs the NATS link.
         std::thread::Builder::new()
             .name("cluster".into())
             .spawn(move || rt.block_on(std::future::pending::<()>()))
-            .map_err(|e| format!("cluster: cannot start its thread: {e}"))?;
+            .map_err(ClusterError::Runtime)?;
 
         let link = link::load(config)?;
         let shown = link.shown.join(", ");
@@ -219,7 +249,7 @@ impl Cluster {
             });
         let nats = handle
             .block_on(options.connect(link.servers))
-            .map_err(|e| format!("cluster: cannot set up the NATS client: {e}"))?;
+            .map_err(ClusterError::Client)?;
         let (outbox, outbox_rx) = futures_channel::mpsc::unbounded();
         let cluster = Arc::new_cyclic(|me_weak| Cluster {
             me,
@@ -270,9 +300,10 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(20));
         }
         if let Some(why) = lock(&refused).take() {
-            return Err(format!(
-                "cluster: the NATS server ({shown}) refused this node's credentials: {why}"
-            ));
+            return Err(ClusterError::Refused {
+                servers: shown,
+                why,
+            });
         }
         if cluster.nats.connection_state() == async_nats::connection::State::Connected {
             let max_payload = cluster.nats.server_info().max_payload;
@@ -302,14 +333,14 @@ impl Cluster {
     }
 
     /// Whether a frame of `max_message_bytes` plus the envelope fits the server's `max_payload`.
-    fn payload_fits(&self) -> Result<(), String> {
+    fn payload_fits(&self) -> Result<(), ClusterError> {
         let max_payload = self.max_payload.load(Ordering::SeqCst);
         let max_message = self.max_message.load(Ordering::SeqCst);
         if max_payload > 0 && max_message.saturating_add(ENVELOPE_BYTES) > max_payload {
-            return Err(format!(
-                "limits.max_message_bytes {max_message} (plus {ENVELOPE_BYTES} bytes of envelope) does not fit the NATS server's max_payload {max_payload}: lower max_message_bytes to {} or raise the server's max_payload",
-                max_payload.saturating_sub(ENVELOPE_BYTES)
-            ));
+            return Err(ClusterError::Payload {
+                max_message,
+                max_payload,
+            });
         }
         Ok(())
     }

@@ -192,7 +192,7 @@ impl Cluster {
                     None => break,
                     Some((msg, size)) => {
                         queued.fetch_sub(size, Ordering::Relaxed);
-                        if let Some(answer) = conn.send(msg).await {
+                        if let crate::mux::Outcome::Answer(answer) = conn.send(msg).await {
                             // Answered by this node itself (too many calls, no backend).
                             let last = !websocket && answer.ends_call();
                             if websocket && answer.id().is_none() {

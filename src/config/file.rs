@@ -100,24 +100,31 @@ pub(super) fn referenced_vars(text: &str) -> Vec<String> {
     names
 }
 
+/// Why a value of the file is refused (the message names the rule; serde adds where).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(pub String);
+
 /// Replaces `${NAME}` in `value`; an unset or malformed reference is an error.
-fn substitute(value: &str) -> Result<String, String> {
+fn substitute(value: &str) -> Result<String, BadValue> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let Some(end) = after.find('}') else {
-            return Err(format!("unterminated `${{` in `{value}`"));
+            return Err(BadValue(format!("unterminated `${{` in `{value}`")));
         };
         let name = &after[..end];
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!("`${{{name}}}` is not a valid variable name"));
+            return Err(BadValue(format!(
+                "`${{{name}}}` is not a valid variable name"
+            )));
         }
         let found = ENV.with(|cell| cell.borrow().get(name).cloned().flatten());
         match found {
             Some(v) => out.push_str(&v),
-            None => return Err(format!("environment variable {name} is not set")),
+            None => return Err(BadValue(format!("environment variable {name} is not set"))),
         }
         rest = &after[end + 1..];
     }
@@ -177,12 +184,15 @@ from_env_string!(Cidr, |s| {
 
 #[derive(Debug, Clone, PartialEq)]
 struct Scope(PathScope);
-from_env_string!(Scope, |s| PathScope::parse(s).map(Scope));
+from_env_string!(Scope, |s| PathScope::parse(s)
+    .map(Scope)
+    .map_err(|e| e.to_string()));
 
 #[derive(Debug, Clone, PartialEq)]
 struct EndpointPath(String);
 from_env_string!(EndpointPath, |s| check_path(s)
-    .map(|()| EndpointPath(s.to_string())));
+    .map(|()| EndpointPath(s.to_string()))
+    .map_err(|e| e.to_string()));
 
 #[derive(Debug, Clone)]
 struct TokenValue(Digest);
@@ -281,7 +291,7 @@ impl Visitor<'_> for DurVisitor {
 }
 
 /// Parses `250ms`, `10s`, `5m`, `1h` or `0`; anything from 1 ms to 7 days (or 0).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, BadValue> {
     let text = text.trim();
     if text == "0" {
         return Ok(Duration::ZERO);
@@ -290,8 +300,16 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let not_a_duration = || format!("`{text}` is not a duration like 250ms, 10s, 5m or 1h");
-    let out_of_range = || format!("`{text}` is out of range: a duration is between 1ms and 7 days");
+    let not_a_duration = || {
+        BadValue(format!(
+            "`{text}` is not a duration like 250ms, 10s, 5m or 1h"
+        ))
+    };
+    let out_of_range = || {
+        BadValue(format!(
+            "`{text}` is out of range: a duration is between 1ms and 7 days"
+        ))
+    };
     let n: u64 = match digits.parse() {
         Ok(n) => n,
         // All digits, but too many for a u64.

@@ -147,10 +147,10 @@ pub fn decide(
         );
     }
     if let Err(why) = auth::check_escapes(req.path) {
-        return refusal(400, Some(Rejection::BadPath), why);
+        return refusal(400, Some(Rejection::BadPath), why.0);
     }
     if let Err(why) = auth::check_lengths(req.path, !is_get) {
-        return refusal(400, Some(Rejection::BadPath), why);
+        return refusal(400, Some(Rejection::BadPath), why.0);
     }
     // Listener roles come before the credentials: a listener that does not serve backends
     // never looks at a token, and one that does not serve clients has no endpoints for them.

@@ -28,6 +28,7 @@ pub use endpoint::{
 pub use queue::queued_bytes;
 
 use crate::auth::Digest;
+use crate::duplex::Message;
 
 /// Carries a backend's calls to clients whose route is not this process's (implemented by the
 /// cluster; the multiplexer knows nothing of NATS). The answers come back through
@@ -43,6 +44,37 @@ pub trait Relay: Send + Sync {
         id: Option<u64>,
         frame: String,
     ) -> bool;
+}
+
+/// What became of a frame handed to the multiplexer.
+#[derive(Debug)]
+#[must_use = "an answer of the gateway's own must reach the sender"]
+pub enum Outcome {
+    /// Sent on, or dropped and counted: nothing to answer.
+    Done,
+    /// The gateway answers the sender itself (its own error, or the reply to `$drain`).
+    Answer(Message),
+}
+
+impl Outcome {
+    /// The gateway's own answer, if any.
+    pub fn into_answer(self) -> Option<Message> {
+        match self {
+            Outcome::Done => None,
+            Outcome::Answer(msg) => Some(msg),
+        }
+    }
+
+    /// Whether nothing is to be answered.
+    pub fn is_done(&self) -> bool {
+        matches!(self, Outcome::Done)
+    }
+}
+
+impl From<Option<Message>> for Outcome {
+    fn from(answer: Option<Message>) -> Outcome {
+        answer.map_or(Outcome::Done, Outcome::Answer)
+    }
 }
 
 /// The limits the multiplexer enforces; replaced as a whole on reload.

@@ -117,6 +117,10 @@ impl Drop for ClientRx {
     }
 }
 
+/// The backend's queue is closed (the backend left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Closed;
+
 /// The sending side of a backend's queue, bounded in bytes: a sender waits for room, so the
 /// clients of a backend that does not read wait for it instead of piling frames up in memory.
 #[derive(Clone)]
@@ -151,14 +155,15 @@ impl BackendTx {
     }
 
     /// Queues a frame, waiting for room. Err when the backend is closed.
-    pub(super) async fn send(&self, frame: String) -> Result<(), ()> {
+    pub(super) async fn send(&self, frame: String) -> Result<(), Closed> {
         let cost = self.cost(&frame);
-        let permit = self.room.acquire_many(cost).await.map_err(|_| ())?;
+        let permit = self.room.acquire_many(cost).await.map_err(|_| Closed)?;
         permit.forget();
         QUEUED.fetch_add(cost as usize, Ordering::Relaxed);
-        self.tx
-            .send((frame, cost))
-            .map_err(|_| dequeued(cost as usize))
+        self.tx.send((frame, cost)).map_err(|_| {
+            dequeued(cost as usize);
+            Closed
+        })
     }
 
     /// Queues a frame if there is room now.

@@ -10,7 +10,7 @@ use super::state::DrainRequest;
 use super::{BackendKey, CloseCell, Dropped, Endpoint, Route};
 use crate::duplex::{code, Kind, Message};
 use crate::mux::queue::BackendRx;
-use crate::mux::{close, CloseReason};
+use crate::mux::{close, CloseReason, Outcome};
 
 /// The backend side of an endpoint: one backend of its pool.
 pub struct BackendConn {
@@ -63,7 +63,11 @@ impl BackendConn {
     /// Routes one frame from the backend. Returns a frame to answer the backend with, if any.
     /// A backend that was closed (replaced, revoked, stopping) is silent: nothing it sends
     /// reaches anyone.
-    pub fn handle(&self, mut msg: Message) -> Option<Message> {
+    pub fn handle(&self, msg: Message) -> Outcome {
+        self.route(msg).into()
+    }
+
+    fn route(&self, mut msg: Message) -> Option<Message> {
         let ep = &self.endpoint;
         match msg.kind() {
             Kind::Reply => {

@@ -11,7 +11,7 @@ use super::state::{ClientSlot, Owed, PendingCall, State};
 use super::{CloseCell, Digest, Dropped, Endpoint, JoinError, Route};
 use crate::duplex::{code, Kind, Message};
 use crate::mux::queue::{BackendTx, ClientRx, ClientTx};
-use crate::mux::{close, CloseReason};
+use crate::mux::{close, CloseReason, Outcome};
 
 /// A client of an endpoint: a WebSocket peer or one HTTP call.
 pub struct ClientConn {
@@ -78,7 +78,11 @@ impl ClientConn {
     /// Sends one frame from this client to its backend. Returns the frame to answer the client
     /// with when the gateway answers it itself (too many pending calls, backend unavailable; the
     /// latter also for a request without an id, which then has no id either).
-    pub async fn send(&self, mut msg: Message) -> Option<Message> {
+    pub async fn send(&self, msg: Message) -> Outcome {
+        self.pass(msg).await.into()
+    }
+
+    async fn pass(&self, mut msg: Message) -> Option<Message> {
         let ep = &self.endpoint;
         let ext_map = if msg.ext_raw().is_some() {
             msg.ext()

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::{BackendKey, Dropped, Endpoint, Outlet, Route};
 use crate::duplex::Message;
+use crate::mux::Outcome;
 
 /// The most guests one endpoint keeps (they are forgotten when they go).
 const MAX_GUESTS: usize = 1024;
@@ -49,13 +50,13 @@ impl Endpoint {
 
     /// A frame from guest `key` to a client of this endpoint (its `ext.route` names which).
     /// Returns the answer the gateway gives itself (`-32001`, `-32003`), if any.
-    pub fn call_as_guest(self: &Arc<Self>, key: u64, msg: Message) -> Option<Message> {
+    pub fn call_as_guest(self: &Arc<Self>, key: u64, msg: Message) -> Outcome {
         let mut ext = msg.ext().unwrap_or_default();
         let route: Option<Route> = match ext.remove("route") {
             Some(Value::String(route)) => Some(Arc::from(route)),
             _ => None,
         };
-        self.call_client(key, msg, ext, route, false)
+        self.call_client(key, msg, ext, route, false).into()
     }
 
     /// Hands `frame` (a client's answer that came from another node) to backend `key` of the
