@@ -19,6 +19,8 @@
 //! - [`refusal`]: the one [`refusal::Refusal`] type (status, reason, message, headers) every
 //!   refusal is answered, counted and logged with, and responses written whole.
 //! - [`target`]: where a client's endpoint is served (this node, or other nodes of a cluster).
+//! - [`accept`]: a connection as it is accepted: counted per address, its socket moved to the
+//!   runtime that serves it, wrapped in its deadlines.
 //! - [`timeouts`]: the request-header and keep-alive idle deadlines of every HTTP connection.
 //! - [`edge`]: what one client address or one endpoint may take (connections, request rates,
 //!   failed authentications, calls per endpoint), and the watchdog that holds TLS and HTTP/2
@@ -42,6 +44,7 @@
 //!
 //! [`Config`]: config::Config
 
+pub mod accept;
 pub mod app;
 pub mod auth;
 pub mod cluster;

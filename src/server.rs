@@ -12,11 +12,11 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::accept::Front;
 use crate::app::App;
 use crate::config::Config;
 use crate::gateway::Gateway;
 use crate::mux::{close, CloseReason};
-use crate::timeouts::Front;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]

@@ -11,8 +11,10 @@ use std::time::Duration;
 
 pub(crate) mod file;
 
+pub use file::values::BadValue;
+use file::values::{referenced_vars, ENV};
+use file::FileConfig;
 pub use file::{parse_duration, MAX_DURATION};
-use file::{referenced_vars, FileConfig, ENV};
 
 use crate::auth::{Digest, Token};
 
