@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -61,15 +61,8 @@ async fn serve_example(port: u16) {
 
 /// Headless Chromium, ended with the test.
 struct Chromium {
-    child: Child,
+    _process: Process,
     _profile: tempfile::TempDir,
-}
-
-impl Drop for Chromium {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn chromium_binary() -> &'static str {
@@ -101,7 +94,7 @@ fn start_chromium(devtools: u16) -> Chromium {
         .spawn()
         .expect("start Chromium");
     Chromium {
-        child,
+        _process: Process::new(child),
         _profile: profile,
     }
 }

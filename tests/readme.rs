@@ -5,26 +5,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{example_binary as example, gateway_binary};
+use common::{example_binary as example, gateway_binary, Process};
 use futures_util::StreamExt;
 
 const TOKEN: &str = "my-long-publish-token-123";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Kills a process when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The commands of the README's ```sh blocks with the output shown right under them (`# ...`
@@ -102,7 +92,7 @@ async fn the_readme_walk_through_works_as_written() {
 
     // First terminal: the gateway on the built-in config, with the README's token.
     let log = tempfile::NamedTempFile::new().expect("log");
-    let mut gateway = Running(
+    let mut gateway = Process::new(
         Command::new(gateway_binary())
             .env("DUPLEX_GATEWAY_TOKEN", TOKEN)
             .stdout(Stdio::null())
@@ -114,12 +104,12 @@ async fn the_readme_walk_through_works_as_written() {
     // Ours, not another gateway that held the port already.
     std::thread::sleep(Duration::from_millis(200));
     assert!(
-        gateway.0.try_wait().expect("wait").is_none(),
+        gateway.child().try_wait().expect("wait").is_none(),
         "the gateway exited: {}",
         std::fs::read_to_string(log.path()).unwrap_or_default()
     );
     // Second terminal: the example backend, same token.
-    let _backend = Running(
+    let _backend = Process::new(
         Command::new(&backend_bin)
             .args(["/demo", "--secret", "s3cret"])
             .env("DUPLEX_GATEWAY_TOKEN", TOKEN)

@@ -3,11 +3,13 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod process;
+
+pub use process::{free_port, gateway_binary, Process};
 
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use duplex::{Call, Peer, PeerBuilder, RpcError};
@@ -24,33 +26,6 @@ pub const TOKEN: &str = "main-token-0123456789";
 pub const TEAM_TOKEN: &str = "team-token-0123456789";
 /// How long a test waits for anything before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
-
-/// A free loopback TCP port, never the same one twice in this process.
-///
-/// Picked at random below the kernel's ephemeral range (32768 and up on Linux): a port the kernel
-/// hands out for `bind(0)` or an outgoing connection could be handed to another test process in
-/// the instant between this check and the gateway's own bind, and two test processes picking
-/// the same port at random out of 12,000 is rare enough.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    loop {
-        let port = rand::random_range(20_000..32_000u16);
-        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-        if given.contains(&port) || TcpListener::bind(("127.0.0.1", port)).is_err() {
-            continue;
-        }
-        given.push(port);
-        return port;
-    }
-}
-
-/// The gateway binary under test: this build's, or the one `DUPLEX_GATEWAY_BIN` names (to run the
-/// black-box tests against another build).
-pub fn gateway_binary() -> PathBuf {
-    std::env::var_os("DUPLEX_GATEWAY_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_duplex-gateway")))
-}
 
 /// An example program of the workspace, built (as `cargo run --example` would) in the test
 /// profile's directory.
@@ -71,7 +46,7 @@ pub fn example_binary(package: &str, name: &str) -> PathBuf {
 
 /// A running gateway process.
 pub struct Gateway {
-    child: Child,
+    child: Process,
     /// The gateway listener's port.
     pub port: u16,
     /// The metrics listener's port.
@@ -135,7 +110,7 @@ impl Gateway {
             .spawn()
             .expect("start duplex-gateway");
         let mut gw = Gateway {
-            child,
+            child: Process::new(child),
             port,
             metrics_port,
             config_path,
@@ -150,7 +125,7 @@ impl Gateway {
             if up {
                 return Ok(gw);
             }
-            if let Ok(Some(_)) = gw.child.try_wait() {
+            if let Ok(Some(_)) = gw.child.child().try_wait() {
                 return Err(gw.log());
             }
             if Instant::now() > deadline {
@@ -233,7 +208,7 @@ impl Gateway {
     pub fn wait_exit(&mut self, limit: Duration) -> Option<Duration> {
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = self.child.child().try_wait() {
                 return Some(start.elapsed());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -249,13 +224,6 @@ impl Gateway {
             .text()
             .await
             .expect("metrics text")
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -6,7 +6,9 @@
 //! it the tests fail, they do not skip.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
+
+use super::Process;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -16,7 +18,7 @@ use super::{free_port, WAIT};
 
 /// A `nats-server` process on a loopback port.
 pub struct Nats {
-    child: Option<Child>,
+    child: Option<Process>,
     /// Its client port.
     pub port: u16,
     /// Its config file, if it has one.
@@ -108,10 +110,10 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        self.child = Some(child);
+        self.child = Some(Process::new(child));
         let deadline = Instant::now() + WAIT;
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|p| p.child().try_wait()) {
                 panic!("nats-server exited: {status}");
             }
             assert!(Instant::now() < deadline, "nats-server did not listen");
@@ -121,21 +123,13 @@ impl Nats {
 
     /// Stops the server.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // Dropping the guard kills it and waits for it.
+        self.child.take();
     }
 
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

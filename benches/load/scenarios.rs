@@ -1,0 +1,355 @@
+//! The scenarios beyond the side-by-side pairs of `main.rs`: stream, idle, pools and rolling
+//! deploys, the cluster, abuse.
+
+use super::*;
+
+pub(crate) async fn stream_scenario(client_url: &str, frames: u64) -> report::Stream {
+    let peer = Peer::builder().connect(client_url).await.expect("connect");
+    let start = Instant::now();
+    let mut replies = peer.call_stream("count", json!(frames)).expect("call");
+    let mut got = 0u64;
+    while let Some(item) = replies.next().await {
+        if item.is_err() {
+            break;
+        }
+        got += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    report::Stream {
+        frames: got,
+        seconds: round(secs, 3),
+        frames_per_sec: round(got as f64 / secs, 0),
+    }
+}
+
+pub(crate) async fn idle_scenario(
+    client_url: &str,
+    n: usize,
+    gateway_pid: Option<u32>,
+) -> report::Idle {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = gateway_pid.and_then(rss_kib);
+    let mut peers = Vec::with_capacity(n);
+    let start = Instant::now();
+    for chunk in 0..n.div_ceil(200) {
+        let batch =
+            (chunk * 200..((chunk + 1) * 200).min(n)).map(|_| Peer::builder().connect(client_url));
+        for p in futures_util::future::join_all(batch).await {
+            peers.push(p.expect("idle client connects"));
+        }
+    }
+    let connect_secs = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = gateway_pid.and_then(rss_kib);
+    let calls = peers.iter().enumerate().map(|(i, p)| {
+        let p = p.clone();
+        async move { p.call("echo", json!(i)).await == Ok(json!(i)) }
+    });
+    let answered = futures_util::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|ok| *ok)
+        .count();
+    drop(peers);
+    report::Idle {
+        clients: n,
+        answered,
+        connect_seconds: round(connect_secs, 2),
+        rss_before_kib: before,
+        rss_after_kib: after,
+        bytes_per_client: before
+            .zip(after)
+            .map(|(b, a)| (a.saturating_sub(b) * 1024) / n.max(1) as u64),
+    }
+}
+
+/// `pool_rpc`: the WebSocket load of `ws_rpc` on an endpoint served by a pool of backends, each a
+/// process of its own. `rolling_deploy`: half WebSocket, half HTTP load on that pool while each
+/// backend in turn drains, exits and is replaced. Returns both, and the deploy's throughput
+/// against `pool_rpc`'s.
+pub(crate) async fn pool_scenarios(
+    o: &Options,
+    base: &str,
+    gw_port: u16,
+    metrics: u16,
+) -> (RpcResult, RpcResult, f64) {
+    let publish_url = format!("{base}{POOL}?token={}&secret={SECRET}", o.token);
+    let mut backends = Vec::new();
+    for n in 1..=POOL_SIZE {
+        backends.push(spawn_role("pool-backend", &publish_url));
+        wait_pool(metrics, POOL, n).await;
+    }
+    let client_url = format!("{base}{POOL}?secret={SECRET}");
+    let pool_rpc = closed_loop(o.clients, o.seconds, |_| ws_caller(client_url.clone())).await;
+    print_rpc("pool_rpc", &pool_rpc);
+
+    // The deploy: one backend every seconds / (size + 1), the load running throughout.
+    let seconds = o.seconds;
+    let step = Duration::from_secs_f64(seconds / (POOL_SIZE as f64 + 1.0));
+    let deploy = tokio::spawn({
+        let publish_url = publish_url.clone();
+        async move {
+            // Past the warm-up of the closed loop.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut backends = backends;
+            for _ in 0..POOL_SIZE {
+                tokio::time::sleep(step).await;
+                let old = backends.remove(0);
+                stop(old).await;
+                backends.push(spawn_role("pool-backend", &publish_url));
+                wait_pool(metrics, POOL, POOL_SIZE).await;
+            }
+            backends
+        }
+    });
+    let call_path = format!("{POOL}/echo?secret={SECRET}");
+    let half = (o.clients / 2).max(1);
+    let rolling = closed_loop(o.clients, seconds, |i| {
+        let (client_url, call_path) = (client_url.clone(), call_path.clone());
+        async move {
+            if i < half {
+                ws_caller(client_url).await
+            } else {
+                http_caller(gw_port, call_path).await
+            }
+        }
+    })
+    .await;
+    let backends = deploy.await.expect("deploy");
+    drop(backends);
+    let dip = rolling.rate() / pool_rpc.rate();
+    println!(
+        "rolling_deploy {:>10.0} calls/s   failed calls {}   throughput {:.2} x pool_rpc",
+        rolling.rate(),
+        rolling.errors,
+        dip
+    );
+    (pool_rpc, rolling, dip)
+}
+
+/// Waits (20 s at most, else fails with `what`) until a client of `client_url` gets an echo.
+pub(crate) async fn wait_for_echo(client_url: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(p) = Peer::builder().connect(client_url).await {
+            if p.call("echo", json!(1)).await.is_ok() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the cluster scenarios measure: `cluster_ws_rpc` and `cluster_http_rpc`, the one-node
+/// loads run side by side with them, and one client's sequential calls through the cluster.
+pub(crate) struct ClusterResults {
+    pub(crate) ws: RpcResult,
+    pub(crate) http: RpcResult,
+    pub(crate) one_node_ws: RpcResult,
+    pub(crate) one_node_http: RpcResult,
+    pub(crate) latency_ws: RpcResult,
+    pub(crate) latency_http: RpcResult,
+    /// `cluster_ws_rpc_signed`: the same load through a second pair of nodes that sign every
+    /// message (`cluster.key`), side by side with the unsigned pair.
+    pub(crate) signed_ws: RpcResult,
+    pub(crate) unsigned_ws: RpcResult,
+}
+
+/// `cluster_ws_rpc`, `cluster_http_rpc`: the `ws_rpc` and `http_rpc` loads with the clients on
+/// node A and the echo backend on node B, joined by a real nats-server, each side by side with
+/// the same load on one node (`one_node`: the single gateway's client URL and port); then one
+/// client's sequential calls the same way (for the latency the cluster adds). None without
+/// nats-server.
+pub(crate) async fn cluster_scenarios(
+    o: &Options,
+    dir: &std::path::Path,
+    one_node: (&str, u16),
+) -> Option<ClusterResults> {
+    let Some(nats) = nats_server() else {
+        println!("cluster_*      skipped: nats-server is not installed");
+        return None;
+    };
+    let nats_port = free_port();
+    let _nats = Proc::polite(
+        Command::new(nats)
+            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server"),
+    );
+    wait_port(nats_port).await;
+    let node = |name: &str| {
+        format!(
+            "  max_message_bytes: 1000000\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n"
+        )
+    };
+    let a = start_gateway_with(dir, "node-a.yaml", &node("a")).await;
+    let b = start_gateway_with(dir, "node-b.yaml", &node("b")).await;
+    let _backend = spawn_role(
+        "echo-backend",
+        &format!("{}{ENDPOINT}?token={}&secret={SECRET}", b.url, o.token),
+    );
+    let client_url = format!("{}{ENDPOINT}?secret={SECRET}", a.url);
+    wait_for_echo(&client_url, "node A never reached the backend on node B").await;
+    let a_port: u16 = a
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let (one_url, one_port) = one_node;
+    let clients = o.clients;
+    let (ws, one_node_ws) = side_by_side_pair(
+        o.seconds,
+        load(clients, &[], |_| ws_caller(client_url.clone())),
+        load(clients, &[], |_| ws_caller(one_url.to_string())),
+    )
+    .await;
+    print_rpc("cluster_ws_rpc", &ws);
+    print_rpc("ws, one node", &one_node_ws);
+    let (http, one_node_http) = side_by_side_pair(
+        o.seconds,
+        load(clients, &[], |_| http_caller(a_port, call_path.clone())),
+        load(clients, &[], |_| http_caller(one_port, call_path.clone())),
+    )
+    .await;
+    print_rpc("cluster_http_rpc", &http);
+    print_rpc("http, one node", &one_node_http);
+    // The cost of signing: a second pair of nodes, on their own subjects, with a cluster key.
+    let signed_node = |name: &str| {
+        format!(
+            "  max_message_bytes: 1000000\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: signed\n  key: bench-cluster-key-0123456789abcdef0123\n"
+        )
+    };
+    let c = start_gateway_with(dir, "node-c.yaml", &signed_node("c")).await;
+    let d = start_gateway_with(dir, "node-d.yaml", &signed_node("d")).await;
+    let _signed_backend = spawn_role(
+        "echo-backend",
+        &format!("{}{ENDPOINT}?token={}&secret={SECRET}", d.url, o.token),
+    );
+    let signed_url = format!("{}{ENDPOINT}?secret={SECRET}", c.url);
+    wait_for_echo(&signed_url, "node C never reached the backend on node D").await;
+    let (signed_ws, unsigned_ws) = side_by_side_pair(
+        o.seconds,
+        load(clients, &[], |_| ws_caller(signed_url.clone())),
+        load(clients, &[], |_| ws_caller(client_url.clone())),
+    )
+    .await;
+    print_rpc("cluster_ws_rpc_signed", &signed_ws);
+    print_rpc("ws, unsigned", &unsigned_ws);
+    let short = o.seconds.min(5.0);
+    let latency_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
+    let latency_http = closed_loop(1, short, |_| http_caller(a_port, call_path.clone())).await;
+    Some(ClusterResults {
+        ws,
+        http,
+        one_node_ws,
+        one_node_http,
+        latency_ws,
+        latency_http,
+        signed_ws,
+        unsigned_ws,
+    })
+}
+
+/// `abuse`: the `ws_rpc` load from 127.0.0.1 (its 64 clients share that one address, so the
+/// per-address rate is set far above what they make), side by side without and with an attacker
+/// process on 127.0.0.2 (silent TLS and h2 connections, trickled headers, guessed secrets, as
+/// fast as it can), against a gateway with the abuse controls on: the throughput kept, the
+/// gateway's open descriptors at their highest under attack against the bound
+/// (`max_connections_per_ip` + those of the run without attack), and its memory.
+pub(crate) async fn abuse_scenario(o: &Options, dir: &std::path::Path) -> report::Abuse {
+    const MAX_CONNECTIONS_PER_IP: usize = 256;
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .expect("certificate");
+    let (cert, key) = (dir.join("abuse.pem"), dir.join("abuse.key"));
+    std::fs::write(&cert, ck.cert.pem()).expect("cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("key");
+    let tls_port = free_port();
+    let g = start_gateway_listening(
+        dir,
+        "abuse.yaml",
+        &format!(
+            "  max_connections_per_ip: {MAX_CONNECTIONS_PER_IP}\n  requests_per_ip_per_second: 100000\n  auth_failures_per_ip_per_minute: 30\n  request_header_timeout: 2s\n"
+        ),
+        &format!(
+            "  - address: 127.0.0.1:{tls_port}\n    tls: {{ cert: {}, key: {} }}\n",
+            cert.display(),
+            key.display()
+        ),
+        false,
+    )
+    .await;
+    wait_port(tls_port).await;
+    let (pid, url) = (g.pid, g.url.clone());
+    let plain_port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let _backend = spawn_role(
+        "echo-backend",
+        &format!("{url}{ENDPOINT}?token={}&secret={SECRET}", o.token),
+    );
+    let client_url = format!("{url}{ENDPOINT}?secret={SECRET}");
+    wait_for_echo(&client_url, "the abuse gateway never reached its backend").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss_kib(pid).unwrap_or(0);
+    let fds_before = open_fds(pid).unwrap_or(0);
+    let highest = Arc::new(std::sync::Mutex::new((0usize, 0u64)));
+    let attack_arg = format!("{tls_port} {plain_port} {}", cert.display());
+    let clients = o.clients;
+    let (calm, attacked) = side_by_side_pair(
+        o.seconds,
+        load(clients, &[], |_| ws_caller(client_url.clone())),
+        Box::new(|secs: f64| {
+            let attack_arg = attack_arg.clone();
+            let client_url = client_url.clone();
+            let highest = highest.clone();
+            Box::pin(async move {
+                let attacker = spawn_role("attacker", &attack_arg);
+                let sampling = tokio::spawn(async move {
+                    loop {
+                        let fds = open_fds(pid).unwrap_or(0);
+                        let rss = rss_kib(pid).unwrap_or(0);
+                        if let Ok(mut h) = highest.lock() {
+                            h.0 = h.0.max(fds);
+                            h.1 = h.1.max(rss);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                });
+                let result = closed_loop(clients, secs, |_| ws_caller(client_url.clone())).await;
+                sampling.abort();
+                drop(attacker);
+                // The attacker's connections go before the next load.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                result
+            })
+        }),
+    )
+    .await;
+    print_rpc("abuse, calm", &calm);
+    print_rpc("abuse, attacked", &attacked);
+    let (max_fds, max_rss) = highest.lock().map(|h| *h).unwrap_or_default();
+    let report = report::Abuse {
+        calm: calm.summary(clients),
+        attacked: attacked.summary(clients),
+        throughput_ratio: round(attacked.rate() / calm.rate(), 3),
+        fds_before,
+        max_fds_attacked: max_fds,
+        fds_bound: MAX_CONNECTIONS_PER_IP + fds_before,
+        rss_kib_before: rss_before,
+        max_rss_kib_attacked: max_rss,
+        rss_ratio: round(max_rss as f64 / rss_before.max(1) as f64, 3),
+    };
+    println!(
+        "abuse          throughput {} of calm, descriptors {} (bound {}), RSS {}x",
+        report.throughput_ratio, max_fds, report.fds_bound, report.rss_ratio
+    );
+    report
+}
