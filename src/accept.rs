@@ -16,7 +16,7 @@ use pingora::server::ShutdownWatch;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::edge::ConnectionGuard;
-use crate::timeouts::{GuardedStream, Timeouts};
+use crate::timeouts::{GuardedStream, Timeouts, WRITE_BUFFER};
 
 /// A `ServerApp` that moves a plain-TCP connection onto the runtime serving it (`rehome`),
 /// guards it, then hands it to `inner` (Pingora's HTTP proxy).
@@ -113,10 +113,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         self.inner.cleanup().await;
     }
 }
-
-/// What the guard's write buffer holds at most: a response's header and a small body go out in
-/// one write (the size Pingora's own buffer had for plain TCP).
-pub(crate) const WRITE_BUFFER: usize = 1460;
 
 /// Registers a plain-TCP connection's socket with the runtime of the task serving it.
 ///

@@ -14,12 +14,12 @@ use pingora::proxy::Session;
 use serde_json::value::RawValue;
 
 use crate::auth::Digest;
-use crate::cluster::Client;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
 use crate::metrics::{metrics, Rejection};
 use crate::mux::Outcome;
 use crate::refusal::{respond, Refusal};
+use crate::target::Client;
 use crate::target::Target;
 
 /// The status recorded for a call whose caller hung up before the reply (nginx's 499).

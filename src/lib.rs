@@ -8,7 +8,8 @@
 //! # Layout
 //!
 //! - [`config`]: the [`Config`] model the gateway runs on and where it comes from; its `file`
-//!   module is the YAML file format (serde, `${ENV}` substitution, validation).
+//!   module is the YAML file format (sections; `values`: scalars and `${ENV}`; `convert`: checks
+//!   across entries and the conversion to the model).
 //! - [`app`]: the shared state: the config in force, the endpoints, certificates, requests in
 //!   progress.
 //! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the one
@@ -18,7 +19,8 @@
 //!   its credentials; HTTP calls counted once, in `logging`.
 //! - [`refusal`]: the one [`refusal::Refusal`] type (status, reason, message, headers) every
 //!   refusal is answered, counted and logged with, and responses written whole.
-//! - [`target`]: where a client's endpoint is served (this node, or other nodes of a cluster).
+//! - [`target`]: where a client's endpoint is served (this node, or other nodes of a cluster),
+//!   and the [`target::Client`] handle a client joins it with.
 //! - [`accept`]: a connection as it is accepted: counted per address, its socket moved to the
 //!   runtime that serves it, wrapped in its deadlines.
 //! - [`timeouts`]: the request-header and keep-alive idle deadlines of every HTTP connection.
@@ -26,17 +28,21 @@
 //!   failed authentications, calls per endpoint), and the watchdog that holds TLS and HTTP/2
 //!   connections to the header deadline.
 //! - [`ws`]: the upgrade answer, then (on the socket taken out of Pingora's session, in a task of
-//!   its own) WebSocket framing, the Duplex handshake, pings, and the loop between the socket and
-//!   the multiplexer.
+//!   its own: `stream`) WebSocket framing (`frames`), the Duplex handshake, pings, and the loop
+//!   between the socket and the multiplexer; the rates a client is held to (`limited`).
 //! - [`http_api`]: `POST <endpoint>/<method>`: body, sync, streamed (NDJSON) and async calls.
 //! - [`mux`]: endpoints and their pools (balancing, failover, drain, grace), the call tables
 //!   (id rewriting, routes), the backend and client sides of a connection, and byte-bounded
-//!   queues. Knows nothing about Pingora.
+//!   queues; one file per concept under `mux/endpoint/` (`state`, `pool`, `client`, `backend`,
+//!   `guests`, `ext`, `series`). Knows nothing about Pingora, nor of the cluster: a backend of
+//!   another node is a guest with an [`mux::Outlet`] (`tests/mux_alone.rs` builds it alone).
 //! - [`duplex`]: the protocol (messages, handshake, error codes, addressing) and a Rust peer: the
 //!   workspace's `duplex` crate, which builds without Pingora.
-//! - [`cluster`]: several nodes joined by NATS: heartbeats, and clients relayed to the node
-//!   whose backend serves them; its `link` logs in to NATS, its `seal` signs and numbers every
-//!   message so that nothing a stranger on the bus sends is taken.
+//! - [`cluster`]: several nodes joined by NATS, as a layer on the multiplexer: `link` (logging
+//!   in to NATS), `bus` (publishing and dispatch), `seal` (signed, numbered messages), `wire`,
+//!   `directory` (the other nodes and their endpoints), `pools` (announcements, pools across
+//!   nodes), `client` and `served` (clients relayed out and in), `calls` (backend-to-client calls
+//!   across nodes).
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.

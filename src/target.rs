@@ -1,11 +1,13 @@
 //! Where a client's endpoint is served: this node's endpoint, or (in a cluster) this node's
-//! and other nodes'. The status table finds it; WebSocket clients and HTTP calls join it.
+//! and other nodes'. The status table finds it; WebSocket clients and HTTP calls join it and get
+//! a [`Client`].
 
 use std::sync::Arc;
 
 use crate::auth::Digest;
-use crate::cluster::{Client, Cluster, ClusterClient};
-use crate::mux::{self, Endpoint, Registry};
+use crate::cluster::{Cluster, ClusterClient};
+use crate::duplex::Message;
+use crate::mux::{self, ClientConn, CloseReason, Endpoint, Outcome, Registry};
 
 /// Where a client's endpoint is served.
 #[derive(Debug, Clone)]
@@ -113,4 +115,58 @@ pub fn find(
         },
         ok,
     ))
+}
+
+/// A client of an endpoint: attached to this node's multiplexer, or relayed by the cluster.
+pub enum Client {
+    /// Without a cluster: this node's multiplexer.
+    Local(ClientConn),
+    /// With a cluster: wherever a backend serves.
+    Cluster(Box<ClusterClient>),
+}
+
+impl Client {
+    /// Sends one frame from the client; returns what the gateway answers itself, if anything.
+    pub async fn send(&mut self, msg: Message) -> Outcome {
+        match self {
+            Client::Local(conn) => conn.send(msg).await,
+            Client::Cluster(c) => c.send(msg).await,
+        }
+    }
+
+    /// The next frame for the client; None once it is closed (see [`Client::close_reason`]).
+    pub async fn recv(&mut self) -> Option<Message> {
+        match self {
+            Client::Local(conn) => conn.recv().await,
+            Client::Cluster(c) => c.recv().await,
+        }
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        match self {
+            Client::Local(conn) => conn.try_recv(),
+            Client::Cluster(c) => c.try_recv(),
+        }
+    }
+
+    /// Counts a malformed frame from the client in its endpoint's metrics, and logs it.
+    pub fn malformed(&self, error: &crate::duplex::ParseError) {
+        let endpoint = match self {
+            Client::Local(conn) => Some(conn.endpoint().clone()),
+            Client::Cluster(c) => c.local_endpoint(),
+        };
+        if let Some(endpoint) = endpoint {
+            tracing::debug!(endpoint = %crate::auth::logged(endpoint.path()), %error, "malformed frame from client");
+            endpoint.dropped(crate::mux::Dropped::Malformed);
+        }
+    }
+
+    /// Why the client was closed.
+    pub fn close_reason(&self) -> CloseReason {
+        match self {
+            Client::Local(conn) => conn.close_reason(),
+            Client::Cluster(c) => c.close_reason(),
+        }
+    }
 }

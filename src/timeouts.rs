@@ -4,9 +4,10 @@
 //!
 //! Pingora only has per-read timeouts (and makes HTTP/1.1 keep-alive wait forever), so a peer
 //! sending one header byte now and then, or nothing after a first request, could hold a socket
-//! indefinitely. [`crate::accept::Front`] wraps every accepted connection in a [`GuardedStream`] before Pingora
-//! sees it. The stream knows which phase its connection is in, and the gateway tells it when a
-//! request's headers have been read, when its answer is done, and when it became a WebSocket:
+//! indefinitely. The accept step (`accept::Front`) wraps every accepted connection in a
+//! [`GuardedStream`] before Pingora sees it. The stream knows which phase its connection is in,
+//! and the gateway tells it when a request's headers have been read, when its answer is done,
+//! and when it became a WebSocket:
 //!
 //! ```text
 //!  accept ──> Headers ──(request_filter starts)──> Busy ──(answered)──> Idle ──(first byte)──> Headers ...
@@ -39,6 +40,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::edge::ConnectionGuard;
+
+/// What the guard's write buffer holds at most: a response's header and a small body go out in
+/// one write (the size Pingora's own buffer had for plain TCP).
+pub(crate) const WRITE_BUFFER: usize = 1460;
 
 /// The two timeouts, read when a phase starts (so a reload applies from the next phase on).
 pub type Timeouts = Arc<dyn Fn() -> (Duration, Duration) + Send + Sync>;
@@ -371,7 +376,6 @@ fn guard(stream: Stream, timeouts: Timeouts) -> Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accept::WRITE_BUFFER;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn timeouts(header_ms: u64, idle_ms: u64) -> Timeouts {

@@ -25,60 +25,6 @@ use crate::auth::Digest;
 use crate::duplex::{code, Kind, Message, RpcError};
 use crate::mux::{close, local_error, ClientConn, CloseReason, Endpoint, JoinError, Outcome};
 
-/// A client of an endpoint: attached to this node's multiplexer, or relayed by the cluster.
-pub enum Client {
-    /// Without a cluster: this node's multiplexer.
-    Local(ClientConn),
-    /// With a cluster: wherever a backend serves.
-    Cluster(Box<ClusterClient>),
-}
-
-impl Client {
-    /// Sends one frame from the client; returns what the gateway answers itself, if anything.
-    pub async fn send(&mut self, msg: Message) -> Outcome {
-        match self {
-            Client::Local(conn) => conn.send(msg).await,
-            Client::Cluster(c) => c.send(msg).await,
-        }
-    }
-
-    /// The next frame for the client; None once it is closed (see [`Client::close_reason`]).
-    pub async fn recv(&mut self) -> Option<Message> {
-        match self {
-            Client::Local(conn) => conn.recv().await,
-            Client::Cluster(c) => c.recv().await,
-        }
-    }
-
-    /// A frame already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Message> {
-        match self {
-            Client::Local(conn) => conn.try_recv(),
-            Client::Cluster(c) => c.try_recv(),
-        }
-    }
-
-    /// Counts a malformed frame from the client in its endpoint's metrics, and logs it.
-    pub fn malformed(&self, error: &crate::duplex::ParseError) {
-        let endpoint = match self {
-            Client::Local(conn) => Some(conn.endpoint().clone()),
-            Client::Cluster(c) => c.cluster.registry.lookup(&c.path),
-        };
-        if let Some(endpoint) = endpoint {
-            tracing::debug!(endpoint = %crate::auth::logged(endpoint.path()), %error, "malformed frame from client");
-            endpoint.dropped(crate::mux::Dropped::Malformed);
-        }
-    }
-
-    /// Why the client was closed.
-    pub fn close_reason(&self) -> CloseReason {
-        match self {
-            Client::Local(conn) => conn.close_reason(),
-            Client::Cluster(c) => c.close_reason(),
-        }
-    }
-}
-
 /// What the cluster hands a relayed client.
 pub(super) enum Inbound {
     /// A frame from the session `u128`.
@@ -261,6 +207,11 @@ impl ClusterClient {
             return Err(JoinError::NotFound);
         }
         Ok(client)
+    }
+
+    /// This node's endpoint at the client's path, if it has one.
+    pub fn local_endpoint(&self) -> Option<Arc<Endpoint>> {
+        self.cluster.registry.lookup(&self.path)
     }
 
     /// Why the client was closed.
@@ -471,7 +422,7 @@ impl ClusterClient {
         }
     }
 
-    /// Sends one frame from the client (see [`Client::send`]).
+    /// Sends one frame from the client (see [`crate::target::Client::send`]).
     pub async fn send(&mut self, msg: Message) -> Outcome {
         self.pass(msg).await.into()
     }
@@ -554,7 +505,7 @@ impl ClusterClient {
         (failed.kind() == Kind::Request).then(|| unavailable(&failed))
     }
 
-    /// The next frame for the client (see [`Client::recv`]).
+    /// The next frame for the client (see [`crate::target::Client::recv`]).
     pub async fn recv(&mut self) -> Option<Message> {
         loop {
             if let Some(msg) = self.owed.pop_front() {

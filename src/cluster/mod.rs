@@ -60,7 +60,7 @@ use crate::metrics::metrics;
 use crate::mux::{self, Registry};
 use wire::ENVELOPE_BYTES;
 
-pub use client::{Client, ClusterClient};
+pub use client::ClusterClient;
 use directory::{tag_of, Node, TAG_HEX};
 pub use directory::{MAX_ANNOUNCED_BACKENDS, MAX_ANNOUNCED_ENDPOINTS};
 

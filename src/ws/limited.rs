@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::cluster::Client;
 use crate::duplex::Message;
 use crate::mux::{CloseReason, Outcome};
+use crate::target::Client;
 
 use super::Side;
 

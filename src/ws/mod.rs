@@ -9,7 +9,7 @@
 //! WebSocket then costs only its socket buffers, its framing state and its multiplexer slot.
 //!
 //! This file holds the settings, the two ways a connection is served (a client, a backend) and
-//! the [`Side`] of the multiplexer each talks to; `stream.rs` the connection itself (upgrade,
+//! the `Side` of the multiplexer each talks to; `stream.rs` the connection itself (upgrade,
 //! handshake, the frame loop, pings, close); `frames.rs` framing over in-memory buffers;
 //! `limited.rs` the request rates a client is held to.
 

@@ -25,7 +25,7 @@ pub enum Handed {
 }
 
 impl Endpoint {
-    /// Adds a guest; None when the endpoint is gone or already keeps [`MAX_GUESTS`] (counted
+    /// Adds a guest; None when the endpoint is gone or already keeps 1,024 (counted
     /// as `too_many_remote_backends`).
     pub fn add_guest(&self, outlet: Arc<dyn Outlet>) -> Option<u64> {
         let mut s = self.state();
