@@ -24,7 +24,11 @@ pub struct Front<A> {
     inner: Arc<A>,
     timeouts: Timeouts,
     count: CountConnection,
+    draining: Draining,
 }
+
+/// Whether the gateway's own drain runs (it ends the process when it is done).
+pub type Draining = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Counts a new connection against its address's limit (see [`crate::edge`]); the guard lives as
 /// long as the connection (a WebSocket's included). None: not counted; Err: over the limit.
@@ -33,12 +37,14 @@ pub type CountConnection =
 
 impl<A> Front<A> {
     /// Guards the connections `inner` serves with the timeouts `timeouts()` gives:
-    /// `(request_header_timeout, http_idle_timeout)`, and counts each with `count`.
-    pub fn new(inner: A, timeouts: Timeouts, count: CountConnection) -> Self {
+    /// `(request_header_timeout, http_idle_timeout)`, and counts each with `count`. While
+    /// `draining()`, idle keep-alive connections stay open (see [`Front::cleanup`]).
+    pub fn new(inner: A, timeouts: Timeouts, count: CountConnection, draining: Draining) -> Self {
         Front {
             inner: Arc::new(inner),
             timeouts,
             count,
+            draining,
         }
     }
 }
@@ -109,7 +115,14 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Front<A> {
         self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
+    /// Pingora's HTTP app closes every idle keep-alive connection here, as soon as the
+    /// listeners stop: a request the peer sends a moment later meets a reset. While the gateway
+    /// drains (SIGTERM), they are kept instead: a request on one is answered 503 (`stopping`)
+    /// and the connection closed, until the drain ends the process.
     async fn cleanup(&self) {
+        if (self.draining)() {
+            std::future::pending::<()>().await;
+        }
         self.inner.cleanup().await;
     }
 }

@@ -1,7 +1,7 @@
 //! Assembles the Pingora server: the gateway's listeners, the metrics listener, the reload
 //! watcher, and the shutdown sequence.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +97,7 @@ pub fn run(app: Arc<App>) -> Result<(), StartError> {
     options.h2_idle_timeout = Some(config.limits.http_idle_timeout);
     http.server_options = Some(options);
     let count_app = app.clone();
+    let draining_app = app.clone();
     let front = Front::new(
         http,
         Arc::new(move || {
@@ -104,6 +105,7 @@ pub fn run(app: Arc<App>) -> Result<(), StartError> {
             (limits.request_header_timeout, limits.http_idle_timeout)
         }),
         Arc::new(move |stream| count_connection(&count_app, stream)),
+        Arc::new(move || draining_app.active.draining.load(Ordering::SeqCst)),
     );
     let mut proxy = pingora::services::listening::Service::new("duplex-gateway".to_string(), front);
     // TLS connections are watched from their accept until their first request (the TLS
@@ -231,7 +233,9 @@ impl ShutdownSignalWatch for Shutdown {
             _ = quit_ignored => ShutdownSignal::FastShutdown,
             _ = term.recv() => {
                 // Pingora stops accepting once this returns; the drain runs meanwhile on a
-                // thread of its own and ends the process when it is done.
+                // thread of its own and ends the process when it is done. Marked before
+                // Pingora hears of it, so the listeners' cleanup keeps idle connections.
+                self.app.active.draining.store(true, Ordering::SeqCst);
                 let app = self.app.clone();
                 let spawned = std::thread::Builder::new()
                     .name("drain".into())
@@ -304,12 +308,22 @@ async fn drain(app: &App) {
     for endpoint in app.registry.endpoints() {
         endpoint.close_websocket_clients(reason.clone());
     }
-    wait_for_zero(&active.http, HTTP_DRAIN).await;
+    // HTTP calls relayed here from other nodes finish like this node's own.
+    let relayed = || app.cluster.get().map_or(0, |c| c.relayed_http_calls());
+    wait_until(
+        || active.http.load(Ordering::SeqCst) + relayed() == 0,
+        HTTP_DRAIN,
+    )
+    .await;
     for endpoint in app.registry.endpoints() {
         endpoint.close_backends(reason.clone(), |_| true);
         endpoint.close_websocket_clients(reason.clone());
     }
-    wait_for_zero(&active.websockets, WS_DRAIN).await;
+    wait_until(|| active.websockets.load(Ordering::SeqCst) == 0, WS_DRAIN).await;
+    // The other nodes hear the end of every session relayed here before the process goes.
+    if let Some(cluster) = app.cluster.get() {
+        cluster.flush().await;
+    }
     tracing::info!(
         http_calls_left = active.http.load(Ordering::SeqCst),
         websockets_left = active.websockets.load(Ordering::SeqCst),
@@ -317,9 +331,10 @@ async fn drain(app: &App) {
     );
 }
 
-async fn wait_for_zero(counter: &AtomicUsize, limit: Duration) {
+/// Waits until `done()`, for `limit` at most.
+async fn wait_until(done: impl Fn() -> bool, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
-    while counter.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+    while !done() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

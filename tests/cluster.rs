@@ -395,6 +395,51 @@ async fn a_node_killed_under_load_fails_only_its_calls_and_clients_move_on() {
 }
 
 #[tokio::test]
+async fn a_dead_node_is_learned_from_the_first_call_sent_to_it() {
+    let nats = Nats::start();
+    let pool = "  max_backends_per_endpoint: 2\n";
+    // node_timeout is 2 s here: nothing below may wait for it.
+    let mut gws = nodes(&nats, &["a", "b", "c"], pool).await;
+    let _on_a = publish_named(&gws[0], "/d", "a").await;
+    let _on_b = publish_named(&gws[1], "/d", "b").await;
+    served_from(&gws[2], "/d").await;
+    // c has heard of both backends: its clients are spread over them.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !(seen.contains(&"a".to_string()) && seen.contains(&"b".to_string())) {
+        assert!(Instant::now() < deadline, "not spread: {seen:?}");
+        seen.push(who(&client(&gws[2], "/d", "s").await).await);
+    }
+    let killed = gws.remove(1);
+    killed.signal("KILL");
+    // HTTP calls on c, one after the other: each opens a session on a or on the dead b. The
+    // first sent to b learns at once that nobody is there (NATS: no responders).
+    let c = &gws[1];
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let started = Instant::now();
+        let (status, _) = post(c, "/d/echo?secret=s", "1").await;
+        assert!(
+            started.elapsed() < Duration::from_millis(1500),
+            "a call waited {:?} (status {status})",
+            started.elapsed()
+        );
+        statuses.push(status);
+    }
+    assert!(
+        statuses.iter().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses.last(), Some(&200), "{statuses:?}");
+    wait_for_metric(c, "duplex_gateway_cluster_nodes", &[], |v| v == Some(2.0)).await;
+    assert!(
+        c.log().contains("no responders"),
+        "the dead node was learned from NATS, not from its silence: {}",
+        c.log()
+    );
+}
+
+#[tokio::test]
 async fn a_nats_restart_fails_calls_that_need_it_then_the_cluster_recovers() {
     let mut nats = Nats::start();
     let gws = nodes(&nats, &["a", "b"], "").await;
@@ -530,6 +575,137 @@ async fn sigterm_closes_relayed_websocket_clients_with_1001_and_lets_http_calls_
         Some((200, "1500".to_string())),
         "the HTTP call in progress finished"
     );
+}
+
+#[tokio::test]
+async fn sigterm_of_the_backends_node_lets_http_calls_relayed_to_it_finish() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(a, "/t", "s").await;
+    served_from(b, "/t").await;
+    // An HTTP call on b, relayed to a's backend; then a (the backend's node) stops.
+    let slow = tokio::spawn({
+        let url = b.http("/t/slow?secret=s");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .body("2000")
+                .timeout(WAIT)
+                .send()
+                .await
+                .ok()?;
+            let status = response.status().as_u16();
+            Some((status, response.text().await.ok()?))
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.signal("TERM");
+    assert_eq!(
+        slow.await.expect("task"),
+        Some((200, "2000".to_string())),
+        "the relayed call finished as a's own would"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_of_the_backends_node_puts_its_endpoints_in_their_grace_elsewhere() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let backend = publish(a, "/r", "s").await;
+    served_from(b, "/r").await;
+    // a stops (SIGTERM): it closes its backend and tells b it leaves.
+    a.signal("TERM");
+    assert_eq!(
+        tokio::time::timeout(WAIT, backend.closed())
+            .await
+            .expect("closed"),
+        Some(1001)
+    );
+    // A call on b meanwhile waits for a backend (the grace, 3 s here), never a 404; the backend
+    // comes back (here on b) and the call is answered.
+    let (call, _) = tokio::join!(post(b, "/r/echo?secret=s", "7"), async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        publish(b, "/r", "s").await
+    });
+    assert_eq!(call, (200, "7".to_string()));
+    // A wrong secret is still refused during a grace.
+    let (status, _) = post(b, "/r/echo?secret=wrong", "7").await;
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_node_whose_heartbeat_cannot_go_out_says_so_in_its_metrics() {
+    // 64 KiB per message: 70 endpoints with 1,000-byte paths do not fit one heartbeat.
+    let nats = Nats::start_with_config("max_payload: 65536\n");
+    let a = Gateway::start(
+        &cluster_config(&nats, "a", "  max_message_bytes: 32000\n")
+            .replace("  max_message_bytes: 1000000\n", ""),
+    );
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(1.0)
+    })
+    .await;
+    let mut backends = Vec::new();
+    for i in 0..70 {
+        let path = format!("/p{i:02}{}", "x".repeat(990));
+        backends.push(publish(&a, &path, "s").await);
+    }
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(0.0)
+    })
+    .await;
+    assert!(
+        a.log()
+            .contains("does not fit the NATS server's max_payload"),
+        "{}",
+        a.log()
+    );
+    // Fewer endpoints: the heartbeat fits again, and the node says so.
+    for backend in backends.drain(10..) {
+        backend.close();
+    }
+    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
+        v == Some(1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_secrets_published_at_once_on_two_nodes_converge_to_the_first() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "  max_backends_per_endpoint: 2\n").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    // Both publishes land before either node hears the other's: neither is refused at once.
+    let (on_a, on_b) = tokio::join!(publish(a, "/two", "s1"), publish(b, "/two", "s2"));
+    let closed = tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::select! {
+            code = on_a.closed() => ("a", code),
+            code = on_b.closed() => ("b", code),
+        }
+    })
+    .await
+    .expect("one of the two is closed within the heartbeats");
+    assert_eq!(closed.1, Some(1008), "{closed:?}");
+    // One secret is left, the same on both nodes.
+    let (winner, loser) = if closed.0 == "a" {
+        ("s2", "s1")
+    } else {
+        ("s1", "s2")
+    };
+    for gw in [a, b] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let ok = post(gw, &format!("/two/echo?secret={winner}"), "1").await;
+            let refused = post(gw, &format!("/two/echo?secret={loser}"), "1").await;
+            if ok == (200, "1".to_string()) && refused.0 == 401 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{ok:?} {refused:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 #[tokio::test]

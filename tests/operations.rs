@@ -516,6 +516,64 @@ async fn sigterm_closes_websockets_with_1001_lets_http_calls_finish_and_exits_pr
     assert!(started.elapsed() < Duration::from_secs(15));
 }
 
+/// Reads one HTTP/1.1 response (headers and a `content-length` body) from `tcp`.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert!(n > 0, "closed before a whole response: {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_on_an_idle_keep_alive_connection_while_stopping_gets_503() {
+    let mut gw = Gateway::start("");
+    let _backend = publish(&gw, "/ka", "s").await;
+    // A call in progress keeps the drain going for two seconds.
+    let url = gw.http("/ka/slow?secret=s");
+    let slow =
+        tokio::spawn(async move { reqwest::Client::new().post(url).body("2000").send().await });
+    // A keep-alive connection that made one call and now idles.
+    let request = b"POST /ka/echo?secret=s HTTP/1.1\r\nhost: gw\r\ncontent-length: 1\r\n\r\n1";
+    let mut tcp = gw.send_raw(request).await;
+    let first = read_response(&mut tcp).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    use tokio::io::AsyncWriteExt;
+    tcp.write_all(request)
+        .await
+        .expect("the connection is still open");
+    let second = read_response(&mut tcp).await;
+    assert!(second.starts_with("HTTP/1.1 503"), "{second}");
+    assert!(second.contains("shutting down"), "{second}");
+    let resp = slow.await.expect("join").expect("the slow call finishes");
+    assert_eq!(resp.status().as_u16(), 200);
+    gw.wait_exit(Duration::from_secs(15))
+        .expect("exited within 15 s");
+}
+
 #[tokio::test]
 async fn a_reload_applies_new_limits_to_open_connections() {
     let gw = Gateway::start("");

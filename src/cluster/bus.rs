@@ -52,6 +52,64 @@ impl Cluster {
         }
     }
 
+    /// As [`Cluster::publish`] to node `to`, asking the NATS server to say at once when nobody
+    /// subscribes to the subject (a reply subject and a header make it answer "no responders"
+    /// to this node's probe subject): a dead node is learned from the first message sent to it.
+    pub(super) async fn publish_probed(
+        &self,
+        subject: Subject,
+        message: BytesMut,
+        to: &str,
+    ) -> bool {
+        if !self.usable() {
+            return false;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let payload = self.sealer.seal(&subject, message, epoch, seq);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Duplex-Probe", "1");
+        let reply = Subject::from(format!("{}.{to}", self.probe_prefix()));
+        match self
+            .nats
+            .publish_with_reply_and_headers(subject, reply, headers, payload)
+            .await
+        {
+            Ok(()) => {
+                self.sent.inc();
+                true
+            }
+            Err(e) => {
+                tracing::debug!("cluster: publish failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Where the NATS server answers this node's probes: `<prefix>.node.<me>.nr.<node probed>`.
+    pub(super) fn probe_prefix(&self) -> String {
+        format!("{}.node.{}.nr", self.prefix, self.me)
+    }
+
+    /// An answer on the probe subject: "no responders" for node `to` means nobody subscribes
+    /// to its subject any more (it died): it is forgotten now, not after `node_timeout`.
+    pub(super) fn on_probe(&self, subject: &str, status: Option<async_nats::StatusCode>) {
+        if status != Some(async_nats::StatusCode::NO_RESPONDERS) {
+            return;
+        }
+        let Some(node) = subject.rsplit('.').next() else {
+            return;
+        };
+        if !lock(&self.nodes).contains_key(node) {
+            return;
+        }
+        tracing::warn!(node = %safe_name(node), "cluster: node has no subscription (no responders): taken for dead");
+        self.node_gone(node, "gateway node unavailable");
+        // Not remembered as forgotten: the answer cannot be signed, so a node wrongly taken for
+        // dead is heard again from its next heartbeat.
+        lock(&self.forgotten).remove(node);
+    }
+
     /// Hands a message to the outbox, for code that cannot wait: one task publishes them in
     /// order (no task per message). The outbox holds at most [`Cluster::outbox_budget`] bytes:
     /// false when the message does not fit (the caller puts out whoever sent too much).

@@ -455,9 +455,12 @@ impl ClusterClient {
                 (session.subject.clone(), session.id, first)
             }
         };
+        // A session's first frame and a new call's ask NATS to say at once if the node is gone.
+        let mut probe = first;
         if msg.kind() == Kind::Request {
             if let Some(call) = msg.id() {
                 if !self.open.contains_key(&call) {
+                    probe = true;
                     let max = self.cluster.registry.limits().max_pending_calls_per_client;
                     if self.open.len() >= max {
                         return Some(local_error(
@@ -491,7 +494,18 @@ impl ClusterClient {
             from: &self.cluster.me,
             body: body.as_bytes(),
         };
-        if self.cluster.publish(subject, envelope.encode()).await {
+        let sent = if probe {
+            let node = match &self.place {
+                Place::Remote(session) => session.node.clone(),
+                _ => return None,
+            };
+            self.cluster
+                .publish_probed(subject, envelope.encode(), &node)
+                .await
+        } else {
+            self.cluster.publish(subject, envelope.encode()).await
+        };
+        if sent {
             return None;
         }
         // The link is down (or the frame too large for it): the call cannot be made.

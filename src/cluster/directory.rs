@@ -163,8 +163,10 @@ impl Cluster {
         }
         if beat.leaving {
             // No new client goes there; what runs there may finish (it drains), then it is
-            // forgotten for good.
-            if lock(&self.nodes).remove(&name).is_some() {
+            // forgotten for good. Its endpoints are in their grace here meanwhile.
+            let left = lock(&self.nodes).remove(&name);
+            if let Some(node) = left {
+                self.begin_graces(&node);
                 tracing::info!(node = %name, "cluster: node leaves");
                 self.update_gauges();
                 self.directory_changed();
@@ -213,10 +215,11 @@ impl Cluster {
     }
 
     pub(super) fn expire_silent_nodes(&self) {
+        let now = Instant::now();
+        lock(&self.graces).retain(|_, (_, until)| now < *until);
         if !self.usable() {
             return;
         }
-        let now = Instant::now();
         let departed: Vec<Arc<str>> = {
             let mut departing = lock(&self.departing);
             let over: Vec<Arc<str>> = departing
@@ -243,10 +246,31 @@ impl Cluster {
         }
     }
 
+    /// The endpoints `node` announced begin their grace here (it left, died or restarts): for
+    /// `limits.backend_grace` a client of one waits for a backend to come back anywhere, as on
+    /// one node, instead of being told the path is unknown.
+    fn begin_graces(&self, node: &Node) {
+        let until = Instant::now() + self.registry.limits().backend_grace;
+        let mut graces = lock(&self.graces);
+        for (path, remote) in &node.endpoints {
+            graces.insert(path.clone(), (remote.secret, until));
+        }
+    }
+
+    /// Whether `path` is in its grace here, and with which secret.
+    fn in_grace(&self, path: &str) -> Option<Digest> {
+        lock(&self.graces)
+            .get(path)
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(secret, _)| *secret)
+    }
+
     /// Forgets `node`: sessions relayed to it end (their calls fail), sessions it relayed here
     /// are closed (backend calls to those clients get `-32001`).
     pub(super) fn node_gone(&self, node: &str, why: &str) {
-        lock(&self.nodes).remove(node);
+        if let Some(gone) = lock(&self.nodes).remove(node) {
+            self.begin_graces(&gone);
+        }
         lock(&self.departing).remove(node);
         if let Some((name, window)) = lock(&self.windows).remove_entry(node) {
             let mut forgotten = lock(&self.forgotten);
@@ -352,15 +376,17 @@ impl Cluster {
         lock(&self.nodes)
             .values()
             .any(|n| n.endpoints.contains_key(path))
+            || self.in_grace(path).is_some()
     }
 
     /// Whether `secret` is the secret another node announces for `path` (constant time).
     pub fn secret_matches(&self, path: &str, secret: &Digest) -> bool {
-        lock(&self.nodes).values().any(|n| {
+        let announced = lock(&self.nodes).values().any(|n| {
             n.endpoints
                 .get(path)
                 .is_some_and(|r| r.secret.matches(secret))
-        })
+        });
+        announced || self.in_grace(path).is_some_and(|s| s.matches(secret))
     }
 
     /// Whether a publish of `path` with `secret` would join backends on other nodes that use

@@ -55,6 +55,7 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
+use crate::auth::Digest;
 use crate::config::ClusterConfig;
 use crate::metrics::metrics;
 use crate::mux::{self, Registry};
@@ -84,6 +85,9 @@ pub struct Cluster {
     served_counts: Mutex<HashMap<Arc<str>, Arc<AtomicUsize>>>,
     /// Connected to NATS (as the client last told us).
     connected: AtomicBool,
+    /// This node's last heartbeat went out (it fit `max_payload`, and NATS took it): the others
+    /// hear it. `duplex_gateway_cluster_connected` says 0 when not.
+    heartbeats_out: AtomicBool,
     /// The server's `max_payload` (0 until known).
     max_payload: AtomicUsize,
     /// Backends of other nodes calling this node's clients (see [`calls`]).
@@ -127,6 +131,10 @@ pub struct Cluster {
     /// Nodes that said they leave: forgotten for good (their sessions ended) at the instant
     /// given, once their drain must be over.
     departing: Mutex<HashMap<Arc<str>, Instant>>,
+    /// Endpoints of nodes that left or died, in their grace here: path -> the secret they
+    /// wanted and the end of the grace. Their clients wait for a backend (anywhere) as on one
+    /// node when its last backend leaves, rather than being told the path is unknown.
+    graces: Mutex<HashMap<String, (Digest, Instant)>>,
     /// Tells this node's relayed WebSocket clients to close (SIGTERM), with the reason.
     stop: tokio::sync::watch::Sender<Option<mux::CloseReason>>,
     /// This node's own clients per endpoint path (checked against `max_clients`).
@@ -264,6 +272,7 @@ impl Cluster {
             served_counts: Mutex::new(HashMap::new()),
             connected: AtomicBool::new(false),
             max_payload: AtomicUsize::new(0),
+            heartbeats_out: AtomicBool::new(true),
             max_message: AtomicUsize::new(max_message_bytes),
             guests: Mutex::new(HashMap::new()),
             relayed: Mutex::new(HashMap::new()),
@@ -284,6 +293,7 @@ impl Cluster {
             outbox_bytes: AtomicUsize::new(0),
             leaving: AtomicBool::new(false),
             departing: Mutex::new(HashMap::new()),
+            graces: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(None).0,
             clients: Mutex::new(HashMap::new()),
             limits,
@@ -378,7 +388,9 @@ impl Cluster {
         // Called on every change of the link too.
         self.version.fetch_add(1, Ordering::SeqCst);
         let m = metrics();
-        m.cluster_connected.set(i64::from(self.usable()));
+        m.cluster_connected.set(i64::from(
+            self.usable() && self.heartbeats_out.load(Ordering::SeqCst),
+        ));
         // While the link is down this node hears nobody.
         let others = if self.usable() {
             lock(&self.nodes).len()
@@ -391,17 +403,22 @@ impl Cluster {
     /// The heartbeats, the subscriptions and the connection events, until the process ends.
     async fn run(self: Arc<Self>, mut events: mpsc::UnboundedReceiver<async_nats::Event>) {
         let inbox = self.subject_of(&self.me);
-        let (mut direct, mut beats) = loop {
+        let (mut direct, mut beats, mut probes) = loop {
             // The client re-subscribes by itself after a reconnect: subscribing once is enough.
             let direct = self.nats.subscribe(inbox.clone()).await;
             let beats = self.nats.subscribe(self.heartbeat_subject()).await;
-            match (direct, beats) {
-                (Ok(d), Ok(b)) => break (d, b),
-                (d, b) => {
+            let probes = self
+                .nats
+                .subscribe(format!("{}.*", self.probe_prefix()))
+                .await;
+            match (direct, beats, probes) {
+                (Ok(d), Ok(b), Ok(p)) => break (d, b, p),
+                (d, b, p) => {
                     let e = d
                         .err()
                         .map(|e| e.to_string())
-                        .or(b.err().map(|e| e.to_string()));
+                        .or(b.err().map(|e| e.to_string()))
+                        .or(p.err().map(|e| e.to_string()));
                     tracing::warn!(
                         "cluster: cannot subscribe ({}); retrying",
                         e.unwrap_or_default()
@@ -431,6 +448,10 @@ impl Cluster {
                 },
                 msg = beats.next() => match msg {
                     Some(msg) => self.on_heartbeat(&msg.subject, &msg.payload),
+                    None => return,
+                },
+                msg = probes.next() => match msg {
+                    Some(msg) => self.on_probe(&msg.subject, msg.status),
                     None => return,
                 },
                 event = events.recv() => match event {
@@ -532,6 +553,22 @@ impl Cluster {
             let _ = me.nats.flush().await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(1), self.rt.spawn(announce)).await;
+    }
+
+    /// SIGTERM, last step: what the outbox still holds (the ends of sessions, answers) goes out
+    /// before the process exits, for a second at most.
+    pub async fn flush(&self) {
+        let Some(me) = self.me_weak.upgrade() else {
+            return;
+        };
+        let flush = async move {
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while me.outbox_bytes.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let _ = me.nats.flush().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.rt.spawn(flush)).await;
     }
 
     /// A receiver of the SIGTERM close reason (for relayed clients).

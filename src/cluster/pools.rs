@@ -10,7 +10,8 @@ use bytes::BytesMut;
 
 use super::wire::{self, Announced, Heartbeat};
 use super::{lock, unix_ms, Cluster};
-use crate::metrics::metrics;
+use crate::auth::Digest;
+use crate::metrics::{metrics, Rejection};
 use crate::mux;
 
 impl Cluster {
@@ -46,19 +47,28 @@ impl Cluster {
         match serde_json::to_vec(&beat) {
             Ok(body) => {
                 let max_payload = self.max_payload.load(Ordering::SeqCst);
-                if max_payload > 0 && body.len() > max_payload {
-                    // The others would take this node for dead: say why, loudly.
+                let fits = max_payload == 0 || body.len() <= max_payload;
+                if !fits && self.heartbeats_out.load(Ordering::SeqCst) {
+                    // The others take this node for dead: say why, loudly, once.
                     tracing::error!(
                         bytes = body.len(),
                         max_payload,
-                        "cluster: this node's heartbeat (all its endpoints) does not fit the NATS server's max_payload"
+                        "cluster: this node's heartbeat (all its endpoints) does not fit the NATS server's max_payload: the other nodes cannot hear it"
                     );
                 }
-                self.publish(
-                    Subject::from(self.heartbeat_subject()),
-                    BytesMut::from(&body[..]),
-                )
-                .await;
+                let sent = fits
+                    && self
+                        .publish(
+                            Subject::from(self.heartbeat_subject()),
+                            BytesMut::from(&body[..]),
+                        )
+                        .await;
+                if self.heartbeats_out.swap(sent, Ordering::SeqCst) != sent {
+                    if sent {
+                        tracing::info!("cluster: this node's heartbeats go out again");
+                    }
+                    self.update_gauges();
+                }
             }
             Err(e) => tracing::error!("cluster: cannot encode a heartbeat: {e}"),
         }
@@ -88,37 +98,43 @@ impl Cluster {
                 continue;
             }
             let path = endpoint.path();
-            let mut all: Vec<(u64, Arc<str>, u64)> = pool
+            let mut all: Vec<Member> = pool
                 .backends
                 .iter()
-                .map(|(key, since, _)| (*since, self.me.clone(), *key))
+                .map(|(key, since, _)| Member {
+                    since: *since,
+                    node: self.me.clone(),
+                    key: *key,
+                    secret: pool.secret,
+                })
                 .collect();
             for (name, node) in lock(&self.nodes).iter() {
                 if let Some(remote) = node.endpoints.get(path) {
-                    all.extend(
-                        remote
-                            .backends
-                            .iter()
-                            .map(|(k, s, _)| (*s, name.clone(), *k)),
-                    );
+                    all.extend(remote.backends.iter().map(|(key, since, _)| Member {
+                        since: *since,
+                        node: name.clone(),
+                        key: *key,
+                        secret: remote.secret,
+                    }));
                 }
             }
             let max = self.limits.max_backends(path).max(1);
-            if all.len() <= max {
-                continue;
-            }
-            all.sort();
-            let over = all.len() - max;
-            for (_, node, key) in all.into_iter().take(over) {
-                if node == self.me {
-                    endpoint.close_backend(
-                        key,
+            for (key, verdict) in settle(all, max, &self.me) {
+                let reason = match verdict {
+                    Verdict::Replaced => mux::CloseReason::new(
+                        mux::close::SERVICE_RESTART,
+                        "replaced by a new backend",
+                    ),
+                    Verdict::OtherSecret => {
+                        metrics().reject(Rejection::SecretConflict);
+                        tracing::info!(endpoint = %crate::auth::logged(path), "backend closed: the pool's first backend (on another node) uses another secret");
                         mux::CloseReason::new(
-                            mux::close::SERVICE_RESTART,
-                            "replaced by a new backend",
-                        ),
-                    );
-                }
+                            mux::close::POLICY,
+                            "the endpoint's live backends use another secret",
+                        )
+                    }
+                };
+                endpoint.close_backend(key, reason);
             }
         }
     }
@@ -161,5 +177,90 @@ impl Cluster {
             }
             let _ = m.http_duration.remove_label_values(&[&path]);
         }
+    }
+}
+
+/// One backend of a pool counted over the cluster.
+#[derive(Debug, Clone)]
+struct Member {
+    /// When it joined (Unix ms).
+    since: u64,
+    node: Arc<str>,
+    key: u64,
+    /// The digest of the secret its endpoint wants.
+    secret: Digest,
+}
+
+/// Why a backend of this node has to go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The pool over the cluster is over `max_backends`: the longest-connected go (1012).
+    Replaced,
+    /// The pool's staying backends use two secrets: the first to join wins (ties: the lower
+    /// node name), the others go (1008).
+    OtherSecret,
+}
+
+/// The backends of node `me` that have to go, and why, so that every node comes to the same
+/// answer from the same announcements: of all the backends of a path, the newest `max` stay;
+/// of those, the ones whose secret is not that of the first to join go too.
+fn settle(mut all: Vec<Member>, max: usize, me: &str) -> Vec<(u64, Verdict)> {
+    all.sort_by(|a, b| (a.since, &a.node, a.key).cmp(&(b.since, &b.node, b.key)));
+    let over = all.len().saturating_sub(max.max(1));
+    let mut out: Vec<(u64, Verdict)> = all[..over]
+        .iter()
+        .filter(|m| &*m.node == me)
+        .map(|m| (m.key, Verdict::Replaced))
+        .collect();
+    let staying = &all[over..];
+    if let Some(first) = staying.first() {
+        out.extend(
+            staying
+                .iter()
+                .filter(|m| &*m.node == me && !m.secret.matches(&first.secret))
+                .map(|m| (m.key, Verdict::OtherSecret)),
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(since: u64, node: &str, key: u64, secret: &[u8]) -> Member {
+        Member {
+            since,
+            node: Arc::from(node),
+            key,
+            secret: Digest::of(secret),
+        }
+    }
+
+    #[test]
+    fn the_newest_stay_and_of_those_the_first_ones_secret_wins() {
+        // A pool of 2 over the cluster: the oldest of three goes wherever it is.
+        let three = vec![
+            member(10, "a", 1, b"s"),
+            member(20, "b", 1, b"s"),
+            member(30, "a", 2, b"s"),
+        ];
+        assert_eq!(settle(three.clone(), 2, "a"), vec![(1, Verdict::Replaced)]);
+        assert_eq!(settle(three, 2, "b"), vec![]);
+        // Two secrets among the staying: the first to join keeps its secret.
+        let mixed = vec![member(10, "a", 1, b"s1"), member(11, "b", 7, b"s2")];
+        assert_eq!(settle(mixed.clone(), 4, "a"), vec![]);
+        assert_eq!(settle(mixed, 4, "b"), vec![(7, Verdict::OtherSecret)]);
+        // Joined in the same millisecond: the lower node name wins.
+        let tie = vec![member(10, "b", 1, b"s1"), member(10, "a", 1, b"s2")];
+        assert_eq!(settle(tie.clone(), 4, "b"), vec![(1, Verdict::OtherSecret)]);
+        assert_eq!(settle(tie, 4, "a"), vec![]);
+        // A pool of one replaced by a newer backend with a new secret: the new one stays.
+        let renewed = vec![member(10, "a", 1, b"old"), member(20, "b", 1, b"new")];
+        assert_eq!(
+            settle(renewed.clone(), 1, "a"),
+            vec![(1, Verdict::Replaced)]
+        );
+        assert_eq!(settle(renewed, 1, "b"), vec![]);
     }
 }

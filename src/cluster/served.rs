@@ -26,6 +26,8 @@ pub const SECRET_REFUSED: &str = "secret no longer valid";
 pub(super) struct Entry {
     /// The client's node.
     pub(super) origin: Arc<str>,
+    /// A WebSocket client (else one HTTP call).
+    websocket: bool,
     /// Counts the session among its path's relayed clients while it lives.
     _counted: Counted,
     tx: mpsc::UnboundedSender<(Message, usize)>,
@@ -33,6 +35,12 @@ pub(super) struct Entry {
 }
 
 impl Cluster {
+    /// HTTP calls of other nodes' clients that this node's backends are serving (SIGTERM lets
+    /// them finish like this node's own).
+    pub fn relayed_http_calls(&self) -> usize {
+        lock(&self.served).values().filter(|e| !e.websocket).count()
+    }
+
     /// A message about a session this node serves.
     pub(super) fn to_served(&self, envelope: &Envelope<'_>) {
         let id = envelope.session;
@@ -137,6 +145,7 @@ impl Cluster {
             Entry {
                 _counted: Counted::new(&self.served_counts, path),
                 origin: Arc::from(envelope.from),
+                websocket,
                 tx,
                 queued: queued.clone(),
             },
