@@ -404,14 +404,38 @@ async fn a_dead_node_is_learned_from_the_first_call_sent_to_it() {
     let _on_b = publish_named(&gws[1], "/d", "b").await;
     served_from(&gws[2], "/d").await;
     // c has heard of both backends: its clients are spread over them.
+    let mut on_b = None;
     let mut seen = Vec::new();
     let deadline = Instant::now() + WAIT;
-    while !(seen.contains(&"a".to_string()) && seen.contains(&"b".to_string())) {
+    while on_b.is_none() || !seen.contains(&"a".to_string()) {
         assert!(Instant::now() < deadline, "not spread: {seen:?}");
-        seen.push(who(&client(&gws[2], "/d", "s").await).await);
+        let peer = client(&gws[2], "/d", "s").await;
+        let name = who(&peer).await;
+        if name == "b" {
+            on_b = Some(peer);
+        }
+        seen.push(name);
     }
-    let killed = gws.remove(1);
+    // A call running on b when it dies fails well before node_timeout.
+    let running = on_b.expect("a client on b");
+    let call = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = running.call("slow", json!(5000)).await;
+        (result, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut killed = gws.remove(1);
     killed.signal("KILL");
+    killed.wait_exit(WAIT).expect("b died");
+    let (result, took) = call.await.expect("call task");
+    assert!(
+        matches!(&result, Err(PeerError::Rpc(e)) if e.code == -32000),
+        "{result:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1700),
+        "the running call waited {took:?}"
+    );
     // HTTP calls on c, one after the other: each opens a session on a or on the dead b. The
     // first sent to b learns at once that nobody is there (NATS: no responders).
     let c = &gws[1];
@@ -421,8 +445,9 @@ async fn a_dead_node_is_learned_from_the_first_call_sent_to_it() {
         let (status, _) = post(c, "/d/echo?secret=s", "1").await;
         assert!(
             started.elapsed() < Duration::from_millis(1500),
-            "a call waited {:?} (status {status})",
-            started.elapsed()
+            "a call waited {:?} (status {status})\n{}",
+            started.elapsed(),
+            c.log()
         );
         statuses.push(status);
     }
@@ -636,40 +661,60 @@ async fn a_restart_of_the_backends_node_puts_its_endpoints_in_their_grace_elsewh
 }
 
 #[tokio::test]
-async fn a_node_whose_heartbeat_cannot_go_out_says_so_in_its_metrics() {
-    // 64 KiB per message: 70 endpoints with 1,000-byte paths do not fit one heartbeat.
+async fn a_table_larger_than_a_message_reaches_every_node_in_pieces_and_changes_follow() {
+    // 64 KiB per message: 120 endpoints with 1,000-byte paths are about 130 KB of table, more
+    // than one heartbeat could carry.
     let nats = Nats::start_with_config("max_payload: 65536\n");
-    let a = Gateway::start(
-        &cluster_config(&nats, "a", "  max_message_bytes: 32000\n")
-            .replace("  max_message_bytes: 1000000\n", ""),
-    );
-    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
-        v == Some(1.0)
-    })
-    .await;
+    let config = |name: &str| {
+        cluster_config(&nats, name, "  max_message_bytes: 32000\n")
+            .replace("  max_message_bytes: 1000000\n", "")
+    };
+    let a = Gateway::start(&config("a"));
+    let paths: Vec<String> = (0..120)
+        .map(|i| format!("/p{i:03}{}", "x".repeat(990)))
+        .collect();
     let mut backends = Vec::new();
-    for i in 0..70 {
-        let path = format!("/p{i:02}{}", "x".repeat(990));
-        backends.push(publish(&a, &path, "s").await);
+    for path in &paths {
+        backends.push(publish(&a, path, "s").await);
     }
-    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
-        v == Some(0.0)
-    })
-    .await;
-    assert!(
-        a.log()
-            .contains("does not fit the NATS server's max_payload"),
-        "{}",
-        a.log()
-    );
-    // Fewer endpoints: the heartbeat fits again, and the node says so.
-    for backend in backends.drain(10..) {
+    // A node that joins now learns the whole table, in pages; a's heartbeats go out all along.
+    let b = Gateway::start(&config("b"));
+    wait_for_metric(&b, "duplex_gateway_cluster_nodes", &[], |v| v == Some(2.0)).await;
+    for path in [&paths[0], &paths[59], &paths[119]] {
+        served_from(&b, path).await;
+    }
+    for gw in [&a, &b] {
+        let connected = metric(&gw.metrics().await, "duplex_gateway_cluster_connected", &[]);
+        assert_eq!(connected, Some(1.0));
+    }
+    // Changes follow as deltas: 20 endpoints go (after their grace), b stops knowing them.
+    for backend in backends.drain(100..) {
         backend.close();
     }
-    wait_for_metric(&a, "duplex_gateway_cluster_connected", &[], |v| {
-        v == Some(1.0)
-    })
-    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, _) = post(&b, &format!("{}/echo?secret=s", paths[119]), "1").await;
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        post(&b, &format!("{}/echo?secret=s", paths[99]), "1")
+            .await
+            .0,
+        200
+    );
+    // A third node joining later hears the same table.
+    let c = Gateway::start(&config("c"));
+    served_from(&c, &paths[42]).await;
+    assert_eq!(
+        post(&c, &format!("{}/echo?secret=s", paths[110]), "1")
+            .await
+            .0,
+        404
+    );
 }
 
 #[tokio::test]

@@ -24,6 +24,57 @@ pub(super) struct Node {
     pub(super) tag: String,
     pub(super) subject: Subject,
     pub(super) endpoints: HashMap<String, Remote>,
+    /// The version of its table this view is at, and the XOR of its entries' digests.
+    pub(super) version: u64,
+    pub(super) digest: u64,
+    /// The view follows the node's deltas (else it waits for the table it asked for).
+    pub(super) synced: bool,
+    /// The table being fetched, and when it was last asked for.
+    pub(super) fetch: Option<Fetch>,
+}
+
+/// A table being received in pages.
+pub(super) struct Fetch {
+    version: u64,
+    pages: Vec<Option<Vec<wire::Announced>>>,
+    /// Deltas heard meanwhile, applied once the table is in.
+    pending: Vec<Heartbeat>,
+    asked: Instant,
+}
+
+/// How many deltas a node keeps while it fetches a table (more: it asks again).
+const MAX_PENDING_DELTAS: usize = 256;
+
+/// The most pages a table may have.
+const MAX_PAGES: u32 = 100_000;
+
+impl Node {
+    /// Applies a delta that follows this view's version.
+    fn apply(&mut self, delta: Heartbeat) {
+        for gone in &delta.removed {
+            if let Some(remote) = self.endpoints.remove(gone) {
+                self.digest ^= remote.digest;
+            }
+        }
+        for a in delta.endpoints {
+            let Some(remote) = Remote::from_announced(&a) else {
+                continue;
+            };
+            self.digest ^= remote.digest;
+            if let Some(before) = self.endpoints.insert(a.path, remote) {
+                self.digest ^= before.digest;
+            }
+        }
+        self.version = delta.version;
+    }
+
+    /// Whether this view is the table `beat` describes.
+    fn agrees(&self, beat: &Heartbeat) -> bool {
+        self.synced
+            && self.version == beat.version
+            && self.digest == beat.digest
+            && self.endpoints.len() as u64 == beat.count
+    }
 }
 
 /// An endpoint of another node.
@@ -31,9 +82,19 @@ pub(super) struct Remote {
     pub(super) secret: Digest,
     /// (key, joined in Unix ms, draining)
     pub(super) backends: Vec<(u64, u64, bool)>,
+    /// Its share of the node's table digest.
+    pub(super) digest: u64,
 }
 
 impl Remote {
+    fn from_announced(a: &wire::Announced) -> Option<Remote> {
+        Some(Remote {
+            secret: Digest::from_hex(&a.secret)?,
+            backends: a.backends.clone(),
+            digest: a.digest(),
+        })
+    }
+
     pub(super) fn serving(&self) -> usize {
         self.backends.iter().filter(|b| !b.2).count()
     }
@@ -83,6 +144,29 @@ pub(super) fn check_heartbeat(
     if beat.sent.saturating_add(window) < now {
         return Err(Replay);
     }
+    let counts_ok = beat.count <= MAX_ANNOUNCED_ENDPOINTS as u64
+        && beat.removed.len() <= MAX_ANNOUNCED_ENDPOINTS
+        && beat.from.is_none_or(|from| from < beat.version)
+        && beat
+            .removed
+            .iter()
+            .all(|path| path.len() <= wire::MAX_PATH_BYTES);
+    if !counts_ok {
+        return Err(Invalid);
+    }
+    check_endpoints(beat, node_timeout, now)
+}
+
+/// Checks the endpoints a heartbeat or a table page announces: at most
+/// [`MAX_ANNOUNCED_ENDPOINTS`], each a valid path with at most [`MAX_ANNOUNCED_BACKENDS`]
+/// backends none of which joined in the future, and a secret digest.
+fn check_endpoints(
+    beat: &Heartbeat,
+    node_timeout: Duration,
+    now: u64,
+) -> Result<(), seal::Rejected> {
+    use seal::Rejected::Invalid;
+    let window = u64::try_from(node_timeout.as_millis()).unwrap_or(u64::MAX);
     if beat.endpoints.len() > MAX_ANNOUNCED_ENDPOINTS {
         return Err(Invalid);
     }
@@ -177,33 +261,82 @@ impl Cluster {
             return;
         }
         lock(&self.departing).remove(&name);
-        let endpoints: HashMap<String, Remote> = beat
-            .endpoints
-            .into_iter()
-            .filter_map(|a| {
-                Some((
-                    a.path,
-                    Remote {
-                        secret: Digest::from_hex(&a.secret)?,
-                        backends: a.backends,
-                    },
-                ))
-            })
-            .collect();
         let mut nodes = lock(&self.nodes);
         let new = !nodes.contains_key(&name);
         let subject = self.subject_of(&name);
-        nodes.insert(
-            name.clone(),
-            Node {
-                last_seen: Instant::now(),
-                epoch: opened.epoch,
-                tag: tag_of(&name),
-                subject,
-                endpoints,
-            },
-        );
+        let node = nodes.entry(name.clone()).or_insert_with(|| Node {
+            last_seen: Instant::now(),
+            epoch: opened.epoch,
+            tag: tag_of(&name),
+            subject,
+            endpoints: HashMap::new(),
+            version: 0,
+            digest: 0,
+            synced: true,
+            fetch: None,
+        });
+        node.last_seen = Instant::now();
+        node.epoch = opened.epoch;
+        let state = Heartbeat {
+            endpoints: Vec::new(),
+            removed: Vec::new(),
+            ..beat.clone()
+        };
+        if beat.version == 0 && beat.from.is_none() {
+            // The whole table in one message (a node with no endpoint says so this way).
+            node.endpoints = beat
+                .endpoints
+                .iter()
+                .filter_map(|a| Some((a.path.clone(), Remote::from_announced(a)?)))
+                .collect();
+            node.digest = node.endpoints.values().fold(0, |d, r| d ^ r.digest);
+            node.version = 0;
+            node.synced = true;
+            node.fetch = None;
+        } else if let Some(from) = beat.from {
+            if node.synced && node.version == from {
+                node.apply(beat);
+            } else if let Some(fetch) = node.fetch.as_mut().filter(|f| from >= f.version) {
+                if fetch.pending.len() < MAX_PENDING_DELTAS {
+                    fetch.pending.push(beat);
+                } else {
+                    node.fetch = None;
+                }
+            } else {
+                node.synced = false;
+            }
+        }
+        // A view that does not agree with what the node says of its table asks for the table
+        // (again after a second, if it did not come).
+        let ask = if node.agrees(&state) {
+            false
+        } else {
+            node.synced = false;
+            let asked_lately = node
+                .fetch
+                .as_ref()
+                .is_some_and(|f| f.asked.elapsed() < Duration::from_secs(1));
+            if !asked_lately {
+                node.fetch = Some(Fetch {
+                    version: state.version,
+                    pages: Vec::new(),
+                    pending: Vec::new(),
+                    asked: Instant::now(),
+                });
+            }
+            !asked_lately
+        };
+        let subject = node.subject.clone();
         drop(nodes);
+        if ask {
+            let message = wire::Envelope {
+                op: wire::Op::TableAsk,
+                session: 0,
+                from: &self.me,
+                body: b"",
+            };
+            self.post_control(subject, message.encode());
+        }
         self.enforce_pool_sizes();
         if new {
             tracing::info!(node = %name, "cluster: node joined");
@@ -211,6 +344,83 @@ impl Cluster {
             self.announce_soon.notify_one();
             self.update_gauges();
         }
+        self.directory_changed();
+    }
+
+    /// Page `index` of `count` of node `from`'s table at `version`: kept until the table is
+    /// whole, then it replaces this node's view (and the deltas heard meanwhile follow).
+    pub(super) fn on_table_page(
+        &self,
+        from: &str,
+        version: u64,
+        index: u32,
+        count: u32,
+        body: &[u8],
+    ) {
+        if count == 0 || index >= count || count > MAX_PAGES {
+            return self.reject(seal::Rejected::Invalid, from);
+        }
+        let Ok(entries) = serde_json::from_slice::<Vec<wire::Announced>>(body) else {
+            return self.reject(seal::Rejected::Invalid, from);
+        };
+        let check = Heartbeat {
+            node: from.to_string(),
+            endpoints: entries,
+            ..Heartbeat::default()
+        };
+        if check_endpoints(&check, self.node_timeout, unix_ms()).is_err() {
+            return self.reject(seal::Rejected::Invalid, from);
+        }
+        let entries = check.endpoints;
+        let mut nodes = lock(&self.nodes);
+        let Some(node) = nodes.get_mut(from) else {
+            return;
+        };
+        let fetch = match node.fetch.as_mut() {
+            Some(f) if f.version > version => return,
+            Some(f) if f.version == version && f.pages.len() == count as usize => f,
+            _ => {
+                let pending = node.fetch.take().map(|f| f.pending).unwrap_or_default();
+                node.fetch.insert(Fetch {
+                    version,
+                    pages: vec![None; count as usize],
+                    pending,
+                    asked: Instant::now(),
+                })
+            }
+        };
+        fetch.pages[index as usize] = Some(entries);
+        let total: usize = fetch.pages.iter().flatten().map(Vec::len).sum();
+        if total > MAX_ANNOUNCED_ENDPOINTS {
+            node.fetch = None;
+            drop(nodes);
+            return self.reject(seal::Rejected::Invalid, from);
+        }
+        if fetch.pages.iter().any(Option::is_none) {
+            return;
+        }
+        let Some(fetch) = node.fetch.take() else {
+            return;
+        };
+        node.endpoints = fetch
+            .pages
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|a| Some((a.path.clone(), Remote::from_announced(&a)?)))
+            .collect();
+        node.digest = node.endpoints.values().fold(0, |d, r| d ^ r.digest);
+        node.version = fetch.version;
+        node.synced = true;
+        let mut pending = fetch.pending;
+        pending.sort_by_key(|d| d.from);
+        for delta in pending {
+            if delta.from == Some(node.version) {
+                node.apply(delta);
+            }
+        }
+        drop(nodes);
+        self.enforce_pool_sizes();
         self.directory_changed();
     }
 
@@ -415,7 +625,9 @@ mod tests {
             leaving: false,
             epoch: 9,
             sent,
+            count: endpoints.len() as u64,
             endpoints,
+            ..Heartbeat::default()
         }
     }
 

@@ -135,6 +135,10 @@ pub struct Cluster {
     /// wanted and the end of the grace. Their clients wait for a backend (anywhere) as on one
     /// node when its last backend leaves, rather than being told the path is unknown.
     graces: Mutex<HashMap<String, (Digest, Instant)>>,
+    /// This node's endpoint table as last announced (see `pools.rs`).
+    table: Mutex<pools::Table>,
+    /// When this node last sent its table to each node that asked (at most every half second).
+    tables_sent: Mutex<HashMap<Arc<str>, Instant>>,
     /// Tells this node's relayed WebSocket clients to close (SIGTERM), with the reason.
     stop: tokio::sync::watch::Sender<Option<mux::CloseReason>>,
     /// This node's own clients per endpoint path (checked against `max_clients`).
@@ -294,6 +298,8 @@ impl Cluster {
             leaving: AtomicBool::new(false),
             departing: Mutex::new(HashMap::new()),
             graces: Mutex::new(HashMap::new()),
+            table: Mutex::new(pools::Table::default()),
+            tables_sent: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(None).0,
             clients: Mutex::new(HashMap::new()),
             limits,
@@ -462,6 +468,7 @@ impl Cluster {
                     self.expire_silent_nodes();
                     // Calls of backends that left are forgotten.
                     self.fail_relayed_calls(|_| false);
+                    self.probe_session_nodes().await;
                     self.remove_gone_series();
                     self.announce().await;
                 }

@@ -69,6 +69,19 @@ pub enum Op<'a> {
         /// The endpoint path.
         path: &'a str,
     },
+    /// A node whose view of another's endpoint table differs from that node's heartbeats ->
+    /// that node: send me your table.
+    TableAsk,
+    /// A node -> the node that asked: page `index` of `count` of its endpoint table at
+    /// `version` (the body is a JSON array of [`Announced`]).
+    TablePage {
+        /// The table's version.
+        version: u64,
+        /// This page's number, from 0.
+        index: u32,
+        /// How many pages the table has.
+        count: u32,
+    },
 }
 
 /// A decoded message.
@@ -100,6 +113,12 @@ impl Envelope<'_> {
             Op::CallClient { key, path } => (b'K', format!("{key} {path}")),
             Op::AnswerBackend { key, path } => (b'A', format!("{key} {path}")),
             Op::CloseClient { path } => (b'X', path.to_string()),
+            Op::TableAsk => (b'T', String::new()),
+            Op::TablePage {
+                version,
+                index,
+                count,
+            } => (b'P', format!("{version} {index} {count}")),
         };
         let mut out = BytesMut::with_capacity(
             40 + self.from.len() + arg.len() + self.body.len() + super::seal::TRAILER_BYTES,
@@ -147,6 +166,18 @@ pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
             }
         }
         "X" => Op::CloseClient { path: arg },
+        "T" => Op::TableAsk,
+        "P" => {
+            let mut numbers = arg.split(' ');
+            let version = numbers.next()?.parse().ok()?;
+            let index = numbers.next()?.parse().ok()?;
+            let count = numbers.next()?.parse().ok()?;
+            Op::TablePage {
+                version,
+                index,
+                count,
+            }
+        }
         "B" => Op::ToBackend,
         "C" => Op::Close,
         "F" => Op::ToClient,
@@ -180,9 +211,14 @@ fn one_line(text: &str) -> String {
     text.replace(['\n', '\r'], " ")
 }
 
-/// What a node announces on the heartbeat subject: itself and its endpoints. Only digests of
-/// secrets, never a secret or a token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a node announces on the heartbeat subject: itself, and the state of its endpoint table
+/// (its version, its size and a digest), never the whole table: a change goes as a delta from
+/// one version to the next, and a node whose view differs asks for the table in pages
+/// ([`Op::TableAsk`]). Only digests of secrets, never a secret or a token.
+///
+/// A heartbeat of version 0 without `from` carries the whole table in `endpoints` (a node with
+/// no endpoint has exactly that).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// The node's name.
     pub node: String,
@@ -196,9 +232,24 @@ pub struct Heartbeat {
     /// When it was sent (Unix ms): a heartbeat older than `cluster.node_timeout` is a replay.
     #[serde(default)]
     pub sent: u64,
-    /// Its endpoints (with live backends, or in their grace).
+    /// The version of its endpoint table (grows by one with every delta).
     #[serde(default)]
+    pub version: u64,
+    /// How many endpoints the table holds.
+    #[serde(default)]
+    pub count: u64,
+    /// The XOR of the [`entry_digest`] of every endpoint of the table.
+    #[serde(default)]
+    pub digest: u64,
+    /// With a delta: the version it applies to (`version` is the one it makes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<u64>,
+    /// The delta's endpoints, new or changed (with live backends, or in their grace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Announced>,
+    /// The delta's endpoints gone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<String>,
 }
 
 /// One endpoint of a node, as announced.
@@ -210,6 +261,37 @@ pub struct Announced {
     pub secret: String,
     /// Its live backends, the longest-connected first: `[key, joined (Unix ms), draining]`.
     pub backends: Vec<(u64, u64, bool)>,
+}
+
+/// An endpoint's share of a table's digest: the first 64 bits of the SHA-256 of what is
+/// announced of it. The announcing node and every node that hears it compute the same.
+pub fn entry_digest(path: &str, secret_hex: &str, backends: &[(u64, u64, bool)]) -> u64 {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    hash.update(path.as_bytes());
+    hash.update([0]);
+    hash.update(secret_hex.as_bytes());
+    for (key, joined, draining) in backends {
+        hash.update(key.to_be_bytes());
+        hash.update(joined.to_be_bytes());
+        hash.update([u8::from(*draining)]);
+    }
+    let out = hash.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&out[..8]);
+    u64::from_be_bytes(first)
+}
+
+impl Announced {
+    /// Its share of a table's digest.
+    pub fn digest(&self) -> u64 {
+        entry_digest(&self.path, &self.secret, &self.backends)
+    }
+
+    /// About how many bytes it takes in a JSON message.
+    pub fn approx_len(&self) -> usize {
+        self.path.len() + self.secret.len() + 40 + self.backends.len() * 48
+    }
 }
 
 #[cfg(test)]
@@ -240,6 +322,12 @@ mod tests {
             },
             Op::CallClient { key: 7, path: "/p" },
             Op::AnswerBackend { key: 7, path: "/p" },
+            Op::TableAsk,
+            Op::TablePage {
+                version: 42,
+                index: 3,
+                count: 9,
+            },
         ];
         for op in ops {
             let envelope = Envelope {
