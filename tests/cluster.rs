@@ -75,6 +75,20 @@ async fn hello(backend: &Peer, route: &str, payload: Value) -> Result<Value, Pee
         .expect("in time")
 }
 
+/// An HTTP call of the test backend's `slow` method (`ms` milliseconds): its status and body,
+/// or None if it got no answer.
+async fn slow_call(url: String, ms: u64) -> Option<(u16, String)> {
+    let response = reqwest::Client::new()
+        .post(url)
+        .body(ms.to_string())
+        .timeout(WAIT)
+        .send()
+        .await
+        .ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
 /// Waits until `backend`'s calls to `route` get -32001 (the client left).
 async fn client_gone_for(backend: &Peer, route: &str) {
     let deadline = Instant::now() + WAIT;
@@ -575,20 +589,7 @@ async fn sigterm_closes_relayed_websocket_clients_with_1001_and_lets_http_calls_
     // A WebSocket client and an HTTP call on b, both relayed to a's backend.
     let peer = client(b, "/t", "s").await;
     assert_eq!(peer.call("echo", json!(1)).await, Ok(json!(1)));
-    let slow = tokio::spawn({
-        let url = b.http("/t/slow?secret=s");
-        async move {
-            let response = reqwest::Client::new()
-                .post(url)
-                .body("1500")
-                .timeout(WAIT)
-                .send()
-                .await
-                .ok()?;
-            let status = response.status().as_u16();
-            Some((status, response.text().await.ok()?))
-        }
-    });
+    let slow = tokio::spawn(slow_call(b.http("/t/slow?secret=s"), 1500));
     tokio::time::sleep(Duration::from_millis(300)).await;
     b.signal("TERM");
     let code = tokio::time::timeout(WAIT, peer.closed())
@@ -610,20 +611,7 @@ async fn sigterm_of_the_backends_node_lets_http_calls_relayed_to_it_finish() {
     let _backend = publish(a, "/t", "s").await;
     served_from(b, "/t").await;
     // An HTTP call on b, relayed to a's backend; then a (the backend's node) stops.
-    let slow = tokio::spawn({
-        let url = b.http("/t/slow?secret=s");
-        async move {
-            let response = reqwest::Client::new()
-                .post(url)
-                .body("2000")
-                .timeout(WAIT)
-                .send()
-                .await
-                .ok()?;
-            let status = response.status().as_u16();
-            Some((status, response.text().await.ok()?))
-        }
-    });
+    let slow = tokio::spawn(slow_call(b.http("/t/slow?secret=s"), 2000));
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.signal("TERM");
     assert_eq!(

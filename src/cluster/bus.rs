@@ -35,22 +35,7 @@ impl Cluster {
 
     /// Seals and publishes one message; false when it could not be handed to the NATS client.
     pub(super) async fn publish(&self, subject: Subject, message: BytesMut) -> bool {
-        if !self.usable() {
-            return false;
-        }
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let payload = self.sealer.seal(&subject, message, epoch, seq);
-        match self.nats.publish(subject, payload).await {
-            Ok(()) => {
-                self.sent.inc();
-                true
-            }
-            Err(e) => {
-                tracing::debug!("cluster: publish failed: {e}");
-                false
-            }
-        }
+        self.seal_and_publish(subject, message, None).await
     }
 
     /// As [`Cluster::publish`] to node `to`, asking the NATS server to say at once when nobody
@@ -62,20 +47,33 @@ impl Cluster {
         message: BytesMut,
         to: &str,
     ) -> bool {
+        self.seal_and_publish(subject, message, Some(to)).await
+    }
+
+    async fn seal_and_publish(
+        &self,
+        subject: Subject,
+        message: BytesMut,
+        probe: Option<&str>,
+    ) -> bool {
         if !self.usable() {
             return false;
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
         let payload = self.sealer.seal(&subject, message, epoch, seq);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Duplex-Probe", "1");
-        let reply = Subject::from(format!("{}.{to}", self.probe_prefix()));
-        match self
-            .nats
-            .publish_with_reply_and_headers(subject, reply, headers, payload)
-            .await
-        {
+        let published = match probe {
+            None => self.nats.publish(subject, payload).await,
+            Some(to) => {
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Duplex-Probe", "1");
+                let reply = Subject::from(format!("{}.{to}", self.probe_prefix()));
+                self.nats
+                    .publish_with_reply_and_headers(subject, reply, headers, payload)
+                    .await
+            }
+        };
+        match published {
             Ok(()) => {
                 self.sent.inc();
                 true
