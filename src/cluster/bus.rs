@@ -246,6 +246,8 @@ impl Cluster {
                 }
             }
             Op::TableAsk => self.send_table(envelope.from),
+            Op::Audit => self.on_audit(envelope.from, envelope.body),
+            Op::AuditReply => self.on_audit_reply(envelope.from, envelope.body),
             Op::TablePage {
                 version,
                 index,

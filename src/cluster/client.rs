@@ -10,7 +10,7 @@
 //! `limits.backend_grace`, then is closed with 1013.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_nats::Subject;
@@ -40,6 +40,10 @@ pub(super) struct Relay {
     tx: mpsc::UnboundedSender<Inbound>,
     queued: Arc<AtomicUsize>,
     budget: usize,
+    /// Frames the client sent into the session (counted once handed to NATS).
+    sent: Arc<AtomicU64>,
+    /// Frames of the session that came back.
+    received: u64,
 }
 
 impl Relay {
@@ -69,7 +73,8 @@ impl Cluster {
                 };
                 let size = envelope.body.len();
                 let mut sessions = lock(&self.sessions);
-                let Some(relay) = sessions.get(&id).filter(|r| *r.node == *envelope.from) else {
+                let Some(relay) = sessions.get_mut(&id).filter(|r| *r.node == *envelope.from)
+                else {
                     drop(sessions);
                     // A session this node no longer has: the serving node forgets it too.
                     self.close_remote(&self.subject_of(envelope.from), id);
@@ -91,9 +96,74 @@ impl Cluster {
                     }
                     return;
                 }
+                relay.received += 1;
                 let _ = relay.tx.unbounded_send(Inbound::Frame(id, msg, size));
             }
             _ => {}
+        }
+    }
+
+    /// Asks each node this node has sessions with how many frames of each it sent back, saying
+    /// how many each client sent (once a tick): core NATS may drop a frame, and a call whose
+    /// frame was lost would otherwise wait for ever.
+    pub(super) fn audit_sessions(&self) {
+        if !self.usable() {
+            return;
+        }
+        let mut lines: HashMap<Arc<str>, (Subject, Vec<String>)> = HashMap::new();
+        for (id, relay) in lock(&self.sessions).iter() {
+            let sent = relay.sent.load(Ordering::SeqCst);
+            if sent == 0 {
+                continue;
+            }
+            lines
+                .entry(relay.node.clone())
+                .or_insert_with(|| (relay.subject.clone(), Vec::new()))
+                .1
+                .push(format!("{id:032x} {sent}"));
+        }
+        for (subject, lines) in lines.into_values() {
+            for body in audit_bodies(lines, self.page_bytes()) {
+                let audit = Envelope {
+                    op: Op::Audit,
+                    session: 0,
+                    from: &self.me,
+                    body: body.as_bytes(),
+                };
+                self.post_control(subject.clone(), audit.encode());
+            }
+        }
+    }
+
+    /// What a serving node says of the sessions audited: a session it no longer has, or one
+    /// that sent more frames than came here, lost frames on the way: it ends (its calls fail
+    /// with `-32000`, the client is placed again).
+    pub(super) fn on_audit_reply(&self, from: &str, body: &[u8]) {
+        let mut lost = Vec::new();
+        {
+            let mut sessions = lock(&self.sessions);
+            for (id, count) in audit_lines(body) {
+                let Some(relay) = sessions.get(&id).filter(|r| *r.node == *from) else {
+                    continue;
+                };
+                let gone = match count {
+                    None => true,
+                    Some(sent) => sent > relay.received,
+                };
+                if gone {
+                    if let Some(relay) = sessions.remove(&id) {
+                        lost.push((id, relay));
+                    }
+                }
+            }
+        }
+        for (id, relay) in lost {
+            tracing::info!(node = %super::bus::safe_name(from), "cluster: a session lost frames on the way: it ends");
+            relay.end(
+                id,
+                CloseReason::new(close::TRY_AGAIN_LATER, "frames lost on the way"),
+            );
+            self.close_remote(&relay.subject, id);
         }
     }
 
@@ -121,6 +191,8 @@ struct Session {
     id: u128,
     node: Arc<str>,
     subject: Subject,
+    /// Frames sent into it (shared with its [`Relay`] entry, for the audits).
+    sent: Arc<AtomicU64>,
     /// The first frame has gone (with the open).
     opened: bool,
     /// The other node ended it (or the final reply of an HTTP call came): no close to send.
@@ -291,6 +363,7 @@ impl ClusterClient {
             }
             if let Some((node, subject)) = self.cluster.pick(&self.path, &self.secret) {
                 let id = session_id();
+                let sent = Arc::new(AtomicU64::new(0));
                 lock(&self.cluster.sessions).insert(
                     id,
                     Relay {
@@ -299,12 +372,15 @@ impl ClusterClient {
                         tx: self.tx.clone(),
                         queued: self.queued.clone(),
                         budget: self.cluster.registry.limits().client_queue_bytes,
+                        sent: sent.clone(),
+                        received: 0,
                     },
                 );
                 self.place = Place::Remote(Session {
                     id,
                     node,
                     subject,
+                    sent,
                     opened: false,
                     over: false,
                 });
@@ -506,6 +582,9 @@ impl ClusterClient {
             self.cluster.publish(subject, envelope.encode()).await
         };
         if sent {
+            if let Place::Remote(session) = &self.place {
+                session.sent.fetch_add(1, Ordering::SeqCst);
+            }
             return None;
         }
         // The link is down (or the frame too large for it): the call cannot be made.
@@ -685,4 +764,42 @@ impl Drop for ClusterClient {
 /// can tell).
 fn unavailable(msg: &Message) -> Message {
     local_error(msg, code::BACKEND_UNAVAILABLE, "backend unavailable")
+}
+
+/// Audit lines in bodies of at most `budget` bytes each.
+pub(super) fn audit_bodies(lines: Vec<String>, budget: usize) -> Vec<String> {
+    let mut bodies = vec![String::new()];
+    for line in lines {
+        if let Some(body) = bodies.last_mut().filter(|b| b.len() + line.len() < budget) {
+            body.push_str(&line);
+            body.push('\n');
+        } else {
+            bodies.push(format!("{line}\n"));
+        }
+    }
+    bodies.retain(|b| !b.is_empty());
+    bodies
+}
+
+/// The lines of an audit or of its reply: a session and a count (`-`: none), at most 100,000;
+/// lines that are not such are skipped.
+pub(super) fn audit_lines(body: &[u8]) -> Vec<(u128, Option<u64>)> {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Vec::new();
+    };
+    text.lines()
+        .take(100_000)
+        .filter_map(|line| {
+            let (id, count) = line.split_once(' ')?;
+            if id.len() != 32 {
+                return None;
+            }
+            let id = u128::from_str_radix(id, 16).ok()?;
+            let count = match count {
+                "-" => None,
+                n => Some(n.parse().ok()?),
+            };
+            Some((id, count))
+        })
+        .collect()
 }

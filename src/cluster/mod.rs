@@ -469,6 +469,7 @@ impl Cluster {
                     // Calls of backends that left are forgotten.
                     self.fail_relayed_calls(|_| false);
                     self.probe_session_nodes().await;
+                    self.audit_sessions();
                     self.remove_gone_series();
                     self.announce().await;
                 }

@@ -5,7 +5,7 @@
 //! came, and whatever the multiplexer has for the client goes back to its node, in order. An
 //! HTTP call's session ends with its final reply.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_nats::Subject;
@@ -28,6 +28,10 @@ pub(super) struct Entry {
     pub(super) origin: Arc<str>,
     /// A WebSocket client (else one HTTP call).
     websocket: bool,
+    /// Frames of the client that came (its open included).
+    received: u64,
+    /// Frames sent back to the client's node (counted once handed to NATS).
+    sent: Arc<AtomicU64>,
     /// Counts the session among its path's relayed clients while it lives.
     _counted: Counted,
     tx: mpsc::UnboundedSender<(Message, usize)>,
@@ -39,6 +43,45 @@ impl Cluster {
     /// them finish like this node's own).
     pub fn relayed_http_calls(&self) -> usize {
         lock(&self.served).values().filter(|e| !e.websocket).count()
+    }
+
+    /// An audit from a client's node: for each of its sessions here, how many frames it sent.
+    /// A session this node does not have, or one that received fewer frames than were sent, lost
+    /// frames on the way (it ends); for the others, how many frames went back.
+    pub(super) fn on_audit(&self, from: &str, body: &[u8]) {
+        let mut lines = Vec::new();
+        let mut lost = Vec::new();
+        {
+            let mut served = lock(&self.served);
+            for (id, count) in super::client::audit_lines(body) {
+                let Some(sent) = count else { continue };
+                match served.get(&id).filter(|e| *e.origin == *from) {
+                    Some(entry) if entry.received >= sent => {
+                        lines.push(format!("{id:032x} {}", entry.sent.load(Ordering::SeqCst)));
+                    }
+                    Some(_) => {
+                        lost.extend(served.remove(&id).map(|entry| (id, entry)));
+                        lines.push(format!("{id:032x} -"));
+                    }
+                    None => lines.push(format!("{id:032x} -")),
+                }
+            }
+        }
+        let reply_to = self.subject_of(from);
+        for (id, entry) in lost {
+            drop(entry);
+            let reason = CloseReason::new(close::TRY_AGAIN_LATER, "frames lost on the way");
+            self.end_served(&reply_to, id, &reason);
+        }
+        for body in super::client::audit_bodies(lines, self.page_bytes()) {
+            let reply = Envelope {
+                op: Op::AuditReply,
+                session: 0,
+                from: &self.me,
+                body: body.as_bytes(),
+            };
+            self.post_control(reply_to.clone(), reply.encode());
+        }
     }
 
     /// A message about a session this node serves.
@@ -57,7 +100,8 @@ impl Cluster {
                 let size = envelope.body.len();
                 let budget = self.registry.limits().backend_queue_bytes;
                 let mut served = lock(&self.served);
-                let Some(entry) = served.get(&id).filter(|e| *e.origin == *envelope.from) else {
+                let Some(entry) = served.get_mut(&id).filter(|e| *e.origin == *envelope.from)
+                else {
                     drop(served);
                     // A session this node does not know (ended here, or its open was lost):
                     // the client's node learns it, and places the client again.
@@ -76,6 +120,7 @@ impl Cluster {
                     }
                     return;
                 }
+                entry.received += 1;
                 let _ = entry.tx.unbounded_send((msg, size));
             }
             Op::Close => {
@@ -133,6 +178,7 @@ impl Cluster {
         };
         let (tx, rx) = mpsc::unbounded();
         let queued = Arc::new(AtomicUsize::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
         if !envelope.body.is_empty() {
             if let Ok(first) = Message::parse(envelope.body) {
                 let size = envelope.body.len();
@@ -146,6 +192,8 @@ impl Cluster {
                 _counted: Counted::new(&self.served_counts, path),
                 origin: Arc::from(envelope.from),
                 websocket,
+                received: 1,
+                sent: sent.clone(),
                 tx,
                 queued: queued.clone(),
             },
@@ -157,7 +205,8 @@ impl Cluster {
         // no other thread (only the NATS link's own thread is crossed, once each way).
         let runtime = conn.endpoint().runtime().unwrap_or_else(|| self.rt.clone());
         runtime.spawn(async move {
-            me.serve(conn, rx, queued, reply_to, id, websocket).await;
+            me.serve(conn, rx, (queued, sent), reply_to, id, websocket)
+                .await;
         });
     }
 
@@ -180,7 +229,7 @@ impl Cluster {
         self: Arc<Self>,
         mut conn: ClientConn,
         mut rx: mpsc::UnboundedReceiver<(Message, usize)>,
-        queued: Arc<AtomicUsize>,
+        (queued, sent): (Arc<AtomicUsize>, Arc<AtomicU64>),
         reply_to: Subject,
         id: u128,
         websocket: bool,
@@ -208,7 +257,9 @@ impl Cluster {
                                 // A WebSocket peer is only sent answers that carry an id.
                                 continue;
                             }
-                            self.publish(reply_to.clone(), frame(answer.to_json().as_bytes())).await;
+                            if self.publish(reply_to.clone(), frame(answer.to_json().as_bytes())).await {
+                                sent.fetch_add(1, Ordering::SeqCst);
+                            }
                             if last {
                                 break;
                             }
@@ -218,7 +269,9 @@ impl Cluster {
                 for_client = conn.recv() => match for_client {
                     Some(msg) => {
                         let last = !websocket && msg.kind() == Kind::Reply && msg.ends_call();
-                        self.publish(reply_to.clone(), frame(msg.to_json().as_bytes())).await;
+                        if self.publish(reply_to.clone(), frame(msg.to_json().as_bytes())).await {
+                            sent.fetch_add(1, Ordering::SeqCst);
+                        }
                         if last {
                             break;
                         }

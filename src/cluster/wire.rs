@@ -69,6 +69,12 @@ pub enum Op<'a> {
         /// The endpoint path.
         path: &'a str,
     },
+    /// A client's node -> a serving node: for each session listed in the body (a line
+    /// `<session> <frames sent>` each), how many frames it sent there.
+    Audit,
+    /// The serving node -> the client's node: for each session audited, how many frames it
+    /// sent back (`<session> <count>`), or `-` when it has no such session.
+    AuditReply,
     /// A node whose view of another's endpoint table differs from that node's heartbeats ->
     /// that node: send me your table.
     TableAsk,
@@ -114,6 +120,8 @@ impl Envelope<'_> {
             Op::AnswerBackend { key, path } => (b'A', format!("{key} {path}")),
             Op::CloseClient { path } => (b'X', path.to_string()),
             Op::TableAsk => (b'T', String::new()),
+            Op::Audit => (b'U', String::new()),
+            Op::AuditReply => (b'R', String::new()),
             Op::TablePage {
                 version,
                 index,
@@ -167,6 +175,8 @@ pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
         }
         "X" => Op::CloseClient { path: arg },
         "T" => Op::TableAsk,
+        "U" => Op::Audit,
+        "R" => Op::AuditReply,
         "P" => {
             let mut numbers = arg.split(' ');
             let version = numbers.next()?.parse().ok()?;
@@ -323,6 +333,8 @@ mod tests {
             Op::CallClient { key: 7, path: "/p" },
             Op::AnswerBackend { key: 7, path: "/p" },
             Op::TableAsk,
+            Op::Audit,
+            Op::AuditReply,
             Op::TablePage {
                 version: 42,
                 index: 3,
