@@ -297,7 +297,16 @@ impl Cluster {
             if node.synced && node.version == from {
                 node.apply(beat);
             } else if let Some(fetch) = node.fetch.as_mut().filter(|f| from >= f.version) {
-                if fetch.pending.len() < MAX_PENDING_DELTAS {
+                // Bounded in deltas and in endpoints: more, and the table is asked for again.
+                let held: usize = fetch
+                    .pending
+                    .iter()
+                    .map(|d| d.endpoints.len() + d.removed.len())
+                    .sum();
+                let size = beat.endpoints.len() + beat.removed.len();
+                if fetch.pending.len() < MAX_PENDING_DELTAS
+                    && held + size <= MAX_ANNOUNCED_ENDPOINTS
+                {
                     fetch.pending.push(beat);
                 } else {
                     node.fetch = None;
