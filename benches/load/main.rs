@@ -80,6 +80,8 @@ struct Options {
     json: Option<String>,
     url: Option<String>,
     token: String,
+    /// `cluster_endpoints`: endpoints published on each of its 4 nodes.
+    endpoints_per_node: usize,
 }
 
 impl Options {
@@ -101,6 +103,8 @@ impl Options {
             json: value("--json"),
             url: value("--url").map(|u| u.trim_end_matches('/').to_string()),
             token: value("--token").unwrap_or_else(|| TOKEN.to_string()),
+            endpoints_per_node: num("--endpoints-per-node", if quick { 500.0 } else { 15_000.0 })
+                as usize,
         }
     }
 }
@@ -322,6 +326,11 @@ async fn bench(o: Options) {
         Some(_) => cluster_scenarios(&o, dir.path(), (&client_url, gw_port)).await,
         None => None,
     };
+    // cluster_endpoints: many endpoints over 4 nodes (only with gateways this tool starts).
+    let cluster_endpoints = match &ours {
+        Some(_) => cluster_endpoints_scenario(&o, dir.path(), o.endpoints_per_node).await,
+        None => None,
+    };
     let cluster_latency = cluster.as_ref().map(|c| {
         let (lw, lh) = (&c.latency_ws, &c.latency_http);
         report::ClusterLatency {
@@ -412,6 +421,7 @@ async fn bench(o: Options) {
         cluster_ws_rpc_unsigned: cluster.as_ref().map(|c| c.unsigned_ws.summary(clients)),
         cluster_latency,
         abuse,
+        cluster_endpoints,
         connect: connect.summary(connecting),
         connect_direct: connect_direct.summary(connecting),
         reload: reload

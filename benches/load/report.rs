@@ -122,6 +122,19 @@ pub(crate) struct Abuse {
     pub(crate) rss_ratio: f64,
 }
 
+/// `cluster_endpoints`: many endpoints over 4 nodes.
+#[derive(Serialize)]
+pub(crate) struct ClusterEndpoints {
+    pub(crate) nodes: usize,
+    pub(crate) endpoints: usize,
+    /// Endpoints that answered on every node (of `endpoints`).
+    pub(crate) answered_on_every_node: usize,
+    /// From the publishers' start until every endpoint answered on every node.
+    pub(crate) all_answer_after_seconds: f64,
+    /// What the NATS server carried per node once idle (in and out).
+    pub(crate) idle_nats_bytes_per_sec_per_node: Option<f64>,
+}
+
 /// The ratios, in the order they were taken.
 #[derive(Default, Clone)]
 pub(crate) struct Ratios(Vec<(&'static str, f64)>);
@@ -180,6 +193,8 @@ pub(crate) struct Report {
     pub(crate) cluster_latency: Option<ClusterLatency>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) abuse: Option<Abuse>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cluster_endpoints: Option<ClusterEndpoints>,
     pub(crate) connect: Rpc,
     pub(crate) connect_direct: Rpc,
     #[serde(skip_serializing_if = "Option::is_none")]

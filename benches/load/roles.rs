@@ -27,6 +27,30 @@ pub(crate) fn run_role(role: &str, arg: &str) {
         .expect("runtime");
     rt.block_on(async {
         match role {
+            // `<ws-base> <count> <token> <secret>`: publishes the echo handlers at
+            // `/many/0` .. `/many/<count - 1>` of a gateway, one connection each, and holds them.
+            "publisher" => {
+                let args: Vec<&str> = arg.split(' ').collect();
+                let [base, count, token, secret] = args[..] else {
+                    eprintln!("publisher: <ws-base> <count> <token> <secret>");
+                    return;
+                };
+                let count: usize = count.parse().unwrap_or(0);
+                let mut held = Vec::with_capacity(count);
+                let urls: Vec<String> = (0..count)
+                    .map(|i| format!("{base}/many/{i}?token={token}&secret={secret}"))
+                    .collect();
+                for chunk in urls.chunks(256) {
+                    let batch = chunk.iter().map(|url| echo_handlers().connect(url));
+                    for peer in futures_util::future::join_all(batch).await {
+                        match peer {
+                            Ok(peer) => held.push(peer),
+                            Err(e) => eprintln!("publisher: {e}"),
+                        }
+                    }
+                }
+                std::future::pending::<()>().await;
+            }
             // Publishes the echo handlers at the URL (a gateway), publishing again if dropped.
             "echo-backend" => loop {
                 if let Ok(peer) = echo_handlers().connect(arg).await {

@@ -2,6 +2,7 @@
 //! deploys, the cluster, abuse.
 
 use super::*;
+use futures_util::StreamExt;
 
 pub(crate) async fn stream_scenario(client_url: &str, frames: u64) -> report::Stream {
     let peer = Peer::builder().connect(client_url).await.expect("connect");
@@ -352,4 +353,125 @@ pub(crate) async fn abuse_scenario(o: &Options, dir: &std::path::Path) -> report
         report.throughput_ratio, max_fds, report.fds_bound, report.rss_ratio
     );
     report
+}
+
+/// `cluster_endpoints`: `per_node` endpoints published on each of 4 nodes (one backend
+/// connection each, held by a publisher process per node): the time until every endpoint
+/// answers on every node, and the nodes' NATS traffic once idle.
+pub(crate) async fn cluster_endpoints_scenario(
+    o: &Options,
+    dir: &std::path::Path,
+    per_node: usize,
+) -> Option<report::ClusterEndpoints> {
+    let Some(nats) = nats_server() else {
+        println!("cluster_endpoints skipped: nats-server is not installed");
+        return None;
+    };
+    let (nats_port, monitor) = (free_port(), free_port());
+    let _nats = Proc::polite(
+        Command::new(nats)
+            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
+            .args(["-m", &monitor.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server"),
+    );
+    wait_port(nats_port).await;
+    let node = |name: &str| {
+        format!(
+            "  max_message_bytes: 1000000\n  backend_grace: 30s\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: many\n"
+        )
+    };
+    let mut nodes = Vec::new();
+    for name in ["e1", "e2", "e3", "e4"] {
+        nodes.push(start_gateway_with(dir, &format!("node-{name}.yaml"), &node(name)).await);
+    }
+    let started = Instant::now();
+    let _publishers: Vec<Proc> = nodes
+        .iter()
+        .map(|gw| {
+            spawn_role(
+                "publisher",
+                &format!("{} {per_node} {} {SECRET}", gw.url, o.token),
+            )
+        })
+        .collect();
+    // Every endpoint, on every node: calls until each answers (a minute at most).
+    let http = reqwest::Client::new();
+    let total = per_node * nodes.len();
+    let mut answered = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for gw in &nodes {
+        let base = gw.url.replacen("ws://", "http://", 1);
+        let mut left: Vec<usize> = (0..per_node).collect();
+        while !left.is_empty() && Instant::now() < deadline {
+            let calls = left.iter().map(|i| {
+                let url = format!("{base}/many/{i}/echo?secret={SECRET}");
+                let http = http.clone();
+                async move {
+                    let ok = http
+                        .post(url)
+                        .body("1")
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().as_u16() == 200);
+                    (*i, ok)
+                }
+            });
+            let results: Vec<(usize, bool)> = futures_util::stream::iter(calls)
+                .buffer_unordered(64)
+                .collect()
+                .await;
+            left = results
+                .into_iter()
+                .filter(|(_, ok)| !ok)
+                .map(|(i, _)| i)
+                .collect();
+            if !left.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        answered += per_node - left.len();
+    }
+    let all_known = started.elapsed().as_secs_f64();
+    // Idle: what the NATS server carries for the nodes over a few seconds.
+    let varz = |http: reqwest::Client| async move {
+        let v: Value = http
+            .get(format!("http://127.0.0.1:{monitor}/varz"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(v["in_bytes"].as_u64()? + v["out_bytes"].as_u64()?)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = varz(http.clone()).await;
+    let idle = Duration::from_secs(5);
+    tokio::time::sleep(idle).await;
+    let after = varz(http.clone()).await;
+    let per_node_bytes = before.zip(after).map(|(b, a)| {
+        round(
+            a.saturating_sub(b) as f64 / idle.as_secs_f64() / nodes.len() as f64,
+            0,
+        )
+    });
+    let report = report::ClusterEndpoints {
+        nodes: nodes.len(),
+        endpoints: total,
+        answered_on_every_node: answered,
+        all_answer_after_seconds: round(all_known, 2),
+        idle_nats_bytes_per_sec_per_node: per_node_bytes,
+    };
+    println!(
+        "cluster_endpoints {} endpoints on {} nodes: {} answered everywhere after {:.1} s; idle NATS {} B/s per node",
+        total,
+        nodes.len(),
+        answered,
+        all_known,
+        per_node_bytes.map_or("?".to_string(), |b| b.to_string())
+    );
+    Some(report)
 }
