@@ -27,18 +27,19 @@ pub(crate) fn run_role(role: &str, arg: &str) {
         .expect("runtime");
     rt.block_on(async {
         match role {
-            // `<ws-base> <count> <token> <secret>`: publishes the echo handlers at
-            // `/many/0` .. `/many/<count - 1>` of a gateway, one connection each, and holds them.
+            // `<ws-base> <name> <count> <token> <secret>`: publishes the echo handlers at
+            // `/many/<name>/0` .. `/many/<name>/<count - 1>` of a gateway, one connection each,
+            // and holds them.
             "publisher" => {
                 let args: Vec<&str> = arg.split(' ').collect();
-                let [base, count, token, secret] = args[..] else {
-                    eprintln!("publisher: <ws-base> <count> <token> <secret>");
+                let [base, name, count, token, secret] = args[..] else {
+                    eprintln!("publisher: <ws-base> <name> <count> <token> <secret>");
                     return;
                 };
                 let count: usize = count.parse().unwrap_or(0);
                 let mut held = Vec::with_capacity(count);
                 let urls: Vec<String> = (0..count)
-                    .map(|i| format!("{base}/many/{i}?token={token}&secret={secret}"))
+                    .map(|i| format!("{base}/many/{name}/{i}?token={token}&secret={secret}"))
                     .collect();
                 for chunk in urls.chunks(256) {
                     let batch = chunk.iter().map(|url| echo_handlers().connect(url));

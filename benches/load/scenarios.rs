@@ -383,31 +383,37 @@ pub(crate) async fn cluster_endpoints_scenario(
             "  max_message_bytes: 1000000\n  backend_grace: 30s\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: many\n"
         )
     };
+    let names = ["e1", "e2", "e3", "e4"];
     let mut nodes = Vec::new();
-    for name in ["e1", "e2", "e3", "e4"] {
+    for name in names {
         nodes.push(start_gateway_with(dir, &format!("node-{name}.yaml"), &node(name)).await);
     }
     let started = Instant::now();
     let _publishers: Vec<Proc> = nodes
         .iter()
-        .map(|gw| {
+        .zip(names)
+        .map(|(gw, name)| {
             spawn_role(
                 "publisher",
-                &format!("{} {per_node} {} {SECRET}", gw.url, o.token),
+                &format!("{} {name} {per_node} {} {SECRET}", gw.url, o.token),
             )
         })
+        .collect();
+    let paths: Vec<String> = names
+        .iter()
+        .flat_map(|name| (0..per_node).map(move |i| format!("/many/{name}/{i}")))
         .collect();
     // Every endpoint, on every node: calls until each answers (a minute at most).
     let http = reqwest::Client::new();
     let total = per_node * nodes.len();
-    let mut answered = 0usize;
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut missing = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
     for gw in &nodes {
         let base = gw.url.replacen("ws://", "http://", 1);
-        let mut left: Vec<usize> = (0..per_node).collect();
+        let mut left: Vec<usize> = (0..paths.len()).collect();
         while !left.is_empty() && Instant::now() < deadline {
             let calls = left.iter().map(|i| {
-                let url = format!("{base}/many/{i}/echo?secret={SECRET}");
+                let url = format!("{base}{}/echo?secret={SECRET}", paths[*i]);
                 let http = http.clone();
                 async move {
                     let ok = http
@@ -432,8 +438,9 @@ pub(crate) async fn cluster_endpoints_scenario(
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        answered += per_node - left.len();
+        missing.extend(left);
     }
+    let answered = paths.len() - missing.len();
     let all_known = started.elapsed().as_secs_f64();
     // Idle: what the NATS server carries for the nodes over a few seconds.
     let varz = |http: reqwest::Client| async move {
