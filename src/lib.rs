@@ -40,9 +40,9 @@
 //!   workspace's `duplex` crate, which builds without Pingora.
 //! - [`cluster`]: several nodes joined by NATS, as a layer on the multiplexer: `link` (logging
 //!   in to NATS), `bus` (publishing and dispatch), `seal` (signed, numbered messages), `wire`,
-//!   `directory` (the other nodes and their endpoints), `pools` (announcements, pools across
-//!   nodes), `client` and `served` (clients relayed out and in), `calls` (backend-to-client calls
-//!   across nodes).
+//!   `directory` (the other nodes and their endpoints), `tables` (endpoint tables as deltas and
+//!   pages), `pools` (announcements, pools across nodes), `client` and `served` (clients relayed
+//!   out and in), `audit` (lost frames), `calls` (backend-to-client calls across nodes).
 //! - [`metrics`]: every Prometheus metric, defined once.
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.

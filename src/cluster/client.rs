@@ -41,9 +41,9 @@ pub(super) struct Relay {
     queued: Arc<AtomicUsize>,
     budget: usize,
     /// Frames the client sent into the session (counted once handed to NATS).
-    sent: Arc<AtomicU64>,
+    pub(super) sent: Arc<AtomicU64>,
     /// Frames of the session that came back.
-    received: u64,
+    pub(super) received: u64,
 }
 
 impl Relay {
@@ -103,72 +103,8 @@ impl Cluster {
         }
     }
 
-    /// Asks each node this node has sessions with how many frames of each it sent back, saying
-    /// how many each client sent (once a tick): core NATS may drop a frame, and a call whose
-    /// frame was lost would otherwise wait for ever.
-    pub(super) fn audit_sessions(&self) {
-        if !self.usable() {
-            return;
-        }
-        let mut lines: HashMap<Arc<str>, (Subject, Vec<String>)> = HashMap::new();
-        for (id, relay) in lock(&self.sessions).iter() {
-            let sent = relay.sent.load(Ordering::SeqCst);
-            if sent == 0 {
-                continue;
-            }
-            lines
-                .entry(relay.node.clone())
-                .or_insert_with(|| (relay.subject.clone(), Vec::new()))
-                .1
-                .push(format!("{id:032x} {sent}"));
-        }
-        for (subject, lines) in lines.into_values() {
-            for body in audit_bodies(lines, self.page_bytes()) {
-                let audit = Envelope {
-                    op: Op::Audit,
-                    session: 0,
-                    from: &self.me,
-                    body: body.as_bytes(),
-                };
-                self.post_control(subject.clone(), audit.encode());
-            }
-        }
-    }
-
-    /// What a serving node says of the sessions audited: a session it no longer has, or one
-    /// that sent more frames than came here, lost frames on the way: it ends (its calls fail
-    /// with `-32000`, the client is placed again).
-    pub(super) fn on_audit_reply(&self, from: &str, body: &[u8]) {
-        let mut lost = Vec::new();
-        {
-            let mut sessions = lock(&self.sessions);
-            for (id, count) in audit_lines(body) {
-                let Some(relay) = sessions.get(&id).filter(|r| *r.node == *from) else {
-                    continue;
-                };
-                let gone = match count {
-                    None => true,
-                    Some(sent) => sent > relay.received,
-                };
-                if gone {
-                    if let Some(relay) = sessions.remove(&id) {
-                        lost.push((id, relay));
-                    }
-                }
-            }
-        }
-        for (id, relay) in lost {
-            tracing::info!(node = %super::bus::safe_name(from), "cluster: a session lost frames on the way: it ends");
-            relay.end(
-                id,
-                CloseReason::new(close::TRY_AGAIN_LATER, "frames lost on the way"),
-            );
-            self.close_remote(&relay.subject, id);
-        }
-    }
-
     /// Tells the node serving session `id` that its client left.
-    fn close_remote(&self, subject: &Subject, id: u128) {
+    pub(super) fn close_remote(&self, subject: &Subject, id: u128) {
         let close = Envelope {
             op: Op::Close,
             session: id,
@@ -764,42 +700,4 @@ impl Drop for ClusterClient {
 /// can tell).
 fn unavailable(msg: &Message) -> Message {
     local_error(msg, code::BACKEND_UNAVAILABLE, "backend unavailable")
-}
-
-/// Audit lines in bodies of at most `budget` bytes each.
-pub(super) fn audit_bodies(lines: Vec<String>, budget: usize) -> Vec<String> {
-    let mut bodies = vec![String::new()];
-    for line in lines {
-        if let Some(body) = bodies.last_mut().filter(|b| b.len() + line.len() < budget) {
-            body.push_str(&line);
-            body.push('\n');
-        } else {
-            bodies.push(format!("{line}\n"));
-        }
-    }
-    bodies.retain(|b| !b.is_empty());
-    bodies
-}
-
-/// The lines of an audit or of its reply: a session and a count (`-`: none), at most 100,000;
-/// lines that are not such are skipped.
-pub(super) fn audit_lines(body: &[u8]) -> Vec<(u128, Option<u64>)> {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return Vec::new();
-    };
-    text.lines()
-        .take(100_000)
-        .filter_map(|line| {
-            let (id, count) = line.split_once(' ')?;
-            if id.len() != 32 {
-                return None;
-            }
-            let id = u128::from_str_radix(id, 16).ok()?;
-            let count = match count {
-                "-" => None,
-                n => Some(n.parse().ok()?),
-            };
-            Some((id, count))
-        })
-        .collect()
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_nats::Subject;
 use tokio::time::Instant;
 
+use super::tables::{Fetch, MAX_PENDING_DELTAS};
 use super::wire::{self, Heartbeat};
 use super::{lock, seal, served, unix_ms, Cluster};
 use crate::auth::Digest;
@@ -33,50 +34,6 @@ pub(super) struct Node {
     pub(super) fetch: Option<Fetch>,
 }
 
-/// A table being received in pages.
-pub(super) struct Fetch {
-    version: u64,
-    pages: Vec<Option<Vec<wire::Announced>>>,
-    /// Deltas heard meanwhile, applied once the table is in.
-    pending: Vec<Heartbeat>,
-    asked: Instant,
-}
-
-/// How many deltas a node keeps while it fetches a table (more: it asks again).
-const MAX_PENDING_DELTAS: usize = 256;
-
-/// The most pages a table may have.
-const MAX_PAGES: u32 = 100_000;
-
-impl Node {
-    /// Applies a delta that follows this view's version.
-    fn apply(&mut self, delta: Heartbeat) {
-        for gone in &delta.removed {
-            if let Some(remote) = self.endpoints.remove(gone) {
-                self.digest ^= remote.digest;
-            }
-        }
-        for a in delta.endpoints {
-            let Some(remote) = Remote::from_announced(&a) else {
-                continue;
-            };
-            self.digest ^= remote.digest;
-            if let Some(before) = self.endpoints.insert(a.path, remote) {
-                self.digest ^= before.digest;
-            }
-        }
-        self.version = delta.version;
-    }
-
-    /// Whether this view is the table `beat` describes.
-    fn agrees(&self, beat: &Heartbeat) -> bool {
-        self.synced
-            && self.version == beat.version
-            && self.digest == beat.digest
-            && self.endpoints.len() as u64 == beat.count
-    }
-}
-
 /// An endpoint of another node.
 pub(super) struct Remote {
     pub(super) secret: Digest,
@@ -87,7 +44,7 @@ pub(super) struct Remote {
 }
 
 impl Remote {
-    fn from_announced(a: &wire::Announced) -> Option<Remote> {
+    pub(super) fn from_announced(a: &wire::Announced) -> Option<Remote> {
         Some(Remote {
             secret: Digest::from_hex(&a.secret)?,
             backends: a.backends.clone(),
@@ -160,7 +117,7 @@ pub(super) fn check_heartbeat(
 /// Checks the endpoints a heartbeat or a table page announces: at most
 /// [`MAX_ANNOUNCED_ENDPOINTS`], each a valid path with at most [`MAX_ANNOUNCED_BACKENDS`]
 /// backends none of which joined in the future, and a secret digest.
-fn check_endpoints(
+pub(super) fn check_endpoints(
     beat: &Heartbeat,
     node_timeout: Duration,
     now: u64,
@@ -353,83 +310,6 @@ impl Cluster {
             self.announce_soon.notify_one();
             self.update_gauges();
         }
-        self.directory_changed();
-    }
-
-    /// Page `index` of `count` of node `from`'s table at `version`: kept until the table is
-    /// whole, then it replaces this node's view (and the deltas heard meanwhile follow).
-    pub(super) fn on_table_page(
-        &self,
-        from: &str,
-        version: u64,
-        index: u32,
-        count: u32,
-        body: &[u8],
-    ) {
-        if count == 0 || index >= count || count > MAX_PAGES {
-            return self.reject(seal::Rejected::Invalid, from);
-        }
-        let Ok(entries) = serde_json::from_slice::<Vec<wire::Announced>>(body) else {
-            return self.reject(seal::Rejected::Invalid, from);
-        };
-        let check = Heartbeat {
-            node: from.to_string(),
-            endpoints: entries,
-            ..Heartbeat::default()
-        };
-        if check_endpoints(&check, self.node_timeout, unix_ms()).is_err() {
-            return self.reject(seal::Rejected::Invalid, from);
-        }
-        let entries = check.endpoints;
-        let mut nodes = lock(&self.nodes);
-        let Some(node) = nodes.get_mut(from) else {
-            return;
-        };
-        let fetch = match node.fetch.as_mut() {
-            Some(f) if f.version > version => return,
-            Some(f) if f.version == version && f.pages.len() == count as usize => f,
-            _ => {
-                let pending = node.fetch.take().map(|f| f.pending).unwrap_or_default();
-                node.fetch.insert(Fetch {
-                    version,
-                    pages: vec![None; count as usize],
-                    pending,
-                    asked: Instant::now(),
-                })
-            }
-        };
-        fetch.pages[index as usize] = Some(entries);
-        let total: usize = fetch.pages.iter().flatten().map(Vec::len).sum();
-        if total > MAX_ANNOUNCED_ENDPOINTS {
-            node.fetch = None;
-            drop(nodes);
-            return self.reject(seal::Rejected::Invalid, from);
-        }
-        if fetch.pages.iter().any(Option::is_none) {
-            return;
-        }
-        let Some(fetch) = node.fetch.take() else {
-            return;
-        };
-        node.endpoints = fetch
-            .pages
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|a| Some((a.path.clone(), Remote::from_announced(&a)?)))
-            .collect();
-        node.digest = node.endpoints.values().fold(0, |d, r| d ^ r.digest);
-        node.version = fetch.version;
-        node.synced = true;
-        let mut pending = fetch.pending;
-        pending.sort_by_key(|d| d.from);
-        for delta in pending {
-            if delta.from == Some(node.version) {
-                node.apply(delta);
-            }
-        }
-        drop(nodes);
-        self.enforce_pool_sizes();
         self.directory_changed();
     }
 

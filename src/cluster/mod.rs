@@ -30,10 +30,12 @@
 //! and downs, SIGTERM); [`link`] the NATS connection's options; `bus.rs` publishing (sealed,
 //! through an ordered outbox) and the dispatch of what arrives; [`seal`] signatures and replay
 //! windows; [`wire`] the message formats; `directory.rs` the other nodes and their endpoints;
-//! `pools.rs` this node's announcements and pools counted over the cluster; [`client`] clients
-//! relayed out to another node; [`served`] clients relayed in from another node; `calls.rs`
-//! backend-to-client calls that cross nodes.
+//! `tables.rs` endpoint tables across nodes (versions, deltas, pages); `pools.rs` this node's
+//! announcements and pools counted over the cluster; [`client`] clients relayed out to another
+//! node; [`served`] clients relayed in from another node; `audit.rs` the audits that find
+//! frames lost on the way; `calls.rs` backend-to-client calls that cross nodes.
 
+mod audit;
 mod bus;
 mod calls;
 pub mod client;
@@ -42,6 +44,7 @@ pub mod link;
 mod pools;
 pub mod seal;
 pub mod served;
+mod tables;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -136,7 +139,7 @@ pub struct Cluster {
     /// node when its last backend leaves, rather than being told the path is unknown.
     graces: Mutex<HashMap<String, (Digest, Instant)>>,
     /// This node's endpoint table as last announced (see `pools.rs`).
-    table: Mutex<pools::Table>,
+    table: Mutex<tables::Table>,
     /// When this node last sent its table to each node that asked (at most every half second).
     tables_sent: Mutex<HashMap<Arc<str>, Instant>>,
     /// Tells this node's relayed WebSocket clients to close (SIGTERM), with the reason.
@@ -298,7 +301,7 @@ impl Cluster {
             leaving: AtomicBool::new(false),
             departing: Mutex::new(HashMap::new()),
             graces: Mutex::new(HashMap::new()),
-            table: Mutex::new(pools::Table::default()),
+            table: Mutex::new(tables::Table::default()),
             tables_sent: Mutex::new(HashMap::new()),
             stop: tokio::sync::watch::channel(None).0,
             clients: Mutex::new(HashMap::new()),

@@ -1,16 +1,13 @@
 //! Pools across nodes: this node's announcement of its endpoints, a pool counted over the whole
 //! cluster (the newest `max_backends` stay), and the HTTP series of endpoints served elsewhere.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
 use bytes::BytesMut;
-use tokio::time::Instant;
 
-use super::wire::{self, Announced, Envelope, Heartbeat, Op};
 use super::{lock, unix_ms, Cluster};
 use crate::auth::Digest;
 use crate::metrics::{metrics, Rejection};
@@ -65,82 +62,6 @@ impl Cluster {
                 );
             }
             self.update_gauges();
-        }
-    }
-
-    /// This node's endpoints as it announces them.
-    fn current_table(&self) -> HashMap<String, Announced> {
-        let mut current = HashMap::new();
-        for endpoint in self.registry.endpoints() {
-            // A path the others would refuse is served by this node only.
-            if endpoint.path().len() > wire::MAX_PATH_BYTES {
-                continue;
-            }
-            if let Some(pool) = endpoint.snapshot() {
-                current.insert(
-                    endpoint.path().to_string(),
-                    Announced {
-                        path: endpoint.path().to_string(),
-                        secret: pool.secret.to_hex(),
-                        backends: pool.backends,
-                    },
-                );
-            }
-        }
-        current
-    }
-
-    /// The most bytes of endpoints one message carries: half the server's `max_payload` (the
-    /// rest is room for the envelope), 512 KiB at most.
-    pub(super) fn page_bytes(&self) -> usize {
-        let max_payload = self.max_payload.load(Ordering::SeqCst);
-        let max_payload = if max_payload == 0 {
-            1 << 20
-        } else {
-            max_payload
-        };
-        (max_payload / 2).clamp(4096, 512 << 10)
-    }
-
-    /// Sends this node's endpoint table to `to`, which asked for it, in pages that each fit a
-    /// message (at most one answer per node and half second).
-    pub(super) fn send_table(&self, to: &str) {
-        if !lock(&self.nodes).contains_key(to) {
-            return;
-        }
-        {
-            let now = Instant::now();
-            let mut answered = lock(&self.tables_sent);
-            if answered
-                .get(to)
-                .is_some_and(|at| now.duration_since(*at) < Duration::from_millis(500))
-            {
-                return;
-            }
-            answered.retain(|_, at| now.duration_since(*at) < Duration::from_secs(5));
-            answered.insert(Arc::from(to), now);
-        }
-        let (version, pages) = lock(&self.table).pages(self.page_bytes());
-        let count = u32::try_from(pages.len()).unwrap_or(u32::MAX);
-        let subject = self.subject_of(to);
-        for (index, page) in pages.into_iter().enumerate() {
-            let Ok(body) = serde_json::to_vec(&page) else {
-                return;
-            };
-            let message = Envelope {
-                op: Op::TablePage {
-                    version,
-                    index: u32::try_from(index).unwrap_or(u32::MAX),
-                    count,
-                },
-                session: 0,
-                from: &self.me,
-                body: &body,
-            };
-            if !self.post(subject.clone(), message.encode()) {
-                // The outbox is full: the node asks again.
-                return;
-            }
         }
     }
 
@@ -250,103 +171,6 @@ impl Cluster {
     }
 }
 
-/// This node's endpoint table as last announced.
-#[derive(Default)]
-pub(super) struct Table {
-    entries: HashMap<String, Announced>,
-    version: u64,
-    digest: u64,
-}
-
-impl Table {
-    /// Its state, as a heartbeat without a delta says it.
-    fn state(&self) -> Heartbeat {
-        Heartbeat {
-            version: self.version,
-            count: self.entries.len() as u64,
-            digest: self.digest,
-            ..Heartbeat::default()
-        }
-    }
-
-    /// Moves the table to `current`: the changes, as deltas of at most `budget` bytes of
-    /// endpoints each, one version each. Nothing when nothing changed.
-    fn advance(
-        &mut self,
-        mut current: HashMap<String, Announced>,
-        budget: usize,
-    ) -> Vec<Heartbeat> {
-        let removed: Vec<String> = self
-            .entries
-            .keys()
-            .filter(|path| !current.contains_key(*path))
-            .cloned()
-            .collect();
-        let mut changed: Vec<Announced> = current
-            .drain()
-            .filter(|(path, a)| self.entries.get(path) != Some(a))
-            .map(|(_, a)| a)
-            .collect();
-        changed.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut beats = Vec::new();
-        let mut removed = removed.into_iter().peekable();
-        let mut changed = changed.into_iter().peekable();
-        while removed.peek().is_some() || changed.peek().is_some() {
-            let from = self.version;
-            let mut size = 0;
-            let mut delta = Heartbeat::default();
-            while size < budget {
-                if let Some(path) = removed.next() {
-                    size += path.len() + 4;
-                    if let Some(gone) = self.entries.remove(&path) {
-                        self.digest ^= gone.digest();
-                    }
-                    delta.removed.push(path);
-                } else if let Some(a) = changed.peek() {
-                    if size > 0 && size + a.approx_len() > budget {
-                        break;
-                    }
-                    let Some(a) = changed.next() else { break };
-                    size += a.approx_len();
-                    self.digest ^= a.digest();
-                    if let Some(before) = self.entries.insert(a.path.clone(), a.clone()) {
-                        self.digest ^= before.digest();
-                    }
-                    delta.endpoints.push(a);
-                } else {
-                    break;
-                }
-            }
-            self.version += 1;
-            delta.from = Some(from);
-            delta.version = self.version;
-            delta.count = self.entries.len() as u64;
-            delta.digest = self.digest;
-            beats.push(delta);
-        }
-        beats
-    }
-
-    /// The whole table in pages of at most `budget` bytes of endpoints, with its version.
-    fn pages(&self, budget: usize) -> (u64, Vec<Vec<Announced>>) {
-        let mut pages: Vec<Vec<Announced>> = vec![Vec::new()];
-        let mut size = 0;
-        let mut entries: Vec<&Announced> = self.entries.values().collect();
-        entries.sort_by(|a, b| a.path.cmp(&b.path));
-        for a in entries {
-            if size > 0 && size + a.approx_len() > budget {
-                pages.push(Vec::new());
-                size = 0;
-            }
-            size += a.approx_len();
-            if let Some(page) = pages.last_mut() {
-                page.push(a.clone());
-            }
-        }
-        (self.version, pages)
-    }
-}
-
 /// One backend of a pool counted over the cluster.
 #[derive(Debug, Clone)]
 struct Member {
@@ -394,70 +218,6 @@ fn settle(mut all: Vec<Member>, max: usize, me: &str) -> Vec<(u64, Verdict)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn announced(path: &str, backends: usize) -> Announced {
-        Announced {
-            path: path.to_string(),
-            secret: "ab".repeat(32),
-            backends: (0..backends as u64).map(|k| (k, 1000 + k, false)).collect(),
-        }
-    }
-
-    /// What a node hearing `beats` in order ends up with: its entries and their digest.
-    fn follow(view: &mut HashMap<String, Announced>, beats: &[Heartbeat]) -> u64 {
-        for beat in beats {
-            for gone in &beat.removed {
-                view.remove(gone);
-            }
-            for a in &beat.endpoints {
-                view.insert(a.path.clone(), a.clone());
-            }
-        }
-        view.values().fold(0, |d, a| d ^ a.digest())
-    }
-
-    #[test]
-    fn changes_go_as_small_chained_deltas_and_the_digest_follows_them() {
-        let mut table = Table::default();
-        let first: HashMap<String, Announced> = (0..500)
-            .map(|i| {
-                let a = announced(&format!("/e{i:03}{}", "x".repeat(200)), 2);
-                (a.path.clone(), a)
-            })
-            .collect();
-        let beats = table.advance(first.clone(), 8192);
-        assert!(
-            beats.len() > 10,
-            "500 endpoints of ~400 bytes in 8 KiB deltas"
-        );
-        for (i, beat) in beats.iter().enumerate() {
-            assert_eq!(beat.from, Some(i as u64));
-            assert_eq!(beat.version, i as u64 + 1);
-            let bytes: usize = beat.endpoints.iter().map(Announced::approx_len).sum();
-            assert!(bytes <= 8192, "{bytes}");
-        }
-        let mut view = HashMap::new();
-        assert_eq!(follow(&mut view, &beats), table.state().digest);
-        assert_eq!(view.len(), 500);
-        // Nothing changed: nothing to send.
-        assert!(table.advance(first.clone(), 8192).is_empty());
-        // One endpoint changes, one goes.
-        let mut next = first;
-        next.remove(&format!("/e000{}", "x".repeat(200)));
-        let changed = announced(&format!("/e001{}", "x".repeat(200)), 3);
-        next.insert(changed.path.clone(), changed);
-        let beats = table.advance(next, 8192);
-        assert_eq!(beats.len(), 1);
-        assert_eq!((beats[0].removed.len(), beats[0].endpoints.len()), (1, 1));
-        assert_eq!(follow(&mut view, &beats), table.state().digest);
-        assert_eq!(table.state().count, 499);
-        // The pages hold the same table.
-        let (version, pages) = table.pages(8192);
-        assert_eq!(version, table.state().version);
-        let paged: u64 = pages.iter().flatten().fold(0, |d, a| d ^ a.digest());
-        assert_eq!(paged, table.state().digest);
-        assert_eq!(pages.iter().map(Vec::len).sum::<usize>(), 499);
-    }
 
     fn member(since: u64, node: &str, key: u64, secret: &[u8]) -> Member {
         Member {

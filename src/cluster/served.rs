@@ -29,9 +29,9 @@ pub(super) struct Entry {
     /// A WebSocket client (else one HTTP call).
     websocket: bool,
     /// Frames of the client that came (its open included).
-    received: u64,
+    pub(super) received: u64,
     /// Frames sent back to the client's node (counted once handed to NATS).
-    sent: Arc<AtomicU64>,
+    pub(super) sent: Arc<AtomicU64>,
     /// Counts the session among its path's relayed clients while it lives.
     _counted: Counted,
     tx: mpsc::UnboundedSender<(Message, usize)>,
@@ -43,45 +43,6 @@ impl Cluster {
     /// them finish like this node's own).
     pub fn relayed_http_calls(&self) -> usize {
         lock(&self.served).values().filter(|e| !e.websocket).count()
-    }
-
-    /// An audit from a client's node: for each of its sessions here, how many frames it sent.
-    /// A session this node does not have, or one that received fewer frames than were sent, lost
-    /// frames on the way (it ends); for the others, how many frames went back.
-    pub(super) fn on_audit(&self, from: &str, body: &[u8]) {
-        let mut lines = Vec::new();
-        let mut lost = Vec::new();
-        {
-            let mut served = lock(&self.served);
-            for (id, count) in super::client::audit_lines(body) {
-                let Some(sent) = count else { continue };
-                match served.get(&id).filter(|e| *e.origin == *from) {
-                    Some(entry) if entry.received >= sent => {
-                        lines.push(format!("{id:032x} {}", entry.sent.load(Ordering::SeqCst)));
-                    }
-                    Some(_) => {
-                        lost.extend(served.remove(&id).map(|entry| (id, entry)));
-                        lines.push(format!("{id:032x} -"));
-                    }
-                    None => lines.push(format!("{id:032x} -")),
-                }
-            }
-        }
-        let reply_to = self.subject_of(from);
-        for (id, entry) in lost {
-            drop(entry);
-            let reason = CloseReason::new(close::TRY_AGAIN_LATER, "frames lost on the way");
-            self.end_served(&reply_to, id, &reason);
-        }
-        for body in super::client::audit_bodies(lines, self.page_bytes()) {
-            let reply = Envelope {
-                op: Op::AuditReply,
-                session: 0,
-                from: &self.me,
-                body: body.as_bytes(),
-            };
-            self.post_control(reply_to.clone(), reply.encode());
-        }
     }
 
     /// A message about a session this node serves.
@@ -211,7 +172,7 @@ impl Cluster {
     }
 
     /// Tells a client's node that its session ended.
-    fn end_served(&self, subject: &Subject, id: u128, reason: &CloseReason) {
+    pub(super) fn end_served(&self, subject: &Subject, id: u128, reason: &CloseReason) {
         let ended = Envelope {
             op: Op::Ended {
                 code: reason.code,
