@@ -186,6 +186,27 @@ pub(crate) fn is_root() -> bool {
 }
 
 /// The nats-server binary, if installed.
+/// Starts nats-server on a free loopback port (with its monitoring on `monitor`, if given) and
+/// waits until it listens. None when nats-server is not installed.
+pub(crate) async fn start_nats(monitor: Option<u16>) -> Option<(Proc, u16)> {
+    let nats = nats_server()?;
+    let port = free_port();
+    let mut command = Command::new(nats);
+    command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(monitor) = monitor {
+        command.args(["-m", &monitor.to_string()]);
+    }
+    let proc = Proc::polite(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server"),
+    );
+    wait_port(port).await;
+    Some((proc, port))
+}
+
 pub(crate) fn nats_server() -> Option<&'static str> {
     [
         "/usr/sbin/nats-server",

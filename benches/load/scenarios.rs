@@ -167,20 +167,10 @@ pub(crate) async fn cluster_scenarios(
     dir: &std::path::Path,
     one_node: (&str, u16),
 ) -> Option<ClusterResults> {
-    let Some(nats) = nats_server() else {
+    let Some((_nats, nats_port)) = start_nats(None).await else {
         println!("cluster_*      skipped: nats-server is not installed");
         return None;
     };
-    let nats_port = free_port();
-    let _nats = Proc::polite(
-        Command::new(nats)
-            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server"),
-    );
-    wait_port(nats_port).await;
     let node = |name: &str| {
         format!(
             "  max_message_bytes: 1000000\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n"
@@ -363,21 +353,11 @@ pub(crate) async fn cluster_endpoints_scenario(
     dir: &std::path::Path,
     per_node: usize,
 ) -> Option<report::ClusterEndpoints> {
-    let Some(nats) = nats_server() else {
+    let monitor = free_port();
+    let Some((_nats, nats_port)) = start_nats(Some(monitor)).await else {
         println!("cluster_endpoints skipped: nats-server is not installed");
         return None;
     };
-    let (nats_port, monitor) = (free_port(), free_port());
-    let _nats = Proc::polite(
-        Command::new(nats)
-            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
-            .args(["-m", &monitor.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server"),
-    );
-    wait_port(nats_port).await;
     let node = |name: &str| {
         format!(
             "  max_message_bytes: 1000000\n  backend_grace: 30s\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: many\n"

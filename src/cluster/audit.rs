@@ -17,11 +17,13 @@ use crate::mux::{close, CloseReason};
 impl Cluster {
     /// Asks each node this node has sessions with how many frames of each it sent back, saying
     /// how many each client sent (once a tick): core NATS may drop a frame, and a call whose
-    /// frame was lost would otherwise wait for ever.
-    pub(super) fn audit_sessions(&self) {
+    /// frame was lost would otherwise wait for ever. The audit is published as a probe, so a
+    /// node that died is also learned within a tick ("no responders"), not `node_timeout` later.
+    pub(super) async fn audit_sessions(&self) {
         if !self.usable() {
             return;
         }
+        // Counted before the audit is published: every frame counted went out before it.
         let mut lines: HashMap<Arc<str>, (Subject, Vec<String>)> = HashMap::new();
         for (id, relay) in lock(&self.sessions).iter() {
             let sent = relay.sent.load(Ordering::SeqCst);
@@ -34,7 +36,7 @@ impl Cluster {
                 .1
                 .push(format!("{id:032x} {sent}"));
         }
-        for (subject, lines) in lines.into_values() {
+        for (node, (subject, lines)) in lines {
             for body in audit_bodies(lines, self.page_bytes()) {
                 let audit = Envelope {
                     op: Op::Audit,
@@ -42,7 +44,8 @@ impl Cluster {
                     from: &self.me,
                     body: body.as_bytes(),
                 };
-                self.post_control(subject.clone(), audit.encode());
+                self.publish_probed(subject.clone(), audit.encode(), &node)
+                    .await;
             }
         }
     }

@@ -2,7 +2,6 @@
 //! wait) and the dispatch of what arrives on its own subject, after the seal, the replay window
 //! and the sender are checked.
 
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -10,7 +9,7 @@ use async_nats::Subject;
 use bytes::BytesMut;
 use futures_util::StreamExt;
 
-use super::wire::{self, Envelope, Op};
+use super::wire::{self, Op};
 use super::{lock, seal, Cluster};
 use crate::config::is_subject_token;
 use crate::mux;
@@ -82,28 +81,6 @@ impl Cluster {
                 tracing::debug!("cluster: publish failed: {e}");
                 false
             }
-        }
-    }
-
-    /// Asks the NATS server, once a tick, whether each node this node has sessions with still
-    /// subscribes: a call already sent to a node that died then fails within a tick, not
-    /// `node_timeout` later. The probe is a frame of no session, which its receiver ignores.
-    pub(super) async fn probe_session_nodes(&self) {
-        if !self.usable() {
-            return;
-        }
-        let nodes: HashMap<Arc<str>, Subject> = lock(&self.sessions)
-            .values()
-            .map(|relay| (relay.node.clone(), relay.subject.clone()))
-            .collect();
-        for (node, subject) in nodes {
-            let probe = Envelope {
-                op: Op::ToBackend,
-                session: 0,
-                from: &self.me,
-                body: b"",
-            };
-            self.publish_probed(subject, probe.encode(), &node).await;
         }
     }
 

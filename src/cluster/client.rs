@@ -467,12 +467,12 @@ impl ClusterClient {
                 (session.subject.clone(), session.id, first)
             }
         };
-        // A session's first frame and a new call's ask NATS to say at once if the node is gone.
-        let mut probe = first;
+        // A session's first frame asks NATS to say at once if the node is gone (calls on an open
+        // session are covered by the tick's audit, itself a probe).
+        let probe = first;
         if msg.kind() == Kind::Request {
             if let Some(call) = msg.id() {
                 if !self.open.contains_key(&call) {
-                    probe = true;
                     let max = self.cluster.registry.limits().max_pending_calls_per_client;
                     if self.open.len() >= max {
                         return Some(local_error(

@@ -234,11 +234,7 @@ impl Cluster {
         });
         node.last_seen = Instant::now();
         node.epoch = opened.epoch;
-        let state = Heartbeat {
-            endpoints: Vec::new(),
-            removed: Vec::new(),
-            ..beat.clone()
-        };
+        let state = (beat.version, beat.count, beat.digest);
         if beat.version == 0 && beat.from.is_none() {
             // The whole table in one message (a node with no endpoint says so this way).
             node.endpoints = beat
@@ -274,7 +270,7 @@ impl Cluster {
         }
         // A view that does not agree with what the node says of its table asks for the table
         // (again after a second, if it did not come).
-        let ask = if node.agrees(&state) {
+        let ask = if node.agrees(state) {
             false
         } else {
             node.synced = false;
@@ -284,7 +280,7 @@ impl Cluster {
                 .is_some_and(|f| f.asked.elapsed() < Duration::from_secs(1));
             if !asked_lately {
                 node.fetch = Some(Fetch {
-                    version: state.version,
+                    version: state.0,
                     pages: Vec::new(),
                     pending: Vec::new(),
                     asked: Instant::now(),

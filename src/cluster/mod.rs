@@ -471,8 +471,7 @@ impl Cluster {
                     self.expire_silent_nodes();
                     // Calls of backends that left are forgotten.
                     self.fail_relayed_calls(|_| false);
-                    self.probe_session_nodes().await;
-                    self.audit_sessions();
+                    self.audit_sessions().await;
                     self.remove_gone_series();
                     self.announce().await;
                 }

@@ -145,12 +145,12 @@ impl Node {
         self.version = delta.version;
     }
 
-    /// Whether this view is the table `beat` describes.
-    pub(super) fn agrees(&self, beat: &Heartbeat) -> bool {
+    /// Whether this view is the table a heartbeat describes: (version, count, digest).
+    pub(super) fn agrees(&self, (version, count, digest): (u64, u64, u64)) -> bool {
         self.synced
-            && self.version == beat.version
-            && self.digest == beat.digest
-            && self.endpoints.len() as u64 == beat.count
+            && self.version == version
+            && self.digest == digest
+            && self.endpoints.len() as u64 == count
     }
 }
 

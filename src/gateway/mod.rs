@@ -301,7 +301,6 @@ impl ProxyHttp for Gateway {
     ) -> pingora::Result<bool> {
         // The headers are in: no deadline while the request is served; then the connection's
         // idle time counts (see `timeouts`). An upgraded connection has left the session.
-        ctx.started = Instant::now();
         timeouts::enter(session.downstream_session.stream(), Phase::Busy);
         let served = self.serve(session, ctx).await;
         timeouts::enter(session.downstream_session.stream(), Phase::Idle);
