@@ -44,6 +44,16 @@ fn backend() -> duplex::PeerBuilder {
         .handle("echo", |call: Call| async move { Ok(call.payload) })
         .handle("count", count)
         .handle("add", add)
+        // Who is calling: on an endpoint with signed client tokens the gateway sets `ext.auth`
+        // (`sub` and the claims it is told to pass); elsewhere there is none.
+        .handle("whoami", |call: Call| async move {
+            Ok(call
+                .ext
+                .as_ref()
+                .and_then(|ext| ext.get("auth"))
+                .cloned()
+                .unwrap_or(Value::Null))
+        })
 }
 
 async fn count(call: Call) -> Result<Value, RpcError> {

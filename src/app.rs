@@ -34,6 +34,9 @@ pub struct App {
     /// What one client address, or one endpoint, may take (`limits.*_per_ip`,
     /// `endpoints[].calls_per_second`).
     pub edge: Arc<crate::edge::Edge>,
+    /// Changes after every applied reload: WebSocket clients with signed tokens check theirs
+    /// against the new keys.
+    pub reloads: tokio::sync::watch::Sender<()>,
 }
 
 /// Counts requests in progress, so a graceful stop can wait for them.
@@ -81,6 +84,7 @@ impl App {
             active: Active::default(),
             publish_lock: std::sync::Mutex::new(()),
             cluster: std::sync::OnceLock::new(),
+            reloads: tokio::sync::watch::Sender::new(()),
         })
     }
 }

@@ -44,6 +44,10 @@ impl std::fmt::Debug for Digest {
     }
 }
 
+/// The secret of an endpoint with `auth.secret: false` (clients need none): a fixed value no
+/// presented secret is hashed to, so every node of a cluster announces the same one.
+pub const NO_SECRET: Digest = Digest([0x5a; 32]);
+
 /// A publish token from the config.
 #[derive(Debug, Clone)]
 pub struct Token {

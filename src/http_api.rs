@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use crate::auth::Digest;
 use crate::config::Config;
 use crate::duplex::{code, Kind, Message, RpcError};
+use crate::identity::Identity;
 use crate::metrics::{metrics, Rejection};
 use crate::mux::Outcome;
 use crate::refusal::{respond, Refusal};
@@ -36,6 +37,8 @@ pub struct Call<'a> {
     pub method: &'a str,
     /// The digest of the caller's secret (checked).
     pub secret: Digest,
+    /// Who the caller is (its signed token, checked), stamped on the call as `ext.auth`.
+    pub identity: Option<&'a Identity>,
     /// `async=true`: answer 202 once sent.
     pub is_async: bool,
     /// When the request arrived (`call_timeout` counts from here).
@@ -68,6 +71,7 @@ async fn run(
         endpoint,
         method,
         secret,
+        identity,
         is_async,
         headers,
         ..
@@ -102,8 +106,15 @@ async fn run(
         Err(e) => return Refusal::join(e).send(session, headers).await,
     };
 
+    let request = |id| {
+        let mut request = Message::request_raw(method, id, payload);
+        if let Some(identity) = identity {
+            identity.stamp(&mut request);
+        }
+        request
+    };
     if is_async {
-        let request = Message::request_raw(method, None, payload);
+        let request = request(None);
         match until(deadline, conn.send(request)).await {
             Ok(Outcome::Done) => {}
             Ok(Outcome::Answer(answer)) => {
@@ -122,7 +133,7 @@ async fn run(
         return Ok(202);
     }
 
-    let request = Message::request_raw(method, Some(1), payload);
+    let request = request(Some(1));
     // The send may wait: for a backend in its grace, or for room in a backend's queue.
     match until(deadline, conn.send(request)).await {
         Ok(Outcome::Done) => {}

@@ -14,6 +14,8 @@
 //!   progress.
 //! - [`auth`]: tokens, secrets (SHA-256 digests, constant-time comparison), path scopes, the one
 //!   rule for "may this token publish this path", the trusted-proxy check.
+//! - [`identity`]: signed client tokens (JWT): an endpoint's keys, the checks a token passes,
+//!   and the identity its backend sees in `ext.auth`.
 //! - [`gateway`]: the Pingora `ProxyHttp` implementation: [`gateway::decide`], the status table
 //!   as a pure function, then the hand-off to [`ws`] or [`http_api`]; a publish's last check of
 //!   its credentials; HTTP calls counted once, in `logging`.
@@ -29,7 +31,8 @@
 //!   connections to the header deadline.
 //! - [`ws`]: the upgrade answer, then (on the socket taken out of Pingora's session, in a task of
 //!   its own: `stream`) WebSocket framing (`frames`), the Duplex handshake, pings, and the loop
-//!   between the socket and the multiplexer; the rates a client is held to (`limited`).
+//!   between the socket and the multiplexer; the rates a client is held to (`limited`) and its
+//!   signed token while connected (`signed`: `ext.auth`, `$refresh`, the close at expiry).
 //! - [`http_api`]: `POST <endpoint>/<method>`: body, sync, streamed (NDJSON) and async calls.
 //! - [`mux`]: endpoints and their pools (balancing, failover, drain, grace), the call tables
 //!   (id rewriting, routes), the backend and client sides of a connection, and byte-bounded
@@ -60,6 +63,7 @@ pub mod edge;
 pub use duplex;
 pub mod gateway;
 pub mod http_api;
+pub mod identity;
 pub mod metrics;
 pub mod mux;
 pub mod refusal;

@@ -29,7 +29,12 @@ struct Args {
 fn main() -> ExitCode {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // tungstenite traces every message it frames, payloads included, and a payload may be a
+    // credential (`$refresh` carries a token): its trace lines never reach the log.
+    if let Ok(cap) = "tungstenite::protocol=debug".parse() {
+        filter = filter.add_directive(cap);
+    }
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()

@@ -107,11 +107,13 @@ pub enum Rejection {
     AuthFailures,
     /// An endpoint over its `calls_per_second`.
     EndpointRate,
+    /// A client's signed token (JWT) is missing or fails a check.
+    Jwt,
 }
 
 impl Rejection {
     /// Every reason.
-    pub const ALL: [Rejection; 19] = [
+    pub const ALL: [Rejection; 20] = [
         Rejection::TlsRequired,
         Rejection::BadToken,
         Rejection::TokenScope,
@@ -131,6 +133,7 @@ impl Rejection {
         Rejection::IpRate,
         Rejection::AuthFailures,
         Rejection::EndpointRate,
+        Rejection::Jwt,
     ];
 
     /// The label value.
@@ -155,6 +158,7 @@ impl Rejection {
             Rejection::IpRate => "ip_rate",
             Rejection::AuthFailures => "auth_failures",
             Rejection::EndpointRate => "endpoint_rate",
+            Rejection::Jwt => "jwt",
         }
     }
 }

@@ -50,6 +50,12 @@ pub enum Action {
         /// The new fixed secret.
         secret: Option<Digest>,
     },
+    /// Close the clients of `path` with 1008: the endpoint now takes signed tokens, and they
+    /// came in without one. (Clients with tokens check theirs against new keys themselves.)
+    CloseUnsigned {
+        /// The endpoint.
+        path: String,
+    },
 }
 
 /// Compares plans (in tests); secrets are compared in constant time like everywhere else.
@@ -57,6 +63,7 @@ impl PartialEq for Action {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Action::CloseBackend { path: a }, Action::CloseBackend { path: b }) => a == b,
+            (Action::CloseUnsigned { path: a }, Action::CloseUnsigned { path: b }) => a == b,
             (Action::ShrinkPool { path: a, size: x }, Action::ShrinkPool { path: b, size: y }) => {
                 a == b && x == y
             }
@@ -114,6 +121,12 @@ pub fn plan(old: &Config, new: &Config, live: &[Live]) -> Vec<Action> {
             actions.push(Action::CloseClients {
                 path: endpoint.path.clone(),
                 secret: new_secret,
+            });
+        } else if old.endpoint(&endpoint.path).jwt.is_none()
+            && new.endpoint(&endpoint.path).jwt.is_some()
+        {
+            actions.push(Action::CloseUnsigned {
+                path: endpoint.path.clone(),
             });
         }
     }
@@ -232,8 +245,22 @@ pub fn reload(app: &App) -> Result<(), ReloadError> {
                     tracing::info!(endpoint = %crate::auth::logged(&path), clients = n, "reload: clients closed, the endpoint's secret changed");
                 }
             }
+            Action::CloseUnsigned { path } => {
+                if let Some(endpoint) = app.registry.lookup(&path) {
+                    let n = endpoint.close_clients(
+                        None,
+                        CloseReason::new(
+                            close::POLICY,
+                            "signed tokens required by a config reload",
+                        ),
+                    );
+                    tracing::info!(endpoint = %crate::auth::logged(&path), clients = n, "reload: clients closed, the endpoint now takes signed tokens");
+                }
+            }
         }
     }
+    // Clients with signed tokens check theirs against the new keys.
+    app.reloads.send_replace(());
     // Held until here: a backend publishing meanwhile with a token the new config allows must
     // not be the one an action closes.
     drop(lock);

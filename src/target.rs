@@ -87,15 +87,16 @@ impl Target {
 }
 
 /// Finds the endpoint at `path`: this node's, or (in a cluster) one another node announces.
-/// Returns it with whether `secret` is its client secret (constant time).
+/// Returns it with `secret` (the digest of the one presented) when that is its client secret
+/// (constant time).
 pub fn find(
     path: &str,
-    secret: Option<&str>,
+    secret: Option<Digest>,
     registry: &Registry,
     cluster: Option<&Arc<Cluster>>,
 ) -> Option<(Target, Option<Digest>)> {
     let local = registry.lookup(path);
-    let digest = secret.map(|s| Digest::of(s.as_bytes()));
+    let digest = secret;
     let Some(cluster) = cluster else {
         let endpoint = local?;
         let ok = digest.filter(|d| endpoint.secret_matches(d));

@@ -37,6 +37,22 @@ async fn a_preflight_from_an_allowed_origin_gets_204_with_the_cors_headers() {
     );
     assert_eq!(h["access-control-max-age"], "600");
     assert_eq!(h["vary"], "Origin");
+    // A page sending a signed client token asks for `Authorization` too.
+    let resp = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, gw.http("/b/echo"))
+        .header("origin", APP)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(
+        resp.headers()["access-control-allow-headers"],
+        "content-type, x-duplex-secret, authorization"
+    );
 }
 
 #[tokio::test]

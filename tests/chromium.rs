@@ -180,7 +180,8 @@ impl Page {
         self.eval(
             "JSON.stringify({ wsEcho: document.getElementById('ws-echo').textContent, \
              wsCount: document.getElementById('ws-count').textContent, \
-             fetchEcho: document.getElementById('fetch-echo').textContent })",
+             fetchEcho: document.getElementById('fetch-echo').textContent, \
+             wsWhoami: document.getElementById('ws-whoami').textContent })",
         )
         .await
         .as_str()
@@ -194,9 +195,21 @@ async fn the_browser_example_works_in_chromium_from_an_allowed_origin_only() {
     let page_port = free_port();
     let other_port = free_port();
     let gw = Gateway::start(&format!(
-        "cors:\n  allowed_origins: [\"http://127.0.0.1:{page_port}\"]\n"
+        "cors:\n  allowed_origins: [\"http://127.0.0.1:{page_port}\"]\n\
+         endpoints:\n  - path: /signed\n    auth:\n      secret: false\n      jwt:\n        keys: [{}]\n",
+        common::jwt::public_key("rsa")
     ));
     let _backend = publish(&gw, "/demo", "s3cret").await;
+    let _signed = test_backend()
+        .handle("whoami", |call: duplex::Call| async move {
+            Ok(call
+                .ext
+                .and_then(|mut e| e.remove("auth"))
+                .unwrap_or_default())
+        })
+        .connect(&gw.publish_url("/signed", "unused"))
+        .await
+        .expect("publish /signed");
     serve_example(page_port).await;
     serve_example(other_port).await;
     let devtools = free_port();
@@ -216,6 +229,28 @@ async fn the_browser_example_works_in_chromium_from_an_allowed_origin_only() {
         shown["fetchEcho"],
         json!(r#"200 {"via":"fetch"}"#),
         "{shown}"
+    );
+
+    assert_eq!(shown["wsWhoami"], json!("(no token)"), "{shown}");
+
+    // The JWT variant: a signed token instead of the secret, and the backend sees who calls.
+    let token = common::jwt::sign(&common::jwt::claims("alice", 600));
+    let signed = page
+        .results(&format!(
+            "http://127.0.0.1:{page_port}/?gateway=http://127.0.0.1:{}&path=/signed&secret=&token={token}",
+            gw.port
+        ))
+        .await;
+    assert_eq!(
+        signed["wsEcho"],
+        json!(r#"{"hello":"browser"}"#),
+        "{signed}"
+    );
+    assert_eq!(signed["wsWhoami"], json!(r#"{"sub":"alice"}"#), "{signed}");
+    assert_eq!(
+        signed["fetchEcho"],
+        json!(r#"200 {"via":"fetch"}"#),
+        "{signed}"
     );
 
     // The same page from an origin the gateway does not list: refused, WebSocket and fetch().

@@ -52,6 +52,14 @@ fn keys_in_code() -> BTreeSet<String> {
             format!("{LISTEN}tokens: [{{name: a, token: 0123456789abcdef0, endpoints: [/a], zz_unknown: 1}}]"),
         ),
         ("endpoints[]", format!("{LISTEN}endpoints: [{{path: /a, zz_unknown: 1}}]")),
+        (
+            "endpoints[].auth",
+            format!("{LISTEN}endpoints: [{{path: /a, auth: {{zz_unknown: 1}}}}]"),
+        ),
+        (
+            "endpoints[].auth.jwt",
+            format!("{LISTEN}endpoints: [{{path: /a, auth: {{jwt: {{zz_unknown: 1}}}}}}]"),
+        ),
         ("limits", format!("{LISTEN}limits: {{zz_unknown: 1}}")),
         ("cors", format!("{LISTEN}cors: {{allowed_origins: ['*'], zz_unknown: 1}}")),
         (
@@ -163,8 +171,16 @@ fn every_yaml_example_in_the_docs_passes_check() {
     for file in markdown {
         for (i, block) in yaml_blocks(&file).into_iter().enumerate() {
             let path = dir.path().join(format!("example-{i}.yaml"));
+            // Examples name key files of a production machine: the test keys stand in.
+            let block = block.replace(
+                "/etc/duplex-gateway/app-public.pem",
+                &repo().join("tests/keys/rsa.pub").display().to_string(),
+            );
             std::fs::write(&path, &block).expect("write");
-            if let Err(e) = check(&path, &[]) {
+            if let Err(e) = check(
+                &path,
+                &[("DEMO_JWT_SECRET", "a-demo-secret-of-at-least-32-bytes!")],
+            ) {
                 panic!(
                     "{} example {i} fails --check:\n{block}\n{e}",
                     file.display()

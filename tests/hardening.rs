@@ -364,10 +364,20 @@ async fn no_token_secret_or_query_string_reaches_the_log() {
     const SECRET: &str = "LEAK-SECRET-0123456789";
     const TOKEN_BAD: &str = "LEAK-TOKEN-0123456789";
     const HEADER_SECRET: &str = "LEAK-HEADER-SECRET-42";
+    let jwt_endpoint = format!(
+        "endpoints:\n  - path: /j\n    auth:\n      secret: false\n      jwt:\n        keys: [{}]\n",
+        common::jwt::public_key("rsa")
+    );
     let gw = Gateway::start_logging("trace", |port, metrics| {
-        Gateway::config_text(port, metrics, "limits:\n  request_header_timeout: 300ms\n")
+        Gateway::config_text(
+            port,
+            metrics,
+            &format!("limits:\n  request_header_timeout: 300ms\n{jwt_endpoint}"),
+        )
     });
     let _backend = publish(&gw, "/e", SECRET).await;
+    let _signed_backend = publish(&gw, "/j", SECRET).await;
+    let jwts = jwt_traffic(&gw).await;
 
     // Hang-up mid-body.
     let mut tcp = gw
@@ -448,6 +458,11 @@ async fn no_token_secret_or_query_string_reaches_the_log() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let log = gw.log();
     assert!(log.lines().count() > 20, "the log is at trace level: {log}");
+    let signatures: Vec<&str> = jwts
+        .iter()
+        .filter_map(|t| t.rsplit('.').next())
+        .filter(|s| !s.is_empty())
+        .collect();
     for needle in [
         SECRET,
         TOKEN_BAD,
@@ -457,7 +472,12 @@ async fn no_token_secret_or_query_string_reaches_the_log() {
         "&secret=",
         "?token=",
         "&token=",
-    ] {
+        "access_token=",
+    ]
+    .into_iter()
+    .chain(jwts.iter().map(String::as_str))
+    .chain(signatures)
+    {
         let hits: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
         assert!(
             hits.is_empty(),
@@ -465,4 +485,52 @@ async fn no_token_secret_or_query_string_reaches_the_log() {
             hits.join("\n")
         );
     }
+}
+
+/// Signed client tokens through every path that takes one (HTTP and WebSocket, header and
+/// query, accepted, refused, refreshed); returns the tokens used.
+async fn jwt_traffic(gw: &Gateway) -> Vec<String> {
+    use common::jwt::*;
+    let good = sign(&claims("leak-sub", 600));
+    let expired = sign(&claims("leak-sub", 0));
+    let mut forged = claims("leak-sub", 600);
+    forged["exp"] = json!(now() - 120);
+    let expired_long_ago = sign(&forged);
+    let other_key = sign_with(
+        jsonwebtoken::Algorithm::RS256,
+        "rsa2",
+        None,
+        &claims("x", 600),
+    );
+    let none = unsigned(&claims("leak-sub", 600));
+    let refreshed = sign(&claims("leak-sub", 900));
+    let http = reqwest::Client::new();
+    for token in [&good, &expired_long_ago, &other_key, &none] {
+        let _ = http
+            .post(gw.http("/j/echo"))
+            .bearer_auth(token)
+            .body("1")
+            .send()
+            .await;
+        let _ = http
+            .post(gw.http(&format!("/j/echo?access_token={token}")))
+            .body("1")
+            .send()
+            .await;
+        let _ = ws_status(&gw.ws(&format!("/j?access_token={token}")), &[]).await;
+        let _ = ws_status(
+            &gw.ws("/j"),
+            &[("authorization", &format!("Bearer {token}"))],
+        )
+        .await;
+    }
+    let peer = duplex::Peer::builder()
+        .bearer(&good)
+        .connect(&gw.ws("/j"))
+        .await
+        .expect("client with a token");
+    peer.refresh(&refreshed).await.expect("refresh");
+    let _ = peer.refresh(&other_key).await;
+    peer.call("echo", json!(1)).await.expect("call");
+    vec![good, expired, expired_long_ago, other_key, none, refreshed]
 }

@@ -11,6 +11,11 @@ pub struct Credentials {
     pub token: Option<String>,
     /// Client secret (`secret=` or `X-Duplex-Secret`).
     pub secret: Option<String>,
+    /// `token` came from `Authorization: Bearer`, not from the query string: on an endpoint
+    /// that takes signed client tokens it may be the client's JWT.
+    pub token_from_header: bool,
+    /// A client's signed token from the query string (`access_token=`, for browsers).
+    pub access_token: Option<String>,
     /// `async=true` on an HTTP call.
     pub is_async: bool,
 }
@@ -21,6 +26,7 @@ impl std::fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("token", &shown(self.token.is_some()))
             .field("secret", &shown(self.secret.is_some()))
+            .field("access_token", &shown(self.access_token.is_some()))
             .field("is_async", &self.is_async)
             .finish()
     }
@@ -40,12 +46,16 @@ impl Credentials {
                     "secret" if creds.secret.is_none() && !value.is_empty() => {
                         creds.secret = Some(value.into_owned())
                     }
+                    "access_token" if creds.access_token.is_none() && !value.is_empty() => {
+                        creds.access_token = Some(value.into_owned())
+                    }
                     "async" => creds.is_async = value == "true" || value == "1",
                     _ => {}
                 }
             }
         }
         if creds.token.is_none() {
+            creds.token_from_header = true;
             creds.token = header("authorization")
                 .map(str::trim)
                 .and_then(|v| {
@@ -58,6 +68,7 @@ impl Credentials {
             creds.secret = header("x-duplex-secret").map(|s| s.trim().to_string());
         }
         creds.token = creds.token.filter(|t| !t.is_empty());
+        creds.token_from_header &= creds.token.is_some();
         creds.secret = creds.secret.filter(|s| !s.is_empty());
         creds
     }

@@ -156,6 +156,12 @@ impl PeerBuilder {
         self
     }
 
+    /// Sends `Authorization: Bearer <token>` with the upgrade request: a client's signed token
+    /// (JWT) for a gateway endpoint that takes them (renew it with [`Peer::refresh`]).
+    pub fn bearer(self, token: &str) -> Self {
+        self.header("authorization", &format!("Bearer {token}"))
+    }
+
     /// Uses this TLS configuration for `wss://` (for example one trusting a private CA).
     pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
@@ -617,6 +623,22 @@ impl Peer {
             PeerError::Rpc(RpcError::new(
                 crate::code::INVALID_MESSAGE,
                 format!("unexpected answer to $drain: {answer}"),
+            ))
+        })
+    }
+
+    /// Renews this client's signed token on a gateway endpoint that takes them (`$refresh`):
+    /// `token` must verify and name the same `sub`. Returns the new token's `exp`. Until its
+    /// expiry (plus the gateway's leeway) the connection stays open; without a refresh the
+    /// gateway closes it with 1008 when the token it connected with expires.
+    pub async fn refresh(&self, token: &str) -> Result<u64, PeerError> {
+        let answer = self
+            .call("$refresh", Value::String(token.to_string()))
+            .await?;
+        answer["exp"].as_u64().ok_or_else(|| {
+            PeerError::Rpc(RpcError::new(
+                crate::code::INVALID_MESSAGE,
+                format!("unexpected answer to $refresh: {answer}"),
             ))
         })
     }

@@ -19,15 +19,17 @@ class DuplexClient {
   // Opens the WebSocket (the secret goes in the query string: browsers cannot set headers on a
   // WebSocket) and does the handshake. With `reconnect`, a dropped connection is opened again
   // (1 s, 2 s, ... up to 30 s apart); calls that were open when it dropped fail.
-  static async connect(url, { secret, reconnect = false } = {}) {
-    const client = new DuplexClient(url, secret, reconnect);
+  // `token`: a signed client token (JWT) for an endpoint with `auth.jwt`, sent as `access_token`.
+  static async connect(url, { secret, token, reconnect = false } = {}) {
+    const client = new DuplexClient(url, secret, reconnect, token);
     await client.open();
     return client;
   }
 
-  constructor(url, secret, reconnect) {
+  constructor(url, secret, reconnect, token) {
     const target = new URL(url);
     if (secret) target.searchParams.set("secret", secret);
+    if (token) target.searchParams.set("access_token", token);
     this.url = target.toString();
     this.reconnect = reconnect;
     this.nextId = 1;

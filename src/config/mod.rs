@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) mod file;
@@ -103,6 +104,11 @@ pub struct EndpointConfig {
     pub calls_per_second: Option<u32>,
     /// The fixed secret has fewer than [`crate::auth::SHORT_SECRET_BYTES`] bytes.
     pub short_secret: bool,
+    /// Clients present a signed token (`auth.jwt`), checked with these keys.
+    pub jwt: Option<Arc<crate::identity::JwtAuth>>,
+    /// `auth.secret: false`: clients need no secret (then `secret` is
+    /// [`crate::auth::NO_SECRET`], whatever a backend publishes with).
+    pub no_secret: bool,
 }
 
 /// The limits section.

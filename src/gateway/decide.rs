@@ -10,6 +10,7 @@ use crate::auth::{self, Digest};
 use crate::cluster::Cluster;
 use crate::config::{Config, Serves};
 use crate::edge::Limited;
+use crate::identity::{Identity, JwtError};
 use crate::metrics::Rejection;
 use crate::mux::Registry;
 use crate::refusal::Refusal;
@@ -72,6 +73,8 @@ pub enum Decision {
         endpoint: Target,
         /// The digest of the secret the client presented (checked).
         secret: Digest,
+        /// Who the client is, when the endpoint takes signed tokens (checked).
+        identity: Option<Identity>,
     },
     /// An HTTP call of `method` on `endpoint`.
     Call {
@@ -81,6 +84,8 @@ pub enum Decision {
         method: String,
         /// The digest of the secret the caller presented (checked).
         secret: Digest,
+        /// Who the caller is, when the endpoint takes signed tokens (checked).
+        identity: Option<Identity>,
     },
 }
 
@@ -154,7 +159,7 @@ pub fn decide(
     }
     // Listener roles come before the credentials: a listener that does not serve backends
     // never looks at a token, and one that does not serve clients has no endpoints for them.
-    let publish = is_get && req.creds.token.is_some();
+    let publish = is_get && req.creds.token.is_some() && !client_token_in_header(req, config);
     if publish && !req.serves.backends {
         return refusal(
             403,
@@ -170,12 +175,85 @@ pub fn decide(
         );
     }
     if !is_get {
-        return decide_call(req, registry, cluster);
+        return decide_call(req, config, registry, cluster);
     }
     match &req.creds.token {
-        Some(token) => decide_publish(req, token, config, registry, cluster),
-        None => decide_connect(req, registry, cluster),
+        Some(token) if publish => decide_publish(req, token, config, registry, cluster),
+        _ => decide_connect(req, config, registry, cluster),
     }
+}
+
+/// Whether the `Authorization: Bearer` value of a `GET` is a client's signed token rather than
+/// a publish token: on an endpoint that takes tokens, a value shaped like a JWT (three
+/// base64url parts) is one. (`?token=` is always a publish.)
+fn client_token_in_header(req: &Facts<'_>, config: &Config) -> bool {
+    req.creds.token_from_header
+        && req.creds.token.as_deref().is_some_and(looks_like_jwt)
+        && config
+            .endpoints
+            .get(req.path)
+            .is_some_and(|e| e.jwt.is_some())
+}
+
+/// Three dot-separated parts of base64url characters, the first one not empty.
+fn looks_like_jwt(value: &str) -> bool {
+    let mut parts = value.split('.');
+    let shaped = |p: Option<&str>| {
+        p.is_some_and(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
+        })
+    };
+    value.split('.').next().is_some_and(|h| !h.is_empty())
+        && shaped(parts.next())
+        && shaped(parts.next())
+        && shaped(parts.next())
+        && parts.next().is_none()
+}
+
+/// A client's signed token: `?access_token=`, or `Authorization: Bearer`.
+fn client_token(creds: &Credentials) -> Option<&str> {
+    creds
+        .access_token
+        .as_deref()
+        .or(creds.token.as_deref().filter(|_| creds.token_from_header))
+}
+
+/// The checks an endpoint's own settings add to a client or a call: its signed token (when it
+/// takes them: 401 `jwt`), then the secret to present (none with `auth.secret: false`).
+fn client_auth(
+    req: &Facts<'_>,
+    config: &Config,
+    path: &str,
+) -> Result<(Option<Digest>, Option<Identity>), Refusal> {
+    let Some(settings) = config.endpoints.get(path) else {
+        return Ok((secret_digest(req.creds), None));
+    };
+    let identity = match &settings.jwt {
+        None => None,
+        Some(jwt) => {
+            let verified = client_token(req.creds)
+                .ok_or(JwtError::Missing)
+                .and_then(|token| jwt.verify(token));
+            match verified {
+                Ok(identity) => Some(identity),
+                Err(why) => {
+                    return Err(Refusal::new(401, Some(Rejection::Jwt), why.to_string())
+                        .with_headers(&[("www-authenticate", "Bearer")]))
+                }
+            }
+        }
+    };
+    let secret = if settings.no_secret {
+        Some(auth::NO_SECRET)
+    } else {
+        secret_digest(req.creds)
+    };
+    Ok((secret, identity))
+}
+
+fn secret_digest(creds: &Credentials) -> Option<Digest> {
+    creds.secret.as_ref().map(|s| Digest::of(s.as_bytes()))
 }
 
 fn upgrade_required() -> Decision {
@@ -221,8 +299,11 @@ fn decide_publish(
             format!("invalid endpoint path: {why}").into(),
         );
     }
-    let fixed = config.endpoint(req.path).secret;
-    let secret = match (&req.creds.secret, fixed) {
+    let settings = config.endpoint(req.path);
+    let fixed = settings.secret;
+    // With `auth.secret: false` clients present none: what a backend names is ignored.
+    let given = req.creds.secret.as_ref().filter(|_| !settings.no_secret);
+    let secret = match (given, fixed) {
         (Some(given), Some(fixed)) => {
             if !fixed.matches(&Digest::of(given.as_bytes())) {
                 return named(
@@ -267,32 +348,47 @@ fn decide_publish(
     }
 }
 
-/// `GET <path>?secret=S`: 426, 404, 401.
+/// `GET <path>?secret=S`: 426, 404, 401 (`jwt`, then `bad_secret`).
 fn decide_connect(
     req: &Facts<'_>,
+    config: &Config,
     registry: &Registry,
     cluster: Option<&Arc<Cluster>>,
 ) -> Decision {
     if !req.upgrade {
         return upgrade_required();
     }
-    let Some((endpoint, secret)) =
-        target::find(req.path, req.creds.secret.as_deref(), registry, cluster)
-    else {
+    let checked = client_auth(req, config, req.path);
+    let presented = checked.as_ref().ok().and_then(|(secret, _)| *secret);
+    let Some((endpoint, secret)) = target::find(req.path, presented, registry, cluster) else {
         return refusal(
             404,
             Some(Rejection::NotFound),
             "no backend is published at this path",
         );
     };
+    let identity = match checked {
+        Ok((_, identity)) => identity,
+        Err(refusal) => return Decision::Refuse(refusal, None),
+    };
     match secret {
-        Some(secret) => Decision::Connect { endpoint, secret },
+        Some(secret) => Decision::Connect {
+            endpoint,
+            secret,
+            identity,
+        },
         None => refusal(401, Some(Rejection::BadSecret), "missing or wrong secret"),
     }
 }
 
-/// `POST <endpoint>/<method>`: 404, 401 (the body's 413 and 400 come when it is read).
-fn decide_call(req: &Facts<'_>, registry: &Registry, cluster: Option<&Arc<Cluster>>) -> Decision {
+/// `POST <endpoint>/<method>`: 404, 401 (`jwt`, then `bad_secret`; the body's 413 and 400
+/// come when it is read).
+fn decide_call(
+    req: &Facts<'_>,
+    config: &Config,
+    registry: &Registry,
+    cluster: Option<&Arc<Cluster>>,
+) -> Decision {
     let Some((path, method)) = split_call_path(req.path) else {
         return refusal(
             404,
@@ -300,20 +396,27 @@ fn decide_call(req: &Facts<'_>, registry: &Registry, cluster: Option<&Arc<Cluste
             "POST <endpoint>/<method> calls a method",
         );
     };
-    let Some((endpoint, secret)) =
-        target::find(path, req.creds.secret.as_deref(), registry, cluster)
-    else {
+    let checked = client_auth(req, config, path);
+    let presented = checked.as_ref().ok().and_then(|(secret, _)| *secret);
+    let Some((endpoint, secret)) = target::find(path, presented, registry, cluster) else {
         return refusal(
             404,
             Some(Rejection::NotFound),
             "no backend is published at this endpoint",
         );
     };
+    let identity = match checked {
+        Ok((_, identity)) => identity,
+        Err(refusal) => {
+            return Decision::Refuse(refusal, endpoint.local().cloned().map(Target::Local))
+        }
+    };
     match secret {
         Some(secret) => Decision::Call {
             endpoint,
             method: method.to_string(),
             secret,
+            identity,
         },
         None => Decision::Refuse(
             Refusal::new(401, Some(Rejection::BadSecret), "missing or wrong secret"),

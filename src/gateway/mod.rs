@@ -32,6 +32,7 @@ use crate::auth::{self, Digest};
 use crate::config::{Config, Serves};
 use crate::edge;
 use crate::http_api;
+use crate::identity::Identity;
 use crate::refusal::{respond_empty, Refusal};
 use crate::target::Target;
 use crate::timeouts::{self, Phase};
@@ -126,13 +127,21 @@ impl Gateway {
         };
         match decision {
             Decision::Preflight { allow_origin } => {
+                // `Authorization` (a signed client token) is allowed to the pages that ask.
+                let asks_authorization =
+                    header("access-control-request-headers").is_some_and(|h| {
+                        h.split(',')
+                            .any(|name| name.trim().eq_ignore_ascii_case("authorization"))
+                    });
+                let allow_headers = if asks_authorization {
+                    "content-type, x-duplex-secret, authorization"
+                } else {
+                    "content-type, x-duplex-secret"
+                };
                 let headers = [
                     ("access-control-allow-origin", allow_origin.as_str()),
                     ("access-control-allow-methods", "POST"),
-                    (
-                        "access-control-allow-headers",
-                        "content-type, x-duplex-secret",
-                    ),
+                    ("access-control-allow-headers", allow_headers),
                     ("access-control-max-age", "600"),
                     ("vary", "Origin"),
                 ];
@@ -153,6 +162,7 @@ impl Gateway {
                 endpoint,
                 method,
                 secret,
+                identity,
             } => {
                 if let Some(Err(limited)) = edge.endpoint(endpoint.path()).map(|b| b.take()) {
                     Refusal::limited(limited).send(session, &cors).await?;
@@ -165,6 +175,7 @@ impl Gateway {
                     endpoint: &endpoint,
                     method: &method,
                     secret,
+                    identity: identity.as_ref(),
                     is_async: creds.is_async,
                     started,
                     headers: &cors,
@@ -188,19 +199,46 @@ impl Gateway {
                 }
                 Box::pin(publish::publish(&self.app, session, &config, token, secret)).await
             }
-            Decision::Connect { endpoint, secret } => {
+            Decision::Connect {
+                endpoint,
+                secret,
+                identity,
+            } => {
                 let limits = ws::CallLimits {
                     edge: edge.clone(),
                     ip: client_ip,
                     endpoint: edge.endpoint(endpoint.path()),
                 };
-                Box::pin(self.connect(session, &config, endpoint, secret, &cors, limits)).await
+                let signed = identity.map(|identity| self.signed(identity, &creds, &endpoint));
+                Box::pin(self.connect(session, &config, endpoint, secret, &cors, limits, signed))
+                    .await
             }
         }
     }
 
+    /// A WebSocket client's token, held while it is connected: checked again with the
+    /// endpoint's keys after every reload.
+    fn signed(&self, identity: Identity, creds: &Credentials, endpoint: &Target) -> ws::Signed {
+        let token = creds
+            .access_token
+            .clone()
+            .or_else(|| creds.token.clone())
+            .unwrap_or_default();
+        let app = self.app.clone();
+        let path = endpoint.path().to_string();
+        let keys: ws::Keys = Box::new(move || {
+            app.config
+                .load()
+                .endpoints
+                .get(&path)
+                .and_then(|e| e.jwt.clone())
+        });
+        ws::Signed::new(identity, token, keys, self.app.reloads.subscribe())
+    }
+
     /// A client of `endpoint`: join (503 when it is full), upgrade, then serve it in a task of
     /// its own.
+    #[allow(clippy::too_many_arguments)]
     async fn connect(
         &self,
         session: &mut Session,
@@ -209,6 +247,7 @@ impl Gateway {
         secret: Digest,
         headers: &[(&str, &str)],
         limits: ws::CallLimits,
+        signed: Option<ws::Signed>,
     ) -> pingora::Result<()> {
         let conn = match endpoint.join(true, config.max_clients(endpoint.path()), secret) {
             Ok(conn) => conn,
@@ -222,7 +261,7 @@ impl Gateway {
         let app = self.app.clone();
         tokio::spawn(async move {
             let _counted = counted;
-            let conn = ws::LimitedClient::new(conn, limits);
+            let conn = ws::LimitedClient::new(conn, limits, signed);
             ws::serve_client(ws, conn, || ws_settings(&app.config.load().limits)).await;
         });
         Ok(())

@@ -1,4 +1,5 @@
-//! A WebSocket client held to the request rates of its address and its endpoint.
+//! A WebSocket client as the multiplexer's side: held to the request rates of its address and
+//! its endpoint, and (on an endpoint that takes signed tokens) to its token ([`super::signed`]).
 
 use std::sync::Arc;
 
@@ -6,6 +7,7 @@ use crate::duplex::Message;
 use crate::mux::{CloseReason, Outcome};
 use crate::target::Client;
 
+use super::signed::{self, Signed};
 use super::Side;
 
 /// The rates a WebSocket client's calls are held to: its address's
@@ -24,12 +26,21 @@ pub struct CallLimits {
 pub struct LimitedClient {
     client: Client,
     limits: CallLimits,
+    /// Its token, on an endpoint that takes them.
+    signed: Option<Box<Signed>>,
+    /// Why it was closed, when its token ended it.
+    lost: Option<CloseReason>,
 }
 
 impl LimitedClient {
-    /// `client`, held to `limits`.
-    pub fn new(client: Client, limits: CallLimits) -> LimitedClient {
-        LimitedClient { client, limits }
+    /// `client`, held to `limits` and (if given) to its token.
+    pub fn new(client: Client, limits: CallLimits, signed: Option<Signed>) -> LimitedClient {
+        LimitedClient {
+            client,
+            limits,
+            signed: signed.map(Box::new),
+            lost: None,
+        }
     }
 
     fn admit(&self) -> Result<(), crate::edge::Limited> {
@@ -44,7 +55,7 @@ impl LimitedClient {
 }
 
 impl Side for LimitedClient {
-    async fn on_frame(&mut self, msg: Message) -> Outcome {
+    async fn on_frame(&mut self, mut msg: Message) -> Outcome {
         if msg.kind() == crate::duplex::Kind::Request {
             if let Err(limited) = self.admit() {
                 crate::metrics::metrics().reject(limited.reason);
@@ -63,6 +74,15 @@ impl Side for LimitedClient {
                 }
                 return Outcome::Answer(reply);
             }
+            if signed::is_refresh(&msg) {
+                return Outcome::Answer(match &mut self.signed {
+                    Some(signed) => signed.refresh(&msg),
+                    None => signed::refresh_refused(&msg),
+                });
+            }
+            if let Some(signed) = &self.signed {
+                signed.stamp(&mut msg);
+            }
         }
         self.client.send(msg).await
     }
@@ -70,12 +90,24 @@ impl Side for LimitedClient {
         self.client.malformed(error);
     }
     async fn next_out(&mut self) -> Option<String> {
-        self.client.recv().await.map(|m| m.to_json())
+        let Some(signed) = &mut self.signed else {
+            return self.client.recv().await.map(|m| m.to_json());
+        };
+        tokio::select! {
+            out = self.client.recv() => out.map(|m| m.to_json()),
+            reason = signed.lost() => {
+                self.lost = Some(reason);
+                None
+            }
+        }
     }
     fn try_next_out(&mut self) -> Option<String> {
         self.client.try_recv().map(|m| m.to_json())
     }
     fn close_reason(&self) -> CloseReason {
-        self.client.close_reason()
+        match &self.lost {
+            Some(reason) => reason.clone(),
+            None => self.client.close_reason(),
+        }
     }
 }

@@ -11,13 +11,16 @@
 //! This file holds the settings, the two ways a connection is served (a client, a backend) and
 //! the `Side` of the multiplexer each talks to; `stream.rs` the connection itself (upgrade,
 //! handshake, the frame loop, pings, close); `frames.rs` framing over in-memory buffers;
-//! `limited.rs` the request rates a client is held to.
+//! `limited.rs` the request rates a client is held to; `signed.rs` a client's signed token
+//! (`ext.auth`, `$refresh`, the close at its expiry).
 
 mod frames;
 mod limited;
+mod signed;
 mod stream;
 
 pub use limited::{CallLimits, LimitedClient};
+pub use signed::{Keys, Signed};
 pub use stream::WsStream;
 
 use std::time::Duration;

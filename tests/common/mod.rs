@@ -2,6 +2,7 @@
 //! written for the test, and talks to it over real sockets.
 #![allow(dead_code)]
 
+pub mod jwt;
 pub mod nats;
 pub mod process;
 
@@ -332,7 +333,8 @@ pub fn start_tls(extra: &str) -> TlsGateway {
 }
 
 /// A backend peer with the test methods: `echo`, `count` (streams 1..=n), `add` (sums streamed
-/// input), `route` (answers with the caller's route), `fail` (answers with the error in its
+/// input), `ext` (answers with the request's `ext`, its route left out), `route` (answers with
+/// the caller's route), `fail` (answers with the error in its
 /// payload), `slow` (waits payload ms, then echoes), `ticks` (streams 1..=n, 300 ms apart).
 pub fn test_backend() -> PeerBuilder {
     Peer::builder()
@@ -350,6 +352,11 @@ pub fn test_backend() -> PeerBuilder {
                 sum += v.as_i64().unwrap_or(0);
             }
             Ok(json!(sum))
+        })
+        .handle("ext", |call: Call| async move {
+            let mut ext = call.ext.clone().unwrap_or_default();
+            ext.remove("route");
+            Ok(Value::Object(ext))
         })
         .handle("route", |call: Call| async move {
             Ok(json!(call.route().map(str::to_string)))

@@ -191,6 +191,42 @@ impl FileConfig {
                     1,
                 ));
             }
+            let (jwt, no_secret) = match e.auth {
+                None => (None, false),
+                Some(auth) => {
+                    let no_secret = auth.secret == Some(false);
+                    let jwt = match auth.jwt {
+                        Some(jwt) => Some(std::sync::Arc::new(
+                            crate::identity::JwtAuth::load(&jwt.settings()).map_err(|why| {
+                                Invalid::at(
+                                    format!("endpoints[{i}] (`{path}`): auth.jwt: {why}"),
+                                    "endpoints",
+                                    Some("jwt:"),
+                                    0,
+                                )
+                            })?,
+                        )),
+                        None => None,
+                    };
+                    if no_secret && jwt.is_none() {
+                        return Err(Invalid::at(
+                            format!("endpoints[{i}] (`{path}`): `auth.secret: false` needs `auth.jwt`: an endpoint is guarded by a secret, a token, or both"),
+                            "endpoints",
+                            Some("secret: false"),
+                            0,
+                        ));
+                    }
+                    if no_secret && e.secret.is_some() {
+                        return Err(Invalid::at(
+                            format!("endpoints[{i}] (`{path}`): a fixed `secret` and `auth.secret: false` contradict each other"),
+                            "endpoints",
+                            Some("secret: false"),
+                            0,
+                        ));
+                    }
+                    (jwt, no_secret)
+                }
+            };
             endpoints.insert(
                 path,
                 EndpointConfig {
@@ -198,7 +234,13 @@ impl FileConfig {
                         .secret
                         .as_ref()
                         .is_some_and(|s| s.1 < crate::auth::SHORT_SECRET_BYTES),
-                    secret: e.secret.map(|s| s.0),
+                    secret: if no_secret {
+                        Some(crate::auth::NO_SECRET)
+                    } else {
+                        e.secret.map(|s| s.0)
+                    },
+                    no_secret,
+                    jwt,
                     max_clients: e.max_clients.map(|c| c.0),
                     max_backends: e.max_backends.map(|c| c.0),
                     calls_per_second: e.calls_per_second.map(|r| r.0),
@@ -298,5 +340,23 @@ impl FileConfig {
                 }
             },
         })
+    }
+}
+
+impl FileJwt {
+    /// The settings, before their files are read.
+    fn settings(self) -> crate::identity::JwtSettings {
+        crate::identity::JwtSettings {
+            keys: self.keys.into_iter().map(|k| PathBuf::from(k.0)).collect(),
+            hs256_secret: self.hs256_secret.map(|s| s.0),
+            jwks_file: self.jwks_file.map(|f| PathBuf::from(f.0)),
+            issuer: self.issuer.map(|s| s.0),
+            audience: self.audience.map(|s| s.0),
+            leeway: self.leeway.map_or(crate::identity::DEFAULT_LEEWAY, |d| d.0),
+            claims_to_backend: self.claims_to_backend.map_or_else(
+                || vec!["sub".to_string()],
+                |c| c.into_iter().map(|s| s.0).collect(),
+            ),
+        }
     }
 }

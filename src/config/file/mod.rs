@@ -276,6 +276,38 @@ struct FileEndpoint {
     max_backends: Option<Count>,
     #[serde(default)]
     calls_per_second: Option<Rate>,
+    #[serde(default)]
+    auth: Option<FileAuth>,
+}
+
+/// `endpoints[].auth`: signed client tokens, and whether the secret is required as well.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    #[serde(default)]
+    jwt: Option<FileJwt>,
+    #[serde(default)]
+    secret: Option<bool>,
+}
+
+/// `endpoints[].auth.jwt`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJwt {
+    #[serde(default)]
+    keys: Vec<EnvString>,
+    #[serde(default)]
+    hs256_secret: Option<EnvString>,
+    #[serde(default)]
+    jwks_file: Option<EnvString>,
+    #[serde(default)]
+    issuer: Option<EnvString>,
+    #[serde(default)]
+    audience: Option<EnvString>,
+    #[serde(default)]
+    leeway: Option<Dur>,
+    #[serde(default)]
+    claims_to_backend: Option<Vec<EnvString>>,
 }
 
 /// A rate: a count of at least 1 that fits 32 bits.

@@ -1,0 +1,138 @@
+//! A WebSocket client's signed token for as long as it is connected: the identity stamped on
+//! its requests (`ext.auth`), `$refresh`, and the close at expiry or when a reload's keys no
+//! longer verify it.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::duplex::{code, Message, RpcError};
+use crate::identity::{Identity, JwtAuth};
+use crate::mux::{close, CloseReason};
+
+/// The endpoint's token keys in force (read again after every reload; None once the endpoint
+/// no longer takes tokens).
+pub type Keys = Box<dyn Fn() -> Option<Arc<JwtAuth>> + Send + Sync>;
+
+/// A connected client's token.
+pub struct Signed {
+    identity: Identity,
+    /// Kept to check again when the keys change (never logged).
+    token: String,
+    keys: Keys,
+    reloads: watch::Receiver<()>,
+    /// Expiry, leeway included.
+    deadline: Instant,
+}
+
+impl Signed {
+    /// A client admitted with `token` (verified as `identity`); `keys` gives the endpoint's keys
+    /// in force, `reloads` changes after each reload.
+    pub fn new(
+        identity: Identity,
+        token: String,
+        keys: Keys,
+        mut reloads: watch::Receiver<()>,
+    ) -> Signed {
+        reloads.mark_unchanged();
+        let leeway = keys().map_or_else(Default::default, |k| k.leeway());
+        Signed {
+            deadline: Instant::now() + identity.remaining(leeway),
+            identity,
+            token,
+            keys,
+            reloads,
+        }
+    }
+
+    /// Sets `ext.auth` on a request of the client.
+    pub fn stamp(&self, msg: &mut Message) {
+        self.identity.stamp(msg);
+    }
+
+    /// Answers `$refresh`: a valid token for the same `sub` replaces the one in force (and its
+    /// expiry); anything else is refused with `-32602` and changes nothing.
+    pub fn refresh(&mut self, msg: &Message) -> Message {
+        let answer = match self.renew(msg) {
+            Ok(exp) => Message::reply(msg.id(), &json!({ "exp": exp }), false),
+            Err(why) => Message::error_reply(msg.id(), &RpcError::invalid_params(why)),
+        };
+        with_ext_of(answer, msg)
+    }
+
+    fn renew(&mut self, msg: &Message) -> Result<u64, String> {
+        let serde_json::Value::String(token) = msg.payload() else {
+            return Err("$refresh takes the new token (a string) as its payload".into());
+        };
+        let keys = (self.keys)().ok_or("this endpoint no longer takes tokens")?;
+        let identity = keys.verify(&token).map_err(|e| e.to_string())?;
+        if identity.sub != self.identity.sub {
+            return Err("the new token is for another `sub`".into());
+        }
+        self.deadline = Instant::now() + identity.remaining(keys.leeway());
+        let exp = identity.exp;
+        self.identity = identity;
+        self.token = token;
+        Ok(exp)
+    }
+
+    /// Resolves when the client must go: its token expired, or the keys of a reload no longer
+    /// verify it. Cancel-safe: the caller selects on it with the client's traffic.
+    pub async fn lost(&mut self) -> CloseReason {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(self.deadline) => {
+                    return CloseReason::new(close::POLICY, "token expired");
+                }
+                changed = self.reloads.changed() => {
+                    if changed.is_err() {
+                        // No more reloads (the gateway is stopping): only the expiry is left.
+                        tokio::time::sleep_until(self.deadline).await;
+                        return CloseReason::new(close::POLICY, "token expired");
+                    }
+                    let Some(keys) = (self.keys)() else {
+                        // The endpoint no longer takes tokens: nothing to check.
+                        continue;
+                    };
+                    match keys.verify(&self.token) {
+                        Ok(identity) => {
+                            self.deadline = Instant::now() + identity.remaining(keys.leeway());
+                            self.identity = identity;
+                        }
+                        Err(_) => {
+                            return CloseReason::new(close::POLICY, "token no longer valid");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `$refresh` on an endpoint that takes no tokens.
+pub fn refresh_refused(msg: &Message) -> Message {
+    with_ext_of(
+        Message::error_reply(
+            msg.id(),
+            &RpcError::new(
+                code::METHOD_NOT_FOUND,
+                "$refresh: this endpoint takes no tokens",
+            ),
+        ),
+        msg,
+    )
+}
+
+fn with_ext_of(mut answer: Message, msg: &Message) -> Message {
+    if let Some(ext) = msg.ext_raw() {
+        answer.set_raw("ext", ext.to_owned());
+    }
+    answer
+}
+
+/// Whether `msg` calls `$refresh` (read without decoding the method).
+pub fn is_refresh(msg: &Message) -> bool {
+    msg.raw_field("method").map(|m| m.get()) == Some("\"$refresh\"")
+}
