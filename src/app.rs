@@ -101,6 +101,7 @@ pub fn mux_limits(limits: &Limits) -> mux::Limits {
         backend_queue_bytes: queue_bytes(limits),
         drain_timeout: limits.drain_timeout,
         max_queued_bytes: limits.max_queued_bytes,
+        max_methods_per_endpoint: limits.max_methods_per_endpoint,
     }
 }
 

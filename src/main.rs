@@ -29,12 +29,7 @@ struct Args {
 fn main() -> ExitCode {
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let mut filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // tungstenite traces every message it frames, payloads included, and a payload may be a
-    // credential (`$refresh` carries a token): its trace lines never reach the log.
-    if let Ok(cap) = "tungstenite::protocol=debug".parse() {
-        filter = filter.add_directive(cap);
-    }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -49,10 +44,14 @@ fn main() -> ExitCode {
         //
         // The NATS client's trace lines print its CONNECT, password and token included: its
         // lines stop at debug, whatever RUST_LOG asks for.
+        //
+        // tungstenite traces every message it frames, payloads included, and a payload may be a
+        // credential (`$refresh` carries a signed token): its lines stop at debug too.
         .with(tracing_subscriber::filter::filter_fn(|meta| {
             let target = meta.target();
             !(*meta.level() > tracing::Level::INFO && target.starts_with("pingora")
-                || *meta.level() > tracing::Level::DEBUG && target.starts_with("async_nats"))
+                || *meta.level() > tracing::Level::DEBUG
+                    && (target.starts_with("async_nats") || target.starts_with("tungstenite")))
         }))
         .init();
     let args = Args::parse();

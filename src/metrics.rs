@@ -29,6 +29,11 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// `duplex_gateway_rejected_requests_total{reason}`
     pub rejected: IntCounterVec,
+    /// `duplex_gateway_calls_total{endpoint,method,code}`: calls that reached a backend, by how
+    /// they ended (`ok`, or the error code).
+    pub calls: IntCounterVec,
+    /// `duplex_gateway_call_duration_seconds{endpoint,method}`
+    pub call_duration: HistogramVec,
     /// `duplex_gateway_config_reloads_total{result}`
     pub reloads: IntCounterVec,
     /// `duplex_gateway_config_last_reload_success_timestamp_seconds`
@@ -203,6 +208,16 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "histogram",
     ),
     (
+        "duplex_gateway_calls_total",
+        "Calls (HTTP and WebSocket) that reached a backend, per endpoint, method and how they ended (ok, or the error code)",
+        "counter",
+    ),
+    (
+        "duplex_gateway_call_duration_seconds",
+        "Time from a call's arrival at the backend's endpoint to its last reply, per endpoint and method",
+        "histogram",
+    ),
+    (
         "duplex_gateway_rejected_requests_total",
         "Requests refused before reaching a backend, per reason",
         "counter",
@@ -297,6 +312,18 @@ impl Metrics {
                 "duplex_gateway_http_request_duration_seconds",
                 "Time to answer an HTTP call, per endpoint",
                 &["endpoint"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            calls: register_int_counter_vec!(
+                "duplex_gateway_calls_total",
+                "Calls (HTTP and WebSocket) that reached a backend, per endpoint, method and how they ended (ok, or the error code)",
+                &["endpoint", "method", "code"]
+            )
+            .unwrap_or_else(|e| fail(e)),
+            call_duration: register_histogram_vec!(
+                "duplex_gateway_call_duration_seconds",
+                "Time from a call's arrival at the backend's endpoint to its last reply, per endpoint and method",
+                &["endpoint", "method"]
             )
             .unwrap_or_else(|e| fail(e)),
             rejected: register_int_counter_vec!(
@@ -437,6 +464,8 @@ mod tests {
         m.http_requests.with_label_values(&["/family-test", "200"]);
         m.http_duration.with_label_values(&["/family-test"]);
         m.failovers.with_label_values(&["/family-test"]);
+        m.calls.with_label_values(&["/family-test", "m", "ok"]);
+        m.call_duration.with_label_values(&["/family-test", "m"]);
         m.touch();
         let mut registered: Vec<String> = prometheus::gather()
             .iter()

@@ -67,6 +67,8 @@ const SECRET: &str = "bench-secret-0123456789";
 const ENDPOINT: &str = "/bench";
 /// The endpoint served by a pool of backends.
 const POOL: &str = "/pool";
+/// The endpoint whose clients present signed tokens (JWT, RS256) instead of the secret.
+const SIGNED: &str = "/signed";
 /// Its size.
 const POOL_SIZE: usize = 4;
 
@@ -241,6 +243,12 @@ async fn bench(o: Options) {
     drop(nginx_proc);
     drop(floor_server);
 
+    // identity: the same loads with signed client tokens instead of the secret, side by side.
+    let identity = match gateway_pid {
+        Some(pid) => Some(identity_scenario(&o, &base, gw_port, pid).await),
+        None => None,
+    };
+
     // latency: one client, sequential calls; the p50 the gateway adds over direct.
     let short = o.seconds.min(5.0);
     let lat_ws = closed_loop(1, short, |_| ws_caller(client_url.clone())).await;
@@ -396,6 +404,14 @@ async fn bench(o: Options) {
     if let Some(a) = &abuse {
         ratios.add("abuse attacked / calm", a.throughput_ratio, 1.0);
     }
+    if let Some(i) = &identity {
+        ratios.add("ws_rpc jwt / secret", i.ws_jwt.rate(), i.ws_secret.rate());
+        ratios.add(
+            "http_rpc jwt / secret",
+            i.http_jwt.rate(),
+            i.http_secret.rate(),
+        );
+    }
     println!("ratios         {}", to_json(&ratios));
 
     let clients = o.clients;
@@ -422,6 +438,13 @@ async fn bench(o: Options) {
         cluster_latency,
         abuse,
         cluster_endpoints,
+        identity: identity.as_ref().map(|i| report::Identity {
+            ws_jwt: i.ws_jwt.summary(clients),
+            ws_secret: i.ws_secret.summary(clients),
+            http_jwt: i.http_jwt.summary(clients),
+            http_secret: i.http_secret.summary(clients),
+            verify_us: i.verify_us,
+        }),
         connect: connect.summary(connecting),
         connect_direct: connect_direct.summary(connecting),
         reload: reload

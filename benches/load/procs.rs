@@ -66,7 +66,9 @@ pub(crate) async fn start_gateway_listening(
         "listen:\n  - address: 127.0.0.1:{port}\n{listeners}metrics:\n  address: 127.0.0.1:{metrics}\n\
          tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
          endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
-         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}"
+         \x20 - path: {SIGNED}\n    auth:\n      secret: false\n      jwt:\n        keys: [{}]\n\
+         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}",
+        signing_key("pub")
     );
     std::fs::write(&config, &text).expect("config");
     let child = Command::new(gateway_binary())

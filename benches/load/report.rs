@@ -163,6 +163,21 @@ pub(crate) struct Machine {
     pub(crate) target: &'static str,
 }
 
+/// The signed-token loads against the secret ones.
+#[derive(Serialize)]
+pub(crate) struct Identity {
+    /// `ws_rpc` on the endpoint with signed tokens (one check per connection).
+    pub(crate) ws_jwt: Rpc,
+    /// `ws_rpc` with the secret, run beside it.
+    pub(crate) ws_secret: Rpc,
+    /// `http_rpc` with a token per call (one check per call).
+    pub(crate) http_jwt: Rpc,
+    /// `http_rpc` with the secret, run beside it.
+    pub(crate) http_secret: Rpc,
+    /// One RS256 token check (signature and claims), in microseconds, in this process.
+    pub(crate) verify_us: f64,
+}
+
 /// A whole run.
 #[derive(Serialize)]
 pub(crate) struct Report {
@@ -195,6 +210,8 @@ pub(crate) struct Report {
     pub(crate) abuse: Option<Abuse>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) cluster_endpoints: Option<ClusterEndpoints>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) identity: Option<Identity>,
     pub(crate) connect: Rpc,
     pub(crate) connect_direct: Rpc,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,5 @@
 //! The scenarios beyond the side-by-side pairs of `main.rs`: stream, idle, pools and rolling
-//! deploys, the cluster, abuse.
+//! deploys, the cluster, abuse, signed client tokens.
 
 use super::*;
 use futures_util::StreamExt;
@@ -461,4 +461,101 @@ pub(crate) async fn cluster_endpoints_scenario(
         per_node_bytes.map_or("?".to_string(), |b| b.to_string())
     );
     Some(report)
+}
+
+/// The test key pair the `/signed` endpoint checks tokens with (`key`: `key` or `pub`).
+pub(crate) fn signing_key(kind: &str) -> String {
+    format!("{}/tests/keys/rsa.{kind}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A token `/signed` accepts, valid for a day.
+fn bench_token() -> String {
+    let pem = std::fs::read(signing_key("key")).expect("the test signing key");
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).expect("RSA key");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 86_400;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &serde_json::json!({"sub": "bench", "exp": exp}),
+        &key,
+    )
+    .expect("sign")
+}
+
+/// What `identity_scenario` measured.
+pub(crate) struct IdentityRuns {
+    pub(crate) ws_jwt: RpcResult,
+    pub(crate) ws_secret: RpcResult,
+    pub(crate) http_jwt: RpcResult,
+    pub(crate) http_secret: RpcResult,
+    pub(crate) verify_us: f64,
+}
+
+/// `ws_rpc` and `http_rpc` on `/signed` (clients present an RS256 token, `ext.auth` stamped on
+/// every call), each side by side with the same load presenting the secret on `/bench`. A
+/// WebSocket client's token is checked once, at its upgrade; an HTTP call's on every call.
+pub(crate) async fn identity_scenario(
+    o: &Options,
+    base: &str,
+    gw_port: u16,
+    gateway_pid: u32,
+) -> IdentityRuns {
+    let token = bench_token();
+    let backend = spawn_role(
+        "echo-backend",
+        &format!("{base}{SIGNED}?token={}&secret=unused", o.token),
+    );
+    let signed_url = format!("{base}{SIGNED}?access_token={token}");
+    wait_for_echo(&signed_url, "the signed endpoint's backend did not publish").await;
+    let watch = [("gateway", gateway_pid, false)];
+    let secret_url = format!("{base}{ENDPOINT}?secret={SECRET}");
+    let (ws_jwt, ws_secret) = side_by_side_pair(
+        o.seconds,
+        load(o.clients, &watch, |_| ws_caller(signed_url.clone())),
+        load(o.clients, &watch, |_| ws_caller(secret_url.clone())),
+    )
+    .await;
+    print_rpc("ws_rpc jwt", &ws_jwt);
+    print_rpc("ws_rpc secret", &ws_secret);
+    let signed_call = format!("{SIGNED}/echo?access_token={token}");
+    let secret_call = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let (http_jwt, http_secret) = side_by_side_pair(
+        o.seconds,
+        load(o.clients, &watch, |_| {
+            http_caller(gw_port, signed_call.clone())
+        }),
+        load(o.clients, &watch, |_| {
+            http_caller(gw_port, secret_call.clone())
+        }),
+    )
+    .await;
+    print_rpc("http_rpc jwt", &http_jwt);
+    print_rpc("http_rpc secret", &http_secret);
+    drop(backend);
+
+    // One check, in this process: what each HTTP call pays.
+    let checker = duplex_gateway::identity::JwtAuth::load(&duplex_gateway::identity::JwtSettings {
+        keys: vec![signing_key("pub").into()],
+        leeway: duplex_gateway::identity::DEFAULT_LEEWAY,
+        claims_to_backend: vec!["sub".into()],
+        ..Default::default()
+    })
+    .expect("the test key loads");
+    let rounds = 2_000;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        let verified = checker.verify(&token);
+        assert!(verified.is_ok(), "the bench token verifies");
+    }
+    let verify_us = round(started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds), 1);
+    println!("jwt check      {verify_us} µs per RS256 token (signature and claims)");
+    IdentityRuns {
+        ws_jwt,
+        ws_secret,
+        http_jwt,
+        http_secret,
+        verify_us,
+    }
 }

@@ -149,6 +149,9 @@ pub struct Limits {
     pub auth_failures_per_ip_per_minute: Option<u32>,
     /// Bytes held for peers, all connections together: over it, new calls are refused.
     pub max_queued_bytes: usize,
+    /// Method names with series of their own per endpoint (`duplex_gateway_calls_total`);
+    /// calls of others count as `method="other"`.
+    pub max_methods_per_endpoint: usize,
 }
 
 impl Default for Limits {
@@ -170,6 +173,7 @@ impl Default for Limits {
             requests_per_ip_per_second: None,
             auth_failures_per_ip_per_minute: None,
             max_queued_bytes: 1 << 30,
+            max_methods_per_endpoint: 64,
         }
     }
 }

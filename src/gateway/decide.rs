@@ -74,7 +74,7 @@ pub enum Decision {
         /// The digest of the secret the client presented (checked).
         secret: Digest,
         /// Who the client is, when the endpoint takes signed tokens (checked).
-        identity: Option<Identity>,
+        identity: Option<Arc<Identity>>,
     },
     /// An HTTP call of `method` on `endpoint`.
     Call {
@@ -85,7 +85,7 @@ pub enum Decision {
         /// The digest of the secret the caller presented (checked).
         secret: Digest,
         /// Who the caller is, when the endpoint takes signed tokens (checked).
-        identity: Option<Identity>,
+        identity: Option<Arc<Identity>>,
     },
 }
 
@@ -225,7 +225,7 @@ fn client_auth(
     req: &Facts<'_>,
     config: &Config,
     path: &str,
-) -> Result<(Option<Digest>, Option<Identity>), Refusal> {
+) -> Result<(Option<Digest>, Option<Arc<Identity>>), Refusal> {
     let Some(settings) = config.endpoints.get(path) else {
         return Ok((secret_digest(req.creds), None));
     };

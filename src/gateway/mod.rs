@@ -175,7 +175,7 @@ impl Gateway {
                     endpoint: &endpoint,
                     method: &method,
                     secret,
-                    identity: identity.as_ref(),
+                    identity: identity.as_deref(),
                     is_async: creds.is_async,
                     started,
                     headers: &cors,
@@ -185,10 +185,13 @@ impl Gateway {
                 Ok(())
             }
             Decision::Publish { token, secret } => {
-                if creds
-                    .secret
-                    .as_ref()
-                    .is_some_and(|s| s.len() < auth::SHORT_SECRET_BYTES)
+                let path = session.req_header().uri.path();
+                let ignored = config.endpoints.get(path).is_some_and(|e| e.no_secret);
+                if !ignored
+                    && creds
+                        .secret
+                        .as_ref()
+                        .is_some_and(|s| s.len() < auth::SHORT_SECRET_BYTES)
                 {
                     tracing::warn!(
                         endpoint = %auth::logged(session.req_header().uri.path()),
@@ -218,7 +221,12 @@ impl Gateway {
 
     /// A WebSocket client's token, held while it is connected: checked again with the
     /// endpoint's keys after every reload.
-    fn signed(&self, identity: Identity, creds: &Credentials, endpoint: &Target) -> ws::Signed {
+    fn signed(
+        &self,
+        identity: Arc<Identity>,
+        creds: &Credentials,
+        endpoint: &Target,
+    ) -> ws::Signed {
         let token = creds
             .access_token
             .clone()

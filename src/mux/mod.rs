@@ -93,6 +93,8 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Bytes queued in every queue together over which new calls are refused (`-32003`).
     pub max_queued_bytes: usize,
+    /// Method names with series of their own per endpoint; calls of others count as `other`.
+    pub max_methods_per_endpoint: usize,
 }
 
 impl Default for Limits {
@@ -104,6 +106,7 @@ impl Default for Limits {
             backend_queue_bytes: 16 << 20,
             drain_timeout: Duration::from_secs(30),
             max_queued_bytes: 1 << 30,
+            max_methods_per_endpoint: 64,
         }
     }
 }

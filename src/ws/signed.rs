@@ -18,7 +18,7 @@ pub type Keys = Box<dyn Fn() -> Option<Arc<JwtAuth>> + Send + Sync>;
 
 /// A connected client's token.
 pub struct Signed {
-    identity: Identity,
+    identity: Arc<Identity>,
     /// Kept to check again when the keys change (never logged).
     token: String,
     keys: Keys,
@@ -31,7 +31,7 @@ impl Signed {
     /// A client admitted with `token` (verified as `identity`); `keys` gives the endpoint's keys
     /// in force, `reloads` changes after each reload.
     pub fn new(
-        identity: Identity,
+        identity: Arc<Identity>,
         token: String,
         keys: Keys,
         mut reloads: watch::Receiver<()>,

@@ -279,6 +279,9 @@ impl FileConfig {
             requests_per_ip_per_second: l.requests_per_ip_per_second.map(|r| r.0),
             auth_failures_per_ip_per_minute: l.auth_failures_per_ip_per_minute.map(|r| r.0),
             max_queued_bytes: l.max_queued_bytes.map_or(d.max_queued_bytes, |c| c.0),
+            max_methods_per_endpoint: l
+                .max_methods_per_endpoint
+                .map_or(d.max_methods_per_endpoint, |c| c.0),
         };
 
         Ok(Config {

@@ -345,4 +345,5 @@ struct FileLimits {
     requests_per_ip_per_second: Option<Rate>,
     auth_failures_per_ip_per_minute: Option<Rate>,
     max_queued_bytes: Option<Count>,
+    max_methods_per_endpoint: Option<Count>,
 }

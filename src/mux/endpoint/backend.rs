@@ -89,7 +89,8 @@ impl BackendConn {
                 let route = call.route.clone();
                 let client_id = call.client_id;
                 let client_ext = call.client_ext.clone();
-                let drained = if msg.ends_call() {
+                let ended = msg.ends_call().then(|| (call.method.clone(), call.started));
+                let drained = if ended.is_some() {
                     s.end_call(self.key, id)
                 } else {
                     None
@@ -99,6 +100,18 @@ impl BackendConn {
                 if let Some(owed) = drained {
                     tracing::info!(endpoint = %ep.logged(), pending = 0, "backend drained");
                     owed.send();
+                }
+                if let Some((method, started)) = ended {
+                    let error = if msg.is_error() {
+                        Some(
+                            msg.error()
+                                .map_or(crate::duplex::code::INTERNAL_ERROR, |e| e.code),
+                        )
+                    } else {
+                        None
+                    };
+                    ep.series
+                        .call_ended(&method, error, started.elapsed().as_secs_f64());
                 }
                 msg.set_id(Some(client_id));
                 restore_ext(&mut msg, &route, client_ext.as_deref());

@@ -286,6 +286,10 @@ impl ClientConn {
                 client_id,
                 // Copied only for a call that opens: the rest never need it.
                 client_ext: msg.ext_raw().map(|raw| raw.to_owned()),
+                method: ep
+                    .series
+                    .method(msg.raw_field("method"), limits.max_methods_per_endpoint),
+                started: std::time::Instant::now(),
             },
         );
         let tx = slot.tx.clone();

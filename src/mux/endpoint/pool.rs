@@ -200,6 +200,13 @@ impl Endpoint {
             owed.send();
         }
         self.series.failovers(fallout.failovers);
+        for (method, started) in fallout.failed_calls {
+            self.series.call_ended(
+                &method,
+                Some(crate::duplex::code::BACKEND_UNAVAILABLE),
+                started.elapsed().as_secs_f64(),
+            );
+        }
     }
 
     /// Hands a frame to a client; a client whose queue is over its budget is not reading (fast

@@ -1,7 +1,10 @@
 //! An endpoint's metric series: the counters it moves on every frame, the reasons it drops
-//! frames for, and the removal of all of them when the endpoint goes.
+//! frames for, its calls per method, and the removal of all of them when the endpoint goes.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::value::RawValue;
 
 use crate::metrics::metrics;
 use crate::mux::lock;
@@ -70,12 +73,60 @@ pub(super) struct Series {
 
 #[derive(Default)]
 struct Made {
+    /// The methods with series of their own (at most `max_methods_per_endpoint`, then `other`).
+    methods: HashMap<Box<str>, Arc<MethodSeries>>,
+    /// Error codes counted per method (`ok` is always made with the method).
+    method_codes: Vec<(Arc<str>, i64)>,
     dropped: Vec<Dropped>,
     http_codes: Vec<&'static str>,
     failovers: bool,
     /// The endpoint is gone and its series removed: late events (a call woken by the end of
     /// the grace, frames in flight) must not make them again.
     gone: bool,
+}
+
+/// The label of calls whose method has no series of its own.
+const OTHER: &str = "other";
+
+/// One method's series at an endpoint: a call holds it from its admission to its end.
+pub(crate) struct MethodSeries {
+    label: Arc<str>,
+    ok: prometheus::IntCounter,
+    duration: prometheus::Histogram,
+}
+
+impl MethodSeries {
+    fn new(path: &str, label: &str) -> MethodSeries {
+        let m = metrics();
+        MethodSeries {
+            label: Arc::from(label),
+            ok: m.calls.with_label_values(&[path, label, "ok"]),
+            duration: m.call_duration.with_label_values(&[path, label]),
+        }
+    }
+
+    /// Series in no registry: for a call admitted after its endpoint's series were removed.
+    pub(super) fn detached() -> MethodSeries {
+        let opts = prometheus::Opts::new("detached", "detached");
+        MethodSeries {
+            label: Arc::from(OTHER),
+            ok: prometheus::IntCounter::with_opts(opts)
+                .unwrap_or_else(|_| unreachable!("a valid name")),
+            duration: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(
+                "detached", "detached",
+            ))
+            .unwrap_or_else(|_| unreachable!("a valid name")),
+        }
+    }
+}
+
+/// A method name from a request's raw `method` (a JSON string).
+fn method_name(raw: Option<&RawValue>) -> Option<String> {
+    let raw = raw?.get();
+    match raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) {
+        Some(plain) if !plain.contains('\\') => Some(plain.to_string()),
+        _ => serde_json::from_str(raw).ok(),
+    }
 }
 
 fn remember<T: PartialEq>(seen: &mut Vec<T>, value: T) {
@@ -115,6 +166,47 @@ impl Series {
                 .inc();
         }
         self.http_duration.observe(seconds);
+    }
+
+    /// The series of the method of a request (raw `method`): its own while the endpoint has
+    /// fewer than `max` methods with series, else `other`.
+    pub(super) fn method(&self, raw: Option<&RawValue>, max: usize) -> Arc<MethodSeries> {
+        let mut made = lock(&self.made);
+        if made.gone {
+            return Arc::new(MethodSeries::detached());
+        }
+        let name = method_name(raw).unwrap_or_default();
+        if let Some(series) = made.methods.get(name.as_str()) {
+            return series.clone();
+        }
+        let label = if made.methods.len() < max {
+            name
+        } else {
+            OTHER.to_string()
+        };
+        made.methods
+            .entry(label.clone().into_boxed_str())
+            .or_insert_with(|| Arc::new(MethodSeries::new(&self.path, &label)))
+            .clone()
+    }
+
+    /// Counts a call of `method` that ended after `seconds`: `error` is its error code (None:
+    /// a reply).
+    pub(super) fn call_ended(&self, method: &MethodSeries, error: Option<i64>, seconds: f64) {
+        method.duration.observe(seconds);
+        let Some(code) = error else {
+            method.ok.inc();
+            return;
+        };
+        let mut made = lock(&self.made);
+        if made.gone {
+            return;
+        }
+        remember(&mut made.method_codes, (method.label.clone(), code));
+        metrics()
+            .calls
+            .with_label_values(&[self.path.as_str(), &method.label, &code.to_string()])
+            .inc();
     }
 
     /// Counts a frame dropped for `reason`.
@@ -174,6 +266,15 @@ impl Series {
         );
         for direction in ["to_backend", "to_client"] {
             let _ = m.messages.remove_label_values(&[path, direction]);
+        }
+        for label in made.methods.keys() {
+            let _ = m.calls.remove_label_values(&[path, label, "ok"]);
+            let _ = m.call_duration.remove_label_values(&[path, label]);
+        }
+        for (label, code) in made.method_codes {
+            let _ = m
+                .calls
+                .remove_label_values(&[path, &label, &code.to_string()]);
         }
         for reason in made.dropped {
             let _ = m.dropped.remove_label_values(&[path, reason.as_str()]);

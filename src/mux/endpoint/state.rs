@@ -14,6 +14,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::ext::{client_gone_frame, restore_ext};
+use super::series::MethodSeries;
 use super::{BackendKey, CloseCell, Route};
 use crate::auth::Digest;
 use crate::duplex::{code, Message, RpcError};
@@ -124,6 +125,9 @@ pub(super) struct PendingCall {
     pub(super) client_id: u64,
     /// The `ext` the client sent, as it sent it (restored on replies).
     pub(super) client_ext: Option<Box<RawValue>>,
+    /// Its method's series, and when it was admitted (counted when it ends).
+    pub(super) method: Arc<MethodSeries>,
+    pub(super) started: std::time::Instant,
 }
 
 impl PendingCall {
@@ -166,6 +170,8 @@ pub(super) struct Fallout {
     pub(super) deliveries: Vec<Delivery>,
     pub(super) owed: Vec<Owed>,
     pub(super) failovers: u64,
+    /// Calls that ended with the backends removed (`-32000`): counted in their method's series.
+    pub(super) failed_calls: Vec<(Arc<MethodSeries>, std::time::Instant)>,
 }
 
 impl State {
@@ -393,6 +399,7 @@ impl State {
                         .deliveries
                         .push((call.route.clone(), client.tx.clone(), reply));
                 }
+                fallout.failed_calls.push((call.method, call.started));
             }
             for client in self.clients.values_mut() {
                 client.incoming.retain(|_, (k, _)| *k != key);
@@ -490,6 +497,8 @@ mod tests {
                 route: route.clone(),
                 client_id: id,
                 client_ext: None,
+                method: Arc::new(MethodSeries::detached()),
+                started: std::time::Instant::now(),
             },
         );
         state
