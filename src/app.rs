@@ -37,6 +37,8 @@ pub struct App {
     /// Changes after every applied reload: WebSocket clients with signed tokens check theirs
     /// against the new keys.
     pub reloads: tokio::sync::watch::Sender<()>,
+    /// The host name, for access lines of a node outside a cluster.
+    pub host: String,
 }
 
 /// Counts requests in progress, so a graceful stop can wait for them.
@@ -85,7 +87,16 @@ impl App {
             publish_lock: std::sync::Mutex::new(()),
             cluster: std::sync::OnceLock::new(),
             reloads: tokio::sync::watch::Sender::new(()),
+            host: crate::access::host_name(),
         })
+    }
+
+    /// This node's name in access lines: its cluster name, else the host name.
+    pub fn node_name(&self) -> String {
+        match self.cluster.get() {
+            Some(cluster) => cluster.name().to_string(),
+            None => self.host.clone(),
+        }
     }
 }
 

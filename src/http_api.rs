@@ -39,6 +39,10 @@ pub struct Call<'a> {
     pub secret: Digest,
     /// Who the caller is (its signed token, checked), stamped on the call as `ext.auth`.
     pub identity: Option<&'a Identity>,
+    /// The gateway's hop of the call's trace, carried to the backend as `ext.traceparent`.
+    pub trace: crate::trace::TraceParent,
+    /// Set to the backend that took the call (its id in the pool), when this node knows it.
+    pub served_by: &'a mut Option<String>,
     /// `async=true`: answer 202 once sent.
     pub is_async: bool,
     /// When the request arrived (`call_timeout` counts from here).
@@ -72,6 +76,8 @@ async fn run(
         method,
         secret,
         identity,
+        trace,
+        served_by,
         is_async,
         headers,
         ..
@@ -108,6 +114,7 @@ async fn run(
 
     let request = |id| {
         let mut request = Message::request_raw(method, id, payload);
+        crate::trace::set(&mut request, &trace);
         if let Some(identity) = identity {
             identity.stamp(&mut request);
         }
@@ -116,7 +123,7 @@ async fn run(
     if is_async {
         let request = request(None);
         match until(deadline, conn.send(request)).await {
-            Ok(Outcome::Done) => {}
+            Ok(Outcome::Done) => *served_by = conn.backend(),
             Ok(Outcome::Answer(answer)) => {
                 return respond_own_error(session, &answer, headers).await
             }
@@ -136,7 +143,7 @@ async fn run(
     let request = request(Some(1));
     // The send may wait: for a backend in its grace, or for room in a backend's queue.
     match until(deadline, conn.send(request)).await {
-        Ok(Outcome::Done) => {}
+        Ok(Outcome::Done) => *served_by = conn.backend(),
         Ok(Outcome::Answer(answer)) => return respond_own_error(session, &answer, headers).await,
         Err(_) => return timed_out(session, headers).await,
     }

@@ -46,7 +46,11 @@
 //!   `directory` (the other nodes and their endpoints), `tables` (endpoint tables as deltas and
 //!   pages), `pools` (announcements, pools across nodes), `client` and `served` (clients relayed
 //!   out and in), `audit` (lost frames), `calls` (backend-to-client calls across nodes).
+//! - [`trace`]: W3C trace context: the `traceparent` each call carries to its backend, with the
+//!   gateway's own span.
 //! - [`metrics`]: every Prometheus metric, defined once.
+//! - [`access`]: the access log's lines.
+//! - [`admin`]: the metrics listener, and the admin API on it (listing, draining, closing).
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.
 //! - [`server`]: assembles the Pingora server (listeners, metrics, reload, shutdown).
@@ -54,6 +58,8 @@
 //! [`Config`]: config::Config
 
 pub mod accept;
+pub mod access;
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod cluster;
@@ -72,4 +78,5 @@ pub mod server;
 pub mod target;
 pub mod timeouts;
 pub mod tls;
+pub mod trace;
 pub mod ws;

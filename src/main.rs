@@ -27,38 +27,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    use tracing_subscriber::layer::SubscriberExt as _;
-    use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                // Colours only on a terminal: log files and journals get plain text.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        // Pingora's debug and trace lines print whole request headers (a request it cannot
-        // parse, with its query string, Authorization and X-Duplex-Secret): never shown,
-        // whatever RUST_LOG asks for.
-        //
-        // The NATS client's trace lines print its CONNECT, password and token included: its
-        // lines stop at debug, whatever RUST_LOG asks for.
-        //
-        // tungstenite traces every message it frames, payloads included, and a payload may be a
-        // credential (`$refresh` carries a signed token): its lines stop at debug too.
-        .with(tracing_subscriber::filter::filter_fn(|meta| {
-            let target = meta.target();
-            !(*meta.level() > tracing::Level::INFO && target.starts_with("pingora")
-                || *meta.level() > tracing::Level::DEBUG
-                    && (target.starts_with("async_nats") || target.starts_with("tungstenite")))
-        }))
-        .init();
     let args = Args::parse();
-    // Every connection is a descriptor: take all the system allows (10,000 idle clients need it).
-    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!("cannot raise the open-file limit: {e}");
-    }
 
     // SIGHUP's default action ends the process; take it over before anything else, so a reload
     // signal that comes early is never fatal (the reload service listens for it later).
@@ -96,6 +65,11 @@ fn main() -> ExitCode {
             eprintln!("error: {e}");
             return ExitCode::from(1);
         }
+    }
+    init_logging(config.log.json);
+    // Every connection is a descriptor: take all the system allows (10,000 idle clients need it).
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!("cannot raise the open-file limit: {e}");
     }
     if args.check {
         for warning in config.warnings() {
@@ -137,4 +111,44 @@ fn take_over_sighup() -> std::io::Result<()> {
     rt.block_on(async {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)
     })
+}
+
+/// Logs to standard error as `RUST_LOG` asks (default `info`), as text or (`log.format: json`)
+/// one JSON object per line, with the caps that keep credentials out whatever it asks.
+fn init_logging(json: bool) {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::registry()
+        .with((!json).then(|| {
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                // Colours only on a terminal: log files and journals get plain text.
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        }))
+        .with(json.then(|| {
+            tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .with_writer(std::io::stderr)
+        }))
+        .with(filter)
+        // Pingora's debug and trace lines print whole request headers (a request it cannot
+        // parse, with its query string, Authorization and X-Duplex-Secret): never shown,
+        // whatever RUST_LOG asks for.
+        //
+        // The NATS client's trace lines print its CONNECT, password and token included: its
+        // lines stop at debug, whatever RUST_LOG asks for.
+        //
+        // tungstenite traces every message it frames, payloads included, and a payload may be a
+        // credential (`$refresh` carries a signed token): its lines stop at debug too.
+        .with(tracing_subscriber::filter::filter_fn(|meta| {
+            let target = meta.target();
+            !(*meta.level() > tracing::Level::INFO && target.starts_with("pingora")
+                || *meta.level() > tracing::Level::DEBUG
+                    && (target.starts_with("async_nats") || target.starts_with("tungstenite")))
+        }))
+        .init();
 }

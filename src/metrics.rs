@@ -409,43 +409,18 @@ fn empty_families(present: &[prometheus::proto::MetricFamily], out: &mut Vec<u8>
     }
 }
 
-/// The metrics listener: `GET /metrics` (Prometheus text) and `GET /healthz`.
-pub struct MetricsApp;
-
-#[async_trait::async_trait]
-impl pingora::apps::http_app::ServeHttp for MetricsApp {
-    async fn response(
-        &self,
-        session: &mut pingora::protocols::http::ServerSession,
-    ) -> http::Response<Vec<u8>> {
-        let _ = metrics();
-        let path = session.req_header().uri.path();
-        let (status, content_type, body) = match path {
-            "/metrics" => {
-                let encoder = prometheus::TextEncoder::new();
-                let mut body = Vec::new();
-                let families = prometheus::gather();
-                match prometheus::Encoder::encode(&encoder, &families, &mut body) {
-                    Ok(()) => {
-                        empty_families(&families, &mut body);
-                        (200, prometheus::TEXT_FORMAT, body)
-                    }
-                    Err(e) => (500, "text/plain", e.to_string().into_bytes()),
-                }
-            }
-            "/healthz" => (200, "text/plain", b"ok\n".to_vec()),
-            _ => (
-                404,
-                "text/plain",
-                b"not found: try /metrics or /healthz\n".to_vec(),
-            ),
-        };
-        http::Response::builder()
-            .status(status)
-            .header("content-type", content_type)
-            .header("content-length", body.len())
-            .body(body)
-            .unwrap_or_else(|_| http::Response::new(Vec::new()))
+/// The metrics in Prometheus' text format: (status, content type, body).
+pub fn render() -> (u16, &'static str, Vec<u8>) {
+    let _ = metrics();
+    let encoder = prometheus::TextEncoder::new();
+    let mut body = Vec::new();
+    let families = prometheus::gather();
+    match prometheus::Encoder::encode(&encoder, &families, &mut body) {
+        Ok(()) => {
+            empty_families(&families, &mut body);
+            (200, prometheus::TEXT_FORMAT, body)
+        }
+        Err(e) => (500, "text/plain", e.to_string().into_bytes()),
     }
 }
 

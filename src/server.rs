@@ -157,7 +157,7 @@ pub fn run(app: Arc<App>) -> Result<(), StartError> {
     if let Some(addr) = config.metrics {
         let mut service = pingora::services::listening::Service::new(
             "metrics".to_string(),
-            crate::metrics::MetricsApp,
+            crate::admin::MetricsApp { app: app.clone() },
         );
         service.add_tcp(&addr.to_string());
         service.threads = Some(1);

@@ -163,6 +163,15 @@ impl Client {
         }
     }
 
+    /// The backend (its id in the pool) that took the client's latest call, when this node
+    /// holds it.
+    pub fn backend(&self) -> Option<String> {
+        match self {
+            Client::Local(conn) => conn.backend(),
+            Client::Cluster(c) => c.local_backend(),
+        }
+    }
+
     /// Why the client was closed.
     pub fn close_reason(&self) -> CloseReason {
         match self {

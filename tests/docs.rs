@@ -61,6 +61,11 @@ fn keys_in_code() -> BTreeSet<String> {
             format!("{LISTEN}endpoints: [{{path: /a, auth: {{jwt: {{zz_unknown: 1}}}}}}]"),
         ),
         ("limits", format!("{LISTEN}limits: {{zz_unknown: 1}}")),
+        (
+            "admin",
+            format!("{LISTEN}admin: {{token: 0123456789abcdef0, zz_unknown: 1}}"),
+        ),
+        ("log", format!("{LISTEN}log: {{zz_unknown: 1}}")),
         ("cors", format!("{LISTEN}cors: {{allowed_origins: ['*'], zz_unknown: 1}}")),
         (
             "cluster",

@@ -70,3 +70,363 @@ async fn calls_are_counted_per_method_and_code_with_the_rest_as_other() {
     let text = gw.metrics().await;
     assert!(!text.contains("endpoint=\"/m\""), "{text}");
 }
+
+const PARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// `00-<trace>-<span>-<flags>`, split.
+fn parts(traceparent: &serde_json::Value) -> (String, String, String) {
+    let text = traceparent
+        .as_str()
+        .unwrap_or_else(|| panic!("no traceparent: {traceparent}"));
+    let p: Vec<&str> = text.split('-').collect();
+    assert_eq!(p.len(), 4, "{text}");
+    assert_eq!((p[0], p[1].len(), p[2].len()), ("00", 32, 16), "{text}");
+    (p[1].to_string(), p[2].to_string(), p[3].to_string())
+}
+
+#[tokio::test]
+async fn backends_see_the_callers_trace_with_the_gateways_hop_as_parent() {
+    let gw = Gateway::start("");
+    let _backend = publish(&gw, "/t", "s").await;
+    let http = reqwest::Client::new();
+
+    // HTTP with a traceparent: same trace and flags, a new parent span.
+    let seen: serde_json::Value = http
+        .post(gw.http("/t/ext?secret=s"))
+        .header("traceparent", PARENT)
+        .body("null")
+        .send()
+        .await
+        .expect("call")
+        .json()
+        .await
+        .expect("json");
+    let (trace, span, flags) = parts(&seen["traceparent"]);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(span, "00f067aa0ba902b7");
+    assert_eq!(flags, "01");
+
+    // HTTP without one (or with a malformed one): a new trace.
+    for header in [None, Some("00-zz-yy-01")] {
+        let mut req = http.post(gw.http("/t/ext?secret=s")).body("null");
+        if let Some(h) = header {
+            req = req.header("traceparent", h);
+        }
+        let seen: serde_json::Value = req.send().await.expect("call").json().await.expect("json");
+        let (trace, _, _) = parts(&seen["traceparent"]);
+        assert_ne!(trace, "0".repeat(32));
+        assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    }
+
+    // WebSocket: a request's own traceparent is re-parented; one without stays without.
+    let mut raw = Raw::open(&gw.client_url("/t", "s")).await;
+    raw.send_json(
+        &json!({"type":"req","method":"ext","id":1,"ext":{"traceparent": PARENT, "k": 1}}),
+    )
+    .await;
+    let reply = raw.recv().await;
+    let (trace, span, _) = parts(&reply["payload"]["traceparent"]);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736", "{reply}");
+    assert_ne!(span, "00f067aa0ba902b7");
+    assert_eq!(reply["payload"]["k"], 1);
+    assert_eq!(
+        reply["ext"]["traceparent"], PARENT,
+        "the client gets its own ext back"
+    );
+    raw.send_json(&json!({"type":"req","method":"ext","id":2}))
+        .await;
+    let reply = raw.recv().await;
+    assert_eq!(reply["payload"], json!({}), "{reply}");
+}
+
+const ADMIN: &str = "admin-token-0123456789";
+
+async fn admin(
+    gw: &Gateway,
+    method: reqwest::Method,
+    path_and_query: &str,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://127.0.0.1:{}{path_and_query}", gw.metrics_port);
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.expect("admin answer");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[tokio::test]
+async fn the_admin_api_needs_its_token_and_lists_drains_and_closes() {
+    use reqwest::Method;
+    // Without admin.token there is no admin API.
+    let plain = Gateway::start("");
+    assert_eq!(
+        admin(&plain, Method::GET, "/admin/endpoints", Some(ADMIN))
+            .await
+            .0,
+        404
+    );
+
+    let gw = Gateway::start(&format!(
+        "admin:\n  token: {ADMIN}\nendpoints:\n  - path: /a\n    max_backends: 2\n"
+    ));
+    let first = publish(&gw, "/a", "s").await;
+    let second = publish(&gw, "/a", "s").await;
+    let peer = client(&gw, "/a", "s").await;
+    peer.call("echo", json!(1)).await.expect("echo");
+    for token in [None, Some("wrong-token-0123456789")] {
+        let (status, body) = admin(&gw, Method::GET, "/admin/endpoints", token).await;
+        assert_eq!(status, 401, "{body}");
+    }
+    let (status, list) = admin(&gw, Method::GET, "/admin/endpoints", Some(ADMIN)).await;
+    assert_eq!(status, 200, "{list}");
+    let endpoint = list["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["path"] == "/a"))
+        .unwrap_or_else(|| panic!("/a listed: {list}"))
+        .clone();
+    assert_eq!(endpoint["clients"], 1, "{endpoint}");
+    let backends = endpoint["backends"].as_array().expect("backends").clone();
+    assert_eq!(backends.len(), 2, "{endpoint}");
+    for b in &backends {
+        assert_eq!(b["token"], "main");
+        assert_eq!(b["draining"], false);
+        assert!(
+            b["connected_since"]
+                .as_u64()
+                .is_some_and(|t| t > 1_600_000_000_000),
+            "{b}"
+        );
+    }
+    let pinned: u64 = backends
+        .iter()
+        .map(|b| b["clients"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(pinned, 1, "the client is pinned to one backend: {endpoint}");
+    let ids: Vec<String> = backends
+        .iter()
+        .map(|b| b["id"].as_str().expect("id").to_string())
+        .collect();
+
+    // Unknown endpoint or backend: 404; a GET on an action: 405.
+    let q = |rest: &str| format!("/admin/drain?endpoint=%2Fa&{rest}");
+    assert_eq!(
+        admin(&gw, Method::POST, &q("backend=999"), Some(ADMIN))
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        admin(
+            &gw,
+            Method::POST,
+            "/admin/drain?endpoint=%2Fnone&backend=1",
+            Some(ADMIN)
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        admin(&gw, Method::GET, &q("backend=1"), Some(ADMIN))
+            .await
+            .0,
+        405
+    );
+
+    // Drain the first, then the listing says so.
+    let (status, body) = admin(
+        &gw,
+        Method::POST,
+        &q(&format!("backend={}", ids[0])),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!((status, &body["draining"]), (200, &json!(true)), "{body}");
+    let (_, list) = admin(&gw, Method::GET, "/admin/endpoints", Some(ADMIN)).await;
+    let drained = list["endpoints"][0]["backends"]
+        .as_array()
+        .and_then(|b| b.iter().find(|b| b["id"] == ids[0].as_str()).cloned())
+        .expect("still listed");
+    assert_eq!(drained["draining"], true, "{list}");
+
+    // Close the second backend: 1008. (The drained first one stays until it leaves.)
+    let (status, body) = admin(
+        &gw,
+        Method::POST,
+        &format!("/admin/close?endpoint=%2Fa&backend={}", ids[1]),
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let closed = [&first, &second].iter().position(|p| p.is_closed());
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            for p in [&first, &second] {
+                if p.is_closed() {
+                    return p.closed().await;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no backend closed ({closed:?})"));
+    assert_eq!(code, Some(1008));
+
+    // Close the endpoint's clients: 1008.
+    let (status, body) = admin(
+        &gw,
+        Method::POST,
+        "/admin/close?endpoint=%2Fa&clients=all",
+        Some(ADMIN),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["closed_clients"]),
+        (200, &json!(1)),
+        "{body}"
+    );
+    let code = tokio::time::timeout(WAIT, peer.closed())
+        .await
+        .expect("client closed");
+    assert_eq!(code, Some(1008));
+}
+
+#[tokio::test]
+async fn the_admin_listing_shows_every_nodes_backends() {
+    let nats = common::nats::Nats::start();
+    let node = |name: &str| {
+        format!(
+            "admin:\n  token: {ADMIN}\nlimits:\n  max_message_bytes: 1000000\ncluster:\n  nats: [{}]\n  node: {name}\n  subject_prefix: test.admin\n",
+            nats.url()
+        )
+    };
+    let a = Gateway::start(&node("a"));
+    let b = Gateway::start(&node("b"));
+    for gw in [&a, &b] {
+        wait_for_metric(gw, "duplex_gateway_cluster_nodes", &[], |v| v == Some(2.0)).await;
+    }
+    let _backend = publish(&a, "/x", "s").await;
+    served_from(&b, "/x").await;
+    let (status, list) = admin(&b, reqwest::Method::GET, "/admin/endpoints", Some(ADMIN)).await;
+    assert_eq!(status, 200);
+    assert_eq!(list["node"], "b", "{list}");
+    let x = list["endpoints"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| e["path"] == "/x"))
+        .unwrap_or_else(|| panic!("/x listed on b: {list}"));
+    assert_eq!(x["backends"][0]["node"], "a", "{list}");
+}
+
+/// The access lines of a log (the JSON lines with a `transport`).
+fn access_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("transport").is_some())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_access_log_has_a_json_line_per_call_and_refusal_and_no_credential() {
+    const SECRET: &str = "access-secret-0123456789";
+    let gw = Gateway::start_logging("info", |port, metrics| {
+        Gateway::config_text(port, metrics, "log:\n  access: true\n  format: json\n")
+    });
+    let _backend = publish(&gw, "/acc", SECRET).await;
+    assert_eq!(
+        post(&gw, &format!("/acc/echo?secret={SECRET}"), "[1,2]")
+            .await
+            .0,
+        200
+    );
+    assert_eq!(post(&gw, "/acc/echo?secret=wrong", "1").await.0, 401);
+    let peer = client(&gw, "/acc", SECRET).await;
+    peer.call("echo", json!("hi")).await.expect("echo");
+    let _ = peer
+        .call("fail", json!({"code": -7, "message": "no"}))
+        .await;
+    assert_eq!(ws_status(&gw.ws("/nothing-here"), &[]).await, 404);
+
+    let deadline = std::time::Instant::now() + WAIT;
+    let lines = loop {
+        let lines = access_lines(&gw.log());
+        if lines.len() >= 5 || std::time::Instant::now() > deadline {
+            break lines;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = gw.log();
+    // Every line of the log is one JSON object, access lines or not.
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not JSON: {line}"
+        );
+    }
+    assert!(
+        !log.contains(SECRET) && !log.contains("secret="),
+        "a credential in the log:\n{log}"
+    );
+    let find = |transport: &str,
+                method: Option<&str>,
+                pred: &dyn Fn(&serde_json::Value) -> bool| {
+        lines
+            .iter()
+            .find(|l| {
+                l["transport"] == transport && method.is_none_or(|m| l["method"] == m) && pred(l)
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("no {transport} {method:?} line in {lines:#?}"))
+    };
+    let http_ok = find("http", Some("echo"), &|l| l["status"] == 200);
+    assert_eq!(http_ok["endpoint"], "/acc");
+    assert_eq!(http_ok["bytes_in"], 5);
+    assert_eq!(http_ok["bytes_out"], 5);
+    assert_eq!(http_ok["client_ip"], "127.0.0.1");
+    assert!(http_ok["backend"].is_string(), "{http_ok}");
+    assert_eq!(
+        http_ok["trace_id"].as_str().map(str::len),
+        Some(32),
+        "{http_ok}"
+    );
+    for key in ["ts", "node", "duration_us"] {
+        assert!(http_ok.get(key).is_some(), "{key} in {http_ok}");
+    }
+    let refused = find("http", Some("echo"), &|l| l["status"] == 401);
+    assert_eq!(refused["endpoint"], "/acc");
+    let ws_ok = find("ws", Some("echo"), &|l| l.get("code").is_none());
+    assert!(ws_ok["backend"].is_string(), "{ws_ok}");
+    assert!(ws_ok["bytes_in"].as_u64() > Some(0) && ws_ok["bytes_out"].as_u64() > Some(0));
+    let ws_err = find("ws", Some("fail"), &|_| true);
+    assert_eq!(ws_err["code"], -7);
+    let ws_refused = find("ws", None, &|l| l["status"] == 404);
+    assert_eq!(ws_refused["endpoint"], "/nothing-here");
+}
+
+#[tokio::test]
+async fn without_log_access_there_is_no_access_line_and_text_lines_say_access() {
+    let quiet = Gateway::start("");
+    let _backend = publish(&quiet, "/q", "s").await;
+    assert_eq!(post(&quiet, "/q/echo?secret=s", "1").await.0, 200);
+    let text = Gateway::start("log:\n  access: true\n");
+    let _backend2 = publish(&text, "/q", "s").await;
+    assert_eq!(post(&text, "/q/echo?secret=s", "1").await.0, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!quiet.log().contains("ACCESS"), "{}", quiet.log());
+    let log = text.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" ACCESS "))
+        .unwrap_or_else(|| panic!("no access line: {log}"));
+    assert!(
+        line.contains("endpoint=/q method=echo transport=http status=200"),
+        "{line}"
+    );
+}

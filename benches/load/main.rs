@@ -444,6 +444,7 @@ async fn bench(o: Options) {
             http_jwt: i.http_jwt.summary(clients),
             http_secret: i.http_secret.summary(clients),
             verify_us: i.verify_us,
+            remembered_us: i.remembered_us,
         }),
         connect: connect.summary(connecting),
         connect_direct: connect_direct.summary(connecting),

@@ -217,6 +217,15 @@ impl ClusterClient {
         Ok(client)
     }
 
+    /// The backend of this node that took the client's latest call (None when another node
+    /// serves it).
+    pub fn local_backend(&self) -> Option<String> {
+        match &self.place {
+            Place::Local(conn) => conn.backend(),
+            _ => None,
+        }
+    }
+
     /// This node's endpoint at the client's path, if it has one.
     pub fn local_endpoint(&self) -> Option<Arc<Endpoint>> {
         self.cluster.registry.lookup(&self.path)

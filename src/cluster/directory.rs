@@ -34,6 +34,17 @@ pub(super) struct Node {
     pub(super) fetch: Option<Fetch>,
 }
 
+/// An endpoint's pool on another node, as its heartbeats announce it.
+#[derive(Debug, Clone)]
+pub struct RemotePool {
+    /// The node.
+    pub node: String,
+    /// The endpoint path.
+    pub path: String,
+    /// Its backends there: (id, joined in Unix ms, draining).
+    pub backends: Vec<(u64, u64, bool)>,
+}
+
 /// An endpoint of another node.
 pub(super) struct Remote {
     pub(super) secret: Digest,
@@ -463,6 +474,27 @@ impl Cluster {
             && lock(&self.nodes)
                 .values()
                 .any(|n| n.endpoints.get(path).is_some_and(|r| r.serving() > 0))
+    }
+
+    /// The pools other nodes announce, sorted by node and path.
+    pub fn remote_pools(&self) -> Vec<RemotePool> {
+        let mut pools: Vec<RemotePool> = lock(&self.nodes)
+            .iter()
+            .flat_map(|(name, node)| {
+                node.endpoints.iter().map(move |(path, remote)| RemotePool {
+                    node: name.to_string(),
+                    path: path.clone(),
+                    backends: remote.backends.clone(),
+                })
+            })
+            .collect();
+        pools.sort_by(|a, b| (&a.node, &a.path).cmp(&(&b.node, &b.path)));
+        pools
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.me
     }
 
     /// Whether another node announces `path` (serving, or in its grace), or did when the link

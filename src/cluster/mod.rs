@@ -66,7 +66,7 @@ use wire::ENVELOPE_BYTES;
 
 pub use client::ClusterClient;
 use directory::{tag_of, Node, TAG_HEX};
-pub use directory::{MAX_ANNOUNCED_BACKENDS, MAX_ANNOUNCED_ENDPOINTS};
+pub use directory::{RemotePool, MAX_ANNOUNCED_BACKENDS, MAX_ANNOUNCED_ENDPOINTS};
 
 /// This node's link to the others.
 pub struct Cluster {

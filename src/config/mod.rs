@@ -199,6 +199,19 @@ pub struct Config {
     pub cors: Option<Cors>,
     /// The cluster this node joins over NATS (None: a single node; NATS is never touched).
     pub cluster: Option<ClusterConfig>,
+    /// The admin API's token (None: no admin API).
+    pub admin_token: Option<Digest>,
+    /// The access log and the format of log lines.
+    pub log: LogSettings,
+}
+
+/// The `log` section.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogSettings {
+    /// One line per finished call and refused request.
+    pub access: bool,
+    /// Every log line is one JSON object (else text).
+    pub json: bool,
 }
 
 /// The `cluster` section: several gateway nodes joined by NATS.

@@ -50,6 +50,20 @@ pub struct RequestCtx {
     started: Instant,
     /// An HTTP call (or its refusal) that counts in its endpoint's series, with its status.
     call: Option<(Target, u16)>,
+    /// What the access line of a call or a refusal says (set only with `log.access`).
+    access: Option<Box<Access>>,
+}
+
+/// The facts of a request's access line, gathered while it is served.
+#[derive(Default)]
+struct Access {
+    endpoint: String,
+    method: Option<String>,
+    websocket: bool,
+    status: u16,
+    client_ip: Option<IpAddr>,
+    backend: Option<String>,
+    trace_id: Option<String>,
 }
 
 impl Gateway {
@@ -121,6 +135,22 @@ impl Gateway {
             };
             decide(&facts, &config, &self.app.registry, self.app.cluster.get())
         };
+        if config.log.access {
+            let path = session.req_header().uri.path();
+            let (endpoint, method) = match split_call_path(path) {
+                Some((endpoint, method)) if session.req_header().method == http::Method::POST => {
+                    (endpoint, Some(method.to_string()))
+                }
+                _ => (path, None),
+            };
+            ctx.access = Some(Box::new(Access {
+                endpoint: auth::logged(endpoint).into_owned(),
+                method: method.map(|m| auth::logged(&m).into_owned()),
+                websocket: ws::is_upgrade(session.req_header()),
+                client_ip,
+                ..Access::default()
+            }));
+        }
         let cors: Vec<(&str, &str)> = match &allow_origin {
             Some(value) => vec![("access-control-allow-origin", value), ("vary", "Origin")],
             None => Vec::new(),
@@ -156,6 +186,9 @@ impl Gateway {
                 }
                 let status = refusal.send(session, &cors).await?;
                 ctx.call = call.map(|target| (target, status));
+                if let Some(access) = &mut ctx.access {
+                    access.status = status;
+                }
                 Ok(())
             }
             Decision::Call {
@@ -169,6 +202,10 @@ impl Gateway {
                     return Ok(());
                 }
                 let _counted = Counted::new(&self.app.active.http);
+                let trace = crate::trace::TraceParent::child_of(
+                    header("traceparent").and_then(crate::trace::TraceParent::parse),
+                );
+                let mut served_by = None;
                 // Each path's future is boxed on its own, so a request only allocates (and
                 // moves) the state of the path it takes.
                 let call = http_api::Call {
@@ -176,12 +213,19 @@ impl Gateway {
                     method: &method,
                     secret,
                     identity: identity.as_deref(),
+                    trace,
+                    served_by: &mut served_by,
                     is_async: creds.is_async,
                     started,
                     headers: &cors,
                 };
                 let status = Box::pin(http_api::serve(session, &config, call)).await?;
                 ctx.call = Some((endpoint, status));
+                if let Some(access) = &mut ctx.access {
+                    access.status = status;
+                    access.backend = served_by;
+                    access.trace_id = Some(trace.trace_hex());
+                }
                 Ok(())
             }
             Decision::Publish { token, secret } => {
@@ -263,13 +307,24 @@ impl Gateway {
         };
         let counted = Counted::new(&self.app.active.websockets);
         let settings = ws_settings(&config.limits);
+        let access = config.log.access.then(|| {
+            crate::access::WsCalls::new(
+                self.app.node_name(),
+                endpoint.path(),
+                limits.ip,
+                config.log.json,
+            )
+        });
         let Some(ws) = WsStream::upgrade(session, &settings, ws::CLIENT_READ_CHUNK).await else {
             return Ok(());
         };
         let app = self.app.clone();
         tokio::spawn(async move {
             let _counted = counted;
-            let conn = ws::LimitedClient::new(conn, limits, signed);
+            let mut conn = ws::LimitedClient::new(conn, limits, signed);
+            if let Some(calls) = access {
+                conn = conn.with_access_log(calls);
+            }
             ws::serve_client(ws, conn, || ws_settings(&app.config.load().limits)).await;
         });
         Ok(())
@@ -305,6 +360,7 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             started: Instant::now(),
             call: None,
+            access: None,
         }
     }
 
@@ -355,10 +411,31 @@ impl ProxyHttp for Gateway {
         Ok(true)
     }
 
-    /// The request is over: an HTTP call counts in its endpoint's series, once.
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+    /// The request is over: an HTTP call counts in its endpoint's series, once; with
+    /// `log.access`, a call or a refusal gets its access line.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
         if let Some((target, status)) = ctx.call.take() {
             target.count_http_call(status, ctx.started.elapsed().as_secs_f64());
         }
+        let Some(access) = ctx.access.take().filter(|a| a.status != 0) else {
+            return;
+        };
+        let node = self.app.node_name();
+        let line = crate::access::Line {
+            ts: crate::access::now(),
+            node: &node,
+            endpoint: &access.endpoint,
+            method: access.method.as_deref(),
+            transport: if access.websocket { "ws" } else { "http" },
+            status: Some(access.status),
+            code: None,
+            duration_us: ctx.started.elapsed().as_micros() as u64,
+            bytes_in: session.body_bytes_read() as u64,
+            bytes_out: session.body_bytes_sent() as u64,
+            client_ip: access.client_ip,
+            backend: access.backend,
+            trace_id: access.trace_id,
+        };
+        line.write(self.app.config.load().log.json);
     }
 }

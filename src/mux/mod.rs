@@ -22,8 +22,8 @@ use arc_swap::ArcSwap;
 
 pub(crate) use endpoint::{client_gone_frame, local_error};
 pub use endpoint::{
-    BackendConn, ClientConn, Dropped, Endpoint, EndpointStats, Handed, JoinError, Outlet,
-    PoolSnapshot, PublishError,
+    BackendConn, BackendInfo, ClientConn, Dropped, Endpoint, EndpointStats, Handed, JoinError,
+    Outlet, PoolSnapshot, PublishError,
 };
 pub use queue::queued_bytes;
 

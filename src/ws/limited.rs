@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use serde_json::value::RawValue;
+
 use crate::duplex::Message;
 use crate::mux::{CloseReason, Outcome};
 use crate::target::Client;
@@ -30,6 +32,11 @@ pub struct LimitedClient {
     signed: Option<Box<Signed>>,
     /// Why it was closed, when its token ended it.
     lost: Option<CloseReason>,
+    /// The `ext` of its open calls whose requests the gateway changed (`ext.traceparent`
+    /// re-parented, `ext.auth` set), as the client sent it: its replies get it back as it was.
+    own_ext: Vec<(u64, Option<Box<RawValue>>)>,
+    /// Its calls' access lines (with `log.access`).
+    access: Option<Box<crate::access::WsCalls>>,
 }
 
 impl LimitedClient {
@@ -40,7 +47,48 @@ impl LimitedClient {
             limits,
             signed: signed.map(Box::new),
             lost: None,
+            own_ext: Vec::new(),
+            access: None,
         }
+    }
+
+    /// Writes an access line for each call of the client as it ends.
+    pub fn with_access_log(mut self, calls: crate::access::WsCalls) -> LimitedClient {
+        self.access = Some(Box::new(calls));
+        self
+    }
+
+    /// A frame for the client: a reply to a call whose request the gateway changed gets the
+    /// client's own `ext` back (and the call is forgotten when it ends).
+    fn restore(&mut self, msg: Message) -> String {
+        let msg = self.restore_message(msg);
+        let json = msg.to_json();
+        if let Some(access) = &mut self.access {
+            let client = &self.client;
+            access.reply(&msg, json.len(), || client.backend());
+        }
+        json
+    }
+
+    fn restore_message(&mut self, mut msg: Message) -> Message {
+        if self.own_ext.is_empty() || msg.kind() != crate::duplex::Kind::Reply {
+            return msg;
+        }
+        let Some(id) = msg.id() else {
+            return msg;
+        };
+        if let Some(at) = self.own_ext.iter().position(|(open, _)| *open == id) {
+            let own = if msg.ends_call() {
+                self.own_ext.swap_remove(at).1
+            } else {
+                self.own_ext[at].1.clone()
+            };
+            match own {
+                Some(raw) => msg.set_raw("ext", raw),
+                None => msg.set_ext(None),
+            }
+        }
+        msg
     }
 
     fn admit(&self) -> Result<(), crate::edge::Limited> {
@@ -55,7 +103,50 @@ impl LimitedClient {
 }
 
 impl Side for LimitedClient {
-    async fn on_frame(&mut self, mut msg: Message) -> Outcome {
+    async fn on_frame(&mut self, msg: Message) -> Outcome {
+        if self.access.is_none() {
+            return self.pass(msg).await;
+        }
+        let outcome = self.pass(msg).await;
+        if let (Outcome::Answer(answer), Some(access)) = (&outcome, &mut self.access) {
+            // The gateway answered the call itself (a rate, a limit, `$refresh`).
+            access.reply(answer, answer.to_json().len(), || None);
+        }
+        outcome
+    }
+    fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
+        self.client.malformed(error);
+    }
+    async fn next_out(&mut self) -> Option<String> {
+        let Some(signed) = &mut self.signed else {
+            let msg = self.client.recv().await?;
+            return Some(self.restore(msg));
+        };
+        let msg = tokio::select! {
+            out = self.client.recv() => out?,
+            reason = signed.lost() => {
+                self.lost = Some(reason);
+                return None;
+            }
+        };
+        Some(self.restore(msg))
+    }
+    fn try_next_out(&mut self) -> Option<String> {
+        let msg = self.client.try_recv()?;
+        Some(self.restore(msg))
+    }
+    fn close_reason(&self) -> CloseReason {
+        match &self.lost {
+            Some(reason) => reason.clone(),
+            None => self.client.close_reason(),
+        }
+    }
+}
+
+impl LimitedClient {
+    /// A frame from the client: held to its rates, `$refresh` answered, its request's trace
+    /// context re-parented and its identity stamped, then on to the backend.
+    async fn pass(&mut self, mut msg: Message) -> Outcome {
         if msg.kind() == crate::duplex::Kind::Request {
             if let Err(limited) = self.admit() {
                 crate::metrics::metrics().reject(limited.reason);
@@ -80,34 +171,31 @@ impl Side for LimitedClient {
                     None => signed::refresh_refused(&msg),
                 });
             }
+            let own = msg.ext_raw().map(|raw| raw.to_owned());
+            let hop = crate::trace::reparent(&mut msg);
+            if let Some(access) = &mut self.access {
+                let bytes = msg.to_json().len();
+                access.request(&msg, bytes, hop.map(|h| h.trace_hex()));
+            }
+            let mut changed = hop.is_some();
             if let Some(signed) = &self.signed {
                 signed.stamp(&mut msg);
+                changed = true;
+            }
+            if let (true, Some(id)) = (changed, msg.id()) {
+                self.own_ext.retain(|(open, _)| *open != id);
+                self.own_ext.push((id, own));
+                return match self.client.send(msg).await {
+                    // The gateway answered it itself: the call is over.
+                    Outcome::Answer(answer) => {
+                        let answer = self.restore_message(answer);
+                        self.own_ext.retain(|(open, _)| *open != id);
+                        Outcome::Answer(answer)
+                    }
+                    Outcome::Done => Outcome::Done,
+                };
             }
         }
         self.client.send(msg).await
-    }
-    fn on_malformed(&mut self, error: &crate::duplex::ParseError) {
-        self.client.malformed(error);
-    }
-    async fn next_out(&mut self) -> Option<String> {
-        let Some(signed) = &mut self.signed else {
-            return self.client.recv().await.map(|m| m.to_json());
-        };
-        tokio::select! {
-            out = self.client.recv() => out.map(|m| m.to_json()),
-            reason = signed.lost() => {
-                self.lost = Some(reason);
-                None
-            }
-        }
-    }
-    fn try_next_out(&mut self) -> Option<String> {
-        self.client.try_recv().map(|m| m.to_json())
-    }
-    fn close_reason(&self) -> CloseReason {
-        match &self.lost {
-            Some(reason) => reason.clone(),
-            None => self.client.close_reason(),
-        }
     }
 }

@@ -284,7 +284,21 @@ impl FileConfig {
                 .map_or(d.max_methods_per_endpoint, |c| c.0),
         };
 
+        if self.admin.is_some() && metrics.is_none() {
+            return Err(Invalid::at(
+                "`admin` is served on the metrics listener: set `metrics.address` too",
+                "admin",
+                None,
+                0,
+            ));
+        }
+        let log = self.log.unwrap_or_default();
         Ok(Config {
+            admin_token: self.admin.map(|a| a.token.0),
+            log: crate::config::LogSettings {
+                access: log.access,
+                json: log.format == Some(LogFormat::Json),
+            },
             listeners,
             metrics,
             tls_required: self.tls.required,

@@ -39,6 +39,35 @@ pub(super) struct FileConfig {
     cors: Option<FileCors>,
     #[serde(default)]
     cluster: Option<FileCluster>,
+    #[serde(default)]
+    admin: Option<FileAdmin>,
+    #[serde(default)]
+    log: Option<FileLog>,
+}
+
+/// `admin`: the admin API on the metrics listener.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    token: TokenValue,
+}
+
+/// `log`: the access log and the format of every line.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    #[serde(default)]
+    access: bool,
+    #[serde(default)]
+    format: Option<LogFormat>,
+}
+
+/// `log.format`.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Deserialize)]

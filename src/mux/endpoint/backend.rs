@@ -95,7 +95,7 @@ impl BackendConn {
                 } else {
                     None
                 };
-                let tx = s.clients.get(&route).map(|c| c.tx.clone());
+                let client = s.clients.get(&route).map(|c| (c.tx.clone(), c.websocket));
                 drop(s);
                 if let Some(owed) = drained {
                     tracing::info!(endpoint = %ep.logged(), pending = 0, "backend drained");
@@ -114,9 +114,15 @@ impl BackendConn {
                         .call_ended(&method, error, started.elapsed().as_secs_f64());
                 }
                 msg.set_id(Some(client_id));
-                restore_ext(&mut msg, &route, client_ext.as_deref());
-                match tx {
-                    Some(tx) => ep.deliver(&route, &tx, msg),
+                match client {
+                    Some((tx, websocket)) => {
+                        // An HTTP caller is answered with the payload only: its `ext` is never
+                        // seen, so it is not rewritten.
+                        if websocket {
+                            restore_ext(&mut msg, &route, client_ext.as_deref());
+                        }
+                        ep.deliver(&route, &tx, msg)
+                    }
                     None => ep.dropped(Dropped::ClientGone),
                 }
                 None

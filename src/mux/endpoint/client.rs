@@ -34,6 +34,13 @@ impl ClientConn {
         &self.route
     }
 
+    /// The backend (its id in the pool) that took this client's latest call.
+    pub fn backend(&self) -> Option<String> {
+        let s = self.endpoint.state();
+        let client = s.clients.get(&self.route)?;
+        client.last_backend.map(|key| key.to_string())
+    }
+
     /// Whether calls of this client (to a backend, or from one) are running.
     pub fn has_open_calls(&self) -> bool {
         self.endpoint
@@ -84,11 +91,6 @@ impl ClientConn {
 
     async fn pass(&self, mut msg: Message) -> Option<Message> {
         let ep = &self.endpoint;
-        let ext_map = if msg.ext_raw().is_some() {
-            msg.ext()
-        } else {
-            None
-        };
 
         let backend = match msg.kind() {
             Kind::Reply => {
@@ -121,7 +123,7 @@ impl ClientConn {
                     match outlet {
                         Some(outlet) => {
                             msg.set_id(Some(backend_id));
-                            with_route(&mut msg, &self.route, &self.route_ext, ext_map);
+                            with_route(&mut msg, &self.route, &self.route_ext);
                             if !outlet.offer(msg.to_json()) {
                                 // More than the way there holds: as a client whose backend
                                 // does not read, it cannot be held back here.
@@ -158,7 +160,7 @@ impl ClientConn {
             },
         };
 
-        with_route(&mut msg, &self.route, &self.route_ext, ext_map);
+        with_route(&mut msg, &self.route, &self.route_ext);
         if backend.send(msg.to_json()).await.is_ok() {
             ep.series.to_backend.inc();
         } else {
@@ -295,6 +297,7 @@ impl ClientConn {
         let tx = slot.tx.clone();
         if let Some(client) = s.clients.get_mut(&self.route) {
             client.open.insert(client_id, (key, backend_id));
+            client.last_backend = Some(key);
         }
         s.update_gauges();
         drop(guard);

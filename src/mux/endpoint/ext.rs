@@ -36,6 +36,18 @@ pub(super) fn restore_ext(reply: &mut Message, route: &str, client_ext: Option<&
         }
         return;
     };
+    // The common case again: the backend copied back exactly the `ext` it was sent (the route
+    // spliced in front of the client's keys): the client's own goes back as it was.
+    let copied_back = reply.ext_raw().map(RawValue::get).is_some_and(|raw| {
+        raw.strip_prefix(r#"{"route":""#)
+            .and_then(|r| r.strip_prefix(route))
+            .and_then(|r| r.strip_prefix("\","))
+            .is_some_and(|rest| Some(rest) == client_ext.get().strip_prefix('{'))
+    });
+    if copied_back {
+        reply.set_raw("ext", client_ext.to_owned());
+        return;
+    }
     let mut ext = reply.ext().unwrap_or_default();
     ext.remove("route");
     if let Ok(own) = serde_json::from_str::<Map<String, Value>>(client_ext.get()) {
@@ -44,21 +56,36 @@ pub(super) fn restore_ext(reply: &mut Message, route: &str, client_ext: Option<&
     reply.set_ext(Some(&ext));
 }
 
-/// Puts `route` into `ext` (what a backend sees of every frame of a client): `ext_map` is the
-/// frame's own `ext` when it had one, `route_ext` the route's `ext` made once.
-pub(super) fn with_route(
-    msg: &mut Message,
-    route: &str,
-    route_ext: &RawValue,
-    ext_map: Option<Map<String, Value>>,
-) {
-    match ext_map {
-        Some(mut ext) => {
-            ext.insert("route".into(), Value::String(route.to_string()));
-            msg.set_ext(Some(&ext));
+/// Puts `route` into `ext` (what a backend sees of every frame of a client): `route_ext` is
+/// the route's `ext` made once. An `ext` with no `route` key and no escape in it (the common
+/// case: a trace context, a client's own keys) gets the route spliced in front of its keys,
+/// without decoding it; any other is decoded and the route replaces the client's.
+pub(super) fn with_route(msg: &mut Message, route: &str, route_ext: &RawValue) {
+    let Some(raw) = msg.ext_raw() else {
+        msg.set_raw("ext", route_ext.to_owned());
+        return;
+    };
+    let text = raw.get();
+    // A parsed message's `ext` is an object (or null, handled above); with no backslash no
+    // key can be an escaped `route`.
+    if let Some(body) = text
+        .strip_prefix('{')
+        .filter(|_| !text.contains('\\') && !text.contains("\"route\""))
+    {
+        let body = body.trim_start();
+        let spliced = if body.starts_with('}') {
+            Ok(route_ext.to_owned())
+        } else {
+            RawValue::from_string(format!(r#"{{"route":"{route}",{body}"#))
+        };
+        if let Ok(spliced) = spliced {
+            msg.set_raw("ext", spliced);
+            return;
         }
-        None => msg.set_raw("ext", route_ext.to_owned()),
     }
+    let mut ext = msg.ext().unwrap_or_default();
+    ext.insert("route".into(), Value::String(route.to_string()));
+    msg.set_ext(Some(&ext));
 }
 
 /// `-32001` for backend call `backend_id` to the client `route` (gone, or never reached), with
@@ -114,12 +141,29 @@ mod tests {
     fn a_frame_to_a_backend_carries_the_route_with_the_clients_keys() {
         let ext = route_ext("ab");
         let mut m = reply(json!({"k":1}));
-        let own = m.ext();
-        with_route(&mut m, "ab", &ext, own);
+        with_route(&mut m, "ab", &ext);
         assert_eq!(m.ext(), json!({"k":1,"route":"ab"}).as_object().cloned());
         let mut bare = Message::parse(br#"{"type":"req","method":"m","id":2}"#).expect("req");
-        with_route(&mut bare, "ab", &ext, None);
+        with_route(&mut bare, "ab", &ext);
         assert_eq!(bare.ext_raw().map(RawValue::get), Some(r#"{"route":"ab"}"#));
+        let mut empty = reply(json!({}));
+        with_route(&mut empty, "ab", &ext);
+        assert_eq!(
+            empty.ext_raw().map(RawValue::get),
+            Some(r#"{"route":"ab"}"#)
+        );
+        // A client's own route, plain or escaped, never reaches the backend.
+        for forged in [
+            r#"{"type":"req","method":"m","id":3,"ext":{"route":"theirs","k":1}}"#,
+            r#"{"type":"req","method":"m","id":3,"ext":{"rou\u0074e":"theirs","k":1}}"#,
+        ] {
+            let mut m = Message::parse(forged.as_bytes()).expect("req");
+            with_route(&mut m, "ab", &ext);
+            let seen: serde_json::Map<String, Value> =
+                serde_json::from_str(m.ext_raw().expect("ext").get()).expect("object");
+            assert_eq!(seen["route"], "ab", "{forged}");
+            assert_eq!(seen["k"], 1);
+        }
     }
 
     #[test]

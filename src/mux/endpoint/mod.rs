@@ -84,6 +84,23 @@ pub struct EndpointStats {
     pub backend_calls: usize,
 }
 
+/// One backend of a pool, as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Its id in the pool (unique at this endpoint on this node).
+    pub id: u64,
+    /// The name of the token it published with.
+    pub token: String,
+    /// When it joined, in Unix milliseconds.
+    pub since_ms: u64,
+    /// Client calls waiting for its reply.
+    pub pending_calls: usize,
+    /// WebSocket clients pinned to it.
+    pub clients: usize,
+    /// It drains: no new clients or calls.
+    pub draining: bool,
+}
+
 /// An endpoint: a path with a pool of backends (or in its grace after the last one left) and
 /// its clients.
 pub struct Endpoint {
@@ -217,6 +234,22 @@ impl Endpoint {
             pending_calls: s.backends.iter().map(|b| b.calls.len()).sum(),
             backend_calls: s.clients.values().map(|c| c.incoming.len()).sum(),
         }
+    }
+
+    /// The backends of its pool.
+    pub fn backends(&self) -> Vec<BackendInfo> {
+        let s = self.state();
+        s.backends
+            .iter()
+            .map(|b| BackendInfo {
+                id: b.key,
+                token: b.token_name.clone(),
+                since_ms: b.since_ms,
+                pending_calls: b.calls.len(),
+                clients: b.pinned,
+                draining: b.draining,
+            })
+            .collect()
     }
 
     /// Every series of this endpoint leaves the metrics (it is gone).

@@ -142,6 +142,29 @@ impl Endpoint {
         !self.remove_backends(leaving, |_| vec![key]).is_empty()
     }
 
+    /// Drains backend `key` as its own `$drain` would (no one is answered): returns the calls
+    /// still running on it, or None when it is not in the pool.
+    pub fn drain_backend(self: &Arc<Self>, key: BackendKey) -> Option<usize> {
+        let running = self.state().slot(key)?.calls.len();
+        let request = DrainRequest {
+            id: None,
+            ext: None,
+        };
+        self.start_drain(key, request);
+        Some(running)
+    }
+
+    /// Closes backend `key` (1008, by an operator): its pending calls fail with `-32000`, its
+    /// clients move to the rest of the pool. Returns whether it was in the pool.
+    pub fn close_backend_by_operator(self: &Arc<Self>, key: BackendKey) -> bool {
+        let leaving = Leaving {
+            close: Some(CloseReason::new(close::POLICY, "closed by an operator")),
+            why: "backend unavailable",
+            log: "backend closed by the admin API",
+        };
+        !self.remove_backends(leaving, |_| vec![key]).is_empty()
+    }
+
     /// Closes the backends whose token `revoked` says is no longer good (reload), or all of
     /// them (`revoked` always true: shutdown). Returns the names of the tokens of the backends
     /// closed.

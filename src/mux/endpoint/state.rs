@@ -103,6 +103,8 @@ pub(super) struct ClientSlot {
     pub(super) websocket: bool,
     /// The backend a WebSocket client's new calls go to.
     pub(super) pinned: Option<BackendKey>,
+    /// The backend that took its latest call.
+    pub(super) last_backend: Option<BackendKey>,
 }
 
 impl ClientSlot {
@@ -116,6 +118,7 @@ impl ClientSlot {
             next_incoming: 1 << 32,
             websocket,
             pinned: None,
+            last_backend: None,
         }
     }
 }
