@@ -119,7 +119,8 @@ fn quoted(value: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// The access lines of one WebSocket client: its open calls, each written when it ends.
+/// The calls of one WebSocket client as the operator sees them: each, when it ends, gets its
+/// access line (with `log.access`) and its span (with `tracing.otlp_endpoint`).
 pub struct WsCalls {
     /// The node's name.
     pub node: String,
@@ -127,18 +128,22 @@ pub struct WsCalls {
     pub endpoint: String,
     /// The client's address.
     pub client_ip: Option<IpAddr>,
-    /// `log.format: json`.
-    pub json: bool,
+    /// Write access lines, as JSON when `json`.
+    lines: Option<bool>,
+    /// Export spans.
+    spans: bool,
     open: Vec<OpenCall>,
 }
 
 struct OpenCall {
     id: u64,
     started: std::time::Instant,
+    started_at: SystemTime,
     method: String,
     bytes_in: u64,
     bytes_out: u64,
-    trace_id: Option<String>,
+    /// The gateway's hop of the call's trace, and the client's span above it.
+    trace: Option<(crate::trace::TraceParent, [u8; 8])>,
 }
 
 /// Open calls a client may have tracked for its access lines (more are not logged; the
@@ -146,23 +151,32 @@ struct OpenCall {
 const MAX_TRACKED: usize = 4096;
 
 impl WsCalls {
-    /// The calls of a client of `endpoint` from `client_ip`.
-    pub fn new(node: String, endpoint: &str, client_ip: Option<IpAddr>, json: bool) -> WsCalls {
+    /// The calls of a client of `endpoint` from `client_ip`; `lines`: write access lines (as
+    /// JSON when true); `spans`: export spans.
+    pub fn new(
+        node: String,
+        endpoint: &str,
+        client_ip: Option<IpAddr>,
+        lines: Option<bool>,
+        spans: bool,
+    ) -> WsCalls {
         WsCalls {
             node,
             endpoint: crate::auth::logged(endpoint).into_owned(),
             client_ip,
-            json,
+            lines,
+            spans,
             open: Vec::new(),
         }
     }
 
-    /// A request of the client (`bytes` long) on its way to the backend.
+    /// A request of the client (`bytes` long) on its way to the backend, with the gateway's hop
+    /// of its trace (and the client's span) when it carries one.
     pub fn request(
         &mut self,
         msg: &crate::duplex::Message,
         bytes: usize,
-        trace_id: Option<String>,
+        trace: Option<(crate::trace::TraceParent, [u8; 8])>,
     ) {
         let Some(id) = msg.id() else { return };
         if let Some(open) = self.open.iter_mut().find(|c| c.id == id) {
@@ -176,10 +190,11 @@ impl WsCalls {
         self.open.push(OpenCall {
             id,
             started: std::time::Instant::now(),
+            started_at: SystemTime::now(),
             method: crate::auth::logged(&msg.method().unwrap_or_default()).into_owned(),
             bytes_in: bytes as u64,
             bytes_out: 0,
-            trace_id,
+            trace,
         });
     }
 
@@ -207,22 +222,45 @@ impl WsCalls {
             msg.error()
                 .map_or(crate::duplex::code::INTERNAL_ERROR, |e| e.code)
         });
-        Line {
-            ts: now(),
-            node: &self.node,
-            endpoint: &self.endpoint,
-            method: Some(&call.method),
-            transport: "ws",
-            status: None,
-            code,
-            duration_us: call.started.elapsed().as_micros() as u64,
-            bytes_in: call.bytes_in,
-            bytes_out: call.bytes_out,
-            client_ip: self.client_ip,
-            backend: backend(),
-            trace_id: call.trace_id,
+        let backend = backend();
+        if self.spans {
+            // A call without a trace context still gets a span: a trace of its own.
+            let (hop, parent) = match call.trace {
+                Some((hop, parent)) => (hop, Some(parent)),
+                None => (crate::trace::TraceParent::child_of(None), None),
+            };
+            crate::otlp::export(crate::otlp::CallSpan {
+                hop,
+                parent,
+                start: call.started_at,
+                end: SystemTime::now(),
+                endpoint: &self.endpoint,
+                method: &call.method,
+                transport: "ws",
+                status: None,
+                code,
+                backend: backend.as_deref(),
+                node: &self.node,
+            });
         }
-        .write(self.json);
+        if let Some(json) = self.lines {
+            Line {
+                ts: now(),
+                node: &self.node,
+                endpoint: &self.endpoint,
+                method: Some(&call.method),
+                transport: "ws",
+                status: None,
+                code,
+                duration_us: call.started.elapsed().as_micros() as u64,
+                bytes_in: call.bytes_in,
+                bytes_out: call.bytes_out,
+                client_ip: self.client_ip,
+                backend,
+                trace_id: call.trace.map(|(hop, _)| hop.trace_hex()),
+            }
+            .write(json);
+        }
     }
 }
 

@@ -49,7 +49,8 @@
 //! - [`trace`]: W3C trace context: the `traceparent` each call carries to its backend, with the
 //!   gateway's own span.
 //! - [`metrics`]: every Prometheus metric, defined once.
-//! - [`access`]: the access log's lines.
+//! - [`access`]: the access log's lines (and each WebSocket call's line and span).
+//! - [`otlp`]: one span per call over OTLP/HTTP.
 //! - [`admin`]: the metrics listener, and the admin API on it (listing, draining, closing).
 //! - [`reload`]: SIGHUP: the pure decision of what a new config revokes, and applying it.
 //! - [`tls`]: certificates, checked before listeners start and swapped on reload.
@@ -72,6 +73,7 @@ pub mod http_api;
 pub mod identity;
 pub mod metrics;
 pub mod mux;
+pub mod otlp;
 pub mod refusal;
 pub mod reload;
 pub mod server;

@@ -87,8 +87,16 @@ fn main() -> ExitCode {
         println!("publish token (random; set {BUILTIN_TOKEN_VAR} to choose one): {token}");
     }
 
+    if let Some(endpoint) = &config.otlp_endpoint {
+        if let Err(e) = duplex_gateway::otlp::start(endpoint) {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    }
     let app = App::new(config, source, keys);
-    match duplex_gateway::server::run(app) {
+    let ran = duplex_gateway::server::run(app);
+    duplex_gateway::otlp::flush();
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -261,6 +261,8 @@ impl ShutdownSignalWatch for Shutdown {
                             }),
                             Err(e) => tracing::error!("cannot drain ({e}): stopping now"),
                         }
+                        // The spans of the last calls go out before the process does.
+                        crate::otlp::flush();
                         std::process::exit(0);
                     });
                 if let Err(e) = spawned {

@@ -103,9 +103,10 @@ fn nonzero<const N: usize>(mut bytes: [u8; N]) -> [u8; N] {
 }
 
 /// Re-parents a client's request: when its `ext.traceparent` is valid, it is replaced by the
-/// gateway's hop under it. Returns the hop (None: the request carries no valid one). A request
-/// without `traceparent` in its `ext` costs one substring search.
-pub fn reparent(msg: &mut Message) -> Option<TraceParent> {
+/// gateway's hop under it. Returns the hop and the client's span it is a child of (None: the
+/// request carries no valid one). A request without `traceparent` in its `ext` costs one
+/// substring search.
+pub fn reparent(msg: &mut Message) -> Option<(TraceParent, [u8; 8])> {
     let raw = msg.ext_raw()?;
     if !raw.get().contains("\"traceparent\"") {
         return None;
@@ -118,7 +119,7 @@ pub fn reparent(msg: &mut Message) -> Option<TraceParent> {
     let hop = TraceParent::child_of(Some(parent));
     ext.insert("traceparent".into(), Value::String(hop.to_string()));
     msg.set_ext(Some(&ext));
-    Some(hop)
+    Some((hop, parent.span_id))
 }
 
 /// Sets `ext.traceparent` of a request the gateway makes (an HTTP call), keeping its other keys.
@@ -173,7 +174,8 @@ mod tests {
             r#"{{"type":"req","method":"m","id":1,"ext":{{"traceparent":"{PARENT}","k":1}}}}"#
         );
         let mut traced = Message::parse(text.as_bytes()).expect("msg");
-        let hop = reparent(&mut traced).expect("re-parented");
+        let (hop, parent) = reparent(&mut traced).expect("re-parented");
+        assert_eq!(hex::encode(parent), "00f067aa0ba902b7");
         let ext = traced.ext().expect("ext");
         assert_eq!(ext["traceparent"], Value::String(hop.to_string()));
         assert_eq!(ext["k"], 1);

@@ -66,6 +66,10 @@ fn keys_in_code() -> BTreeSet<String> {
             format!("{LISTEN}admin: {{token: 0123456789abcdef0, zz_unknown: 1}}"),
         ),
         ("log", format!("{LISTEN}log: {{zz_unknown: 1}}")),
+        (
+            "tracing",
+            format!("{LISTEN}tracing: {{otlp_endpoint: 'http://x', zz_unknown: 1}}"),
+        ),
         ("cors", format!("{LISTEN}cors: {{allowed_origins: ['*'], zz_unknown: 1}}")),
         (
             "cluster",

@@ -430,3 +430,133 @@ async fn without_log_access_there_is_no_access_line_and_text_lines_say_access() 
         "{line}"
     );
 }
+
+/// A small OTLP/HTTP receiver: every JSON body posted to it comes out of the channel.
+async fn otlp_receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) {
+    use http_body_util::BodyExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let tx = tx.clone();
+                        async move {
+                            let path = req.uri().path().to_string();
+                            let body = req.into_body().collect().await?.to_bytes();
+                            if path == "/v1/traces" {
+                                if let Ok(v) = serde_json::from_slice(&body) {
+                                    let _ = tx.send(v);
+                                }
+                            }
+                            Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from_static(b"{}"),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// The spans of an OTLP/JSON export.
+fn spans_of(export: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut spans = Vec::new();
+    for rs in export["resourceSpans"].as_array().into_iter().flatten() {
+        for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+            spans.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+        }
+    }
+    spans
+}
+
+fn attribute(span: &serde_json::Value, key: &str) -> Option<serde_json::Value> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)
+        .map(|a| a["value"].clone())
+}
+
+#[tokio::test]
+async fn each_call_is_exported_as_a_span_with_its_parent_and_attributes() {
+    let (receiver, mut exports) = otlp_receiver().await;
+    let gw = Gateway::start(&format!(
+        "tracing:\n  otlp_endpoint: http://127.0.0.1:{receiver}\n"
+    ));
+    let _backend = publish(&gw, "/sp", "s").await;
+    // An HTTP call with a trace context: the backend sees the gateway's span as its parent.
+    let seen: serde_json::Value = reqwest::Client::new()
+        .post(gw.http("/sp/ext?secret=s"))
+        .header("traceparent", PARENT)
+        .body("null")
+        .send()
+        .await
+        .expect("call")
+        .json()
+        .await
+        .expect("json");
+    let (_, http_hop, _) = parts(&seen["traceparent"]);
+    // A WebSocket call with its own.
+    let mut raw = Raw::open(&gw.client_url("/sp", "s")).await;
+    let ws_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    raw.send_json(&json!({"type":"req","method":"ext","id":1,"ext":{"traceparent": ws_parent}}))
+        .await;
+    let reply = raw.recv().await;
+    let (_, ws_hop, _) = parts(&reply["payload"]["traceparent"]);
+
+    let mut spans = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while spans.len() < 2 {
+        match tokio::time::timeout_at(deadline, exports.recv()).await {
+            Ok(Some(export)) => spans.extend(spans_of(&export)),
+            _ => panic!("spans did not arrive: {spans:#?}\n{}", gw.log()),
+        }
+    }
+    let http = spans
+        .iter()
+        .find(|s| s["spanId"] == http_hop.as_str())
+        .unwrap_or_else(|| panic!("no span {http_hop}: {spans:#?}"));
+    assert_eq!(http["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(http["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(
+        attribute(http, "duplex.endpoint"),
+        Some(json!({"stringValue": "/sp"}))
+    );
+    assert_eq!(
+        attribute(http, "duplex.method"),
+        Some(json!({"stringValue": "ext"}))
+    );
+    assert_eq!(
+        attribute(http, "duplex.transport"),
+        Some(json!({"stringValue": "http"}))
+    );
+    let status = attribute(http, "http.response.status_code").expect("status");
+    assert_eq!(
+        status["intValue"].to_string().trim_matches('"'),
+        "200",
+        "{status}"
+    );
+    assert!(attribute(http, "duplex.backend").is_some(), "{http}");
+    assert!(attribute(http, "duplex.node").is_some(), "{http}");
+    let ws = spans
+        .iter()
+        .find(|s| s["spanId"] == ws_hop.as_str())
+        .unwrap_or_else(|| panic!("no span {ws_hop}: {spans:#?}"));
+    assert_eq!(ws["traceId"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(ws["parentSpanId"], "b7ad6b7169203331");
+    assert_eq!(
+        attribute(ws, "duplex.transport"),
+        Some(json!({"stringValue": "ws"}))
+    );
+}

@@ -203,6 +203,8 @@ pub struct Config {
     pub admin_token: Option<Digest>,
     /// The access log and the format of log lines.
     pub log: LogSettings,
+    /// Where spans go over OTLP/HTTP (None: no spans).
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The `log` section.

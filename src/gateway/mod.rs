@@ -63,7 +63,8 @@ struct Access {
     status: u16,
     client_ip: Option<IpAddr>,
     backend: Option<String>,
-    trace_id: Option<String>,
+    /// The gateway's hop of an HTTP call's trace, and the caller's span above it.
+    trace: Option<(crate::trace::TraceParent, Option<[u8; 8]>)>,
 }
 
 impl Gateway {
@@ -135,7 +136,7 @@ impl Gateway {
             };
             decide(&facts, &config, &self.app.registry, self.app.cluster.get())
         };
-        if config.log.access {
+        if config.log.access || crate::otlp::enabled() {
             let path = session.req_header().uri.path();
             let (endpoint, method) = match split_call_path(path) {
                 Some((endpoint, method)) if session.req_header().method == http::Method::POST => {
@@ -202,9 +203,8 @@ impl Gateway {
                     return Ok(());
                 }
                 let _counted = Counted::new(&self.app.active.http);
-                let trace = crate::trace::TraceParent::child_of(
-                    header("traceparent").and_then(crate::trace::TraceParent::parse),
-                );
+                let parent = header("traceparent").and_then(crate::trace::TraceParent::parse);
+                let trace = crate::trace::TraceParent::child_of(parent);
                 let mut served_by = None;
                 // Each path's future is boxed on its own, so a request only allocates (and
                 // moves) the state of the path it takes.
@@ -224,7 +224,7 @@ impl Gateway {
                 if let Some(access) = &mut ctx.access {
                     access.status = status;
                     access.backend = served_by;
-                    access.trace_id = Some(trace.trace_hex());
+                    access.trace = Some((trace, parent.map(|p| p.span_id)));
                 }
                 Ok(())
             }
@@ -307,12 +307,14 @@ impl Gateway {
         };
         let counted = Counted::new(&self.app.active.websockets);
         let settings = ws_settings(&config.limits);
-        let access = config.log.access.then(|| {
+        let spans = crate::otlp::enabled();
+        let access = (config.log.access || spans).then(|| {
             crate::access::WsCalls::new(
                 self.app.node_name(),
                 endpoint.path(),
                 limits.ip,
-                config.log.json,
+                config.log.access.then_some(config.log.json),
+                spans,
             )
         });
         let Some(ws) = WsStream::upgrade(session, &settings, ws::CLIENT_READ_CHUNK).await else {
@@ -421,6 +423,27 @@ impl ProxyHttp for Gateway {
             return;
         };
         let node = self.app.node_name();
+        let elapsed = ctx.started.elapsed();
+        if let (Some((hop, parent)), Some(method)) = (access.trace, &access.method) {
+            let end = std::time::SystemTime::now();
+            crate::otlp::export(crate::otlp::CallSpan {
+                hop,
+                parent,
+                start: end - elapsed,
+                end,
+                endpoint: &access.endpoint,
+                method,
+                transport: "http",
+                status: Some(access.status),
+                code: None,
+                backend: access.backend.as_deref(),
+                node: &node,
+            });
+        }
+        let config = self.app.config.load();
+        if !config.log.access {
+            return;
+        }
         let line = crate::access::Line {
             ts: crate::access::now(),
             node: &node,
@@ -429,13 +452,13 @@ impl ProxyHttp for Gateway {
             transport: if access.websocket { "ws" } else { "http" },
             status: Some(access.status),
             code: None,
-            duration_us: ctx.started.elapsed().as_micros() as u64,
+            duration_us: elapsed.as_micros() as u64,
             bytes_in: session.body_bytes_read() as u64,
             bytes_out: session.body_bytes_sent() as u64,
             client_ip: access.client_ip,
             backend: access.backend,
-            trace_id: access.trace_id,
+            trace_id: access.trace.map(|(hop, _)| hop.trace_hex()),
         };
-        line.write(self.app.config.load().log.json);
+        line.write(config.log.json);
     }
 }

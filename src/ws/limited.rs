@@ -175,7 +175,7 @@ impl LimitedClient {
             let hop = crate::trace::reparent(&mut msg);
             if let Some(access) = &mut self.access {
                 let bytes = msg.to_json().len();
-                access.request(&msg, bytes, hop.map(|h| h.trace_hex()));
+                access.request(&msg, bytes, hop);
             }
             let mut changed = hop.is_some();
             if let Some(signed) = &self.signed {

@@ -293,7 +293,23 @@ impl FileConfig {
             ));
         }
         let log = self.log.unwrap_or_default();
+        let otlp_endpoint = match self.tracing {
+            None => None,
+            Some(t) => {
+                let url = t.otlp_endpoint.0;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(Invalid::at(
+                        format!("`tracing.otlp_endpoint` `{url}` is not an http:// URL (OTLP over HTTP, e.g. http://127.0.0.1:4318)"),
+                        "tracing",
+                        None,
+                        0,
+                    ));
+                }
+                Some(url)
+            }
+        };
         Ok(Config {
+            otlp_endpoint,
             admin_token: self.admin.map(|a| a.token.0),
             log: crate::config::LogSettings {
                 access: log.access,

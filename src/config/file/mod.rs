@@ -43,6 +43,15 @@ pub(super) struct FileConfig {
     admin: Option<FileAdmin>,
     #[serde(default)]
     log: Option<FileLog>,
+    #[serde(default)]
+    tracing: Option<FileTracing>,
+}
+
+/// `tracing`: spans over OTLP/HTTP.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTracing {
+    otlp_endpoint: EnvString,
 }
 
 /// `admin`: the admin API on the metrics listener.
