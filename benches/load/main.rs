@@ -248,6 +248,11 @@ async fn bench(o: Options) {
         Some(pid) => Some(identity_scenario(&o, &base, gw_port, pid).await),
         None => None,
     };
+    // observability: the access log and spans on, against the default config.
+    let observed = match gateway_pid {
+        Some(pid) => Some(observability_scenario(&o, dir.path(), (&base, gw_port, pid)).await),
+        None => None,
+    };
 
     // latency: one client, sequential calls; the p50 the gateway adds over direct.
     let short = o.seconds.min(5.0);
@@ -404,6 +409,14 @@ async fn bench(o: Options) {
     if let Some(a) = &abuse {
         ratios.add("abuse attacked / calm", a.throughput_ratio, 1.0);
     }
+    if let Some(r) = &observed {
+        ratios.add("ws_rpc all on / default", r.ws_on.rate(), r.ws_off.rate());
+        ratios.add(
+            "http_rpc all on / default",
+            r.http_on.rate(),
+            r.http_off.rate(),
+        );
+    }
     if let Some(i) = &identity {
         ratios.add("ws_rpc jwt / secret", i.ws_jwt.rate(), i.ws_secret.rate());
         ratios.add(
@@ -445,6 +458,12 @@ async fn bench(o: Options) {
             http_secret: i.http_secret.summary(clients),
             verify_us: i.verify_us,
             remembered_us: i.remembered_us,
+        }),
+        observability: observed.as_ref().map(|r| report::Observed {
+            ws_all_on: r.ws_on.summary(clients),
+            ws_default: r.ws_off.summary(clients),
+            http_all_on: r.http_on.summary(clients),
+            http_default: r.http_off.summary(clients),
         }),
         connect: connect.summary(connecting),
         connect_direct: connect_direct.summary(connecting),

@@ -180,6 +180,15 @@ pub(crate) struct Identity {
     pub(crate) remembered_us: f64,
 }
 
+/// The loads with the access log (JSON) and spans on, against the default config.
+#[derive(Serialize)]
+pub(crate) struct Observed {
+    pub(crate) ws_all_on: Rpc,
+    pub(crate) ws_default: Rpc,
+    pub(crate) http_all_on: Rpc,
+    pub(crate) http_default: Rpc,
+}
+
 /// A whole run.
 #[derive(Serialize)]
 pub(crate) struct Report {
@@ -214,6 +223,8 @@ pub(crate) struct Report {
     pub(crate) cluster_endpoints: Option<ClusterEndpoints>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) identity: Option<Identity>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) observability: Option<Observed>,
     pub(crate) connect: Rpc,
     pub(crate) connect_direct: Rpc,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -577,3 +577,108 @@ pub(crate) async fn identity_scenario(
         remembered_us,
     }
 }
+
+/// A collector that takes every OTLP/HTTP export and answers `{}` (what the gateway sends is not
+/// looked at: only its cost to the gateway is measured). Returns its port.
+async fn sink_collector() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the collector");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: hyper::Request<hyper::body::Incoming>| async move {
+                        use http_body_util::BodyExt as _;
+                        let _ = req.into_body().collect().await?;
+                        Ok::<_, hyper::Error>(hyper::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"{}"),
+                        )))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// What `observability_scenario` measured.
+pub(crate) struct ObservedRuns {
+    pub(crate) ws_on: RpcResult,
+    pub(crate) ws_off: RpcResult,
+    pub(crate) http_on: RpcResult,
+    pub(crate) http_off: RpcResult,
+}
+
+/// `ws_rpc` and `http_rpc` through a second gateway with everything on (the access log as JSON,
+/// one span per call to an OTLP collector), each side by side with the same load on the gateway
+/// of the other scenarios (default config: access log and spans off).
+pub(crate) async fn observability_scenario(
+    o: &Options,
+    dir: &std::path::Path,
+    default_gw: (&str, u16, u32),
+) -> ObservedRuns {
+    let (base, gw_port, gw_pid) = default_gw;
+    let collector = sink_collector().await;
+    let observed = start_gateway_listening(
+        dir,
+        "observed.yaml",
+        &format!(
+            "log:\n  access: true\n  format: json\ntracing:\n  otlp_endpoint: http://127.0.0.1:{collector}\n"
+        ),
+        "",
+        false,
+    )
+    .await;
+    let observed_port: u16 = observed
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let backend = spawn_role(
+        "echo-backend",
+        &format!(
+            "{}{ENDPOINT}?token={}&secret={SECRET}",
+            observed.url, o.token
+        ),
+    );
+    let on_url = format!("{}{ENDPOINT}?secret={SECRET}", observed.url);
+    wait_for_echo(&on_url, "the observed gateway's backend did not publish").await;
+    let off_url = format!("{base}{ENDPOINT}?secret={SECRET}");
+    let watch_on = [("gateway", observed.pid, false)];
+    let watch_off = [("gateway", gw_pid, false)];
+    let (ws_on, ws_off) = side_by_side_pair(
+        o.seconds,
+        load(o.clients, &watch_on, |_| ws_caller(on_url.clone())),
+        load(o.clients, &watch_off, |_| ws_caller(off_url.clone())),
+    )
+    .await;
+    print_rpc("ws_rpc all on", &ws_on);
+    print_rpc("ws_rpc default", &ws_off);
+    let call = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let (http_on, http_off) = side_by_side_pair(
+        o.seconds,
+        load(o.clients, &watch_on, |_| {
+            http_caller(observed_port, call.clone())
+        }),
+        load(o.clients, &watch_off, |_| {
+            http_caller(gw_port, call.clone())
+        }),
+    )
+    .await;
+    print_rpc("http_rpc all on", &http_on);
+    print_rpc("http_rpc default", &http_off);
+    drop(backend);
+    drop(observed);
+    ObservedRuns {
+        ws_on,
+        ws_off,
+        http_on,
+        http_off,
+    }
+}

@@ -34,7 +34,9 @@ pub mod error;
 pub mod handshake;
 pub mod message;
 pub mod peer;
+pub mod reconnect;
 
 pub use error::{code, RpcError};
 pub use message::{Kind, Message, ParseError};
 pub use peer::{Call, Peer, PeerBuilder, PeerError};
+pub use reconnect::{retryable, Backoff, Persistent};

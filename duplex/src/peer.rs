@@ -58,6 +58,8 @@ pub enum PeerError {
         status: u16,
         /// The answer's body (the gateway's says why).
         body: String,
+        /// Its `Retry-After` (whole seconds), if it had one.
+        retry_after: Option<std::time::Duration>,
     },
     /// The gateway refused the handshake.
     #[error("handshake refused: {0}")]
@@ -68,6 +70,10 @@ pub enum PeerError {
     /// The connection is closed (with the close code the far side sent, if any).
     #[error("connection closed (code {0:?})")]
     Closed(Option<u16>),
+    /// A reconnecting peer ([`crate::Persistent`]) has no connection up right now: the call was
+    /// not sent (nothing is buffered).
+    #[error("not connected: the connection was lost and is being opened again")]
+    NotConnected,
 }
 
 impl PeerError {
@@ -122,8 +128,9 @@ impl Call {
     }
 }
 
-/// Configures and opens a [`Peer`].
-#[derive(Default)]
+/// Configures and opens a [`Peer`]. Cloning it keeps its handlers (shared), headers and TLS
+/// settings: what [`PeerBuilder::connect_persistent`] opens each connection with.
+#[derive(Default, Clone)]
 pub struct PeerBuilder {
     handlers: HashMap<String, Handler>,
     headers: Vec<(String, String)>,
@@ -190,6 +197,12 @@ impl PeerBuilder {
                     tokio_tungstenite::tungstenite::Error::Http(resp) => PeerError::Refused {
                         status: resp.status().as_u16(),
                         body: body_text(resp.body()),
+                        retry_after: resp
+                            .headers()
+                            .get("retry-after")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                            .map(std::time::Duration::from_secs),
                     },
                     other => PeerError::Connect(other.to_string()),
                 })?;

@@ -199,6 +199,52 @@ impl Gateway {
         assert!(status.success());
     }
 
+    /// Kills the gateway (SIGKILL) and starts it again on the same ports and config, logging
+    /// to the same file: what clients see of a crash and a restart.
+    pub fn restart(&mut self) {
+        let _ = self.child.child().kill();
+        let _ = self.child.child().wait();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let log = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.log_path)
+                .expect("log file");
+            let child = Command::new(gateway_binary())
+                .arg("--config")
+                .arg(&self.config_path)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("GATEWAY_LOG")
+                        .unwrap_or_else(|_| "info,duplex_gateway=debug".into()),
+                )
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start duplex-gateway");
+            self.child = Process::new(child);
+            let up = loop {
+                if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                    break true;
+                }
+                if let Ok(Some(_)) = self.child.child().try_wait() {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            if up {
+                return;
+            }
+            // The port may still be held by the old process's sockets for a moment.
+            assert!(
+                Instant::now() < deadline,
+                "the gateway did not restart: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Rewrites the config file.
     pub fn rewrite_config(&self, text: &str) {
         let mut f = std::fs::File::create(&self.config_path).expect("config");
