@@ -18,10 +18,17 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-/// Serves the files of `examples/browser/` on 127.0.0.1:`port` (a static site, another origin).
+/// Serves the repository as a static site on 127.0.0.1:`port` (another origin), as
+/// `python3 -m http.server` does for the README: the page at `/examples/browser/`, and the
+/// JavaScript client library it imports, `/clients/js/dist/*.js` (built by
+/// `clients/js/run-tests.sh`, which `scripts/test.sh` runs first).
 async fn serve_example(port: u16) {
     let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/browser");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        dir.join("clients/js/dist/index.js").exists(),
+        "the JavaScript client library is not built: run clients/js/run-tests.sh"
+    );
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = listener.accept().await {
             let dir = dir.clone();
@@ -34,11 +41,22 @@ async fn serve_example(port: u16) {
                 let path = request.split_whitespace().nth(1).unwrap_or("/");
                 let path = path.split('?').next().unwrap_or("/");
                 let (name, kind) = match path {
-                    "/" | "/index.html" => ("index.html", "text/html"),
-                    "/duplex.js" => ("duplex.js", "text/javascript"),
-                    _ => ("", ""),
+                    "/examples/browser/" | "/examples/browser/index.html" => {
+                        ("examples/browser/index.html".to_string(), "text/html")
+                    }
+                    library
+                        if library.starts_with("/clients/js/dist/")
+                            && library.ends_with(".js")
+                            && !library.contains("..") =>
+                    {
+                        (
+                            library.trim_start_matches('/').to_string(),
+                            "text/javascript",
+                        )
+                    }
+                    _ => (String::new(), ""),
                 };
-                let response = match std::fs::read(dir.join(name)) {
+                let response = match std::fs::read(dir.join(&name)) {
                     Ok(body) if !name.is_empty() => {
                         let mut r = format!(
                             "HTTP/1.1 200 OK\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
@@ -221,7 +239,9 @@ async fn the_browser_example_works_in_chromium_from_an_allowed_origin_only() {
         gw.port
     );
     let shown = page
-        .results(&format!("http://127.0.0.1:{page_port}/?{query}"))
+        .results(&format!(
+            "http://127.0.0.1:{page_port}/examples/browser/?{query}"
+        ))
         .await;
     assert_eq!(shown["wsEcho"], json!(r#"{"hello":"browser"}"#), "{shown}");
     assert_eq!(shown["wsCount"], json!("1 2 3 4 5"), "{shown}");
@@ -237,7 +257,7 @@ async fn the_browser_example_works_in_chromium_from_an_allowed_origin_only() {
     let token = common::jwt::sign(&common::jwt::claims("alice", 600));
     let signed = page
         .results(&format!(
-            "http://127.0.0.1:{page_port}/?gateway=http://127.0.0.1:{}&path=/signed&secret=&token={token}",
+            "http://127.0.0.1:{page_port}/examples/browser/?gateway=http://127.0.0.1:{}&path=/signed&secret=&token={token}",
             gw.port
         ))
         .await;
@@ -255,7 +275,9 @@ async fn the_browser_example_works_in_chromium_from_an_allowed_origin_only() {
 
     // The same page from an origin the gateway does not list: refused, WebSocket and fetch().
     let shown = page
-        .results(&format!("http://127.0.0.1:{other_port}/?{query}"))
+        .results(&format!(
+            "http://127.0.0.1:{other_port}/examples/browser/?{query}"
+        ))
         .await;
     let ws = shown["wsEcho"].as_str().unwrap_or_default();
     let fetched = shown["fetchEcho"].as_str().unwrap_or_default();

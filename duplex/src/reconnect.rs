@@ -1,8 +1,11 @@
 //! Reconnecting without storms: a [`Persistent`] peer opens its connection again after it is
 //! lost, waiting an exponential backoff with full jitter ([`Backoff`]) between attempts, at
 //! least what a `Retry-After` of the gateway asked for, and never again after a refusal that
-//! says not to (close code 1008; an upgrade answered 401, 403 or 404). Calls made while it is
-//! disconnected fail at once with [`PeerError::NotConnected`]: nothing is buffered.
+//! says not to: close code 1008 (policy), 1012 (a backend replaced by a newer one: coming back
+//! would replace it in turn), an upgrade answered 401 or 403. A 404 is tried again: after a
+//! gateway restart a client may come back before its backend has published again. Calls made
+//! while it is disconnected fail at once with [`PeerError::NotConnected`]: nothing is
+//! buffered.
 //!
 //! A backend built this way publishes again after each reconnect (its handlers are the
 //! builder's). Full jitter spreads thousands of peers that lost the same gateway over the whole
@@ -63,12 +66,13 @@ impl Backoff {
     }
 }
 
-/// Whether connecting again may succeed after `error`: not after an upgrade refused with 401,
-/// 403 or 404 (wrong credentials, or nothing published), nor a close with 1008.
+/// Whether connecting again may succeed after `error`: not after an upgrade refused with 401
+/// or 403 (credentials the gateway refuses), nor a close with 1008 (policy) or 1012 (a backend
+/// replaced by a newer one).
 pub fn retryable(error: &PeerError) -> bool {
     match error {
-        PeerError::Refused { status, .. } => !matches!(status, 401 | 403 | 404),
-        PeerError::Closed(code) => *code != Some(1008),
+        PeerError::Refused { status, .. } => !matches!(status, 401 | 403),
+        PeerError::Closed(code) => !matches!(code, Some(1008 | 1012)),
         _ => true,
     }
 }
@@ -234,7 +238,7 @@ mod tests {
 
     #[test]
     fn policy_refusals_and_1008_are_final() {
-        for status in [401, 403, 404] {
+        for status in [401, 403] {
             let e = PeerError::Refused {
                 status,
                 body: String::new(),
@@ -242,7 +246,7 @@ mod tests {
             };
             assert!(!retryable(&e), "{status}");
         }
-        for status in [429, 503] {
+        for status in [404, 429, 503] {
             let e = PeerError::Refused {
                 status,
                 body: String::new(),
@@ -251,6 +255,7 @@ mod tests {
             assert!(retryable(&e), "{status}");
         }
         assert!(!retryable(&PeerError::Closed(Some(1008))));
+        assert!(!retryable(&PeerError::Closed(Some(1012))));
         assert!(retryable(&PeerError::Closed(Some(1001))));
         assert!(retryable(&PeerError::Connect("refused".into())));
     }
