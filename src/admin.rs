@@ -64,6 +64,16 @@ pub fn serve(
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
+    // A backend id is its pool's key on its node: an action names the node when it means
+    // another one's (the listing gives both); this node acts on its own backends only.
+    if let Some(node) = param("node") {
+        if node != app.node_name() && method == http::Method::POST {
+            return Some(error(
+                404,
+                "that backend is on another node: send the request to that node's admin API",
+            ));
+        }
+    }
     Some(match (method.as_str(), path) {
         ("GET", "/admin/endpoints") => answer(200, endpoints(app)),
         ("POST", "/admin/drain") => with_backend(app, param("endpoint"), param("backend"), drain),
@@ -83,7 +93,7 @@ pub fn serve(
 /// Every endpoint of this node and (in a cluster) of the others, with their pools.
 fn endpoints(app: &App) -> Value {
     let cluster = app.cluster.get();
-    let node = cluster.map(|c| c.name().to_string());
+    let node = app.node_name();
     let mut listed: Vec<Value> = app
         .registry
         .endpoints()

@@ -28,7 +28,7 @@ use serde_json::{Map, Value};
 use crate::duplex::Message;
 
 /// What `auth.jwt` names, before its files are read.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct JwtSettings {
     /// PEM public keys (RSA, EC P-256/P-384, Ed25519).
     pub keys: Vec<PathBuf>,
@@ -46,6 +46,27 @@ pub struct JwtSettings {
     pub claims_to_backend: Vec<String>,
 }
 
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The HMAC secret is key material: shown as present or not, never its value.
+        f.debug_struct("JwtSettings")
+            .field("keys", &self.keys)
+            .field(
+                "hs256_secret",
+                &self.hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwks_file", &self.jwks_file)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway", &self.leeway)
+            .field("claims_to_backend", &self.claims_to_backend)
+            .finish()
+    }
+}
+
+/// The longest `auth.jwt.leeway` (a day: clocks further apart than that are broken).
+pub const MAX_LEEWAY: Duration = Duration::from_secs(24 * 3600);
+
 /// The leeway on `exp` and `nbf` unless `auth.jwt.leeway` says otherwise.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
 
@@ -57,6 +78,9 @@ struct Key {
     /// The algorithms it verifies.
     algorithms: Vec<Algorithm>,
 }
+
+/// The longest a connection's token deadline is set ahead.
+const MAX_REMAINING: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// The most tokens one endpoint's checker remembers as verified.
 pub const CACHE_TOKENS: usize = 4096;
@@ -140,14 +164,16 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Sets `ext.auth` on a frame the client sends (its own `auth` replaced). A frame whose
-    /// `ext` is not an object is left as it is: the multiplexer refuses it.
+    /// Sets `ext.auth` on a frame the client sends (its own `auth` replaced). An `ext` that
+    /// does not decode (nested deeper than the decoder goes) is replaced whole: whatever `auth`
+    /// it hides must never reach the backend.
     pub fn stamp(&self, msg: &mut Message) {
-        if msg.ext_raw().is_none() {
-            msg.set_raw("ext", self.ext_alone.clone());
-        } else if let Some(mut ext) = msg.ext() {
-            ext.insert("auth".into(), self.auth.clone());
-            msg.set_ext(Some(&ext));
+        match msg.ext_raw().map(|_| msg.ext()) {
+            Some(Some(mut ext)) => {
+                ext.insert("auth".into(), self.auth.clone());
+                msg.set_ext(Some(&ext));
+            }
+            None | Some(None) => msg.set_raw("ext", self.ext_alone.clone()),
         }
     }
 
@@ -156,10 +182,12 @@ impl Identity {
         &self.auth
     }
 
-    /// How long from now until the token expires, its leeway included (zero if it has).
+    /// How long from now until the token expires, its leeway included (zero if it has), at
+    /// most ten years (a deadline that far is as good as none, and `Instant` arithmetic stays
+    /// in range).
     pub fn remaining(&self, leeway: Duration) -> Duration {
         let end = Duration::from_secs(self.exp).saturating_add(leeway);
-        end.saturating_sub(unix_now())
+        end.saturating_sub(unix_now()).min(MAX_REMAINING)
     }
 }
 
@@ -198,6 +226,9 @@ impl JwtAuth {
                 "`auth.jwt` needs `keys`, `hs256_secret` or `jwks_file` (with at least one key)"
                     .into(),
             );
+        }
+        if settings.leeway > MAX_LEEWAY {
+            return Err("`leeway` is at most 24h".into());
         }
         Ok(JwtAuth {
             keys,
@@ -643,6 +674,24 @@ mod tests {
                 .cloned()
         );
         assert!(id.remaining(Duration::ZERO) > Duration::from_secs(50));
+        // An ext nested deeper than the decoder goes, hiding an `auth`: replaced whole.
+        let deep = format!(
+            r#"{{"type":"req","method":"m","id":1,"ext":{{"auth":{{"sub":"root"}},"p":{}1{}}}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let mut hidden = Message::parse(deep.as_bytes()).expect("msg");
+        id.stamp(&mut hidden);
+        assert_eq!(
+            hidden.ext(),
+            json!({"auth": {"sub": "alice", "role": "admin"}})
+                .as_object()
+                .cloned()
+        );
+        // A token that never expires still gives a deadline in range.
+        let mut forever = id.as_ref().clone();
+        forever.exp = u64::MAX;
+        assert_eq!(forever.remaining(Duration::MAX), MAX_REMAINING);
     }
 }
 

@@ -43,6 +43,35 @@ async fn calls_are_counted_per_method_and_code_with_the_rest_as_other() {
     assert_eq!(durations("echo"), Some(3.0), "{text}");
     assert_eq!(durations("other"), Some(2.0), "{text}");
 
+    // An async call is counted as sent; a call whose caller leaves first, as cancelled.
+    assert_eq!(post(&gw, "/m/echo?secret=s&async=true", "1").await.0, 202);
+    wait_for_metric(
+        &gw,
+        "duplex_gateway_calls_total",
+        &[("endpoint", "/m"), ("method", "echo"), ("code", "sent")],
+        |v| v == Some(1.0),
+    )
+    .await;
+    let quitter = client(&gw, "/m", "s").await;
+    let slow = {
+        let p = quitter.clone();
+        tokio::spawn(async move { p.call("slow", json!(3000)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    quitter.close();
+    drop(slow);
+    wait_for_metric(
+        &gw,
+        "duplex_gateway_calls_total",
+        &[
+            ("endpoint", "/m"),
+            ("method", "other"),
+            ("code", "cancelled"),
+        ],
+        |v| v == Some(1.0),
+    )
+    .await;
+
     // A call open when its backend leaves ends with -32000.
     let slow = tokio::spawn({
         let peer = client(&gw, "/m", "s").await;
@@ -214,6 +243,18 @@ async fn the_admin_api_needs_its_token_and_lists_drains_and_closes() {
         .map(|b| b["id"].as_str().expect("id").to_string())
         .collect();
 
+    // Another node's backend: 404 here (ask that node).
+    assert_eq!(
+        admin(
+            &gw,
+            Method::POST,
+            "/admin/drain?endpoint=%2Fa&backend=1&node=elsewhere",
+            Some(ADMIN)
+        )
+        .await
+        .0,
+        404
+    );
     // Unknown endpoint or backend: 404; a GET on an action: 405.
     let q = |rest: &str| format!("/admin/drain?endpoint=%2Fa&{rest}");
     assert_eq!(

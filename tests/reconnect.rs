@@ -14,6 +14,7 @@ fn fast() -> duplex::Backoff {
     duplex::Backoff {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(400),
+        jitter: true,
     }
 }
 

@@ -84,6 +84,8 @@ struct Options {
     token: String,
     /// `cluster_endpoints`: endpoints published on each of its 4 nodes.
     endpoints_per_node: usize,
+    /// `reconnect_storm`: clients that reconnect after the gateway's restart.
+    storm_clients: usize,
 }
 
 impl Options {
@@ -107,6 +109,7 @@ impl Options {
             token: value("--token").unwrap_or_else(|| TOKEN.to_string()),
             endpoints_per_node: num("--endpoints-per-node", if quick { 500.0 } else { 15_000.0 })
                 as usize,
+            storm_clients: num("--storm-clients", if quick { 2_000.0 } else { 10_000.0 }) as usize,
         }
     }
 }
@@ -339,6 +342,21 @@ async fn bench(o: Options) {
         Some(_) => cluster_scenarios(&o, dir.path(), (&client_url, gw_port)).await,
         None => None,
     };
+    // reconnect_storm: clients back after a gateway restart, with and without jitter.
+    let storm = match &ours {
+        Some(_) => {
+            let with = reconnect_storm(&o, dir.path(), o.storm_clients, true).await;
+            let without = reconnect_storm(&o, dir.path(), o.storm_clients, false).await;
+            for (name, s) in [("jitter", &with), ("no jitter", &without)] {
+                println!(
+                    "reconnect_storm {name}: {} of {} clients back in {:?} s, peak {} joins/s",
+                    s.back, o.storm_clients, s.back_s, s.peak_per_s
+                );
+            }
+            Some((with, without))
+        }
+        None => None,
+    };
     // cluster_endpoints: many endpoints over 4 nodes (only with gateways this tool starts).
     let cluster_endpoints = match &ours {
         Some(_) => cluster_endpoints_scenario(&o, dir.path(), o.endpoints_per_node).await,
@@ -409,6 +427,13 @@ async fn bench(o: Options) {
     if let Some(a) = &abuse {
         ratios.add("abuse attacked / calm", a.throughput_ratio, 1.0);
     }
+    if let Some((with, without)) = &storm {
+        ratios.add(
+            "reconnect_storm peak jitter / no jitter",
+            with.peak_per_s,
+            without.peak_per_s.max(1.0),
+        );
+    }
     if let Some(r) = &observed {
         ratios.add("ws_rpc all on / default", r.ws_on.rate(), r.ws_off.rate());
         ratios.add(
@@ -458,6 +483,19 @@ async fn bench(o: Options) {
             http_secret: i.http_secret.summary(clients),
             verify_us: i.verify_us,
             remembered_us: i.remembered_us,
+        }),
+        reconnect_storm: storm.as_ref().map(|(with, without)| report::StormPair {
+            clients: o.storm_clients,
+            jitter: report::StormRun {
+                back_s: with.back_s,
+                back: with.back,
+                peak_joins_per_s: with.peak_per_s,
+            },
+            no_jitter: report::StormRun {
+                back_s: without.back_s,
+                back: without.back,
+                peak_joins_per_s: without.peak_per_s,
+            },
         }),
         observability: observed.as_ref().map(|r| report::Observed {
             ws_all_on: r.ws_on.summary(clients),

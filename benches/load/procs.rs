@@ -35,6 +35,31 @@ pub(crate) struct OurGateway {
     pub(crate) text: String,
 }
 
+impl OurGateway {
+    /// Kills it (SIGKILL: a crash) and starts it again on the same config and ports.
+    pub(crate) async fn restart(&mut self) {
+        let _ = self._proc.child().kill();
+        let _ = self._proc.child().wait();
+        let port: u16 = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        let child = Command::new(gateway_binary())
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the gateway again");
+        self.pid = child.id();
+        self._proc = Proc::polite(child);
+        wait_port(port).await;
+    }
+}
+
 /// Starts our gateway (the release binary) on free ports.
 pub(crate) async fn start_gateway(dir: &std::path::Path) -> OurGateway {
     start_gateway_with(dir, "gateway.yaml", "").await
@@ -97,6 +122,11 @@ pub(crate) async fn start_gateway_listening(
 
 /// The live backends of `path`, read from the gateway's metrics.
 pub(crate) async fn pool_size(metrics_port: u16, path: &str) -> usize {
+    gauge(metrics_port, "duplex_gateway_backends", path).await
+}
+
+/// A per-endpoint gauge of the gateway (0 when it cannot be read).
+pub(crate) async fn gauge(metrics_port: u16, name: &str, path: &str) -> usize {
     let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", metrics_port)).await else {
         return 0;
     };
@@ -107,7 +137,7 @@ pub(crate) async fn pool_size(metrics_port: u16, path: &str) -> usize {
     }
     let mut text = String::new();
     let _ = tcp.read_to_string(&mut text).await;
-    let series = format!("duplex_gateway_backends{{endpoint=\"{path}\"}} ");
+    let series = format!("{name}{{endpoint=\"{path}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(series.as_str()))
         .and_then(|v| v.trim().parse::<f64>().ok())

@@ -180,6 +180,22 @@ pub(crate) struct Identity {
     pub(crate) remembered_us: f64,
 }
 
+/// One reconnect storm: how long until every client was back, and the peak rate.
+#[derive(Serialize)]
+pub(crate) struct StormRun {
+    pub(crate) back_s: Option<f64>,
+    pub(crate) back: usize,
+    pub(crate) peak_joins_per_s: f64,
+}
+
+/// The storm with jitter and without, run one after the other.
+#[derive(Serialize)]
+pub(crate) struct StormPair {
+    pub(crate) clients: usize,
+    pub(crate) jitter: StormRun,
+    pub(crate) no_jitter: StormRun,
+}
+
 /// The loads with the access log (JSON) and spans on, against the default config.
 #[derive(Serialize)]
 pub(crate) struct Observed {
@@ -225,6 +241,8 @@ pub(crate) struct Report {
     pub(crate) identity: Option<Identity>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) observability: Option<Observed>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reconnect_storm: Option<StormPair>,
     pub(crate) connect: Rpc,
     pub(crate) connect_direct: Rpc,
     #[serde(skip_serializing_if = "Option::is_none")]

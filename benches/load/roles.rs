@@ -52,6 +52,30 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                 }
                 std::future::pending::<()>().await;
             }
+            // `<url> <count> <jitter: 0|1>`: holds `count` clients of a gateway that reconnect
+            // whenever they lose it (the Rust peer's persistent connection), with or without
+            // the jitter of their backoff.
+            "storm-clients" => {
+                let args: Vec<&str> = arg.split(' ').collect();
+                let [url, count, jitter] = args[..] else {
+                    eprintln!("storm-clients: <url> <count> <jitter 0|1>");
+                    return;
+                };
+                let backoff = duplex::Backoff {
+                    jitter: jitter == "1",
+                    ..duplex::Backoff::default()
+                };
+                let count: usize = count.parse().unwrap_or(0);
+                let mut held = Vec::with_capacity(count);
+                for i in 0..count {
+                    held.push(duplex::Peer::builder().connect_persistent(url, backoff));
+                    if i % 200 == 199 {
+                        // The first connections, not measured, at a pace the gateway takes.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                std::future::pending::<()>().await;
+            }
             // Publishes the echo handlers at the URL (a gateway), publishing again if dropped.
             "echo-backend" => loop {
                 if let Ok(peer) = echo_handlers().connect(arg).await {

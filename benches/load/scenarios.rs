@@ -682,3 +682,83 @@ pub(crate) async fn observability_scenario(
         http_off,
     }
 }
+
+/// One `reconnect_storm` run.
+pub(crate) struct Storm {
+    /// From the gateway's restart until every client was back (None: not all within 60 s).
+    pub(crate) back_s: Option<f64>,
+    /// Clients back at the end.
+    pub(crate) back: usize,
+    /// The most clients that joined in one 100 ms window, per second.
+    pub(crate) peak_per_s: f64,
+}
+
+/// `clients` WebSocket clients of the Rust peer (reconnecting, with or without jitter) on a
+/// gateway of their own, which is then killed and started again: how long until every client is
+/// back, and the highest rate at which they came back (read from the gateway's client gauge
+/// every 100 ms).
+pub(crate) async fn reconnect_storm(
+    o: &Options,
+    dir: &std::path::Path,
+    clients: usize,
+    jitter: bool,
+) -> Storm {
+    let name = if jitter {
+        "storm-jitter.yaml"
+    } else {
+        "storm-plain.yaml"
+    };
+    let mut gw = start_gateway_listening(dir, name, "  backend_grace: 30s\n", "", false).await;
+    let backend = spawn_role(
+        "echo-backend",
+        &format!("{}/storm?token={}&secret={SECRET}", gw.url, o.token),
+    );
+    let url = format!("{}/storm?secret={SECRET}", gw.url);
+    wait_for_echo(&url, "the storm's backend did not publish").await;
+    // Up to 5,000 clients per process (each under the descriptor limit).
+    let per_process = 5_000;
+    let mut holders = Vec::new();
+    let mut left = clients;
+    while left > 0 {
+        let n = left.min(per_process);
+        holders.push(spawn_role(
+            "storm-clients",
+            &format!("{url} {n} {}", u8::from(jitter)),
+        ));
+        left -= n;
+    }
+    let connected =
+        |gw_metrics| async move { gauge(gw_metrics, "duplex_gateway_clients", "/storm").await };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while connected(gw.metrics).await < clients {
+        assert!(
+            Instant::now() < deadline,
+            "the storm's clients did not all connect"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.restart().await;
+    let restarted = Instant::now();
+    let mut last = 0usize;
+    let mut peak = 0usize;
+    let mut back_s = None;
+    let mut back = 0;
+    while restarted.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        back = connected(gw.metrics).await;
+        peak = peak.max(back.saturating_sub(last));
+        last = back;
+        if back >= clients {
+            back_s = Some(round(restarted.elapsed().as_secs_f64(), 2));
+            break;
+        }
+    }
+    drop(holders);
+    drop(backend);
+    drop(gw);
+    Storm {
+        back_s,
+        back,
+        peak_per_s: (peak * 10) as f64,
+    }
+}

@@ -37,6 +37,10 @@ pub struct Backoff {
     pub initial: Duration,
     /// The largest window (default 30 s).
     pub max: Duration,
+    /// Wait a random part of each window (default); without it every peer waits the whole
+    /// window, and peers that lost the same gateway all come back at the same instants (the
+    /// load tool's `reconnect_storm` measures the difference).
+    pub jitter: bool,
 }
 
 impl Default for Backoff {
@@ -44,6 +48,7 @@ impl Default for Backoff {
         Backoff {
             initial: Duration::from_millis(500),
             max: Duration::from_secs(30),
+            jitter: true,
         }
     }
 }
@@ -77,6 +82,12 @@ pub fn retryable(error: &PeerError) -> bool {
     }
 }
 
+/// A connection that lived this long starts the backoff over when it is lost.
+const STABLE: Duration = Duration::from_secs(10);
+
+/// The longest `Retry-After` honoured (a gateway asking for more is waited for this long).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 /// Where a persistent peer stands.
 #[derive(Clone)]
 enum State {
@@ -106,10 +117,15 @@ impl PeerBuilder {
             loop {
                 let error = match self.clone().connect(&url).await {
                     Ok(peer) => {
-                        attempt = 0;
                         let _ = tx.send(State::Up(peer.clone()));
+                        let up = tokio::time::Instant::now();
                         let code = peer.closed().await;
                         let _ = tx.send(State::Connecting);
+                        // Only a connection that held a while starts the backoff over: one
+                        // the gateway drops at once keeps backing off.
+                        if up.elapsed() >= STABLE {
+                            attempt = 0;
+                        }
                         PeerError::Closed(code)
                     }
                     Err(e) => e,
@@ -119,10 +135,13 @@ impl PeerBuilder {
                     return;
                 }
                 let retry_after = match &error {
-                    PeerError::Refused { retry_after, .. } => *retry_after,
+                    PeerError::Refused { retry_after, .. } => {
+                        retry_after.map(|r| r.min(MAX_RETRY_AFTER))
+                    }
                     _ => None,
                 };
-                let delay = backoff.delay(attempt, rand_fraction(), retry_after);
+                let fraction = if backoff.jitter { rand_fraction() } else { 1.0 };
+                let delay = backoff.delay(attempt, fraction, retry_after);
                 attempt = attempt.saturating_add(1);
                 tokio::time::sleep(delay).await;
             }

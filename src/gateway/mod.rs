@@ -199,7 +199,10 @@ impl Gateway {
                 identity,
             } => {
                 if let Some(Err(limited)) = edge.endpoint(endpoint.path()).map(|b| b.take()) {
-                    Refusal::limited(limited).send(session, &cors).await?;
+                    let status = Refusal::limited(limited).send(session, &cors).await?;
+                    if let Some(access) = &mut ctx.access {
+                        access.status = status;
+                    }
                     return Ok(());
                 }
                 let _counted = Counted::new(&self.app.active.http);
@@ -257,8 +260,14 @@ impl Gateway {
                     endpoint: edge.endpoint(endpoint.path()),
                 };
                 let signed = identity.map(|identity| self.signed(identity, &creds, &endpoint));
-                Box::pin(self.connect(session, &config, endpoint, secret, &cors, limits, signed))
-                    .await
+                let refused = Box::pin(
+                    self.connect(session, &config, endpoint, secret, &cors, limits, signed),
+                )
+                .await?;
+                if let (Some(status), Some(access)) = (refused, &mut ctx.access) {
+                    access.status = status;
+                }
+                Ok(())
             }
         }
     }
@@ -289,7 +298,7 @@ impl Gateway {
     }
 
     /// A client of `endpoint`: join (503 when it is full), upgrade, then serve it in a task of
-    /// its own.
+    /// its own. Returns the status of a refusal to join.
     #[allow(clippy::too_many_arguments)]
     async fn connect(
         &self,
@@ -300,10 +309,10 @@ impl Gateway {
         headers: &[(&str, &str)],
         limits: ws::CallLimits,
         signed: Option<ws::Signed>,
-    ) -> pingora::Result<()> {
+    ) -> pingora::Result<Option<u16>> {
         let conn = match endpoint.join(true, config.max_clients(endpoint.path()), secret) {
             Ok(conn) => conn,
-            Err(e) => return Refusal::join(e).send(session, headers).await.map(|_| ()),
+            Err(e) => return Refusal::join(e).send(session, headers).await.map(Some),
         };
         let counted = Counted::new(&self.app.active.websockets);
         let settings = ws_settings(&config.limits);
@@ -318,7 +327,7 @@ impl Gateway {
             )
         });
         let Some(ws) = WsStream::upgrade(session, &settings, ws::CLIENT_READ_CHUNK).await else {
-            return Ok(());
+            return Ok(None);
         };
         let app = self.app.clone();
         tokio::spawn(async move {
@@ -329,7 +338,7 @@ impl Gateway {
             }
             ws::serve_client(ws, conn, || ws_settings(&app.config.load().limits)).await;
         });
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -429,7 +438,7 @@ impl ProxyHttp for Gateway {
             crate::otlp::export(crate::otlp::CallSpan {
                 hop,
                 parent,
-                start: end - elapsed,
+                start: end.checked_sub(elapsed).unwrap_or(end),
                 end,
                 endpoint: &access.endpoint,
                 method,

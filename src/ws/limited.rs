@@ -83,10 +83,17 @@ impl LimitedClient {
             } else {
                 self.own_ext[at].1.clone()
             };
-            match own {
-                Some(raw) => msg.set_raw("ext", raw),
-                None => msg.set_ext(None),
+            // The keys the gateway changed go back to the client's; keys the backend added
+            // stay (as the multiplexer does for `route`).
+            let mut ext = msg.ext().unwrap_or_default();
+            ext.remove("auth");
+            ext.remove("traceparent");
+            if let Some(own) = own.and_then(|raw| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(raw.get()).ok()
+            }) {
+                ext.extend(own);
             }
+            msg.set_ext(if ext.is_empty() { None } else { Some(&ext) });
         }
         msg
     }
@@ -163,6 +170,11 @@ impl LimitedClient {
                 if let Some(ext) = msg.ext_raw() {
                     reply.set_raw("ext", ext.to_owned());
                 }
+                if let Some(access) = &mut self.access {
+                    // Refused, but a call all the same: its line says -32004.
+                    let bytes = msg.to_json().len();
+                    access.request(&msg, bytes, None);
+                }
                 return Outcome::Answer(reply);
             }
             if signed::is_refresh(&msg) {
@@ -195,6 +207,10 @@ impl LimitedClient {
                     Outcome::Done => Outcome::Done,
                 };
             }
+        } else if let Some(signed) = &self.signed {
+            // A reply to a backend's call carries the gateway's `ext.auth` too, never one of
+            // the client's making.
+            signed.stamp(&mut msg);
         }
         self.client.send(msg).await
     }

@@ -36,7 +36,10 @@ impl Signed {
         keys: Keys,
         mut reloads: watch::Receiver<()>,
     ) -> Signed {
-        reloads.mark_unchanged();
+        // Checked again against the keys in force as soon as it is served: a reload between
+        // the upgrade's check and this subscription is not missed (a token seen before costs a
+        // look-up).
+        reloads.mark_changed();
         let leeway = keys().map_or_else(Default::default, |k| k.leeway());
         Signed {
             deadline: Instant::now() + identity.remaining(leeway),

@@ -102,16 +102,16 @@ impl BackendConn {
                     owed.send();
                 }
                 if let Some((method, started)) = ended {
-                    let error = if msg.is_error() {
-                        Some(
+                    let end = if msg.is_error() {
+                        super::series::CallEnd::Error(
                             msg.error()
                                 .map_or(crate::duplex::code::INTERNAL_ERROR, |e| e.code),
                         )
                     } else {
-                        None
+                        super::series::CallEnd::Ok
                     };
                     ep.series
-                        .call_ended(&method, error, started.elapsed().as_secs_f64());
+                        .call_ended(&method, end, started.elapsed().as_secs_f64());
                 }
                 msg.set_id(Some(client_id));
                 match client {

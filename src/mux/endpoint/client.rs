@@ -7,6 +7,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::ext::{local_error, route_ext, with_route};
+use super::series::CallEnd;
 use super::state::{ClientSlot, Owed, PendingCall, State};
 use super::{CloseCell, Digest, Dropped, Endpoint, JoinError, Route};
 use crate::duplex::{code, Kind, Message};
@@ -248,7 +249,15 @@ impl ClientConn {
         let Some(client_id) = client_id else {
             let tx = s.slot(key).map(|b| b.tx.clone());
             return match tx {
-                Some(tx) => Admit::Send(tx, None),
+                Some(tx) => {
+                    // A request without an id (an async HTTP call, a notification): counted
+                    // as sent, since no reply will end it.
+                    let method = ep
+                        .series
+                        .method(msg.raw_field("method"), limits.max_methods_per_endpoint);
+                    ep.series.call_ended(&method, CallEnd::Sent, 0.0);
+                    Admit::Send(tx, None)
+                }
                 None => Admit::Answer(None),
             };
         };
@@ -400,13 +409,18 @@ impl Endpoint {
         let mut s = self.state();
         let mut removed = 0;
         let mut owed: Vec<Owed> = Vec::new();
+        let mut cancelled = Vec::new();
         for route in pick(&mut s) {
-            owed.extend(s.remove_client(&route, reason.cloned()));
+            owed.extend(s.remove_client(&route, reason.cloned(), &mut cancelled));
             removed += 1;
         }
         drop(s);
         for o in owed {
             o.send();
+        }
+        for (method, started) in cancelled {
+            self.series
+                .call_ended(&method, CallEnd::Cancelled, started.elapsed().as_secs_f64());
         }
         removed
     }

@@ -226,7 +226,7 @@ impl Endpoint {
         for (method, started) in fallout.failed_calls {
             self.series.call_ended(
                 &method,
-                Some(crate::duplex::code::BACKEND_UNAVAILABLE),
+                super::series::CallEnd::Error(crate::duplex::code::BACKEND_UNAVAILABLE),
                 started.elapsed().as_secs_f64(),
             );
         }

@@ -75,8 +75,8 @@ pub(super) struct Series {
 struct Made {
     /// The methods with series of their own (at most `max_methods_per_endpoint`, then `other`).
     methods: HashMap<Box<str>, Arc<MethodSeries>>,
-    /// Error codes counted per method (`ok` is always made with the method).
-    method_codes: Vec<(Arc<str>, i64)>,
+    /// The other codes counted per method (`ok` is always made with the method).
+    method_codes: Vec<(Arc<str>, String)>,
     dropped: Vec<Dropped>,
     http_codes: Vec<&'static str>,
     failovers: bool,
@@ -85,8 +85,26 @@ struct Made {
     gone: bool,
 }
 
-/// The label of calls whose method has no series of its own.
+/// The label of calls whose method has no series of its own, and of error codes past
+/// [`MAX_CODES_PER_METHOD`].
 const OTHER: &str = "other";
+
+/// Distinct error codes counted per method (the rest: `code="other"`): a backend choosing codes
+/// freely cannot grow the metrics.
+const MAX_CODES_PER_METHOD: usize = 16;
+
+/// How a call ended (the `code` label of `duplex_gateway_calls_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CallEnd {
+    /// A reply: `ok`.
+    Ok,
+    /// An error reply with this code.
+    Error(i64),
+    /// The caller left (or its HTTP call timed out) before the reply: `cancelled`.
+    Cancelled,
+    /// Sent without an id (an async call, a notification): no reply ends it: `sent`.
+    Sent,
+}
 
 /// One method's series at an endpoint: a call holds it from its admission to its end.
 pub(crate) struct MethodSeries {
@@ -190,22 +208,46 @@ impl Series {
             .clone()
     }
 
-    /// Counts a call of `method` that ended after `seconds`: `error` is its error code (None:
-    /// a reply).
-    pub(super) fn call_ended(&self, method: &MethodSeries, error: Option<i64>, seconds: f64) {
-        method.duration.observe(seconds);
-        let Some(code) = error else {
-            method.ok.inc();
-            return;
+    /// Counts a call of `method` that ended (`end`) after `seconds` (its duration is observed
+    /// for calls that had a reply coming).
+    pub(super) fn call_ended(&self, method: &MethodSeries, end: CallEnd, seconds: f64) {
+        let code = match end {
+            CallEnd::Ok => {
+                method.ok.inc();
+                method.duration.observe(seconds);
+                return;
+            }
+            CallEnd::Error(code) => code.to_string(),
+            CallEnd::Cancelled => "cancelled".to_string(),
+            CallEnd::Sent => "sent".to_string(),
         };
+        if end != CallEnd::Sent {
+            method.duration.observe(seconds);
+        }
         let mut made = lock(&self.made);
         if made.gone {
             return;
         }
-        remember(&mut made.method_codes, (method.label.clone(), code));
+        let known = made
+            .method_codes
+            .iter()
+            .any(|(m, c)| *m == method.label && *c == code);
+        let code = if known
+            || made
+                .method_codes
+                .iter()
+                .filter(|(m, _)| *m == method.label)
+                .count()
+                < MAX_CODES_PER_METHOD
+        {
+            code
+        } else {
+            OTHER.to_string()
+        };
+        remember(&mut made.method_codes, (method.label.clone(), code.clone()));
         metrics()
             .calls
-            .with_label_values(&[self.path.as_str(), &method.label, &code.to_string()])
+            .with_label_values(&[self.path.as_str(), &method.label, &code])
             .inc();
     }
 
@@ -272,9 +314,7 @@ impl Series {
             let _ = m.call_duration.remove_label_values(&[path, label]);
         }
         for (label, code) in made.method_codes {
-            let _ = m
-                .calls
-                .remove_label_values(&[path, &label, &code.to_string()]);
+            let _ = m.calls.remove_label_values(&[path, &label, &code]);
         }
         for reason in made.dropped {
             let _ = m.dropped.remove_label_values(&[path, reason.as_str()]);

@@ -328,11 +328,13 @@ impl State {
     }
 
     /// Removes a client and everything it had open. Returns the `-32001` replies owed to the
-    /// backends (and guests) for their calls to this client.
+    /// backends (and guests) for their calls to this client; the calls it had open (cancelled:
+    /// it left first) go into `cancelled`, to be counted.
     pub(super) fn remove_client(
         &mut self,
         route: &Route,
         reason: Option<CloseReason>,
+        cancelled: &mut Vec<(Arc<MethodSeries>, std::time::Instant)>,
     ) -> Vec<Owed> {
         self.unpin(route);
         let Some(slot) = self.clients.remove(route) else {
@@ -347,6 +349,9 @@ impl State {
         let mut owed = Vec::new();
         // The client is out of `clients` already: ending its calls leaves no client state.
         for &(key, backend_id) in slot.open.values() {
+            if let Some(call) = self.slot(key).and_then(|b| b.calls.get(&backend_id)) {
+                cancelled.push((call.method.clone(), call.started));
+            }
             owed.extend(self.end_call(key, backend_id));
         }
         for &(key, backend_id) in slot.incoming.values() {
@@ -602,7 +607,7 @@ mod tests {
         let incoming = &mut s.clients.get_mut(&route).expect("client").incoming;
         incoming.insert(1, (key, 11));
         incoming.insert(2, (guest, 22));
-        let owed = s.remove_client(&route, None);
+        let owed = s.remove_client(&route, None, &mut Vec::new());
         assert_eq!(owed.len(), 2);
         for o in owed {
             o.send();
