@@ -114,10 +114,11 @@ async fn run(
 
     let request = |id| {
         let mut request = Message::request_raw(method, id, payload);
-        crate::trace::set(&mut request, &trace);
+        // The stamp first: on a frame without `ext` it costs no decoding.
         if let Some(identity) = identity {
             identity.stamp(&mut request);
         }
+        crate::trace::set(&mut request, &trace);
         request
     };
     if is_async {

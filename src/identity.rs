@@ -182,6 +182,11 @@ impl Identity {
         &self.auth
     }
 
+    /// `{"auth": ...}`: the `ext` a stamped frame that had none carries.
+    pub fn ext_alone(&self) -> &RawValue {
+        &self.ext_alone
+    }
+
     /// How long from now until the token expires, its leeway included (zero if it has), at
     /// most ten years (a deadline that far is as good as none, and `Instant` arithmetic stays
     /// in range).

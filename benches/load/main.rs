@@ -86,6 +86,11 @@ struct Options {
     endpoints_per_node: usize,
     /// `reconnect_storm`: clients that reconnect after the gateway's restart.
     storm_clients: usize,
+    /// Only compare this build with another (`--compare-binary PATH`): `ws_rpc` and `http_rpc`
+    /// on both, side by side.
+    compare: Option<String>,
+    /// Only the signed-token loads (`--only-identity`).
+    only_identity: bool,
 }
 
 impl Options {
@@ -110,6 +115,8 @@ impl Options {
             endpoints_per_node: num("--endpoints-per-node", if quick { 500.0 } else { 15_000.0 })
                 as usize,
             storm_clients: num("--storm-clients", if quick { 2_000.0 } else { 10_000.0 }) as usize,
+            compare: value("--compare-binary"),
+            only_identity: args.iter().any(|a| a == "--only-identity"),
         }
     }
 }
@@ -140,6 +147,9 @@ type CallFuture = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Sen
 
 async fn bench(o: Options) {
     let dir = tempfile::tempdir().expect("temp dir");
+    if let Some(other) = &o.compare {
+        return compare_builds(&o, dir.path(), std::path::Path::new(other)).await;
+    }
     let started = Instant::now();
     println!(
         "duplex-gateway load: {} clients, {} s per scenario, {} idle, {} stream frames",
@@ -170,6 +180,18 @@ async fn bench(o: Options) {
     );
     let client_url = format!("{base}{ENDPOINT}?secret={SECRET}");
     wait_for_echo(&client_url, "the echo backend did not publish").await;
+    if let (true, Some(pid)) = (o.only_identity, gateway_pid) {
+        let i = identity_scenario(&o, &base, gw_port, pid).await;
+        let mut ratios = report::Ratios::default();
+        ratios.add("ws_rpc jwt / secret", i.ws_jwt.rate(), i.ws_secret.rate());
+        ratios.add(
+            "http_rpc jwt / secret",
+            i.http_jwt.rate(),
+            i.http_secret.rate(),
+        );
+        println!("ratios         {}", to_json(&ratios));
+        return;
+    }
     // Where the CPU time of a call through the gateway goes.
     let through_gateway: Vec<(&str, u32, bool)> = gateway_pid
         .map(|pid| ("gateway", pid, false))

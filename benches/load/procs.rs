@@ -84,19 +84,38 @@ pub(crate) async fn start_gateway_listening(
     listeners: &str,
     warnings: bool,
 ) -> OurGateway {
+    start_gateway_binary(dir, name, extra, listeners, warnings, &gateway_binary()).await
+}
+
+/// [`start_gateway_listening`] with another build of the gateway (`--compare-binary`).
+pub(crate) async fn start_gateway_binary(
+    dir: &std::path::Path,
+    name: &str,
+    extra: &str,
+    listeners: &str,
+    warnings: bool,
+    binary: &std::path::Path,
+) -> OurGateway {
     let port = free_port();
     let metrics = free_port();
     let config = dir.join(name);
+    // Another build (`--compare-binary`) may not know `auth`: it gets no signed endpoint.
+    let signed = if binary == gateway_binary().as_path() {
+        format!(
+            "  - path: {SIGNED}\n    auth:\n      secret: false\n      jwt:\n        keys: [{}]\n",
+            signing_key("pub")
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
         "listen:\n  - address: 127.0.0.1:{port}\n{listeners}metrics:\n  address: 127.0.0.1:{metrics}\n\
          tokens:\n  - name: bench\n    token: {TOKEN}\n    endpoints: [\"/*\"]\n\
-         endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n\
-         \x20 - path: {SIGNED}\n    auth:\n      secret: false\n      jwt:\n        keys: [{}]\n\
-         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}",
-        signing_key("pub")
+         endpoints:\n  - path: {POOL}\n    max_backends: {POOL_SIZE}\n{signed}\
+         limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}"
     );
     std::fs::write(&config, &text).expect("config");
-    let child = Command::new(gateway_binary())
+    let child = Command::new(binary)
         .arg("--config")
         .arg(&config)
         .env("RUST_LOG", if warnings { "warn" } else { "off" })

@@ -762,3 +762,60 @@ pub(crate) async fn reconnect_storm(
         peak_per_s: (peak * 10) as f64,
     }
 }
+
+/// `--compare-binary PATH`: this build's gateway and another's, both on the default config
+/// with an echo backend each, under the `ws_rpc` and `http_rpc` loads side by side: what a
+/// change costs, measured in one run.
+pub(crate) async fn compare_builds(o: &Options, dir: &std::path::Path, other: &std::path::Path) {
+    let this = start_gateway_listening(dir, "this.yaml", "", "", true).await;
+    let that = start_gateway_binary(dir, "that.yaml", "", "", true, other).await;
+    let port = |g: &OurGateway| -> u16 {
+        g.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    };
+    let mut backends = Vec::new();
+    for g in [&this, &that] {
+        backends.push(spawn_role(
+            "echo-backend",
+            &format!("{}{ENDPOINT}?token={}&secret={SECRET}", g.url, o.token),
+        ));
+        wait_for_echo(
+            &format!("{}{ENDPOINT}?secret={SECRET}", g.url),
+            "a backend did not publish",
+        )
+        .await;
+    }
+    let watch_this = [("gateway", this.pid, false)];
+    let watch_that = [("gateway", that.pid, false)];
+    let url = |g: &OurGateway| format!("{}{ENDPOINT}?secret={SECRET}", g.url);
+    let (ws_this, ws_that) = side_by_side_pair(
+        o.seconds,
+        load(o.clients, &watch_this, |_| ws_caller(url(&this))),
+        load(o.clients, &watch_that, |_| ws_caller(url(&that))),
+    )
+    .await;
+    print_rpc("ws_rpc this", &ws_this);
+    print_rpc("ws_rpc other", &ws_that);
+    let call = format!("{ENDPOINT}/echo?secret={SECRET}");
+    let (p_this, p_that) = (port(&this), port(&that));
+    let (http_this, http_that) = side_by_side_pair(
+        o.seconds,
+        load(o.clients, &watch_this, |_| {
+            http_caller(p_this, call.clone())
+        }),
+        load(o.clients, &watch_that, |_| {
+            http_caller(p_that, call.clone())
+        }),
+    )
+    .await;
+    print_rpc("http_rpc this", &http_this);
+    print_rpc("http_rpc other", &http_that);
+    let mut ratios = report::Ratios::default();
+    ratios.add("ws_rpc this / other", ws_this.rate(), ws_that.rate());
+    ratios.add("http_rpc this / other", http_this.rate(), http_that.rate());
+    println!("ratios         {}", to_json(&ratios));
+    drop(backends);
+}

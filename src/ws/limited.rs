@@ -83,6 +83,18 @@ impl LimitedClient {
             } else {
                 self.own_ext[at].1.clone()
             };
+            // The common case: the client sent no `ext`, and the backend copied back exactly
+            // the stamp: the reply goes without one.
+            let bare = own.is_none()
+                && self
+                    .signed
+                    .as_ref()
+                    .zip(msg.ext_raw())
+                    .is_some_and(|(signed, ext)| signed.is_bare_stamp(ext));
+            if bare {
+                msg.set_ext(None);
+                return msg;
+            }
             // The keys the gateway changed go back to the client's; keys the backend added
             // stay (as the multiplexer does for `route`).
             let mut ext = msg.ext().unwrap_or_default();

@@ -23,8 +23,9 @@ pub struct Signed {
     token: String,
     keys: Keys,
     reloads: watch::Receiver<()>,
-    /// Expiry, leeway included.
-    deadline: Instant,
+    /// Expiry, leeway included: one timer for the connection's life, moved when a refresh or
+    /// a reload changes it (a timer made on each wait would cost every reply its registration).
+    expiry: std::pin::Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Signed {
@@ -42,7 +43,9 @@ impl Signed {
         reloads.mark_changed();
         let leeway = keys().map_or_else(Default::default, |k| k.leeway());
         Signed {
-            deadline: Instant::now() + identity.remaining(leeway),
+            expiry: Box::pin(tokio::time::sleep_until(
+                Instant::now() + identity.remaining(leeway),
+            )),
             identity,
             token,
             keys,
@@ -53,6 +56,11 @@ impl Signed {
     /// Sets `ext.auth` on a request of the client.
     pub fn stamp(&self, msg: &mut Message) {
         self.identity.stamp(msg);
+    }
+
+    /// Whether `ext` is exactly what a stamp gives a frame that had none.
+    pub fn is_bare_stamp(&self, ext: &serde_json::value::RawValue) -> bool {
+        ext.get() == self.identity.ext_alone().get()
     }
 
     /// Answers `$refresh`: a valid token for the same `sub` replaces the one in force (and its
@@ -74,7 +82,9 @@ impl Signed {
         if identity.sub != self.identity.sub {
             return Err("the new token is for another `sub`".into());
         }
-        self.deadline = Instant::now() + identity.remaining(keys.leeway());
+        self.expiry
+            .as_mut()
+            .reset(Instant::now() + identity.remaining(keys.leeway()));
         let exp = identity.exp;
         self.identity = identity;
         self.token = token;
@@ -86,13 +96,13 @@ impl Signed {
     pub async fn lost(&mut self) -> CloseReason {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep_until(self.deadline) => {
+                _ = &mut self.expiry => {
                     return CloseReason::new(close::POLICY, "token expired");
                 }
                 changed = self.reloads.changed() => {
                     if changed.is_err() {
                         // No more reloads (the gateway is stopping): only the expiry is left.
-                        tokio::time::sleep_until(self.deadline).await;
+                        (&mut self.expiry).await;
                         return CloseReason::new(close::POLICY, "token expired");
                     }
                     let Some(keys) = (self.keys)() else {
@@ -101,7 +111,9 @@ impl Signed {
                     };
                     match keys.verify(&self.token) {
                         Ok(identity) => {
-                            self.deadline = Instant::now() + identity.remaining(keys.leeway());
+                            self.expiry
+                                .as_mut()
+                                .reset(Instant::now() + identity.remaining(keys.leeway()));
                             self.identity = identity;
                         }
                         Err(_) => {
