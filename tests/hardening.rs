@@ -185,8 +185,12 @@ async fn what_is_held_for_a_backend_that_does_not_read_stays_under_its_byte_boun
     // The client is held back: the gateway stopped taking its frames.
     assert!(!sender.is_finished(), "all {frames} frames were taken in");
     sender.abort();
+    // 16 MiB queued for the backend, the frames being read, parsed and copied on their way,
+    // and what the allocator keeps of the freed ones: 30-38 MiB measured alone (as before this
+    // bound was raised), up to 46 MiB while the whole suite runs beside it. Well under the 64
+    // MiB sent: a gateway taking everything in fails here as well as above.
     assert!(
-        grown < 40 << 20,
+        grown < 52 << 20,
         "the gateway grew by {} MiB for a backend that does not read ({frames} MiB sent)",
         grown >> 20
     );
