@@ -186,6 +186,7 @@ pub(crate) struct StormRun {
     pub(crate) back_s: Option<f64>,
     pub(crate) back: usize,
     pub(crate) peak_joins_per_s: f64,
+    pub(crate) peak_attempts_per_s: f64,
 }
 
 /// The storm with jitter and without, run one after the other.

@@ -52,13 +52,14 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                 }
                 std::future::pending::<()>().await;
             }
-            // `<url> <count> <jitter: 0|1>`: holds `count` clients of a gateway that reconnect
-            // whenever they lose it (the Rust peer's persistent connection), with or without
-            // the jitter of their backoff.
+            // `<url> <count> <jitter: 0|1> <file>`: holds `count` clients of a gateway that
+            // reconnect whenever they lose it (the Rust peer's persistent connection), with or
+            // without the jitter of their backoff; writes the connections they have tried to
+            // open so far to `file` every 20 ms.
             "storm-clients" => {
                 let args: Vec<&str> = arg.split(' ').collect();
-                let [url, count, jitter] = args[..] else {
-                    eprintln!("storm-clients: <url> <count> <jitter 0|1>");
+                let [url, count, jitter, file] = args[..] else {
+                    eprintln!("storm-clients: <url> <count> <jitter 0|1> <file>");
                     return;
                 };
                 let backoff = duplex::Backoff {
@@ -74,7 +75,11 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
-                std::future::pending::<()>().await;
+                loop {
+                    let tried: u64 = held.iter().map(duplex::Persistent::attempts).sum();
+                    let _ = std::fs::write(file, tried.to_string());
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             // Publishes the echo handlers at the URL (a gateway), publishing again if dropped.
             "echo-backend" => loop {

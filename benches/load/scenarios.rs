@@ -691,6 +691,8 @@ pub(crate) struct Storm {
     pub(crate) back: usize,
     /// The most clients that joined in one 100 ms window, per second.
     pub(crate) peak_per_s: f64,
+    /// The most connection attempts the clients made in one 100 ms window, per second.
+    pub(crate) peak_attempts_per_s: f64,
 }
 
 /// `clients` WebSocket clients of the Rust peer (reconnecting, with or without jitter) on a
@@ -718,15 +720,25 @@ pub(crate) async fn reconnect_storm(
     // Up to 5,000 clients per process (each under the descriptor limit).
     let per_process = 5_000;
     let mut holders = Vec::new();
+    let mut files = Vec::new();
     let mut left = clients;
     while left > 0 {
         let n = left.min(per_process);
+        let file = dir.join(format!("{name}.attempts.{}", holders.len()));
         holders.push(spawn_role(
             "storm-clients",
-            &format!("{url} {n} {}", u8::from(jitter)),
+            &format!("{url} {n} {} {}", u8::from(jitter), file.display()),
         ));
+        files.push(file);
         left -= n;
     }
+    let attempts = || -> u64 {
+        files
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .filter_map(|t| t.trim().parse::<u64>().ok())
+            .sum()
+    };
     let connected =
         |gw_metrics| async move { gauge(gw_metrics, "duplex_gateway_clients", "/storm").await };
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -737,10 +749,14 @@ pub(crate) async fn reconnect_storm(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // Settled: every client made its first attempt and is connected.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut tried = attempts();
     gw.restart().await;
     let restarted = Instant::now();
     let mut last = 0usize;
     let mut peak = 0usize;
+    let mut peak_attempts = 0u64;
     let mut back_s = None;
     let mut back = 0;
     while restarted.elapsed() < Duration::from_secs(60) {
@@ -748,8 +764,14 @@ pub(crate) async fn reconnect_storm(
         back = connected(gw.metrics).await;
         peak = peak.max(back.saturating_sub(last));
         last = back;
-        if back >= clients {
+        let now = attempts();
+        peak_attempts = peak_attempts.max(now.saturating_sub(tried));
+        tried = now;
+        if back >= clients && back_s.is_none() {
             back_s = Some(round(restarted.elapsed().as_secs_f64(), 2));
+        }
+        // A little past the last join: attempts still in flight are counted.
+        if back_s.is_some_and(|s| restarted.elapsed().as_secs_f64() > s + 0.5) {
             break;
         }
     }
@@ -760,6 +782,7 @@ pub(crate) async fn reconnect_storm(
         back_s,
         back,
         peak_per_s: (peak * 10) as f64,
+        peak_attempts_per_s: (peak_attempts * 10) as f64,
     }
 }
 

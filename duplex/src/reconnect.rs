@@ -104,6 +104,7 @@ enum State {
 pub struct Persistent {
     state: watch::Receiver<State>,
     task: tokio::task::JoinHandle<()>,
+    attempts: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl PeerBuilder {
@@ -112,9 +113,12 @@ impl PeerBuilder {
     pub fn connect_persistent(self, url: &str, backoff: Backoff) -> Persistent {
         let (tx, rx) = watch::channel(State::Connecting);
         let url = url.to_string();
+        let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = attempts.clone();
         let task = tokio::spawn(async move {
             let mut attempt: u32 = 0;
             loop {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let error = match self.clone().connect(&url).await {
                     Ok(peer) => {
                         let _ = tx.send(State::Up(peer.clone()));
@@ -146,7 +150,11 @@ impl PeerBuilder {
                 tokio::time::sleep(delay).await;
             }
         });
-        Persistent { state: rx, task }
+        Persistent {
+            state: rx,
+            task,
+            attempts,
+        }
     }
 }
 
@@ -179,6 +187,11 @@ impl Persistent {
     /// [`PeerError::NotConnected`] while there is none.
     pub async fn call(&self, method: &str, payload: Value) -> Result<Value, PeerError> {
         self.peer()?.call(method, payload).await
+    }
+
+    /// How many connections it has tried to open so far (the first one included).
+    pub fn attempts(&self) -> u64 {
+        self.attempts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Why it stopped reconnecting, once it has.
