@@ -51,9 +51,11 @@ pub fn now() -> String {
     humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
-/// This node's name in access lines: the cluster's name for it, else the host name.
+/// The machine's host name (`gateway` when it has none): a node's name in access lines outside
+/// a cluster, and the start of a cluster node's default name.
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::env::var("HOSTNAME"))
         .map(|h| h.trim().to_string())
         .ok()
         .filter(|h| !h.is_empty())

@@ -107,8 +107,7 @@ fn nonzero<const N: usize>(mut bytes: [u8; N]) -> [u8; N] {
 /// request carries no valid one). A request without `traceparent` in its `ext` costs one
 /// substring search.
 pub fn reparent(msg: &mut Message) -> Option<(TraceParent, [u8; 8])> {
-    let raw = msg.ext_raw()?;
-    if !raw.get().contains("\"traceparent\"") {
+    if !may_carry(msg) {
         return None;
     }
     let mut ext = msg.ext()?;
@@ -120,6 +119,12 @@ pub fn reparent(msg: &mut Message) -> Option<(TraceParent, [u8; 8])> {
     ext.insert("traceparent".into(), Value::String(hop.to_string()));
     msg.set_ext(Some(&ext));
     Some((hop, parent.span_id))
+}
+
+/// Whether a request's `ext` may hold a `traceparent` (a substring search, no decoding).
+pub fn may_carry(msg: &Message) -> bool {
+    msg.ext_raw()
+        .is_some_and(|raw| raw.get().contains("\"traceparent\""))
 }
 
 /// Sets `ext.traceparent` of a request the gateway makes (an HTTP call), keeping its other keys.

@@ -358,6 +358,23 @@ async fn a_key_rotation_by_sighup_closes_the_clients_whose_token_no_longer_verif
             .0,
         401
     );
+
+    // A JWK set file is read again too: its key now under `kid` k2.
+    let _jwks = publish(&gw, "/jwks", "ignored").await;
+    let k1 = sign_with(Algorithm::ES256, "ec256", Some("k1"), &claims("bob", 600));
+    assert_eq!(call_with(&gw, "/jwks/echo", Some(&k1)).await.0, 200);
+    std::fs::write(dir.path().join("jwks.json"), jwks("ec256", "k2")).expect("jwks");
+    gw.signal("HUP");
+    let k2 = sign_with(Algorithm::ES256, "ec256", Some("k2"), &claims("bob", 600));
+    let deadline = std::time::Instant::now() + WAIT;
+    while call_with(&gw, "/jwks/echo", Some(&k2)).await.0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new JWK set never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(call_with(&gw, "/jwks/echo", Some(&k1)).await.0, 401);
 }
 
 #[tokio::test]

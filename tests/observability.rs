@@ -113,23 +113,24 @@ fn parts(traceparent: &serde_json::Value) -> (String, String, String) {
     (p[1].to_string(), p[2].to_string(), p[3].to_string())
 }
 
+/// The `ext` the test backend of `endpoint` saw for an HTTP call with `traceparent`, if any.
+async fn ext_seen(gw: &Gateway, endpoint: &str, traceparent: Option<&str>) -> serde_json::Value {
+    let mut req = reqwest::Client::new()
+        .post(gw.http(&format!("{endpoint}/ext?secret=s")))
+        .body("null");
+    if let Some(h) = traceparent {
+        req = req.header("traceparent", h);
+    }
+    req.send().await.expect("call").json().await.expect("json")
+}
+
 #[tokio::test]
 async fn backends_see_the_callers_trace_with_the_gateways_hop_as_parent() {
     let gw = Gateway::start("");
     let _backend = publish(&gw, "/t", "s").await;
-    let http = reqwest::Client::new();
 
     // HTTP with a traceparent: same trace and flags, a new parent span.
-    let seen: serde_json::Value = http
-        .post(gw.http("/t/ext?secret=s"))
-        .header("traceparent", PARENT)
-        .body("null")
-        .send()
-        .await
-        .expect("call")
-        .json()
-        .await
-        .expect("json");
+    let seen = ext_seen(&gw, "/t", Some(PARENT)).await;
     let (trace, span, flags) = parts(&seen["traceparent"]);
     assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_ne!(span, "00f067aa0ba902b7");
@@ -137,11 +138,7 @@ async fn backends_see_the_callers_trace_with_the_gateways_hop_as_parent() {
 
     // HTTP without one (or with a malformed one): a new trace.
     for header in [None, Some("00-zz-yy-01")] {
-        let mut req = http.post(gw.http("/t/ext?secret=s")).body("null");
-        if let Some(h) = header {
-            req = req.header("traceparent", h);
-        }
-        let seen: serde_json::Value = req.send().await.expect("call").json().await.expect("json");
+        let seen = ext_seen(&gw, "/t", header).await;
         let (trace, _, _) = parts(&seen["traceparent"]);
         assert_ne!(trace, "0".repeat(32));
         assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -537,16 +534,7 @@ async fn each_call_is_exported_as_a_span_with_its_parent_and_attributes() {
     ));
     let _backend = publish(&gw, "/sp", "s").await;
     // An HTTP call with a trace context: the backend sees the gateway's span as its parent.
-    let seen: serde_json::Value = reqwest::Client::new()
-        .post(gw.http("/sp/ext?secret=s"))
-        .header("traceparent", PARENT)
-        .body("null")
-        .send()
-        .await
-        .expect("call")
-        .json()
-        .await
-        .expect("json");
+    let seen = ext_seen(&gw, "/sp", Some(PARENT)).await;
     let (_, http_hop, _) = parts(&seen["traceparent"]);
     // A WebSocket call with its own.
     let mut raw = Raw::open(&gw.client_url("/sp", "s")).await;

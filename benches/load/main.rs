@@ -154,20 +154,9 @@ async fn bench(o: Options) {
         return compare_builds(&o, dir.path(), std::path::Path::new(other)).await;
     }
     if o.only_storm {
-        let with = reconnect_storm(&o, dir.path(), o.storm_clients, true).await;
-        let without = reconnect_storm(&o, dir.path(), o.storm_clients, false).await;
-        for (name, s) in [("jitter", &with), ("no jitter", &without)] {
-            println!(
-                "reconnect_storm {name}: {} of {} clients back in {:?} s, peak {} joins/s, peak {} attempts/s",
-                s.back, o.storm_clients, s.back_s, s.peak_per_s, s.peak_attempts_per_s
-            );
-        }
+        let storm = storm_pair(&o, dir.path()).await;
         let mut ratios = report::Ratios::default();
-        ratios.add(
-            "reconnect_storm peak attempts jitter / no jitter",
-            with.peak_attempts_per_s,
-            without.peak_attempts_per_s.max(1.0),
-        );
+        storm_ratio(&mut ratios, &storm);
         println!("ratios         {}", to_json(&ratios));
         return;
     }
@@ -204,12 +193,7 @@ async fn bench(o: Options) {
     if let (true, Some(pid)) = (o.only_identity, gateway_pid) {
         let i = identity_scenario(&o, &base, gw_port, pid).await;
         let mut ratios = report::Ratios::default();
-        ratios.add("ws_rpc jwt / secret", i.ws_jwt.rate(), i.ws_secret.rate());
-        ratios.add(
-            "http_rpc jwt / secret",
-            i.http_jwt.rate(),
-            i.http_secret.rate(),
-        );
+        i.add_ratios(&mut ratios);
         println!("ratios         {}", to_json(&ratios));
         return;
     }
@@ -387,17 +371,7 @@ async fn bench(o: Options) {
     };
     // reconnect_storm: clients back after a gateway restart, with and without jitter.
     let storm = match &ours {
-        Some(_) => {
-            let with = reconnect_storm(&o, dir.path(), o.storm_clients, true).await;
-            let without = reconnect_storm(&o, dir.path(), o.storm_clients, false).await;
-            for (name, s) in [("jitter", &with), ("no jitter", &without)] {
-                println!(
-                    "reconnect_storm {name}: {} of {} clients back in {:?} s, peak {} joins/s, peak {} attempts/s",
-                    s.back, o.storm_clients, s.back_s, s.peak_per_s, s.peak_attempts_per_s
-                );
-            }
-            Some((with, without))
-        }
+        Some(_) => Some(storm_pair(&o, dir.path()).await),
         None => None,
     };
     // cluster_endpoints: many endpoints over 4 nodes (only with gateways this tool starts).
@@ -470,12 +444,8 @@ async fn bench(o: Options) {
     if let Some(a) = &abuse {
         ratios.add("abuse attacked / calm", a.throughput_ratio, 1.0);
     }
-    if let Some((with, without)) = &storm {
-        ratios.add(
-            "reconnect_storm peak jitter / no jitter",
-            with.peak_attempts_per_s,
-            without.peak_attempts_per_s.max(1.0),
-        );
+    if let Some(storm) = &storm {
+        storm_ratio(&mut ratios, storm);
     }
     if let Some(r) = &observed {
         ratios.add("ws_rpc all on / default", r.ws_on.rate(), r.ws_off.rate());
@@ -486,12 +456,7 @@ async fn bench(o: Options) {
         );
     }
     if let Some(i) = &identity {
-        ratios.add("ws_rpc jwt / secret", i.ws_jwt.rate(), i.ws_secret.rate());
-        ratios.add(
-            "http_rpc jwt / secret",
-            i.http_jwt.rate(),
-            i.http_secret.rate(),
-        );
+        i.add_ratios(&mut ratios);
     }
     println!("ratios         {}", to_json(&ratios));
 

@@ -29,6 +29,8 @@ pub(crate) async fn wait_port(port: u16) {
 pub(crate) struct OurGateway {
     pub(crate) _proc: Proc,
     pub(crate) url: String,
+    /// The port of its plain listener (the one `url` names).
+    pub(crate) port: u16,
     pub(crate) pid: u32,
     pub(crate) metrics: u16,
     pub(crate) config: std::path::PathBuf,
@@ -40,23 +42,10 @@ impl OurGateway {
     pub(crate) async fn restart(&mut self) {
         let _ = self._proc.child().kill();
         let _ = self._proc.child().wait();
-        let port: u16 = self
-            .url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port");
-        let child = Command::new(gateway_binary())
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the gateway again");
+        let child = spawn_gateway(&gateway_binary(), &self.config, false);
         self.pid = child.id();
         self._proc = Proc::polite(child);
-        wait_port(port).await;
+        wait_port(self.port).await;
     }
 }
 
@@ -115,23 +104,13 @@ pub(crate) async fn start_gateway_binary(
          limits:\n  max_clients_per_endpoint: 1000000\n  max_pending_calls_per_client: 100000\n{extra}"
     );
     std::fs::write(&config, &text).expect("config");
-    let child = Command::new(binary)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", if warnings { "warn" } else { "off" })
-        .stdout(Stdio::null())
-        .stderr(if warnings {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
-        .spawn()
-        .expect("start the gateway");
+    let child = spawn_gateway(binary, &config, warnings);
     let pid = child.id();
     wait_port(port).await;
     OurGateway {
         _proc: Proc::polite(child),
         url: format!("ws://127.0.0.1:{port}"),
+        port,
         pid,
         metrics,
         config,
@@ -266,4 +245,24 @@ pub(crate) fn nats_server() -> Option<&'static str> {
     ]
     .into_iter()
     .find(|p| std::path::Path::new(p).exists())
+}
+
+/// Runs `binary` on `config`, its warnings shown when `warnings` (else no log at all).
+fn spawn_gateway(
+    binary: &std::path::Path,
+    config: &std::path::Path,
+    warnings: bool,
+) -> std::process::Child {
+    Command::new(binary)
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", if warnings { "warn" } else { "off" })
+        .stdout(Stdio::null())
+        .stderr(if warnings {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .spawn()
+        .expect("start the gateway")
 }

@@ -184,12 +184,7 @@ pub(crate) async fn cluster_scenarios(
     );
     let client_url = format!("{}{ENDPOINT}?secret={SECRET}", a.url);
     wait_for_echo(&client_url, "node A never reached the backend on node B").await;
-    let a_port: u16 = a
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let a_port = a.port;
     let call_path = format!("{ENDPOINT}/echo?secret={SECRET}");
     let (one_url, one_port) = one_node;
     let clients = o.clients;
@@ -277,11 +272,7 @@ pub(crate) async fn abuse_scenario(o: &Options, dir: &std::path::Path) -> report
     .await;
     wait_port(tls_port).await;
     let (pid, url) = (g.pid, g.url.clone());
-    let plain_port: u16 = url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let plain_port = g.port;
     let _backend = spawn_role(
         "echo-backend",
         &format!("{url}{ENDPOINT}?token={}&secret={SECRET}", o.token),
@@ -499,6 +490,22 @@ pub(crate) struct IdentityRuns {
     pub(crate) remembered_us: f64,
 }
 
+impl IdentityRuns {
+    /// Its ratios: each signed-token load against the secret one beside it.
+    pub(crate) fn add_ratios(&self, ratios: &mut report::Ratios) {
+        ratios.add(
+            "ws_rpc jwt / secret",
+            self.ws_jwt.rate(),
+            self.ws_secret.rate(),
+        );
+        ratios.add(
+            "http_rpc jwt / secret",
+            self.http_jwt.rate(),
+            self.http_secret.rate(),
+        );
+    }
+}
+
 /// `ws_rpc` and `http_rpc` on `/signed` (clients present an RS256 token, `ext.auth` stamped on
 /// every call), each side by side with the same load presenting the secret on `/bench`. A
 /// WebSocket client's token is checked once, at its upgrade; an HTTP call's on every call.
@@ -634,12 +641,7 @@ pub(crate) async fn observability_scenario(
         false,
     )
     .await;
-    let observed_port: u16 = observed
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port");
+    let observed_port = observed.port;
     let backend = spawn_role(
         "echo-backend",
         &format!(
@@ -792,13 +794,6 @@ pub(crate) async fn reconnect_storm(
 pub(crate) async fn compare_builds(o: &Options, dir: &std::path::Path, other: &std::path::Path) {
     let this = start_gateway_listening(dir, "this.yaml", "", "", true).await;
     let that = start_gateway_binary(dir, "that.yaml", "", "", true, other).await;
-    let port = |g: &OurGateway| -> u16 {
-        g.url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port")
-    };
     let mut backends = Vec::new();
     for g in [&this, &that] {
         backends.push(spawn_role(
@@ -823,7 +818,7 @@ pub(crate) async fn compare_builds(o: &Options, dir: &std::path::Path, other: &s
     print_rpc("ws_rpc this", &ws_this);
     print_rpc("ws_rpc other", &ws_that);
     let call = format!("{ENDPOINT}/echo?secret={SECRET}");
-    let (p_this, p_that) = (port(&this), port(&that));
+    let (p_this, p_that) = (this.port, that.port);
     let (http_this, http_that) = side_by_side_pair(
         o.seconds,
         load(o.clients, &watch_this, |_| {
@@ -841,4 +836,26 @@ pub(crate) async fn compare_builds(o: &Options, dir: &std::path::Path, other: &s
     ratios.add("http_rpc this / other", http_this.rate(), http_that.rate());
     println!("ratios         {}", to_json(&ratios));
     drop(backends);
+}
+
+/// `reconnect_storm` with jitter, then without, each printed.
+pub(crate) async fn storm_pair(o: &Options, dir: &std::path::Path) -> (Storm, Storm) {
+    let with = reconnect_storm(o, dir, o.storm_clients, true).await;
+    let without = reconnect_storm(o, dir, o.storm_clients, false).await;
+    for (name, s) in [("jitter", &with), ("no jitter", &without)] {
+        println!(
+            "reconnect_storm {name}: {} of {} clients back in {:?} s, peak {} joins/s, peak {} attempts/s",
+            s.back, o.storm_clients, s.back_s, s.peak_per_s, s.peak_attempts_per_s
+        );
+    }
+    (with, without)
+}
+
+/// The storm's ratio: the peak rate of connection attempts with jitter against without.
+pub(crate) fn storm_ratio(ratios: &mut report::Ratios, (with, without): &(Storm, Storm)) {
+    ratios.add(
+        "reconnect_storm peak attempts jitter / no jitter",
+        with.peak_attempts_per_s,
+        without.peak_attempts_per_s.max(1.0),
+    );
 }

@@ -613,11 +613,7 @@ fn node_name(configured: Option<&str>) -> String {
     if let Some(name) = configured {
         return name.to_string();
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::env::var("HOSTNAME"))
-        .unwrap_or_else(|_| "gateway".into());
-    let host: String = host
-        .trim()
+    let host: String = crate::access::host_name()
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {

@@ -197,18 +197,17 @@ fn client_token_in_header(req: &Facts<'_>, config: &Config) -> bool {
 
 /// Three dot-separated parts of base64url characters, the first one not empty.
 fn looks_like_jwt(value: &str) -> bool {
-    let mut parts = value.split('.');
-    let shaped = |p: Option<&str>| {
-        p.is_some_and(|p| {
-            p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
-        })
+    let base64url = |p: &str| {
+        p.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'='))
     };
-    value.split('.').next().is_some_and(|h| !h.is_empty())
-        && shaped(parts.next())
-        && shaped(parts.next())
-        && shaped(parts.next())
-        && parts.next().is_none()
+    let mut parts = value.split('.');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(header), Some(claims), Some(signature), None) => {
+            !header.is_empty() && base64url(header) && base64url(claims) && base64url(signature)
+        }
+        _ => false,
+    }
 }
 
 /// A client's signed token: `?access_token=`, or `Authorization: Bearer`.
@@ -429,6 +428,22 @@ fn decide_call(
 mod tests {
     use super::*;
     use crate::mux;
+
+    #[test]
+    fn only_a_three_part_base64url_bearer_is_a_client_token() {
+        assert!(looks_like_jwt("eyJh.eyJz.c2ln"));
+        assert!(looks_like_jwt("eyJh.eyJz."), "alg none has no signature");
+        for not in [
+            "main-token-0123456789",
+            ".a.b",
+            "a.b",
+            "a.b.c.d",
+            "a b.c.d",
+            "a.b.c+",
+        ] {
+            assert!(!looks_like_jwt(not), "{not}");
+        }
+    }
 
     fn request(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
         let mut req = RequestHeader::build("GET", uri.as_bytes(), None).expect("request");

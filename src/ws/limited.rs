@@ -122,11 +122,11 @@ impl LimitedClient {
 }
 
 impl Side for LimitedClient {
-    async fn on_frame(&mut self, msg: Message) -> Outcome {
+    async fn on_frame(&mut self, msg: Message, bytes: usize) -> Outcome {
         if self.access.is_none() {
-            return self.pass(msg).await;
+            return self.pass(msg, bytes).await;
         }
-        let outcome = self.pass(msg).await;
+        let outcome = self.pass(msg, bytes).await;
         if let (Outcome::Answer(answer), Some(access)) = (&outcome, &mut self.access) {
             // The gateway answered the call itself (a rate, a limit, `$refresh`).
             access.reply(answer, answer.to_json().len(), || None);
@@ -165,7 +165,7 @@ impl Side for LimitedClient {
 impl LimitedClient {
     /// A frame from the client: held to its rates, `$refresh` answered, its request's trace
     /// context re-parented and its identity stamped, then on to the backend.
-    async fn pass(&mut self, mut msg: Message) -> Outcome {
+    async fn pass(&mut self, mut msg: Message, bytes: usize) -> Outcome {
         if msg.kind() == crate::duplex::Kind::Request {
             if let Err(limited) = self.admit() {
                 crate::metrics::metrics().reject(limited.reason);
@@ -184,7 +184,6 @@ impl LimitedClient {
                 }
                 if let Some(access) = &mut self.access {
                     // Refused, but a call all the same: its line says -32004.
-                    let bytes = msg.to_json().len();
                     access.request(&msg, bytes, None);
                 }
                 return Outcome::Answer(reply);
@@ -195,10 +194,14 @@ impl LimitedClient {
                     None => signed::refresh_refused(&msg),
                 });
             }
-            let own = msg.ext_raw().map(|raw| raw.to_owned());
+            // The client's own `ext`, kept only for a request the gateway is about to change.
+            let own = if self.signed.is_some() || crate::trace::may_carry(&msg) {
+                msg.ext_raw().map(|raw| raw.to_owned())
+            } else {
+                None
+            };
             let hop = crate::trace::reparent(&mut msg);
             if let Some(access) = &mut self.access {
-                let bytes = msg.to_json().len();
                 access.request(&msg, bytes, hop);
             }
             let mut changed = hop.is_some();

@@ -79,8 +79,9 @@ pub fn is_upgrade(req: &pingora::http::RequestHeader) -> bool {
 
 /// One side of the multiplexer as seen by a WebSocket connection.
 trait Side {
-    /// A frame from the peer; returns an answer to write back to the peer, if any.
-    async fn on_frame(&mut self, msg: Message) -> Outcome;
+    /// A frame from the peer (`bytes` long on the wire); returns an answer to write back to the
+    /// peer, if any.
+    async fn on_frame(&mut self, msg: Message, bytes: usize) -> Outcome;
     /// A frame the peer sent that is not a valid message.
     fn on_malformed(&mut self, error: &crate::duplex::ParseError);
     /// The next frame for the peer; None when the multiplexer closed this connection.
@@ -92,7 +93,7 @@ trait Side {
 }
 
 impl Side for BackendConn {
-    async fn on_frame(&mut self, msg: Message) -> Outcome {
+    async fn on_frame(&mut self, msg: Message, _bytes: usize) -> Outcome {
         self.handle(msg)
     }
     fn on_malformed(&mut self, error: &crate::duplex::ParseError) {

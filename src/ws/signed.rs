@@ -8,9 +8,9 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::duplex::{code, Message, RpcError};
+use crate::duplex::{code, Message};
 use crate::identity::{Identity, JwtAuth};
-use crate::mux::{close, CloseReason};
+use crate::mux::{close, local_error, CloseReason};
 
 /// The endpoint's token keys in force (read again after every reload; None once the endpoint
 /// no longer takes tokens).
@@ -66,11 +66,16 @@ impl Signed {
     /// Answers `$refresh`: a valid token for the same `sub` replaces the one in force (and its
     /// expiry); anything else is refused with `-32602` and changes nothing.
     pub fn refresh(&mut self, msg: &Message) -> Message {
-        let answer = match self.renew(msg) {
-            Ok(exp) => Message::reply(msg.id(), &json!({ "exp": exp }), false),
-            Err(why) => Message::error_reply(msg.id(), &RpcError::invalid_params(why)),
-        };
-        with_ext_of(answer, msg)
+        match self.renew(msg) {
+            Ok(exp) => {
+                let mut answer = Message::reply(msg.id(), &json!({ "exp": exp }), false);
+                if let Some(ext) = msg.ext_raw() {
+                    answer.set_raw("ext", ext.to_owned());
+                }
+                answer
+            }
+            Err(why) => local_error(msg, code::INVALID_PARAMS, &why),
+        }
     }
 
     fn renew(&mut self, msg: &Message) -> Result<u64, String> {
@@ -128,23 +133,11 @@ impl Signed {
 
 /// `$refresh` on an endpoint that takes no tokens.
 pub fn refresh_refused(msg: &Message) -> Message {
-    with_ext_of(
-        Message::error_reply(
-            msg.id(),
-            &RpcError::new(
-                code::METHOD_NOT_FOUND,
-                "$refresh: this endpoint takes no tokens",
-            ),
-        ),
+    local_error(
         msg,
+        code::METHOD_NOT_FOUND,
+        "$refresh: this endpoint takes no tokens",
     )
-}
-
-fn with_ext_of(mut answer: Message, msg: &Message) -> Message {
-    if let Some(ext) = msg.ext_raw() {
-        answer.set_raw("ext", ext.to_owned());
-    }
-    answer
 }
 
 /// Whether `msg` calls `$refresh` (read without decoding the method).

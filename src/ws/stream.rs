@@ -323,7 +323,7 @@ impl WsStream {
                         } else {
                             match Message::parse(&frame) {
                                 Ok(msg) => {
-                                    let answer = side.on_frame(msg).await;
+                                    let answer = side.on_frame(msg, frame.len()).await;
                                     // A call can wait (for a backend in its grace); the peer's
                                     // silence meanwhile is ours, not a sign it is dead.
                                     self.last_heard = Instant::now();

@@ -45,6 +45,23 @@ pub fn example_binary(package: &str, name: &str) -> PathBuf {
     target.join("debug/examples").join(name)
 }
 
+/// The tests' log level: `GATEWAY_LOG`, else info with the gateway's own debug lines.
+fn log_level() -> String {
+    std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info,duplex_gateway=debug".into())
+}
+
+/// Runs the gateway binary on `config`, logging at `level` to `log`.
+fn spawn_gateway(config: &std::path::Path, log: std::fs::File, level: &str) -> std::process::Child {
+    Command::new(gateway_binary())
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", level)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start duplex-gateway")
+}
+
 /// A running gateway process.
 pub struct Gateway {
     child: Process,
@@ -76,9 +93,7 @@ impl Gateway {
     /// Starts a gateway on the config `make(port, metrics_port)` returns. A port another test
     /// process took in the meantime makes the gateway fail to start: it is tried again on others.
     pub fn start_with(make: impl Fn(u16, u16) -> String) -> Gateway {
-        let level =
-            std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info,duplex_gateway=debug".into());
-        Gateway::start_logging(&level, make)
+        Gateway::start_logging(&log_level(), make)
     }
 
     /// Starts a gateway like [`Gateway::start_with`], logging at `level` (a `RUST_LOG` value).
@@ -102,14 +117,7 @@ impl Gateway {
         std::fs::write(&config_path, make(port, metrics_port)).expect("write config");
         let log_path = dir.path().join("gateway.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let child = Command::new(gateway_binary())
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", level)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start duplex-gateway");
+        let child = spawn_gateway(&config_path, log, level);
         let mut gw = Gateway {
             child: Process::new(child),
             port,
@@ -210,19 +218,7 @@ impl Gateway {
                 .append(true)
                 .open(&self.log_path)
                 .expect("log file");
-            let child = Command::new(gateway_binary())
-                .arg("--config")
-                .arg(&self.config_path)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("GATEWAY_LOG")
-                        .unwrap_or_else(|_| "info,duplex_gateway=debug".into()),
-                )
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("start duplex-gateway");
-            self.child = Process::new(child);
+            self.child = Process::new(spawn_gateway(&self.config_path, log, &log_level()));
             let up = loop {
                 if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                     break true;
