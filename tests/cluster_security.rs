@@ -794,3 +794,126 @@ async fn a_call_whose_session_was_lost_on_the_way_fails_within_a_tick() {
     );
     assert!(took < Duration::from_secs(4), "it took {took:?}");
 }
+
+/// A stand-in node `f` on the bus: its heartbeats announce `/r` (secret `s`) with one backend,
+/// or, once `leaving` is set, say it stops. Every message it sends takes the next number of
+/// `seq` (one replay window per node).
+async fn fake_node_heartbeats(
+    nats: &Nats,
+    epoch: u64,
+    seq: Arc<std::sync::atomic::AtomicU64>,
+    leaving: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    use duplex_gateway::cluster::wire::{entry_digest, Announced, Heartbeat};
+    let mut nats = RawNats::connect(nats, "{}").await;
+    tokio::spawn(async move {
+        let secret = sha256_hex(b"s");
+        let backends = vec![(1, unix_ms() - 1000, false)];
+        // Bounded: 20 s of heartbeats at most.
+        for _ in 0..100 {
+            let stopping = leaving.load(Ordering::SeqCst);
+            let endpoints = if stopping {
+                Vec::new()
+            } else {
+                vec![Announced {
+                    path: "/r".into(),
+                    secret: secret.clone(),
+                    backends: backends.clone(),
+                }]
+            };
+            let beat = Heartbeat {
+                node: "f".into(),
+                leaving: stopping,
+                epoch,
+                sent: unix_ms(),
+                count: endpoints.len() as u64,
+                digest: endpoints
+                    .iter()
+                    .map(|e| entry_digest(&e.path, &e.secret, &e.backends))
+                    .fold(0, |a, b| a ^ b),
+                endpoints,
+                ..Heartbeat::default()
+            };
+            let n = seq.fetch_add(1, Ordering::SeqCst);
+            let bytes = serde_json::to_vec(&beat).expect("heartbeat");
+            nats.publish("test.gw.hb", &with_counters(bytes, epoch, n))
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_session_refused_at_its_open_goes_again_and_its_call_waits_for_a_backend() {
+    // A node that stops refuses new sessions before its heartbeat saying so reaches the others:
+    // the HTTP call it refused reached no backend, so its node sends it again and, once no node
+    // serves, waits in the grace for one (as on one node), instead of failing with 503.
+    let nats = Nats::start();
+    let b = start_node(&nats.url(), "b", "", "");
+    let epoch = 4242;
+    let seq = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let beats = fake_node_heartbeats(&nats, epoch, seq.clone(), leaving.clone()).await;
+    let mut f = RawNats::connect(&nats, "{}").await;
+    f.subscribe("test.gw.node.f", 1).await;
+    all_hear(&[&b], 2.0).await;
+    let started = Instant::now();
+    let call = tokio::spawn({
+        let url = b.http("/r/echo?secret=s");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .body("7")
+                .timeout(WAIT)
+                .send()
+                .await
+                .expect("POST");
+            let status = response.status().as_u16();
+            (status, response.text().await.expect("body"))
+        }
+    });
+    // f refuses every session opened on it (as a stopping node does); the second open shows
+    // b sent the call again. Then f says it stops.
+    let refused = Arc::new(AtomicUsize::new(0));
+    let refuser = tokio::spawn({
+        let (refused, seq) = (refused.clone(), seq.clone());
+        async move {
+            while let Some(msg) = f.next(WAIT).await {
+                if !msg.payload.starts_with(b"O ") {
+                    continue;
+                }
+                assert!(
+                    String::from_utf8_lossy(&msg.payload).contains("\"echo\""),
+                    "the open carries the call"
+                );
+                let session = String::from_utf8_lossy(&msg.payload[2..34]).to_string();
+                let refusal = format!("N {session} f 1001 gateway node stopping\n").into_bytes();
+                let n = seq.fetch_add(1, Ordering::SeqCst);
+                f.publish("test.gw.node.b", &with_counters(refusal, epoch, n))
+                    .await;
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    while refused.load(Ordering::SeqCst) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "b did not open the call's session again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    leaving.store(true, Ordering::SeqCst);
+    // No node serves now: the call waits (3 s grace) for a backend, which comes on b.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!call.is_finished(), "the call did not wait for a backend");
+    let _backend = publish(&b, "/r", "s").await;
+    let (status, body) = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("the call ends")
+        .expect("call task");
+    assert_eq!((status, body.as_str()), (200, "7"), "{}", b.log());
+    assert!(started.elapsed() < Duration::from_secs(4));
+    beats.abort();
+    refuser.abort();
+}

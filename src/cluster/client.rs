@@ -29,8 +29,9 @@ use crate::mux::{close, local_error, ClientConn, CloseReason, Endpoint, JoinErro
 pub(super) enum Inbound {
     /// A frame from the session `u128`.
     Frame(u128, Message, usize),
-    /// The session ended.
-    Ended(u128, CloseReason),
+    /// The session ended; `true` when the serving node refused it at its open (nothing sent in
+    /// it reached a backend).
+    Ended(u128, CloseReason, bool),
 }
 
 /// The entry of a relayed session in the cluster's table.
@@ -48,7 +49,7 @@ pub(super) struct Relay {
 
 impl Relay {
     pub(super) fn end(&self, id: u128, reason: CloseReason) {
-        let _ = self.tx.unbounded_send(Inbound::Ended(id, reason));
+        let _ = self.tx.unbounded_send(Inbound::Ended(id, reason, false));
     }
 }
 
@@ -57,12 +58,17 @@ impl Cluster {
     pub(super) fn to_relayed_client(&self, envelope: &Envelope<'_>) {
         let id = envelope.session;
         match envelope.op {
-            Op::Ended { code, reason } => {
+            Op::Ended {
+                code,
+                reason,
+                refused,
+            } => {
                 let mut sessions = lock(&self.sessions);
                 if sessions.get(&id).is_some_and(|r| *r.node == *envelope.from) {
                     if let Some(relay) = sessions.remove(&id) {
                         drop(sessions);
-                        relay.end(id, CloseReason::new(code, reason));
+                        let reason = CloseReason::new(code, reason);
+                        let _ = relay.tx.unbounded_send(Inbound::Ended(id, reason, refused));
                     }
                 }
             }
@@ -133,7 +139,17 @@ struct Session {
     opened: bool,
     /// The other node ended it (or the final reply of an HTTP call came): no close to send.
     over: bool,
+    /// The frames sent into it while nothing has come back (at most [`MAX_REPLAYED`]; None
+    /// after that): if the serving node refuses the session at its open, they go again.
+    replay: Option<Vec<Message>>,
 }
+
+/// The most frames of a session kept for sending again if the serving node refuses it.
+const MAX_REPLAYED: usize = 8;
+
+/// How long a client waits before sending again what a node refused (that node's heartbeat
+/// saying it stops, or that it no longer serves, is on its way).
+const REFUSED_PAUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A client of this node in a cluster (see the module's documentation).
 pub struct ClusterClient {
@@ -149,6 +165,11 @@ pub struct ClusterClient {
     open: HashMap<u64, Option<Box<RawValue>>>,
     /// Answers the gateway owes the client (calls failed when a session ended).
     owed: VecDeque<Message>,
+    /// Frames of a session the serving node refused, to send again (after `REFUSED_PAUSE`).
+    resend: VecDeque<Message>,
+    /// When the first of a run of refusals came (the frames go again for at most
+    /// `limits.backend_grace` from then).
+    refused_since: Option<Instant>,
     closed: Option<CloseReason>,
     /// No backend anywhere: the client waits until then for one.
     grace_until: Option<Instant>,
@@ -197,6 +218,8 @@ impl ClusterClient {
             queued: Arc::new(AtomicUsize::new(0)),
             open: HashMap::new(),
             owed: VecDeque::new(),
+            resend: VecDeque::new(),
+            refused_since: None,
             closed: None,
             grace_until: None,
             stop: cluster.stop_signal(),
@@ -328,6 +351,7 @@ impl ClusterClient {
                     sent,
                     opened: false,
                     over: false,
+                    replay: Some(Vec::new()),
                 });
                 self.grace_until = None;
                 return true;
@@ -527,8 +551,15 @@ impl ClusterClient {
             self.cluster.publish(subject, envelope.encode()).await
         };
         if sent {
-            if let Place::Remote(session) = &self.place {
+            if let Place::Remote(session) = &mut self.place {
                 session.sent.fetch_add(1, Ordering::SeqCst);
+                if let Some(replay) = &mut session.replay {
+                    if replay.len() < MAX_REPLAYED {
+                        replay.push(msg);
+                    } else {
+                        session.replay = None;
+                    }
+                }
             }
             return None;
         }
@@ -551,6 +582,10 @@ impl ClusterClient {
             }
             if self.closed.is_some() {
                 return None;
+            }
+            if !self.resend.is_empty() {
+                self.send_refused_again().await;
+                continue;
             }
             let grace = self.grace_until;
             let nowhere = matches!(self.place, Place::Nowhere);
@@ -610,6 +645,47 @@ impl ClusterClient {
         }
     }
 
+    /// The serving node refused the current session at its open: what was sent in it reached
+    /// no backend, so it goes again (the client is placed afresh, waiting as in a grace while no
+    /// backend serves). False when that cannot be (more was sent than kept, or refusals have
+    /// gone on for `limits.backend_grace`): the session then ends as any other.
+    fn take_refused(&mut self) -> bool {
+        let grace = self.cluster.registry.limits().backend_grace;
+        let since = *self.refused_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= grace {
+            return false;
+        }
+        let Place::Remote(session) = &mut self.place else {
+            return false;
+        };
+        let Some(frames) = session.replay.take() else {
+            return false;
+        };
+        lock(&self.cluster.sessions).remove(&session.id);
+        self.place = Place::Nowhere;
+        self.checked = None;
+        for frame in &frames {
+            if frame.kind() == Kind::Request {
+                if let Some(call) = frame.id() {
+                    self.open.remove(&call);
+                }
+            }
+        }
+        self.resend.extend(frames);
+        true
+    }
+
+    /// Sends again the frames of a refused session, after a pause (the refusing node's news
+    /// is on its way); what cannot be sent is answered as a first sending would be.
+    async fn send_refused_again(&mut self) {
+        tokio::time::sleep(REFUSED_PAUSE).await;
+        while let Some(msg) = self.resend.pop_front() {
+            if let Some(answer) = self.pass(msg).await {
+                self.owed.push_back(answer);
+            }
+        }
+    }
+
     /// A frame already queued, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
         if let Some(msg) = self.owed.pop_front() {
@@ -643,6 +719,11 @@ impl ClusterClient {
                 if Some(id) != current {
                     return None;
                 }
+                if let Place::Remote(session) = &mut self.place {
+                    // The session was taken: nothing of it will be sent again.
+                    session.replay = None;
+                }
+                self.refused_since = None;
                 if self.websocket && msg.kind() == Kind::Reply && msg.id().is_none() {
                     // A WebSocket peer is only sent answers that carry an id.
                     return None;
@@ -660,8 +741,11 @@ impl ClusterClient {
                 }
                 Some(msg)
             }
-            Inbound::Ended(id, reason) => {
+            Inbound::Ended(id, reason, refused) => {
                 if Some(id) != current {
+                    return None;
+                }
+                if refused && reason.code != close::POLICY && self.take_refused() {
                     return None;
                 }
                 if let Place::Remote(session) = &mut self.place {

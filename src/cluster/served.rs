@@ -104,14 +104,14 @@ impl Cluster {
         }
         if self.leaving.load(Ordering::SeqCst) {
             let reason = CloseReason::new(close::TRY_AGAIN_LATER, "gateway node stopping");
-            self.end_served(&reply_to, id, &reason);
+            self.refuse_served(&reply_to, id, &reason);
             return;
         }
         // Only nodes this one hears open sessions here (the caller checked the message came
         // from one it knows; departing nodes open nothing new).
         if !lock(&self.nodes).contains_key(envelope.from) {
             let reason = CloseReason::new(close::TRY_AGAIN_LATER, "unknown gateway node");
-            self.end_served(&reply_to, id, &reason);
+            self.refuse_served(&reply_to, id, &reason);
             return;
         }
         // The client was admitted on its node with this digest: it must still be the one this
@@ -128,12 +128,23 @@ impl Cluster {
         let conn = match conn {
             Ok(conn) => conn,
             Err(e) => {
-                let reason = match e {
-                    JoinError::BadSecret => CloseReason::new(close::POLICY, SECRET_REFUSED),
-                    JoinError::Full => CloseReason::new(close::TRY_AGAIN_LATER, "endpoint full"),
-                    _ => CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable"),
-                };
-                self.end_served(&reply_to, id, &reason);
+                // A refused secret or a full endpoint is this client's answer; an endpoint this
+                // node no longer has lets the client's node look elsewhere.
+                match e {
+                    JoinError::BadSecret => {
+                        let reason = CloseReason::new(close::POLICY, SECRET_REFUSED);
+                        self.end_served(&reply_to, id, &reason);
+                    }
+                    JoinError::Full => {
+                        let reason = CloseReason::new(close::TRY_AGAIN_LATER, "endpoint full");
+                        self.end_served(&reply_to, id, &reason);
+                    }
+                    _ => {
+                        let reason =
+                            CloseReason::new(close::TRY_AGAIN_LATER, "backend unavailable");
+                        self.refuse_served(&reply_to, id, &reason);
+                    }
+                }
                 return;
             }
         };
@@ -173,10 +184,21 @@ impl Cluster {
 
     /// Tells a client's node that its session ended.
     pub(super) fn end_served(&self, subject: &Subject, id: u128, reason: &CloseReason) {
+        self.send_end(subject, id, reason, false);
+    }
+
+    /// Tells the client's node that session `id` was not opened here: nothing of it reached a
+    /// backend, so its calls may go elsewhere (see [`Op::Ended`]).
+    fn refuse_served(&self, subject: &Subject, id: u128, reason: &CloseReason) {
+        self.send_end(subject, id, reason, true);
+    }
+
+    fn send_end(&self, subject: &Subject, id: u128, reason: &CloseReason, refused: bool) {
         let ended = Envelope {
             op: Op::Ended {
                 code: reason.code,
                 reason: &reason.reason,
+                refused,
             },
             session: id,
             from: &self.me,

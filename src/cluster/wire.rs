@@ -47,6 +47,10 @@ pub enum Op<'a> {
         code: u16,
         /// The close reason.
         reason: &'a str,
+        /// The session was refused at its open: nothing sent in it reached a backend, so the
+        /// client's node may send it again elsewhere (or once a backend is back). Sent as `N`
+        /// instead of `E`.
+        refused: bool,
     },
     /// A backend's node -> the node whose route a call names: backend `key` of `path` calls a
     /// client there (the body is the call, with its `ext.route`).
@@ -115,7 +119,14 @@ impl Envelope<'_> {
             Op::ToBackend => (b'B', String::new()),
             Op::Close => (b'C', String::new()),
             Op::ToClient => (b'F', String::new()),
-            Op::Ended { code, reason } => (b'E', format!("{code} {}", one_line(reason))),
+            Op::Ended {
+                code,
+                reason,
+                refused,
+            } => (
+                if *refused { b'N' } else { b'E' },
+                format!("{code} {}", one_line(reason)),
+            ),
             Op::CallClient { key, path } => (b'K', format!("{key} {path}")),
             Op::AnswerBackend { key, path } => (b'A', format!("{key} {path}")),
             Op::CloseClient { path } => (b'X', path.to_string()),
@@ -191,11 +202,12 @@ pub fn decode(bytes: &[u8]) -> Option<Envelope<'_>> {
         "B" => Op::ToBackend,
         "C" => Op::Close,
         "F" => Op::ToClient,
-        "E" => {
+        "E" | "N" => {
             let (code, reason) = arg.split_once(' ').unwrap_or((arg, ""));
             Op::Ended {
                 code: code.parse().ok()?,
                 reason,
+                refused: letter == "N",
             }
         }
         "K" | "A" => {
@@ -329,6 +341,12 @@ mod tests {
             Op::Ended {
                 code: 1008,
                 reason: "secret changed by a reload",
+                refused: false,
+            },
+            Op::Ended {
+                code: 1001,
+                reason: "gateway node stopping",
+                refused: true,
             },
             Op::CallClient { key: 7, path: "/p" },
             Op::AnswerBackend { key: 7, path: "/p" },
@@ -359,6 +377,7 @@ mod tests {
             op: Op::Ended {
                 code: 1013,
                 reason: "a\nb",
+                refused: false,
             },
             session: 1,
             from: "n",
@@ -370,7 +389,8 @@ mod tests {
             decoded.op,
             Op::Ended {
                 code: 1013,
-                reason: "a b"
+                reason: "a b",
+                refused: false,
             }
         );
         assert!(decoded.body.is_empty());
@@ -400,6 +420,7 @@ mod tests {
             Op::Ended {
                 code: 1013,
                 reason: &"r".repeat(123),
+                refused: true,
             },
             Op::Open {
                 websocket: true,
