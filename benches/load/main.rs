@@ -18,7 +18,11 @@
 //! `cluster_http_rpc` (the `ws_rpc` and `http_rpc` loads with the client on one gateway node and
 //! the backend on another, joined by a real nats-server; skipped when nats-server is not
 //! installed), `cluster_ws_rpc_signed` (the same WebSocket load through two nodes that sign every
-//! message with `cluster.key`, beside the unsigned pair), and their ratios.
+//! message with `cluster.key`, beside the unsigned pair), `cluster_endpoints` (100,000 endpoints
+//! over 6 nodes: when each answers on every node, idle NATS traffic, a new endpoint's time to
+//! answer everywhere), `cluster_idle` (100,000 WebSocket clients over 6 nodes, each answering a
+//! call at the end, memory per client against one gateway alone; `--only-cluster-scale` runs
+//! just these two), and their ratios.
 //!
 //! Every server runs in a process of its own: the gateway (the release binary), and this binary
 //! started again with `--role ...` for the echo backend, the direct Duplex server and the direct
@@ -71,6 +75,8 @@ const POOL: &str = "/pool";
 const SIGNED: &str = "/signed";
 /// Its size.
 const POOL_SIZE: usize = 4;
+/// `cluster_idle`'s nodes.
+const CLUSTER_IDLE_NODES: usize = 6;
 
 /// What to run.
 #[derive(Clone)]
@@ -82,8 +88,14 @@ struct Options {
     json: Option<String>,
     url: Option<String>,
     token: String,
-    /// `cluster_endpoints`: endpoints published on each of its 4 nodes.
+    /// `cluster_endpoints`: endpoints published on each of its nodes.
     endpoints_per_node: usize,
+    /// `cluster_endpoints`: how many nodes.
+    endpoint_nodes: usize,
+    /// `cluster_idle`: WebSocket clients over [`CLUSTER_IDLE_NODES`] nodes.
+    cluster_clients: usize,
+    /// Only `cluster_endpoints` and `cluster_idle` (`--only-cluster-scale`).
+    only_cluster_scale: bool,
     /// `reconnect_storm`: clients that reconnect after the gateway's restart.
     storm_clients: usize,
     /// Only compare this build with another (`--compare-binary PATH`): `ws_rpc` and `http_rpc`
@@ -114,8 +126,12 @@ impl Options {
             json: value("--json"),
             url: value("--url").map(|u| u.trim_end_matches('/').to_string()),
             token: value("--token").unwrap_or_else(|| TOKEN.to_string()),
-            endpoints_per_node: num("--endpoints-per-node", if quick { 500.0 } else { 15_000.0 })
+            endpoints_per_node: num("--endpoints-per-node", if quick { 500.0 } else { 16_667.0 })
                 as usize,
+            endpoint_nodes: num("--endpoint-nodes", if quick { 4.0 } else { 6.0 }) as usize,
+            cluster_clients: num("--cluster-clients", if quick { 3_000.0 } else { 100_000.0 })
+                as usize,
+            only_cluster_scale: args.iter().any(|a| a == "--only-cluster-scale"),
             storm_clients: num("--storm-clients", if quick { 2_000.0 } else { 10_000.0 }) as usize,
             compare: value("--compare-binary"),
             only_identity: args.iter().any(|a| a == "--only-identity"),
@@ -152,6 +168,19 @@ async fn bench(o: Options) {
     let dir = tempfile::tempdir().expect("temp dir");
     if let Some(other) = &o.compare {
         return compare_builds(&o, dir.path(), std::path::Path::new(other)).await;
+    }
+    if o.only_cluster_scale {
+        let endpoints =
+            cluster_endpoints_scenario(&o, dir.path(), o.endpoint_nodes, o.endpoints_per_node)
+                .await;
+        let idle = cluster_idle_scenario(dir.path(), CLUSTER_IDLE_NODES, o.cluster_clients).await;
+        if let Some(path) = &o.json {
+            let both = json!({"cluster_endpoints": endpoints, "cluster_idle": idle});
+            let text = serde_json::to_string_pretty(&both).expect("json");
+            std::fs::write(path, text).expect("write --json file");
+            println!("wrote {path}");
+        }
+        return;
     }
     if o.only_storm {
         let storm = storm_pair(&o, dir.path()).await;
@@ -374,9 +403,17 @@ async fn bench(o: Options) {
         Some(_) => Some(storm_pair(&o, dir.path()).await),
         None => None,
     };
-    // cluster_endpoints: many endpoints over 4 nodes (only with gateways this tool starts).
+    // cluster_endpoints: many endpoints over several nodes; cluster_idle: many clients over
+    // six (only with gateways this tool starts).
     let cluster_endpoints = match &ours {
-        Some(_) => cluster_endpoints_scenario(&o, dir.path(), o.endpoints_per_node).await,
+        Some(_) => {
+            cluster_endpoints_scenario(&o, dir.path(), o.endpoint_nodes, o.endpoints_per_node)
+                .await
+        }
+        None => None,
+    };
+    let cluster_idle = match &ours {
+        Some(_) => cluster_idle_scenario(dir.path(), CLUSTER_IDLE_NODES, o.cluster_clients).await,
         None => None,
     };
     let cluster_latency = cluster.as_ref().map(|c| {
@@ -484,6 +521,7 @@ async fn bench(o: Options) {
         cluster_latency,
         abuse,
         cluster_endpoints,
+        cluster_idle,
         identity: identity.as_ref().map(|i| report::Identity {
             ws_jwt: i.ws_jwt.summary(clients),
             ws_secret: i.ws_secret.summary(clients),

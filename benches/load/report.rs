@@ -122,7 +122,7 @@ pub(crate) struct Abuse {
     pub(crate) rss_ratio: f64,
 }
 
-/// `cluster_endpoints`: many endpoints over 4 nodes.
+/// `cluster_endpoints`: many endpoints over several nodes.
 #[derive(Serialize)]
 pub(crate) struct ClusterEndpoints {
     pub(crate) nodes: usize,
@@ -133,6 +133,49 @@ pub(crate) struct ClusterEndpoints {
     pub(crate) all_answer_after_seconds: f64,
     /// What the NATS server carried per node once idle (in and out).
     pub(crate) idle_nats_bytes_per_sec_per_node: Option<f64>,
+    /// Every node heard every other one at the end (none was taken for dead).
+    pub(crate) every_node_hears_all: bool,
+    /// Endpoints published one at a time once the table is full: from each publish (its
+    /// handshake answered) until it answered on every other node, in ms.
+    pub(crate) new_endpoint_everywhere_ms: Spread,
+}
+
+/// A few measurements of one thing.
+#[derive(Serialize)]
+pub(crate) struct Spread {
+    pub(crate) samples: usize,
+    pub(crate) p50: f64,
+    pub(crate) max: f64,
+}
+
+impl Spread {
+    pub(crate) fn of(mut values: Vec<f64>) -> Spread {
+        values.sort_by(f64::total_cmp);
+        Spread {
+            samples: values.len(),
+            p50: values.get(values.len() / 2).copied().unwrap_or(0.0),
+            max: values.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+/// `cluster_idle`: WebSocket clients held over several nodes, against the same per node on one
+/// gateway alone.
+#[derive(Serialize)]
+pub(crate) struct ClusterIdle {
+    pub(crate) nodes: usize,
+    pub(crate) clients: usize,
+    /// Clients that answered a call at the end.
+    pub(crate) answered: usize,
+    pub(crate) connect_seconds: f64,
+    /// The nodes' RSS growth per client, the clients connected and idle.
+    pub(crate) bytes_per_client_idle: u64,
+    /// The same once every client has made its call (the relayed ones then hold a session on
+    /// the backend's node).
+    pub(crate) bytes_per_client_after_call: u64,
+    /// One gateway alone with one node's share of clients, run beside it.
+    pub(crate) single_node_clients: usize,
+    pub(crate) single_node_bytes_per_client: u64,
 }
 
 /// The ratios, in the order they were taken.
@@ -238,6 +281,8 @@ pub(crate) struct Report {
     pub(crate) abuse: Option<Abuse>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) cluster_endpoints: Option<ClusterEndpoints>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cluster_idle: Option<ClusterIdle>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) identity: Option<Identity>,
     #[serde(skip_serializing_if = "Option::is_none")]

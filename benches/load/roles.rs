@@ -81,6 +81,51 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
+            // `<url> <count> <file>`: holds `count` idle clients of a gateway; writes
+            // `connected <n>` to `file` once they are in, then, when `<file>.go` exists, has
+            // every client call `echo` once and writes `answered <n>`; holds them until killed.
+            "idle-clients" => {
+                let args: Vec<&str> = arg.split(' ').collect();
+                let [url, count, file] = args[..] else {
+                    eprintln!("idle-clients: <url> <count> <file>");
+                    return;
+                };
+                let count: usize = count.parse().unwrap_or(0);
+                let mut held = Vec::with_capacity(count);
+                let mut i = 0;
+                while i < count {
+                    let batch = (i..(i + 200).min(count)).map(|_| Peer::builder().connect(url));
+                    for peer in futures_util::future::join_all(batch).await {
+                        match peer {
+                            Ok(peer) => held.push(peer),
+                            Err(e) => eprintln!("idle-clients: {e}"),
+                        }
+                    }
+                    i += 200;
+                }
+                let _ = std::fs::write(file, format!("connected {}", held.len()));
+                let go = format!("{file}.go");
+                // Bounded: ten minutes at most.
+                for _ in 0..12_000 {
+                    if std::path::Path::new(&go).exists() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let mut answered = 0;
+                for chunk in held.chunks(1000) {
+                    let calls = chunk.iter().enumerate().map(|(i, p)| async move {
+                        p.call("echo", json!(i)).await == Ok(json!(i))
+                    });
+                    answered += futures_util::future::join_all(calls)
+                        .await
+                        .into_iter()
+                        .filter(|ok| *ok)
+                        .count();
+                }
+                let _ = std::fs::write(file, format!("answered {answered}"));
+                std::future::pending::<()>().await;
+            }
             // Publishes the echo handlers at the URL (a gateway), publishing again if dropped.
             "echo-backend" => loop {
                 if let Ok(peer) = echo_handlers().connect(arg).await {

@@ -336,12 +336,64 @@ pub(crate) async fn abuse_scenario(o: &Options, dir: &std::path::Path) -> report
     report
 }
 
-/// `cluster_endpoints`: `per_node` endpoints published on each of 4 nodes (one backend
+/// The config lines of cluster node `name` on the NATS server at `nats_port`.
+fn scale_node(nats_port: u16, name: &str, prefix: &str) -> String {
+    format!(
+        "  max_message_bytes: 1000000\n  backend_grace: 30s\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: {prefix}\n"
+    )
+}
+
+/// Starts `n` cluster nodes named `<prefix>1`.. on the NATS server at `nats_port`.
+async fn scale_nodes(dir: &std::path::Path, nats_port: u16, prefix: &str, n: usize) -> Vec<OurGateway> {
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        let name = format!("{prefix}{i}");
+        let config = scale_node(nats_port, &name, prefix);
+        nodes.push(start_gateway_with(dir, &format!("node-{name}.yaml"), &config).await);
+    }
+    nodes
+}
+
+/// Whether every node counts `n` nodes in its cluster (none taken for dead).
+async fn every_node_hears(nodes: &[OurGateway], n: usize) -> bool {
+    let http = reqwest::Client::new();
+    for gw in nodes {
+        let text = match http
+            .get(format!("http://127.0.0.1:{}/metrics", gw.metrics))
+            .send()
+            .await
+        {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        let heard = text
+            .lines()
+            .find_map(|l| l.strip_prefix("duplex_gateway_cluster_nodes "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if heard != Some(n as f64) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `path` answers an HTTP call on `gw`.
+async fn answers(http: &reqwest::Client, gw: &OurGateway, path: &str) -> bool {
+    http.post(format!("http://127.0.0.1:{}{path}/echo?secret={SECRET}", gw.port))
+        .body("1")
+        .send()
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 200)
+}
+
+/// `cluster_endpoints`: `per_node` endpoints published on each of `n` nodes (one backend
 /// connection each, held by a publisher process per node): the time until every endpoint
-/// answers on every node, and the nodes' NATS traffic once idle.
+/// answers on every node, the nodes' NATS traffic once idle, and then, the table full, how long
+/// a new endpoint takes to answer on every other node.
 pub(crate) async fn cluster_endpoints_scenario(
     o: &Options,
     dir: &std::path::Path,
+    n: usize,
     per_node: usize,
 ) -> Option<report::ClusterEndpoints> {
     let monitor = free_port();
@@ -349,20 +401,12 @@ pub(crate) async fn cluster_endpoints_scenario(
         println!("cluster_endpoints skipped: nats-server is not installed");
         return None;
     };
-    let node = |name: &str| {
-        format!(
-            "  max_message_bytes: 1000000\n  backend_grace: 30s\ncluster:\n  nats: [nats://127.0.0.1:{nats_port}]\n  node: {name}\n  subject_prefix: many\n"
-        )
-    };
-    let names = ["e1", "e2", "e3", "e4"];
-    let mut nodes = Vec::new();
-    for name in names {
-        nodes.push(start_gateway_with(dir, &format!("node-{name}.yaml"), &node(name)).await);
-    }
+    let nodes = scale_nodes(dir, nats_port, "e", n).await;
+    let names: Vec<String> = (1..=n).map(|i| format!("e{i}")).collect();
     let started = Instant::now();
     let _publishers: Vec<Proc> = nodes
         .iter()
-        .zip(names)
+        .zip(&names)
         .map(|(gw, name)| {
             spawn_role(
                 "publisher",
@@ -374,30 +418,20 @@ pub(crate) async fn cluster_endpoints_scenario(
         .iter()
         .flat_map(|name| (0..per_node).map(move |i| format!("/many/{name}/{i}")))
         .collect();
-    // Every endpoint, on every node: calls until each answers (a minute at most).
+    // Every endpoint, on every node: calls until each answers (five minutes at most).
     let http = reqwest::Client::new();
     let total = per_node * nodes.len();
     let mut missing = std::collections::HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     for gw in &nodes {
-        let base = gw.url.replacen("ws://", "http://", 1);
         let mut left: Vec<usize> = (0..paths.len()).collect();
         while !left.is_empty() && Instant::now() < deadline {
             let calls = left.iter().map(|i| {
-                let url = format!("{base}{}/echo?secret={SECRET}", paths[*i]);
-                let http = http.clone();
-                async move {
-                    let ok = http
-                        .post(url)
-                        .body("1")
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().as_u16() == 200);
-                    (*i, ok)
-                }
+                let (http, path) = (&http, &paths[*i]);
+                async move { (*i, answers(http, gw, path).await) }
             });
             let results: Vec<(usize, bool)> = futures_util::stream::iter(calls)
-                .buffer_unordered(64)
+                .buffer_unordered(128)
                 .collect()
                 .await;
             left = results
@@ -436,20 +470,160 @@ pub(crate) async fn cluster_endpoints_scenario(
             0,
         )
     });
+    // New endpoints, one at a time on each node in turn, the table full.
+    let mut took = Vec::new();
+    let mut held = Vec::new();
+    for k in 0..(2 * n).max(12) {
+        let home = &nodes[k % n];
+        let path = format!("/many/new/{k}");
+        let url = format!("{}{path}?token={}&secret={SECRET}", home.url, o.token);
+        let Ok(peer) = echo_handlers().connect(&url).await else {
+            continue;
+        };
+        let published = Instant::now();
+        let until = published + Duration::from_secs(10);
+        for gw in nodes.iter().filter(|gw| gw.port != home.port) {
+            while !answers(&http, gw, &path).await && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        took.push(round(published.elapsed().as_secs_f64() * 1000.0, 1));
+        held.push(peer);
+    }
+    let every_node_hears_all = every_node_hears(&nodes, n).await;
     let report = report::ClusterEndpoints {
         nodes: nodes.len(),
         endpoints: total,
         answered_on_every_node: answered,
         all_answer_after_seconds: round(all_known, 2),
         idle_nats_bytes_per_sec_per_node: per_node_bytes,
+        every_node_hears_all,
+        new_endpoint_everywhere_ms: report::Spread::of(took),
     };
     println!(
-        "cluster_endpoints {} endpoints on {} nodes: {} answered everywhere after {:.1} s; idle NATS {} B/s per node",
+        "cluster_endpoints {} endpoints on {} nodes: {} answered everywhere after {:.1} s; idle NATS {} B/s per node; a new one answers everywhere after {} ms (p50), {} ms (max of {}); every node hears all: {}",
         total,
         nodes.len(),
         answered,
         all_known,
-        per_node_bytes.map_or("?".to_string(), |b| b.to_string())
+        per_node_bytes.map_or("?".to_string(), |b| b.to_string()),
+        report.new_endpoint_everywhere_ms.p50,
+        report.new_endpoint_everywhere_ms.max,
+        report.new_endpoint_everywhere_ms.samples,
+        every_node_hears_all,
+    );
+    Some(report)
+}
+
+/// Waits until `file` (written by an `idle-clients` process) starts with `word`; its number.
+async fn idle_clients_say(file: &std::path::Path, word: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if let Some(n) = text.strip_prefix(word) {
+                return n.trim().parse().unwrap_or(0);
+            }
+        }
+        if Instant::now() > deadline {
+            return 0;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The summed RSS (KiB) of these gateways.
+fn rss_of(gws: &[&OurGateway]) -> u64 {
+    gws.iter().filter_map(|gw| rss_kib(gw.pid)).sum()
+}
+
+/// `cluster_idle`: `total` idle WebSocket clients spread over `n` nodes (the backend on the
+/// first; an `idle-clients` process per node), each answering a call at the end; beside them,
+/// one gateway alone with one node's share of clients. Memory per client of both.
+pub(crate) async fn cluster_idle_scenario(
+    dir: &std::path::Path,
+    n: usize,
+    total: usize,
+) -> Option<report::ClusterIdle> {
+    let Some((_nats, nats_port)) = start_nats(None).await else {
+        println!("cluster_idle skipped: nats-server is not installed");
+        return None;
+    };
+    let nodes = scale_nodes(dir, nats_port, "i", n).await;
+    let alone = start_gateway_with(dir, "alone.yaml", "").await;
+    let path = "/idle";
+    let token = TOKEN;
+    let _backends = [
+        spawn_role(
+            "echo-backend",
+            &format!("{}{path}?token={token}&secret={SECRET}", nodes[0].url),
+        ),
+        spawn_role(
+            "echo-backend",
+            &format!("{}{path}?token={token}&secret={SECRET}", alone.url),
+        ),
+    ];
+    for gw in nodes.iter().chain([&alone]) {
+        let url = format!("{}{path}?secret={SECRET}", gw.url);
+        wait_for_echo(&url, "cluster_idle: the backend is not reached").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster: Vec<&OurGateway> = nodes.iter().collect();
+    let before = (rss_of(&cluster), rss_of(&[&alone]));
+    let per_node = total.div_ceil(n);
+    let started = Instant::now();
+    let files: Vec<std::path::PathBuf> = (0..=n).map(|i| dir.join(format!("idle-{i}"))).collect();
+    let _clients: Vec<Proc> = nodes
+        .iter()
+        .chain([&alone])
+        .zip(&files)
+        .map(|(gw, file)| {
+            let url = format!("{}{path}?secret={SECRET}", gw.url);
+            spawn_role(
+                "idle-clients",
+                &format!("{url} {per_node} {}", file.display()),
+            )
+        })
+        .collect();
+    let mut connected = 0;
+    for file in &files[..n] {
+        connected += idle_clients_say(file, "connected").await;
+    }
+    let alone_connected = idle_clients_say(&files[n], "connected").await;
+    let connect_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = (rss_of(&cluster), rss_of(&[&alone]));
+    for file in &files {
+        let _ = std::fs::write(format!("{}.go", file.display()), "");
+    }
+    let mut answered = 0;
+    for file in &files[..n] {
+        answered += idle_clients_say(file, "answered").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let called = rss_of(&cluster);
+    let per_client = |after: u64, before: u64, clients: usize| {
+        after.saturating_sub(before) * 1024 / clients.max(1) as u64
+    };
+    let report = report::ClusterIdle {
+        nodes: n,
+        clients: connected,
+        answered,
+        connect_seconds: round(connect_seconds, 1),
+        bytes_per_client_idle: per_client(idle.0, before.0, connected),
+        bytes_per_client_after_call: per_client(called, before.0, connected),
+        single_node_clients: alone_connected,
+        single_node_bytes_per_client: per_client(idle.1, before.1, alone_connected),
+    };
+    println!(
+        "cluster_idle   {} clients on {} nodes ({} answered, connected in {:.1} s): {} bytes per client idle, {} after a call; one gateway alone with {}: {} bytes per client",
+        report.clients,
+        n,
+        report.answered,
+        report.connect_seconds,
+        report.bytes_per_client_idle,
+        report.bytes_per_client_after_call,
+        report.single_node_clients,
+        report.single_node_bytes_per_client,
     );
     Some(report)
 }
