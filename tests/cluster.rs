@@ -919,3 +919,26 @@ async fn a_reload_to_a_message_size_nats_cannot_carry_makes_the_node_local_only_
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_node_silent_for_longer_than_the_timeout_is_heard_again() {
+    let nats = Nats::start();
+    let gws = nodes(&nats, &["a", "b"], "").await;
+    let (a, b) = (&gws[0], &gws[1]);
+    let _backend = publish(b, "/stall", "s").await;
+    served_from(a, "/stall").await;
+    // b stalls (SIGSTOP: a long pause, an overloaded machine) past node_timeout (2 s): a takes
+    // it for dead.
+    b.signal("STOP");
+    wait_for_metric(a, "duplex_gateway_cluster_nodes", &[], |v| v == Some(1.0)).await;
+    b.signal("CONT");
+    // b goes on with the same link: its next heartbeats are newer than anything a saw of it,
+    // so a hears it again (not as a replay) and learns its table afresh.
+    wait_for_metric(a, "duplex_gateway_cluster_nodes", &[], |v| v == Some(2.0)).await;
+    served_from(a, "/stall").await;
+    assert!(
+        a.log().contains("heard again after it was taken for dead"),
+        "{}",
+        a.log()
+    );
+}

@@ -846,8 +846,9 @@ async fn fake_node_heartbeats(
 #[tokio::test]
 async fn a_session_refused_at_its_open_goes_again_and_its_call_waits_for_a_backend() {
     // A node that stops refuses new sessions before its heartbeat saying so reaches the others:
-    // the HTTP call it refused reached no backend, so its node sends it again and, once no node
-    // serves, waits in the grace for one (as on one node), instead of failing with 503.
+    // the calls it refused reached no backend, so their node sends them again and, once no node
+    // serves, they wait in the grace for one (as on one node), instead of failing with 503 or
+    // -32000. An HTTP call and a WebSocket client's call alike.
     let nats = Nats::start();
     let b = start_node(&nats.url(), "b", "", "");
     let epoch = 4242;
@@ -872,8 +873,12 @@ async fn a_session_refused_at_its_open_goes_again_and_its_call_waits_for_a_backe
             (status, response.text().await.expect("body"))
         }
     });
-    // f refuses every session opened on it (as a stopping node does); the second open shows
-    // b sent the call again. Then f says it stops.
+    let ws_call = tokio::spawn({
+        let peer = client(&b, "/r", "s").await;
+        async move { peer.call("echo", json!(8)).await }
+    });
+    // f refuses every session opened on it (as a stopping node does); a third open shows b
+    // sent a call again. Then f says it stops.
     let refused = Arc::new(AtomicUsize::new(0));
     let refuser = tokio::spawn({
         let (refused, seq) = (refused.clone(), seq.clone());
@@ -896,7 +901,7 @@ async fn a_session_refused_at_its_open_goes_again_and_its_call_waits_for_a_backe
         }
     });
     let deadline = Instant::now() + WAIT;
-    while refused.load(Ordering::SeqCst) < 2 {
+    while refused.load(Ordering::SeqCst) < 3 {
         assert!(
             Instant::now() < deadline,
             "b did not open the call's session again"
@@ -913,6 +918,11 @@ async fn a_session_refused_at_its_open_goes_again_and_its_call_waits_for_a_backe
         .expect("the call ends")
         .expect("call task");
     assert_eq!((status, body.as_str()), (200, "7"), "{}", b.log());
+    let answer = tokio::time::timeout(WAIT, ws_call)
+        .await
+        .expect("the WebSocket call ends")
+        .expect("call task");
+    assert_eq!(answer, Ok(json!(8)));
     assert!(started.elapsed() < Duration::from_secs(4));
     beats.abort();
     refuser.abort();

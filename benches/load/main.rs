@@ -407,8 +407,7 @@ async fn bench(o: Options) {
     // six (only with gateways this tool starts).
     let cluster_endpoints = match &ours {
         Some(_) => {
-            cluster_endpoints_scenario(&o, dir.path(), o.endpoint_nodes, o.endpoints_per_node)
-                .await
+            cluster_endpoints_scenario(&o, dir.path(), o.endpoint_nodes, o.endpoints_per_node).await
         }
         None => None,
     };

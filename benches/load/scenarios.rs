@@ -344,7 +344,12 @@ fn scale_node(nats_port: u16, name: &str, prefix: &str) -> String {
 }
 
 /// Starts `n` cluster nodes named `<prefix>1`.. on the NATS server at `nats_port`.
-async fn scale_nodes(dir: &std::path::Path, nats_port: u16, prefix: &str, n: usize) -> Vec<OurGateway> {
+async fn scale_nodes(
+    dir: &std::path::Path,
+    nats_port: u16,
+    prefix: &str,
+    n: usize,
+) -> Vec<OurGateway> {
     let mut nodes = Vec::new();
     for i in 1..=n {
         let name = format!("{prefix}{i}");
@@ -379,11 +384,14 @@ async fn every_node_hears(nodes: &[OurGateway], n: usize) -> bool {
 
 /// Whether `path` answers an HTTP call on `gw`.
 async fn answers(http: &reqwest::Client, gw: &OurGateway, path: &str) -> bool {
-    http.post(format!("http://127.0.0.1:{}{path}/echo?secret={SECRET}", gw.port))
-        .body("1")
-        .send()
-        .await
-        .is_ok_and(|r| r.status().as_u16() == 200)
+    http.post(format!(
+        "http://127.0.0.1:{}{path}/echo?secret={SECRET}",
+        gw.port
+    ))
+    .body("1")
+    .send()
+    .await
+    .is_ok_and(|r| r.status().as_u16() == 200)
 }
 
 /// `cluster_endpoints`: `per_node` endpoints published on each of `n` nodes (one backend

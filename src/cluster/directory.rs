@@ -185,11 +185,20 @@ impl Cluster {
         match fresh {
             seal::Fresh::Replay => return self.reject(seal::Rejected::Replay, &name),
             seal::Fresh::NewEpoch => {
-                if lock(&self.forgotten)
-                    .get(&name)
-                    .is_some_and(|e| opened.epoch <= *e)
-                {
-                    return self.reject(seal::Rejected::Replay, &name);
+                // A node forgotten: nothing it sent before is taken again. A newer message of
+                // the same link is the node itself, silent for a while (a stall, a network
+                // hiccup) and heard again: it rejoins (its table fetched afresh).
+                let forgotten = lock(&self.forgotten).get(&name).copied();
+                if let Some((epoch, highest)) = forgotten {
+                    let old = opened.epoch < epoch
+                        || (opened.epoch == epoch && (opened.seq <= highest || beat.leaving));
+                    if old {
+                        return self.reject(seal::Rejected::Replay, &name);
+                    }
+                    if opened.epoch == epoch {
+                        tracing::warn!(node = %name, "cluster: node heard again after it was taken for dead");
+                    }
+                    lock(&self.forgotten).remove(&name);
                 }
             }
             seal::Fresh::Yes => {}
@@ -391,7 +400,7 @@ impl Cluster {
                     forgotten.remove(&oldest);
                 }
             }
-            forgotten.insert(name, window.epoch());
+            forgotten.insert(name, (window.epoch(), window.highest()));
         }
         // Its backends' calls to this node's clients are forgotten; this node's backends' calls
         // to its clients fail with -32001.

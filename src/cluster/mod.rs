@@ -121,8 +121,9 @@ pub struct Cluster {
     /// What this node has taken from each node it hears (or that is departing): every message
     /// is taken once.
     windows: Mutex<HashMap<Arc<str>, seal::Window>>,
-    /// The last epoch of nodes forgotten, so their old messages stay refused (bounded).
-    forgotten: Mutex<HashMap<Arc<str>, u64>>,
+    /// The last epoch of nodes forgotten and the highest sequence number seen of it, so their
+    /// old messages stay refused (bounded).
+    forgotten: Mutex<HashMap<Arc<str>, (u64, u64)>>,
     /// `duplex_gateway_cluster_rejected_messages_total`, by [`seal::Rejected::ALL`].
     rejected: [prometheus::IntCounter; 4],
     /// Messages published by one task in order, from code that cannot wait.
@@ -170,6 +171,9 @@ pub trait PathLimits: Send + Sync {
 
 /// How long the start-up waits for NATS before starting local-only.
 const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// The shortest time between two announcements of this node's table.
+const ANNOUNCE_EVERY: Duration = Duration::from_millis(100);
 
 /// Why a cluster node could not start (or, for [`ClusterError::Payload`], cannot use its link).
 #[derive(Debug, thiserror::Error)]
@@ -440,8 +444,14 @@ impl Cluster {
             (self.node_timeout / 3).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A burst of pool changes makes one announcement, 5 ms after the first.
+        // A burst of pool changes makes one announcement, 5 ms after the first, and a node
+        // announces at most every `ANNOUNCE_EVERY` (each announcement compares the whole table:
+        // thousands of publishes in a row must not make one each).
         let mut announce_at: Option<Instant> = None;
+        let mut announced = Instant::now();
+        let soon = |announced: Instant| {
+            (Instant::now() + Duration::from_millis(5)).max(announced + ANNOUNCE_EVERY)
+        };
         let mut pools = self.registry.watch_pools();
         loop {
             let debounce = async {
@@ -474,16 +484,18 @@ impl Cluster {
                     self.audit_sessions().await;
                     self.remove_gone_series();
                     self.announce().await;
+                    announced = Instant::now();
                 }
                 _ = pools.changed(), if announce_at.is_none() => {
-                    announce_at = Some(Instant::now() + Duration::from_millis(5));
+                    announce_at = Some(soon(announced));
                 }
                 _ = self.announce_soon.notified(), if announce_at.is_none() => {
-                    announce_at = Some(Instant::now() + Duration::from_millis(5));
+                    announce_at = Some(soon(announced));
                 }
                 _ = debounce => {
                     announce_at = None;
                     self.announce().await;
+                    announced = Instant::now();
                 }
             }
         }

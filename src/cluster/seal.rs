@@ -182,6 +182,11 @@ impl Window {
         self.epoch
     }
 
+    /// The highest sequence number seen of that epoch.
+    pub fn highest(&self) -> u64 {
+        self.highest
+    }
+
     /// Whether a message numbered `seq` in `epoch` is new; marks it seen when it is.
     pub fn check(&mut self, epoch: u64, seq: u64) -> Fresh {
         if epoch < self.epoch {
