@@ -175,7 +175,9 @@ pub(crate) struct ClusterIdle {
     pub(crate) bytes_per_client_after_call: u64,
     /// One gateway alone with one node's share of clients, run beside it.
     pub(crate) single_node_clients: usize,
+    pub(crate) single_node_answered: usize,
     pub(crate) single_node_bytes_per_client: u64,
+    pub(crate) single_node_bytes_per_client_after_call: u64,
 }
 
 /// The ratios, in the order they were taken.

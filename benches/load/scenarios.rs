@@ -607,8 +607,9 @@ pub(crate) async fn cluster_idle_scenario(
     for file in &files[..n] {
         answered += idle_clients_say(file, "answered").await;
     }
+    let alone_answered = idle_clients_say(&files[n], "answered").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let called = rss_of(&cluster);
+    let called = (rss_of(&cluster), rss_of(&[&alone]));
     let per_client = |after: u64, before: u64, clients: usize| {
         after.saturating_sub(before) * 1024 / clients.max(1) as u64
     };
@@ -618,12 +619,14 @@ pub(crate) async fn cluster_idle_scenario(
         answered,
         connect_seconds: round(connect_seconds, 1),
         bytes_per_client_idle: per_client(idle.0, before.0, connected),
-        bytes_per_client_after_call: per_client(called, before.0, connected),
+        bytes_per_client_after_call: per_client(called.0, before.0, connected),
         single_node_clients: alone_connected,
+        single_node_answered: alone_answered,
         single_node_bytes_per_client: per_client(idle.1, before.1, alone_connected),
+        single_node_bytes_per_client_after_call: per_client(called.1, before.1, alone_connected),
     };
     println!(
-        "cluster_idle   {} clients on {} nodes ({} answered, connected in {:.1} s): {} bytes per client idle, {} after a call; one gateway alone with {}: {} bytes per client",
+        "cluster_idle   {} clients on {} nodes ({} answered, connected in {:.1} s): {} bytes per client idle, {} after a call; one gateway alone with {}: {} bytes per client idle, {} after a call",
         report.clients,
         n,
         report.answered,
@@ -632,6 +635,7 @@ pub(crate) async fn cluster_idle_scenario(
         report.bytes_per_client_after_call,
         report.single_node_clients,
         report.single_node_bytes_per_client,
+        report.single_node_bytes_per_client_after_call,
     );
     Some(report)
 }
