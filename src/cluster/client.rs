@@ -165,8 +165,10 @@ pub struct ClusterClient {
     open: HashMap<u64, Option<Box<RawValue>>>,
     /// Answers the gateway owes the client (calls failed when a session ended).
     owed: VecDeque<Message>,
-    /// Frames of a session the serving node refused, to send again (after `REFUSED_PAUSE`).
+    /// Frames of a session the serving node refused, to send again (from `resend_at` on),
+    /// before anything newer.
     resend: VecDeque<Message>,
+    resend_at: Option<Instant>,
     /// When the first of a run of refusals came (the frames go again for at most
     /// `limits.backend_grace` from then).
     refused_since: Option<Instant>,
@@ -219,6 +221,7 @@ impl ClusterClient {
             open: HashMap::new(),
             owed: VecDeque::new(),
             resend: VecDeque::new(),
+            resend_at: None,
             refused_since: None,
             closed: None,
             grace_until: None,
@@ -473,6 +476,17 @@ impl ClusterClient {
     }
 
     async fn pass(&mut self, msg: Message) -> Option<Message> {
+        if !self.resend.is_empty() {
+            // What a refused session carried goes first, in order.
+            self.send_refused_again().await;
+            if self.closed.is_some() {
+                return None;
+            }
+        }
+        self.pass_one(msg).await
+    }
+
+    async fn pass_one(&mut self, msg: Message) -> Option<Message> {
         if self.closed.is_some() {
             return None;
         }
@@ -494,11 +508,7 @@ impl ClusterClient {
                 // A reply to a call from a backend that is gone: dropped.
                 return None;
             }
-            Place::Remote(session) => {
-                let first = !session.opened;
-                session.opened = true;
-                (session.subject.clone(), session.id, first)
-            }
+            Place::Remote(session) => (session.subject.clone(), session.id, !session.opened),
         };
         // A session's first frame asks NATS to say at once if the node is gone (calls on an open
         // session are covered by the tick's audit, itself a probe).
@@ -552,6 +562,9 @@ impl ClusterClient {
         };
         if sent {
             if let Place::Remote(session) = &mut self.place {
+                // Marked once handed over: a send interrupted before (see `recv`) goes again
+                // as the session's open.
+                session.opened = true;
                 session.sent.fetch_add(1, Ordering::SeqCst);
                 if let Some(replay) = &mut session.replay {
                     if replay.len() < MAX_REPLAYED {
@@ -664,6 +677,7 @@ impl ClusterClient {
         lock(&self.cluster.sessions).remove(&session.id);
         self.place = Place::Nowhere;
         self.checked = None;
+        self.resend_at = Some(Instant::now() + REFUSED_PAUSE);
         for frame in &frames {
             if frame.kind() == Kind::Request {
                 if let Some(call) = frame.id() {
@@ -676,11 +690,17 @@ impl ClusterClient {
     }
 
     /// Sends again the frames of a refused session, after a pause (the refusing node's news
-    /// is on its way); what cannot be sent is answered as a first sending would be.
+    /// is on its way); what cannot be sent is answered as a first sending would be. Safe to
+    /// interrupt (`recv` is raced against the client's next frame): a frame leaves the queue
+    /// only once handed to NATS or answered, and the pause ends at a fixed instant.
     async fn send_refused_again(&mut self) {
-        tokio::time::sleep(REFUSED_PAUSE).await;
-        while let Some(msg) = self.resend.pop_front() {
-            if let Some(answer) = self.pass(msg).await {
+        if let Some(at) = self.resend_at {
+            tokio::time::sleep_until(at).await;
+        }
+        while let Some(msg) = self.resend.front().cloned() {
+            let answer = self.pass_one(msg).await;
+            self.resend.pop_front();
+            if let Some(answer) = answer {
                 self.owed.push_back(answer);
             }
         }
