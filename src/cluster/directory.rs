@@ -255,6 +255,9 @@ impl Cluster {
         node.last_seen = Instant::now();
         node.epoch = opened.epoch;
         let state = (beat.version, beat.count, beat.digest);
+        // The endpoints this heartbeat brings (a delta's, or a whole small table): their pools
+        // are settled below.
+        let brought: Vec<String> = beat.endpoints.iter().map(|a| a.path.clone()).collect();
         if beat.version == 0 && beat.from.is_none() {
             // The whole table in one message (a node with no endpoint says so this way).
             node.endpoints = beat
@@ -319,7 +322,7 @@ impl Cluster {
             };
             self.post_control(subject, message.encode());
         }
-        self.enforce_pool_sizes();
+        self.enforce_pool_sizes(brought.iter().map(String::as_str));
         if new {
             tracing::info!(node = %name, "cluster: node joined");
             // Tell the newcomer what we hold now rather than at our next beat.

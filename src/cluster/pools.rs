@@ -30,6 +30,13 @@ impl Cluster {
             if beats.is_empty() {
                 beats.push(table.state());
             }
+            drop(table);
+            // This node's pools that changed: settled against the other nodes' backends.
+            self.enforce_pool_sizes(
+                beats
+                    .iter()
+                    .flat_map(|b| b.endpoints.iter().map(|a| a.path.as_str())),
+            );
         } else {
             beats.push(lock(&self.table).state());
         }
@@ -69,7 +76,11 @@ impl Cluster {
     /// of all the backends of a path, the newest `max_backends` stay (ties by node and key, so
     /// every node comes to the same answer), the others are closed by their own node with 1012.
     /// Two publishes on two nodes within one heartbeat both succeed; this settles it.
-    pub(super) fn enforce_pool_sizes(&self) {
+    ///
+    /// Only `paths` are looked at: the ones a change concerns (a delta heard or announced, a
+    /// table fetched), never every endpoint on every message (with tens of thousands of
+    /// endpoints that alone kept a node too busy to hear the others).
+    pub(super) fn enforce_pool_sizes<'a>(&self, paths: impl IntoIterator<Item = &'a str>) {
         if !self.usable() {
             return;
         }
@@ -81,14 +92,16 @@ impl Cluster {
                 .get(node)
                 .is_none_or(|n| !n.endpoints.contains_key(path))
         });
-        for endpoint in self.registry.endpoints() {
+        for path in paths {
+            let Some(endpoint) = self.registry.lookup(path) else {
+                continue;
+            };
             let Some(pool) = endpoint.snapshot() else {
                 continue;
             };
             if pool.backends.is_empty() {
                 continue;
             }
-            let path = endpoint.path();
             let mut all: Vec<Member> = pool
                 .backends
                 .iter()

@@ -303,8 +303,10 @@ impl Cluster {
                 node.apply(delta);
             }
         }
+        // Every endpoint of the fetched table (those this node serves too are settled).
+        let fetched: Vec<String> = node.endpoints.keys().cloned().collect();
         drop(nodes);
-        self.enforce_pool_sizes();
+        self.enforce_pool_sizes(fetched.iter().map(String::as_str));
         self.directory_changed();
     }
 }
