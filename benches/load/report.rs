@@ -135,6 +135,9 @@ pub(crate) struct ClusterEndpoints {
     pub(crate) idle_nats_bytes_per_sec_per_node: Option<f64>,
     /// Every node heard every other one at the end (none was taken for dead).
     pub(crate) every_node_hears_all: bool,
+    /// The fewest nodes any node counted in its cluster (itself included) while the endpoints
+    /// were published and checked: `nodes` when none was ever taken for dead.
+    pub(crate) fewest_nodes_heard: usize,
     /// Endpoints published one at a time once the table is full: from each publish (its
     /// handshake answered) until it answered on every other node, in ms.
     pub(crate) new_endpoint_everywhere_ms: Spread,

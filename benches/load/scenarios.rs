@@ -359,27 +359,48 @@ async fn scale_nodes(
     nodes
 }
 
-/// Whether every node counts `n` nodes in its cluster (none taken for dead).
-async fn every_node_hears(nodes: &[OurGateway], n: usize) -> bool {
-    let http = reqwest::Client::new();
-    for gw in nodes {
-        let text = match http
-            .get(format!("http://127.0.0.1:{}/metrics", gw.metrics))
+/// The fewest nodes any of `nodes` counts in its cluster (itself included); None when one
+/// cannot be asked.
+async fn fewest_heard(http: &reqwest::Client, metrics_ports: &[u16]) -> Option<usize> {
+    let mut fewest = usize::MAX;
+    for metrics in metrics_ports {
+        let text = http
+            .get(format!("http://127.0.0.1:{metrics}/metrics"))
             .send()
             .await
-        {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => return false,
-        };
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         let heard = text
             .lines()
             .find_map(|l| l.strip_prefix("duplex_gateway_cluster_nodes "))
-            .and_then(|v| v.trim().parse::<f64>().ok());
-        if heard != Some(n as f64) {
-            return false;
-        }
+            .and_then(|v| v.trim().parse::<f64>().ok())?;
+        fewest = fewest.min(heard as usize);
     }
-    true
+    Some(fewest)
+}
+
+/// Asks every node, every 200 ms until dropped, how many nodes it hears: the fewest any said.
+fn watch_membership(
+    nodes: &[OurGateway],
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let fewest = Arc::new(std::sync::atomic::AtomicUsize::new(nodes.len()));
+    let ports: Vec<u16> = nodes.iter().map(|gw| gw.metrics).collect();
+    let seen = fewest.clone();
+    let task = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        loop {
+            if let Some(n) = fewest_heard(&http, &ports).await {
+                seen.fetch_min(n, std::sync::atomic::Ordering::SeqCst);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (task, fewest)
 }
 
 /// Whether `path` answers an HTTP call on `gw`.
@@ -412,6 +433,7 @@ pub(crate) async fn cluster_endpoints_scenario(
     let nodes = scale_nodes(dir, nats_port, "e", n).await;
     let names: Vec<String> = (1..=n).map(|i| format!("e{i}")).collect();
     let started = Instant::now();
+    let (watch, fewest) = watch_membership(&nodes);
     let _publishers: Vec<Proc> = nodes
         .iter()
         .zip(&names)
@@ -498,7 +520,10 @@ pub(crate) async fn cluster_endpoints_scenario(
         took.push(round(published.elapsed().as_secs_f64() * 1000.0, 1));
         held.push(peer);
     }
-    let every_node_hears_all = every_node_hears(&nodes, n).await;
+    watch.abort();
+    let fewest_nodes_heard = fewest.load(std::sync::atomic::Ordering::SeqCst);
+    let ports: Vec<u16> = nodes.iter().map(|gw| gw.metrics).collect();
+    let every_node_hears_all = fewest_heard(&http, &ports).await == Some(n);
     let report = report::ClusterEndpoints {
         nodes: nodes.len(),
         endpoints: total,
@@ -506,10 +531,11 @@ pub(crate) async fn cluster_endpoints_scenario(
         all_answer_after_seconds: round(all_known, 2),
         idle_nats_bytes_per_sec_per_node: per_node_bytes,
         every_node_hears_all,
+        fewest_nodes_heard,
         new_endpoint_everywhere_ms: report::Spread::of(took),
     };
     println!(
-        "cluster_endpoints {} endpoints on {} nodes: {} answered everywhere after {:.1} s; idle NATS {} B/s per node; a new one answers everywhere after {} ms (p50), {} ms (max of {}); every node hears all: {}",
+        "cluster_endpoints {} endpoints on {} nodes: {} answered everywhere after {:.1} s; idle NATS {} B/s per node; a new one answers everywhere after {} ms (p50), {} ms (max of {}); every node hears all: {} (the fewest any node heard meanwhile: {})",
         total,
         nodes.len(),
         answered,
@@ -519,6 +545,7 @@ pub(crate) async fn cluster_endpoints_scenario(
         report.new_endpoint_everywhere_ms.max,
         report.new_endpoint_everywhere_ms.samples,
         every_node_hears_all,
+        fewest_nodes_heard,
     );
     Some(report)
 }
