@@ -432,6 +432,13 @@ pub(crate) async fn cluster_endpoints_scenario(
     };
     let nodes = scale_nodes(dir, nats_port, "e", n).await;
     let names: Vec<String> = (1..=n).map(|i| format!("e{i}")).collect();
+    // Every node hears all the others before anything is published (then the watch starts).
+    let http = reqwest::Client::new();
+    let ports: Vec<u16> = nodes.iter().map(|gw| gw.metrics).collect();
+    let joined = Instant::now() + Duration::from_secs(30);
+    while fewest_heard(&http, &ports).await != Some(n) && Instant::now() < joined {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let started = Instant::now();
     let (watch, fewest) = watch_membership(&nodes);
     let _publishers: Vec<Proc> = nodes
@@ -449,7 +456,6 @@ pub(crate) async fn cluster_endpoints_scenario(
         .flat_map(|name| (0..per_node).map(move |i| format!("/many/{name}/{i}")))
         .collect();
     // Every endpoint, on every node: calls until each answers (five minutes at most).
-    let http = reqwest::Client::new();
     let total = per_node * nodes.len();
     let mut missing = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -522,7 +528,6 @@ pub(crate) async fn cluster_endpoints_scenario(
     }
     watch.abort();
     let fewest_nodes_heard = fewest.load(std::sync::atomic::Ordering::SeqCst);
-    let ports: Vec<u16> = nodes.iter().map(|gw| gw.metrics).collect();
     let every_node_hears_all = fewest_heard(&http, &ports).await == Some(n);
     let report = report::ClusterEndpoints {
         nodes: nodes.len(),
