@@ -98,6 +98,8 @@ struct Options {
     only_cluster_scale: bool,
     /// `reconnect_storm`: clients that reconnect after the gateway's restart.
     storm_clients: usize,
+    /// `reconnect_storm`: JavaScript clients (Node) beside them.
+    storm_js_clients: usize,
     /// Only compare this build with another (`--compare-binary PATH`): `ws_rpc` and `http_rpc`
     /// on both, side by side.
     compare: Option<String>,
@@ -133,6 +135,8 @@ impl Options {
                 as usize,
             only_cluster_scale: args.iter().any(|a| a == "--only-cluster-scale"),
             storm_clients: num("--storm-clients", if quick { 2_000.0 } else { 10_000.0 }) as usize,
+            storm_js_clients: num("--storm-js-clients", if quick { 200.0 } else { 1_000.0 })
+                as usize,
             compare: value("--compare-binary"),
             only_identity: args.iter().any(|a| a == "--only-identity"),
             only_storm: args.iter().any(|a| a == "--only-storm"),
@@ -530,7 +534,7 @@ async fn bench(o: Options) {
             remembered_us: i.remembered_us,
         }),
         reconnect_storm: storm.as_ref().map(|(with, without)| report::StormPair {
-            clients: o.storm_clients,
+            clients: with.clients,
             jitter: report::StormRun {
                 back_s: with.back_s,
                 back: with.back,

@@ -77,7 +77,11 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                 }
                 loop {
                     let tried: u64 = held.iter().map(duplex::Persistent::attempts).sum();
-                    let _ = std::fs::write(file, tried.to_string());
+                    // Whole or not at all: written beside, then renamed over.
+                    let next = format!("{file}.next");
+                    if std::fs::write(&next, tried.to_string()).is_ok() {
+                        let _ = std::fs::rename(&next, file);
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }

@@ -905,6 +905,8 @@ pub(crate) async fn observability_scenario(
 
 /// One `reconnect_storm` run.
 pub(crate) struct Storm {
+    /// Clients in the storm (Rust and JavaScript).
+    pub(crate) clients: usize,
     /// From the gateway's restart until every client was back (None: not all within 60 s).
     pub(crate) back_s: Option<f64>,
     /// Clients back at the end.
@@ -915,10 +917,10 @@ pub(crate) struct Storm {
     pub(crate) peak_attempts_per_s: f64,
 }
 
-/// `clients` WebSocket clients of the Rust peer (reconnecting, with or without jitter) on a
-/// gateway of their own, which is then killed and started again: how long until every client is
-/// back, and the highest rate at which they came back (read from the gateway's client gauge
-/// every 100 ms).
+/// `clients` WebSocket clients of the Rust peer and `--storm-js-clients` of the JavaScript
+/// package in Node (all reconnecting, with or without jitter) on a gateway of their own, which is
+/// then killed and started again: how long until every client is back, and the highest rate at
+/// which they came back (read from the gateway's client gauge every 100 ms) and tried to.
 pub(crate) async fn reconnect_storm(
     o: &Options,
     dir: &std::path::Path,
@@ -952,12 +954,31 @@ pub(crate) async fn reconnect_storm(
         files.push(file);
         left -= n;
     }
-    let attempts = || -> u64 {
-        files
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .filter_map(|t| t.trim().parse::<u64>().ok())
-            .sum()
+    // The JavaScript clients (Node, the package in clients/js, built), in a process of their own.
+    let js = if o.storm_js_clients > 0 {
+        let file = dir.join(format!("{name}.attempts.js"));
+        let proc = spawn_js_storm(&url, o.storm_js_clients, jitter, &file);
+        if proc.is_some() {
+            files.push(file);
+        }
+        proc
+    } else {
+        None
+    };
+    let clients = clients + js.as_ref().map_or(0, |_| o.storm_js_clients);
+    // Each process's running total; a file caught unreadable keeps its last value (a total that
+    // vanished for one reading would come back as a burst of attempts that never happened).
+    let mut totals = vec![0u64; files.len()];
+    let mut attempts = || -> u64 {
+        for (file, total) in files.iter().zip(totals.iter_mut()) {
+            if let Some(n) = std::fs::read_to_string(file)
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+            {
+                *total = n.max(*total);
+            }
+        }
+        totals.iter().sum()
     };
     let connected =
         |gw_metrics| async move { gauge(gw_metrics, "duplex_gateway_clients", "/storm").await };
@@ -996,9 +1017,11 @@ pub(crate) async fn reconnect_storm(
         }
     }
     drop(holders);
+    drop(js);
     drop(backend);
     drop(gw);
     Storm {
+        clients,
         back_s,
         back,
         peak_per_s: (peak * 10) as f64,
@@ -1063,10 +1086,38 @@ pub(crate) async fn storm_pair(o: &Options, dir: &std::path::Path) -> (Storm, St
     for (name, s) in [("jitter", &with), ("no jitter", &without)] {
         println!(
             "reconnect_storm {name}: {} of {} clients back in {:?} s, peak {} joins/s, peak {} attempts/s",
-            s.back, o.storm_clients, s.back_s, s.peak_per_s, s.peak_attempts_per_s
+            s.back, s.clients, s.back_s, s.peak_per_s, s.peak_attempts_per_s
         );
     }
     (with, without)
+}
+
+/// Starts `clients/js/bench/storm.mjs` holding `n` clients of the JS package; None (and says
+/// why) when Node or the built package is missing.
+fn spawn_js_storm(url: &str, n: usize, jitter: bool, file: &std::path::Path) -> Option<Proc> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/js");
+    let script = root.join("bench/storm.mjs");
+    if !root.join("dist/index.js").exists() || !root.join("node_modules/ws").exists() {
+        println!(
+            "reconnect_storm: no JS clients (build clients/js first: npm ci && npm run build)"
+        );
+        return None;
+    }
+    let child = Command::new("node")
+        .arg(&script)
+        .arg(url)
+        .arg(n.to_string())
+        .arg(if jitter { "1" } else { "0" })
+        .arg(file)
+        .stdout(Stdio::null())
+        .spawn();
+    match child {
+        Ok(child) => Some(Proc::polite(child)),
+        Err(e) => {
+            println!("reconnect_storm: no JS clients (node: {e})");
+            None
+        }
+    }
 }
 
 /// The storm's ratio: the peak rate of connection attempts with jitter against without.
