@@ -16,6 +16,15 @@ pub(crate) fn echo_handlers() -> PeerBuilder {
         })
 }
 
+/// Writes `text` to `file` whole or not at all (beside it, then renamed over): the load tool
+/// reads these files while they are rewritten.
+fn write_whole(file: &str, text: &str) {
+    let next = format!("{file}.next");
+    if std::fs::write(&next, text).is_ok() {
+        let _ = std::fs::rename(&next, file);
+    }
+}
+
 pub(crate) fn run_role(role: &str, arg: &str) {
     if role == "pingora-floor" {
         // Pingora runs its own runtimes: not inside ours.
@@ -77,11 +86,7 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                 }
                 loop {
                     let tried: u64 = held.iter().map(duplex::Persistent::attempts).sum();
-                    // Whole or not at all: written beside, then renamed over.
-                    let next = format!("{file}.next");
-                    if std::fs::write(&next, tried.to_string()).is_ok() {
-                        let _ = std::fs::rename(&next, file);
-                    }
+                    write_whole(file, &tried.to_string());
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -107,7 +112,7 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                     }
                     i += 200;
                 }
-                let _ = std::fs::write(file, format!("connected {}", held.len()));
+                write_whole(file, &format!("connected {}", held.len()));
                 let go = format!("{file}.go");
                 // Bounded: ten minutes at most.
                 for _ in 0..12_000 {
@@ -127,7 +132,7 @@ pub(crate) fn run_role(role: &str, arg: &str) {
                         .filter(|ok| *ok)
                         .count();
                 }
-                let _ = std::fs::write(file, format!("answered {answered}"));
+                write_whole(file, &format!("answered {answered}"));
                 std::future::pending::<()>().await;
             }
             // Publishes the echo handlers at the URL (a gateway), publishing again if dropped.
