@@ -174,16 +174,11 @@ async fn bench(o: Options) {
         return compare_builds(&o, dir.path(), std::path::Path::new(other)).await;
     }
     if o.only_cluster_scale {
-        let endpoints =
-            cluster_endpoints_scenario(&o, dir.path(), o.endpoint_nodes, o.endpoints_per_node)
-                .await;
-        let idle = cluster_idle_scenario(dir.path(), CLUSTER_IDLE_NODES, o.cluster_clients).await;
-        if let Some(path) = &o.json {
-            let both = json!({"cluster_endpoints": endpoints, "cluster_idle": idle});
-            let text = serde_json::to_string_pretty(&both).expect("json");
-            std::fs::write(path, text).expect("write --json file");
-            println!("wrote {path}");
-        }
+        let (endpoints, idle) = cluster_scale(&o, dir.path()).await;
+        write_json(
+            &o,
+            &json!({"cluster_endpoints": endpoints, "cluster_idle": idle}),
+        );
         return;
     }
     if o.only_storm {
@@ -409,15 +404,9 @@ async fn bench(o: Options) {
     };
     // cluster_endpoints: many endpoints over several nodes; cluster_idle: many clients over
     // six (only with gateways this tool starts).
-    let cluster_endpoints = match &ours {
-        Some(_) => {
-            cluster_endpoints_scenario(&o, dir.path(), o.endpoint_nodes, o.endpoints_per_node).await
-        }
-        None => None,
-    };
-    let cluster_idle = match &ours {
-        Some(_) => cluster_idle_scenario(dir.path(), CLUSTER_IDLE_NODES, o.cluster_clients).await,
-        None => None,
+    let (cluster_endpoints, cluster_idle) = match &ours {
+        Some(_) => cluster_scale(&o, dir.path()).await,
+        None => (None, None),
     };
     let cluster_latency = cluster.as_ref().map(|c| {
         let (lw, lh) = (&c.latency_ws, &c.latency_http);
@@ -579,8 +568,27 @@ async fn bench(o: Options) {
         total_seconds: round(started.elapsed().as_secs_f64(), 1),
     };
     println!("total {:.1} s", started.elapsed().as_secs_f64());
+    write_json(&o, &report);
+}
+
+/// `cluster_endpoints`, then `cluster_idle`, as the options size them.
+async fn cluster_scale(
+    o: &Options,
+    dir: &std::path::Path,
+) -> (
+    Option<report::ClusterEndpoints>,
+    Option<report::ClusterIdle>,
+) {
+    let endpoints =
+        cluster_endpoints_scenario(o, dir, o.endpoint_nodes, o.endpoints_per_node).await;
+    let idle = cluster_idle_scenario(dir, CLUSTER_IDLE_NODES, o.cluster_clients).await;
+    (endpoints, idle)
+}
+
+/// Writes `value` to the `--json` file, if one was asked for.
+fn write_json(o: &Options, value: &impl serde::Serialize) {
     if let Some(path) = &o.json {
-        let text = serde_json::to_string_pretty(&report).expect("json");
+        let text = serde_json::to_string_pretty(value).expect("json");
         std::fs::write(path, text).expect("write --json file");
         println!("wrote {path}");
     }
